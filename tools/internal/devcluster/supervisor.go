@@ -289,4 +289,3 @@ func ReadState(cfg Config) (*State, error) {
 	}
 	return &st, nil
 }
-

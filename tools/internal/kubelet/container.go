@@ -29,16 +29,16 @@ type container struct {
 	proc      *nsproc.Process // nil unless running
 	stopProbe context.CancelFunc
 
-	started    bool // has run at least once
-	startedAt  time.Time
-	restarts   int32
-	ready      bool
-	reason     string // waiting reason when not running
-	message    string
-	nextStart  time.Time                        // earliest restart
-	last       *corev1.ContainerStateTerminated // most recent exit
-	finished   bool                             // exited and will not restart
-	id         string
+	started   bool // has run at least once
+	startedAt time.Time
+	restarts  int32
+	ready     bool
+	reason    string // waiting reason when not running
+	message   string
+	nextStart time.Time                        // earliest restart
+	last      *corev1.ContainerStateTerminated // most recent exit
+	finished  bool                             // exited and will not restart
+	id        string
 }
 
 func (c *container) running() bool { return c.proc != nil }

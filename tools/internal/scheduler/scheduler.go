@@ -290,4 +290,3 @@ func termMatches(term corev1.NodeSelectorTerm, node *corev1.Node) bool {
 	}
 	return true
 }
-
