@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/selection"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	listersv1 "k8s.io/client-go/listers/core/v1"
@@ -32,6 +33,10 @@ const Name = corev1.DefaultSchedulerName
 type Scheduler struct {
 	client kubernetes.Interface
 	log    *slog.Logger
+	// assumed records bindings this scheduler made that its informer has
+	// not shown yet, so that a burst of pods spreads over the nodes (the
+	// real scheduler's "assume" step). Owned by the Run goroutine.
+	assumed map[types.UID]string
 }
 
 // New checks its dependencies.
@@ -39,7 +44,7 @@ func New(client kubernetes.Interface, log *slog.Logger) (*Scheduler, error) {
 	if client == nil || log == nil {
 		return nil, errors.New("scheduler: nil client or logger")
 	}
-	return &Scheduler{client: client, log: log.With("component", "scheduler")}, nil
+	return &Scheduler{client: client, log: log.With("component", "scheduler"), assumed: map[types.UID]string{}}, nil
 }
 
 // errUnschedulable means no node fits the pod now; it is retried.
@@ -127,7 +132,7 @@ func (s *Scheduler) scheduleKey(ctx context.Context, key string, pods listersv1.
 	if err != nil {
 		return err
 	}
-	node, reason := pick(pod, allNodes, allPods)
+	node, reason := pick(pod, allNodes, s.withAssumed(allPods))
 	if node == "" {
 		s.markUnschedulable(ctx, pod, reason)
 		return errUnschedulable
@@ -142,8 +147,38 @@ func (s *Scheduler) scheduleKey(ctx context.Context, key string, pods listersv1.
 		}
 		return fmt.Errorf("bind pod %s to %s: %w", key, node, err)
 	}
+	s.assumed[pod.UID] = node
 	s.log.Info("pod bound", "pod", pod.Name, "pod_namespace", pod.Namespace, "node", node)
 	return nil
+}
+
+// withAssumed returns pods with the assumed bindings applied, and forgets
+// assumptions the informer has caught up with.
+func (s *Scheduler) withAssumed(pods []*corev1.Pod) []*corev1.Pod {
+	seen := make(map[types.UID]bool, len(s.assumed))
+	out := make([]*corev1.Pod, 0, len(pods))
+	for _, p := range pods {
+		node, ok := s.assumed[p.UID]
+		if !ok {
+			out = append(out, p)
+			continue
+		}
+		if p.Spec.NodeName != "" {
+			delete(s.assumed, p.UID)
+			out = append(out, p)
+			continue
+		}
+		seen[p.UID] = true
+		c := p.DeepCopy()
+		c.Spec.NodeName = node
+		out = append(out, c)
+	}
+	for uid := range s.assumed {
+		if !seen[uid] {
+			delete(s.assumed, uid) // deleted, or bound and already forgotten above
+		}
+	}
+	return out
 }
 
 func (s *Scheduler) markUnschedulable(ctx context.Context, pod *corev1.Pod, reason string) {
