@@ -1,0 +1,48 @@
+# tunmesh: sidecar-free service mesh for Kubernetes.
+# `make demo` runs the local demo cluster, `make test` runs every test.
+# Both install what they need (Debian packages, Kubernetes binaries) first.
+
+SHELL   := /bin/bash
+export PATH := $(PATH):/usr/local/go/bin
+GO      ?= go
+BIN     := bin
+CMDS    := ./tools/cmd/tunmeshctl ./tools/cmd/tunmesh-workload
+# Packages whose tests run under the race detector (all but the end-to-end
+# suite, which drives whole binaries).
+UNIT    := $(shell $(GO) list ./... 2>/dev/null | grep -v /tools/e2e)
+
+.PHONY: all deps build test unit e2e demo demo-down bench lint clean
+
+all: build
+
+deps:
+	tools/scripts/deps.sh
+
+build:
+	$(GO) build ./...
+	$(GO) build -o $(BIN)/ $(CMDS)
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 -timeout 10m $(UNIT)
+
+e2e:
+	$(GO) test -count=1 -timeout 25m -v ./tools/e2e/
+
+test: deps build lint unit e2e
+
+demo: deps build
+	tools/demo/demo.sh
+
+demo-down:
+	$(BIN)/tunmeshctl dev down
+
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./...
+
+clean:
+	-[ -x $(BIN)/tunmeshctl ] && $(BIN)/tunmeshctl dev down
+	rm -rf $(BIN)
