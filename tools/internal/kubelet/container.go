@@ -14,6 +14,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 
 	"github.com/tunmesh/tunmesh/tools/internal/nsproc"
 )
@@ -108,7 +109,9 @@ func resolveCommand(c corev1.Container, binDirs []string, expand func(string) st
 	return p, argv[1:], nil
 }
 
-var varRef = regexp.MustCompile(`\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)`)
+// varRef matches $$ and $(...) up to the first ")", as Kubernetes reads a
+// reference; names that are not defined stay as they are.
+var varRef = regexp.MustCompile(`\$\$|\$\(([^)]*)\)`)
 
 // expandVars replaces $(VAR) with values from env, leaves unknown references
 // as they are and turns $$ into $, as Kubernetes does for command and env.
@@ -132,7 +135,7 @@ func (c *container) statusOf() corev1.ContainerStatus {
 		ImageID:      "tunmesh-standin://" + c.spec.Image,
 		RestartCount: c.restarts,
 		Ready:        c.ready,
-		Started:      &c.started,
+		Started:      ptr.To(c.started),
 	}
 	if st.Image == "" {
 		st.Image = "none"

@@ -69,13 +69,18 @@ func Create(name string) error {
 	if err := <-errc; err != nil {
 		return err
 	}
-	return Do(name, func() error {
+	err := Do(name, func() error {
 		lo, err := net.InterfaceByName("lo")
 		if err != nil {
 			return fmt.Errorf("find lo: %w", err)
 		}
 		return setUp(lo.Index)
 	})
+	if err != nil {
+		_ = Delete(name) // never leave a half-made namespace behind
+		return fmt.Errorf("create netns %q: %w", name, err)
+	}
+	return nil
 }
 
 // Delete unmounts and removes the named namespace. A missing namespace is

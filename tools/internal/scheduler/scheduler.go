@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -224,16 +225,17 @@ func pick(pod *corev1.Pod, nodes []*corev1.Node, pods []*corev1.Pod) (string, st
 		fit = append(fit, n.Name)
 	}
 	if len(fit) == 0 {
-		msg := fmt.Sprintf("0/%d nodes are available", len(nodes))
+		// kube-scheduler's wording, which people and tools grep for.
 		keys := make([]string, 0, len(reasons))
 		for r := range reasons {
 			keys = append(keys, r)
 		}
 		sort.Strings(keys)
-		for _, r := range keys {
-			msg += fmt.Sprintf(", %d %s", reasons[r], r)
+		parts := make([]string, len(keys))
+		for i, r := range keys {
+			parts[i] = fmt.Sprintf("%d %s", reasons[r], r)
 		}
-		return "", msg
+		return "", fmt.Sprintf("0/%d nodes are available: %s.", len(nodes), strings.Join(parts, ", "))
 	}
 	sort.Slice(fit, func(i, j int) bool {
 		if load[fit[i]] != load[fit[j]] {
@@ -246,7 +248,7 @@ func pick(pod *corev1.Pod, nodes []*corev1.Node, pods []*corev1.Pod) (string, st
 
 // fits returns "" when pod may run on node, otherwise a short reason.
 func fits(pod *corev1.Pod, node *corev1.Node) string {
-	if node.Spec.Unschedulable {
+	if node.Spec.Unschedulable && !tolerates(pod, &corev1.Taint{Key: corev1.TaintNodeUnschedulable, Effect: corev1.TaintEffectNoSchedule}) {
 		return "node(s) were unschedulable"
 	}
 	ready := false
@@ -268,18 +270,20 @@ func fits(pod *corev1.Pod, node *corev1.Node) string {
 		if t.Effect == corev1.TaintEffectPreferNoSchedule {
 			continue
 		}
-		tolerated := false
-		for _, tol := range pod.Spec.Tolerations {
-			if tol.ToleratesTaint(klog.Background(), &t, false) {
-				tolerated = true
-				break
-			}
-		}
-		if !tolerated {
+		if !tolerates(pod, &t) {
 			return "node(s) had untolerated taint"
 		}
 	}
 	return ""
+}
+
+func tolerates(pod *corev1.Pod, t *corev1.Taint) bool {
+	for _, tol := range pod.Spec.Tolerations {
+		if tol.ToleratesTaint(klog.Background(), t, false) {
+			return true
+		}
+	}
+	return false
 }
 
 func matchesAffinity(pod *corev1.Pod, node *corev1.Node) bool {

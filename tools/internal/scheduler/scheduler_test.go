@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -388,7 +389,7 @@ func TestPickMessageMatchesKubeScheduler(t *testing.T) {
 	_, msg := pick(pod("p"), nodes, nil)
 	want := "0/3 nodes are available: 1 node(s) were not ready, 2 node(s) were unschedulable"
 	if msg != want && msg != want+"." {
-		t.Skipf("BUG: scheduler.go pick: unschedulable message is %q, want %q (kube-scheduler format: colon after the count, not a comma)", msg, want+".")
+		t.Fatalf("scheduler.go pick: unschedulable message is %q, want %q (kube-scheduler format: colon after the count, not a comma)", msg, want+".")
 	}
 }
 
@@ -419,27 +420,7 @@ func TestRunBindsPods(t *testing.T) {
 		pod("picky", selector("disk", "ssd")),
 		pod("foreign", func(p *corev1.Pod) { p.Spec.SchedulerName = "other-scheduler" }),
 	}
-	client := fake.NewClientset(objs...)
-	// Act like the apiserver: a binding sets spec.nodeName, and binding an
-	// already bound pod is a conflict.
-	podsGVR := corev1.SchemeGroupVersion.WithResource("pods")
-	client.PrependReactor("create", "pods", func(a k8stesting.Action) (bool, runtime.Object, error) {
-		ca, ok := a.(k8stesting.CreateAction)
-		if !ok || ca.GetSubresource() != "binding" {
-			return false, nil, nil
-		}
-		b := ca.GetObject().(*corev1.Binding)
-		obj, err := client.Tracker().Get(podsGVR, a.GetNamespace(), b.Name)
-		if err != nil {
-			return true, nil, err
-		}
-		p := obj.(*corev1.Pod).DeepCopy()
-		if p.Spec.NodeName != "" {
-			return true, nil, apierrors.NewConflict(podsGVR.GroupResource(), p.Name, fmt.Errorf("already bound to %s", p.Spec.NodeName))
-		}
-		p.Spec.NodeName = b.Target.Name
-		return true, b, client.Tracker().Update(podsGVR, p, a.GetNamespace())
-	})
+	client := newBindingClient(t, 0, objs...)
 
 	s, err := New(client, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
@@ -532,5 +513,149 @@ func TestRunBindsPods(t *testing.T) {
 	}
 	if n := getPod("picky").Spec.NodeName; n != "" {
 		t.Errorf("unschedulable pod bound to %q", n)
+	}
+}
+
+// newBindingClient is a fake clientset that acts like the apiserver on
+// pods/binding: it sets spec.nodeName, and binding a bound pod is a
+// conflict. The new nodeName is stored (and so seen by informers) after
+// delay, to mimic a slow watch.
+func newBindingClient(t *testing.T, delay time.Duration, objs ...runtime.Object) *fake.Clientset {
+	client := fake.NewClientset(objs...)
+	podsGVR := corev1.SchemeGroupVersion.WithResource("pods")
+	var (
+		mu    sync.Mutex
+		bound = map[string]string{}
+		wg    sync.WaitGroup
+	)
+	t.Cleanup(wg.Wait)
+	client.PrependReactor("create", "pods", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		ca, ok := a.(k8stesting.CreateAction)
+		if !ok || ca.GetSubresource() != "binding" {
+			return false, nil, nil
+		}
+		b := ca.GetObject().(*corev1.Binding)
+		key := a.GetNamespace() + "/" + b.Name
+		obj, err := client.Tracker().Get(podsGVR, a.GetNamespace(), b.Name)
+		if err != nil {
+			return true, nil, err
+		}
+		p := obj.(*corev1.Pod).DeepCopy()
+		mu.Lock()
+		defer mu.Unlock()
+		if n := bound[key]; n != "" || p.Spec.NodeName != "" {
+			return true, nil, apierrors.NewConflict(podsGVR.GroupResource(), p.Name, fmt.Errorf("already bound to %s%s", n, p.Spec.NodeName))
+		}
+		bound[key] = b.Target.Name
+		p.Spec.NodeName = b.Target.Name
+		if delay == 0 {
+			return true, b, client.Tracker().Update(podsGVR, p, a.GetNamespace())
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(delay)
+			if err := client.Tracker().Update(podsGVR, p, p.Namespace); err != nil {
+				t.Errorf("delayed binding of %s: %v", key, err)
+			}
+		}()
+		return true, b, nil
+	})
+	return client
+}
+
+func TestWithAssumed(t *testing.T) {
+	unbound := pod("unbound")
+	caught := on("caught", "node-b", corev1.PodRunning)
+	other := on("other", "node-a", corev1.PodRunning)
+	s := &Scheduler{assumed: map[types.UID]string{
+		unbound.UID: "node-a", // bound by us, informer not caught up
+		caught.UID:  "node-b", // informer caught up
+		"gone-uid":  "node-a", // pod deleted meanwhile
+	}}
+	in := []*corev1.Pod{unbound, caught, other}
+	out := s.withAssumed(in)
+	if len(out) != 3 {
+		t.Fatalf("withAssumed returned %d pods, want 3", len(out))
+	}
+	if out[0].Spec.NodeName != "node-a" || out[0].UID != unbound.UID {
+		t.Errorf("assumed pod = %s on %q, want on node-a", out[0].Name, out[0].Spec.NodeName)
+	}
+	if unbound.Spec.NodeName != "" {
+		t.Error("withAssumed modified the lister's pod (must copy)")
+	}
+	if out[1] != caught || out[2] != other {
+		t.Error("pods without a pending assumption must be passed through unchanged")
+	}
+	if len(s.assumed) != 1 || s.assumed[unbound.UID] != "node-a" {
+		t.Errorf("assumed after = %v, want only the unbound pod's", s.assumed)
+	}
+	// The assumption counts as load.
+	if node, _ := pick(pod("next"), []*corev1.Node{node("node-a"), node("node-b")}, s.withAssumed([]*corev1.Pod{unbound})); node != "node-b" {
+		t.Errorf("pick with node-a assumed busy = %q, want node-b", node)
+	}
+	// Once the pod is gone from the lister, the assumption goes too.
+	if out := s.withAssumed(nil); len(out) != 0 || len(s.assumed) != 0 {
+		t.Errorf("withAssumed(nil) = %v, assumed %v; want both empty", out, s.assumed)
+	}
+}
+
+// A burst of pods created together spreads over the nodes even before the
+// informer has shown the first bindings.
+func TestRunSpreadsBurst(t *testing.T) {
+	objs := []runtime.Object{node("node-a"), node("node-b")}
+	for i := range 6 {
+		objs = append(objs, pod(fmt.Sprintf("burst-%d", i)))
+	}
+	// The informer shows each binding only after 300ms: without the
+	// scheduler's own bookkeeping every pod would go to node-a.
+	client := newBindingClient(t, 300*time.Millisecond, objs...)
+	s, err := New(client, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- s.Run(ctx) }()
+	defer func() {
+		cancel()
+		select {
+		case <-runErr:
+		case <-time.After(5 * time.Second):
+			t.Error("Run did not return after cancel")
+		}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		list, err := client.CoreV1().Pods("default").List(context.Background(), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		perNode := map[string]int{}
+		for _, p := range list.Items {
+			perNode[p.Spec.NodeName]++
+		}
+		if perNode[""] == 0 {
+			if perNode["node-a"] != 3 || perNode["node-b"] != 3 {
+				t.Errorf("pods per node = %v, want 3 and 3", perNode)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pods per node = %v after 10s", perNode)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// kube-scheduler's NodeUnschedulable filter lets a pod that tolerates the
+// node.kubernetes.io/unschedulable:NoSchedule taint onto a cordoned node
+// (DaemonSet pods get that toleration automatically).
+func TestFitsCordonedNodeTolerated(t *testing.T) {
+	p := pod("ds-pod", tolerate(corev1.Toleration{
+		Key: corev1.TaintNodeUnschedulable, Operator: corev1.TolerationOpExists, Effect: corev1.TaintEffectNoSchedule,
+	}))
+	if why := fits(p, node("n", cordoned)); why != "" {
+		t.Fatalf("scheduler.go fits: cordoned node rejected (%q) although the pod tolerates %s:NoSchedule", why, corev1.TaintNodeUnschedulable)
 	}
 }
