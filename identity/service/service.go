@@ -233,3 +233,6 @@ func (s *Service) watchErrorHandler(resource string) cache.WatchErrorHandlerWith
 		cache.DefaultWatchErrorHandler(ctx, r, err)
 	}
 }
+
+// CA is the certificate authority the service signs with.
+func (s *Service) CA() *ca.CA { return s.ca }
