@@ -9,6 +9,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tunmesh/tunmesh/identity/api"
 	"k8s.io/apimachinery/pkg/util/wait"
 )
 
@@ -80,4 +82,29 @@ func median(d []time.Duration) time.Duration {
 	s := append([]time.Duration(nil), d...)
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	return s[len(s)/2]
+}
+
+// BenchmarkIdentityCertify measures issuance through the whole path: TLS
+// to tunmesh-identity, TokenReview of the agent token at the API server,
+// node authorization, CSR checks and signing. Run in parallel (GOMAXPROCS
+// clients), so ns/op is the inverse of throughput; certs/s is reported.
+func BenchmarkIdentityCertify(b *testing.B) {
+	if env == nil {
+		b.Skip("needs root and a local cluster")
+	}
+	e := identity(b)
+	client := e.client(b, e.token(b, controlNS, "tunmesh-node", e.agentPods["node-1"], api.Audience))
+	csrDER := csr(b)
+	b.SetParallelism(4)
+	b.ResetTimer()
+	start := time.Now()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := client.Certify(context.Background(), e.web, csrDER); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "certs/s")
 }

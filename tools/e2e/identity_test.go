@@ -69,7 +69,7 @@ var (
 	idErr   error
 )
 
-func identity(t *testing.T) *idEnv {
+func identity(t testing.TB) *idEnv {
 	t.Helper()
 	c := need(t)
 	idOnce.Do(func() { idShare, idErr = setupIdentity(c) })
@@ -114,16 +114,16 @@ func setupIdentity(c *cluster) (*idEnv, error) {
 		}
 	}
 	for _, node := range []string{"node-1", "node-2"} {
-		p, err := runPod(ctx, c, controlNS, "agent-"+node, "tunmesh-node", node)
+		p, err := runPod(ctx, c, controlNS, "agent-"+node, "tunmesh-node", node, map[string]string{"app": "tunmesh-node"})
 		if err != nil {
 			return nil, err
 		}
 		e.agentPods[node] = p
 	}
-	if _, err := runPod(ctx, c, idNS, "web", "web", "node-1"); err != nil {
+	if _, err := runPod(ctx, c, idNS, "web", "web", "node-1", nil); err != nil {
 		return nil, err
 	}
-	if _, err := runPod(ctx, c, idNS, "db", "db", "node-2"); err != nil {
+	if _, err := runPod(ctx, c, idNS, "db", "db", "node-2", nil); err != nil {
 		return nil, err
 	}
 	e.web = spiffe.ID{TrustDomain: trustDom, Namespace: idNS, ServiceAccount: "web"}
@@ -202,9 +202,9 @@ func (e *idEnv) newIssuer(cn string, parent *x509.Certificate, parentKey *ecdsa.
 	}, nil
 }
 
-func runPod(ctx context.Context, c *cluster, ns, name, sa, node string) (*corev1.Pod, error) {
+func runPod(ctx context.Context, c *cluster, ns, name, sa, node string, labels map[string]string) (*corev1.Pod, error) {
 	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
 		Spec: corev1.PodSpec{
 			ServiceAccountName: sa,
 			NodeSelector:       map[string]string{"kubernetes.io/hostname": node},
@@ -237,7 +237,7 @@ func (c *cluster) impersonating(user string) (kubernetes.Interface, error) {
 }
 
 // token requests a projected token for sa, bound to pod, for audience.
-func (e *idEnv) token(t *testing.T, ns, sa string, pod *corev1.Pod, audience string) string {
+func (e *idEnv) token(t testing.TB, ns, sa string, pod *corev1.Pod, audience string) string {
 	t.Helper()
 	req := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
 		Audiences:         []string{audience},
@@ -254,7 +254,7 @@ func (e *idEnv) token(t *testing.T, ns, sa string, pod *corev1.Pod, audience str
 }
 
 // client returns an identity client that presents token.
-func (e *idEnv) client(t *testing.T, token string) *workload.Client {
+func (e *idEnv) client(t testing.TB, token string) *workload.Client {
 	t.Helper()
 	f := filepath.Join(t.TempDir(), "token")
 	if err := os.WriteFile(f, []byte(token), 0o600); err != nil {
@@ -268,7 +268,7 @@ func (e *idEnv) client(t *testing.T, token string) *workload.Client {
 	return cl
 }
 
-func csr(t *testing.T) []byte {
+func csr(t testing.TB) []byte {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

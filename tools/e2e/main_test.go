@@ -115,7 +115,7 @@ func build(ctx context.Context, dir string) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "./tools/cmd/tunmeshctl", "./tools/cmd/tunmesh-workload")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "./tools/cmd/tunmeshctl", "./tools/cmd/tunmesh-workload", "./identity/cmd/tunmesh-identity")
 	cmd.Dir = filepath.Dir(strings.TrimSpace(gomod))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("build binaries: %w\n%s", err, out)
@@ -216,7 +216,7 @@ func output(ctx context.Context, name string, args ...string) (string, error) {
 }
 
 // need returns the shared cluster or skips the test.
-func need(t *testing.T) *cluster {
+func need(t testing.TB) *cluster {
 	t.Helper()
 	if env == nil {
 		t.Skip("needs root and a local cluster (see TestMain output)")

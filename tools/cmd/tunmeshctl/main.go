@@ -1,6 +1,6 @@
-// Command tunmeshctl is tunmesh's command-line tool. Today it runs the local
-// development cluster (`tunmeshctl dev ...`); install, check, edges, tap,
-// capture and identity commands join it as they land.
+// Command tunmeshctl is tunmesh's command-line tool: the local development
+// cluster (`tunmeshctl dev ...`), identity bootstrap/inspect and `check`.
+// Install, edges, tap and capture join it as they land.
 package main
 
 import (
@@ -24,6 +24,10 @@ Usage:
   tunmeshctl dev exec --node NODE -- CMD...     run CMD in the node's network namespace
   tunmeshctl dev kube-build                     build the Kubernetes binaries into the cache
 
+  tunmeshctl identity bootstrap [--dir D]       create a dev trust anchor + issuer (files and Secret manifest)
+  tunmeshctl identity inspect FILE.pem          show a certificate chain
+  tunmeshctl check [--kubeconfig K]             check trust anchors, issuer and agents' workload certificates
+
 Every dev command accepts --name (default tmdev, env TUNMESH_DEV_NAME) and
 --root (default /var/lib/tunmesh-dev, env TUNMESH_DEV_ROOT).
 `
@@ -45,6 +49,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "dev":
 		return runDev(ctx, args[1:], stdout, stderr, log)
+	case "identity":
+		return runIdentity(args[1:], stdout, stderr)
+	case "check":
+		return runCheck(ctx, args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

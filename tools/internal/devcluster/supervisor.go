@@ -165,6 +165,11 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 		if err := waitNodesReady(gctx, client, nodes); err != nil {
 			return err
 		}
+		// Pods are refused until the controller-manager has made the
+		// namespace's default ServiceAccount: ready means usable.
+		if err := waitDefaultServiceAccount(gctx, client); err != nil {
+			return err
+		}
 		st := State{
 			Name:          cfg.Name,
 			SupervisorPID: os.Getpid(),
@@ -266,6 +271,22 @@ func waitNodesReady(ctx context.Context, client kubernetes.Interface, nodes []No
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("wait for %d nodes ready (%d ready, last error %v): %w", len(nodes), ready, err, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func waitDefaultServiceAccount(ctx context.Context, client kubernetes.Interface) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	for {
+		_, err := client.CoreV1().ServiceAccounts(metav1.NamespaceDefault).Get(ctx, "default", metav1.GetOptions{})
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for the default service account: %w (last error %v)", ctx.Err(), err)
 		case <-time.After(200 * time.Millisecond):
 		}
 	}

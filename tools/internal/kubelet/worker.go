@@ -60,6 +60,7 @@ func newPodWorker(k *Kubelet, pod *corev1.Pod) *podWorker {
 	w := &podWorker{
 		k:      k,
 		log:    k.log.With("pod", pod.Name, "pod_namespace", pod.Namespace),
+		latest: pod, // run may start before the first update()
 		notify: make(chan struct{}, 1),
 		events: make(chan func(), 64),
 		done:   make(chan struct{}),
