@@ -40,6 +40,9 @@ func (s *Service) agentNode(ctx context.Context, token string) (string, error) {
 	if token == "" {
 		return "", refuse(api.CodeUnauthenticated, "no bearer token")
 	}
+	if node, ok := s.tokens.get(token, s.now()); ok {
+		return node, nil
+	}
 	review := &authenticationv1.TokenReview{Spec: authenticationv1.TokenReviewSpec{
 		Token:     token,
 		Audiences: []string{api.Audience},
@@ -81,6 +84,7 @@ func (s *Service) agentNode(ctx context.Context, token string) (string, error) {
 	if n := first(st.User.Extra[extraNodeName]); n != "" && n != node {
 		return "", refuse(api.CodeAgentPodUnknown, "token names node %q but agent pod runs on %q", n, node)
 	}
+	s.tokens.put(token, node, s.now())
 	return node, nil
 }
 

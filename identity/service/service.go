@@ -78,6 +78,7 @@ type Service struct {
 	metrics *metrics
 	now     func() time.Time
 
+	tokens   *tokenCache
 	pods     cache.Indexer // all pods, indexed by node/ns/sa
 	synced   atomic.Bool
 	recorder record.EventRecorder
@@ -103,7 +104,7 @@ func New(cfg Config, client kubernetes.Interface, authority *ca.CA, reg promethe
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{cfg: cfg, client: client, ca: authority, log: log, metrics: m, now: time.Now}
+	s := &Service{cfg: cfg, client: client, ca: authority, log: log, metrics: m, now: time.Now, tokens: newTokenCache(10*time.Second, 4096)}
 	s.serving = &servingCert{svc: s}
 	m.observeIssuer(authority.Issuer())
 	return s, nil

@@ -233,6 +233,7 @@ func (c *cluster) impersonating(user string) (kubernetes.Interface, error) {
 		return nil, err
 	}
 	rc.Impersonate.UserName = user
+	rc.QPS, rc.Burst = 50, 100 // as tunmesh-identity's main sets
 	return kubernetes.NewForConfig(rc)
 }
 

@@ -82,6 +82,9 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 		return fmt.Errorf("kubernetes client config: %w", err)
 	}
 	rc.UserAgent = "tunmesh-identity"
+	// Every request costs a TokenReview (cached 10 s per token): a node
+	// boot renews many identities at once.
+	rc.QPS, rc.Burst = 50, 100
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
