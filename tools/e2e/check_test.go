@@ -68,8 +68,9 @@ func TestCheck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	start := time.Now()
 	e.updateIssuerSecret(t, healthy)
-	e.waitEvent(t, "IssuerUpdated", "issuer-check")
+	e.waitEvent(t, "IssuerUpdated", "issuer-check", start)
 	e.serveAgentCertificates(t, "node-1", e.web)
 	e.serveAgentCertificates(t, "node-2", e.db)
 
