@@ -1,0 +1,68 @@
+package netstack
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/tunmesh/tunmesh/netstack/internal/nstest"
+)
+
+// BenchmarkTerminatedThroughput measures bulk TCP from a process in a pod
+// namespace through tm0 into the stack, terminated and drained by the
+// handler (io.Copy to io.Discard). One op is 1 MiB, so the MB/s column is
+// the throughput. The MTU of tm0 is the main lever (notes/go-deps.md).
+//
+//	go test -run '^$' -bench TerminatedThroughput -benchtime 2000x ./netstack/
+func BenchmarkTerminatedThroughput(b *testing.B) {
+	for _, mtu := range []int{1500, 9000, 65520} {
+		b.Run(fmt.Sprintf("mtu=%d", mtu), func(b *testing.B) {
+			benchTerminated(b, mtu)
+		})
+	}
+}
+
+func benchTerminated(b *testing.B, mtu int) {
+	nstest.SkipUnlessRoot(b)
+	type result struct {
+		n   int64
+		err error
+	}
+	results := make(chan result, 1)
+	h := &testHandler{
+		decide: func(Flow) Decision { return Terminate },
+		serve: func(_ context.Context, conn net.Conn, _ Flow) {
+			n, err := io.Copy(io.Discard, conn)
+			results <- result{n, err}
+		},
+	}
+	s := newStack(b, Options{Handler: h, Passthrough: &recorder{}})
+	p := newPod(b, s, 20, mtu)
+	conn := p.dial(b, "tcp", netip.AddrPort{}, netip.MustParseAddrPort("10.201.0.5:9999"))
+
+	const chunk = 1 << 20
+	buf := make([]byte, chunk)
+	b.SetBytes(chunk)
+	b.ResetTimer()
+	for range b.N {
+		if _, err := conn.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := conn.(*net.TCPConn).CloseWrite(); err != nil {
+		b.Fatal(err)
+	}
+	select {
+	case r := <-results:
+		b.StopTimer()
+		if r.err != nil || r.n != int64(b.N)*chunk {
+			b.Fatalf("handler read %d bytes (err %v), want %d", r.n, r.err, int64(b.N)*chunk)
+		}
+	case <-time.After(time.Minute):
+		b.Fatal("handler did not finish")
+	}
+}

@@ -1,0 +1,135 @@
+package netstack
+
+import (
+	"net/netip"
+	"sync"
+)
+
+// flowKey names a TCP flow as the pod sees it: src is the pod's end.
+type flowKey struct {
+	src, dst netip.AddrPort
+}
+
+// maxPendingSYNs bounds the SYN copies one NIC keeps while the handler
+// decides. Past it a SYN still reaches the forwarder but is not kept; if the
+// decision is passthrough that SYN is lost and the pod's retransmission,
+// which then finds the flow in the table, goes straight to the host.
+const maxPendingSYNs = 4096
+
+// flowTable is one NIC's memory of TCP flows the stack does not own:
+// flows whose first SYN the handler decided to pass through, and SYNs the
+// forwarder is still deciding on. Flows the stack owns (terminated or
+// dialed) are not here: gVisor's transport demuxer is the authority for
+// those.
+//
+// Times are nanoseconds on the Stack's monotonic clock.
+type flowTable struct {
+	mu sync.Mutex
+	// passthrough holds flows decided Passthrough; their SYN
+	// retransmissions and later packets go to the host without asking the
+	// handler again.
+	passthrough map[flowKey]*ptFlow
+	// pending holds the latest raw SYN of flows handed to the forwarder
+	// and not yet decided, so a Passthrough decision can emit it.
+	pending map[flowKey]*pendingSYN
+}
+
+type ptFlow struct {
+	lastSeen int64
+	// closing is set once the pod sent FIN or RST; a pure SYN on the same
+	// 4-tuple after that is a new connection and is decided afresh.
+	closing bool
+}
+
+type pendingSYN struct {
+	pkt []byte
+	at  int64
+}
+
+func newFlowTable() *flowTable {
+	return &flowTable{
+		passthrough: make(map[flowKey]*ptFlow),
+		pending:     make(map[flowKey]*pendingSYN),
+	}
+}
+
+// syn handles a pure SYN of a flow the stack does not own. It returns true
+// if the flow is a known passthrough flow (send the SYN to the host);
+// otherwise it keeps a copy of the SYN (copied by copySYN only when needed)
+// and returns false (deliver it to the forwarder).
+func (ft *flowTable) syn(k flowKey, now int64, copySYN func() []byte) (passthrough bool) {
+	ft.mu.Lock()
+	defer ft.mu.Unlock()
+	if f, ok := ft.passthrough[k]; ok {
+		if !f.closing {
+			f.lastSeen = now
+			return true
+		}
+		delete(ft.passthrough, k)
+	}
+	if p, ok := ft.pending[k]; ok {
+		p.pkt, p.at = copySYN(), now
+		return false
+	}
+	if len(ft.pending) < maxPendingSYNs {
+		ft.pending[k] = &pendingSYN{pkt: copySYN(), at: now}
+	}
+	return false
+}
+
+// promote records k as a passthrough flow and returns the SYN kept for it,
+// or nil.
+func (ft *flowTable) promote(k flowKey, now int64) []byte {
+	ft.mu.Lock()
+	defer ft.mu.Unlock()
+	ft.passthrough[k] = &ptFlow{lastSeen: now}
+	p, ok := ft.pending[k]
+	if !ok {
+		return nil
+	}
+	delete(ft.pending, k)
+	return p.pkt
+}
+
+// forget drops the pending SYN of k (the handler terminated the flow).
+func (ft *flowTable) forget(k flowKey) {
+	ft.mu.Lock()
+	delete(ft.pending, k)
+	ft.mu.Unlock()
+}
+
+// touch notes a non-SYN packet of a flow the stack does not own.
+func (ft *flowTable) touch(k flowKey, now int64, finOrRST bool) {
+	ft.mu.Lock()
+	if f, ok := ft.passthrough[k]; ok {
+		f.lastSeen = now
+		if finOrRST {
+			f.closing = true
+		}
+	}
+	ft.mu.Unlock()
+}
+
+// expire removes passthrough flows idle for longer than idle and pending
+// SYNs older than pendingTTL.
+func (ft *flowTable) expire(now, idle, pendingTTL int64) {
+	ft.mu.Lock()
+	defer ft.mu.Unlock()
+	for k, f := range ft.passthrough {
+		if now-f.lastSeen > idle {
+			delete(ft.passthrough, k)
+		}
+	}
+	for k, p := range ft.pending {
+		if now-p.at > pendingTTL {
+			delete(ft.pending, k)
+		}
+	}
+}
+
+// sizes reports the number of passthrough flows and pending SYNs.
+func (ft *flowTable) sizes() (passthrough, pending int) {
+	ft.mu.Lock()
+	defer ft.mu.Unlock()
+	return len(ft.passthrough), len(ft.pending)
+}

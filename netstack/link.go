@@ -1,0 +1,225 @@
+package netstack
+
+import (
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/link/nested"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+)
+
+// nic is one pod's TUN device attached to the Stack.
+type nic struct {
+	id    NICID
+	name  string
+	fd    int          // the TUN fd; owned, closed by Stack.removeNIC
+	addrs []netip.Addr // the pod's addresses; immutable
+	s     *Stack
+	flows *flowTable
+
+	child stack.LinkEndpoint // gVisor's fdbased endpoint
+	link  *linkEndpoint      // the classifying wrapper around child
+
+	removing atomic.Bool // set before the reader is stopped
+
+	counters struct {
+		spoofedDrops       atomic.Uint64
+		otherDrops         atomic.Uint64
+		passthroughPackets atomic.Uint64
+		passthroughBytes   atomic.Uint64
+		passthroughErrors  atomic.Uint64
+		mssClamped         atomic.Uint64
+		passthroughFlows   atomic.Uint64
+		terminatedFlows    atomic.Uint64
+		handshakeFailures  atomic.Uint64
+		dialedFlows        atomic.Uint64
+	}
+	spoofLog, writeLog rateLimit
+}
+
+func (n *nic) ownsAddr(a netip.Addr) bool { return slices.Contains(n.addrs, a) }
+
+func (n *nic) stats() NICStats {
+	tracked, pending := n.flows.sizes()
+	c := &n.counters
+	return NICStats{
+		ID:                 n.id,
+		Name:               n.name,
+		SpoofedDrops:       c.spoofedDrops.Load(),
+		OtherDrops:         c.otherDrops.Load(),
+		PassthroughPackets: c.passthroughPackets.Load(),
+		PassthroughBytes:   c.passthroughBytes.Load(),
+		PassthroughErrors:  c.passthroughErrors.Load(),
+		MSSClamped:         c.mssClamped.Load(),
+		PassthroughFlows:   c.passthroughFlows.Load(),
+		TerminatedFlows:    c.terminatedFlows.Load(),
+		HandshakeFailures:  c.handshakeFailures.Load(),
+		DialedFlows:        c.dialedFlows.Load(),
+		TrackedFlows:       tracked,
+		PendingSYNs:        pending,
+	}
+}
+
+// readerStopped is fdbased's ClosedFunc: its reader goroutine ended, either
+// because the NIC is being removed or because reading the TUN failed (for
+// example the pod's namespace and with it tm0 are gone).
+func (n *nic) readerStopped(tcpipErr tcpip.Error) {
+	if n.removing.Load() {
+		return
+	}
+	n.s.logger.Warn("nic reader stopped; detach the nic", "nic", n.id, "name", n.name, "err", tcpipErr)
+}
+
+// linkEndpoint wraps the NIC's fdbased endpoint and decides, for every
+// inbound packet, whether gVisor sees it or the host does.
+//
+// Why a LinkEndpoint wrapper and not a custom dispatcher or a packet hook:
+// it sits exactly where the decision belongs, before gVisor's IP layer
+// (which, promiscuous, would answer anything with a RST), it sees whole
+// packets as the pod sent them (so passthrough is byte-exact), it keeps
+// gVisor's tested fdbased reader and writer, and nested.Endpoint already
+// handles the attach/detach locking. Outbound packets pass untouched.
+type linkEndpoint struct {
+	nested.Endpoint
+	nic *nic
+}
+
+func newLinkEndpoint(child stack.LinkEndpoint, n *nic) *linkEndpoint {
+	e := &linkEndpoint{nic: n}
+	e.Endpoint.Init(child, e)
+	return e
+}
+
+// DeliverNetworkPacket implements stack.NetworkDispatcher; the fdbased
+// reader calls it for every packet read from the TUN.
+func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	n := e.nic
+	data := pkt.Data()
+	hdr, ok := data.PullUp(min(data.Size(), maxHeaderPullUp))
+	if !ok {
+		n.counters.otherDrops.Add(1)
+		return
+	}
+	info, err := parseIP(hdr)
+	if err != nil {
+		n.counters.otherDrops.Add(1)
+		return
+	}
+	if !n.ownsAddr(info.src) {
+		n.dropForeignSource(&info)
+		return
+	}
+	if !info.tcp {
+		n.passthrough(pkt, &info)
+		return
+	}
+	if n.s.owns(n.id, &info) {
+		e.Endpoint.DeliverNetworkPacket(proto, pkt)
+		return
+	}
+	k := flowKey{
+		src: netip.AddrPortFrom(info.src, info.sport),
+		dst: netip.AddrPortFrom(info.dst, info.dport),
+	}
+	if info.isPureSYN() {
+		if n.flows.syn(k, n.s.now(), func() []byte { return packetBytes(pkt, nil) }) {
+			n.passthrough(pkt, &info)
+			return
+		}
+		// A new flow: the forwarder asks the handler.
+		e.Endpoint.DeliverNetworkPacket(proto, pkt)
+		return
+	}
+	n.flows.touch(k, n.s.now(), info.flags&(tcpFlagFIN|tcpFlagRST) != 0)
+	n.passthrough(pkt, &info)
+}
+
+// owns reports whether gVisor has an endpoint for the packet's 4-tuple on
+// this NIC: a terminated flow (registered before the handshake's SYN-ACK
+// is sent), a dialed flow (registered before its SYN is sent), or one still
+// closing.
+func (s *Stack) owns(id NICID, info *packetInfo) bool {
+	netProto := ipv4.ProtocolNumber
+	if info.version == 6 {
+		netProto = ipv6.ProtocolNumber
+	}
+	teid := stack.TransportEndpointID{
+		LocalPort:     info.dport,
+		LocalAddress:  toTCPIPAddr(info.dst),
+		RemotePort:    info.sport,
+		RemoteAddress: toTCPIPAddr(info.src),
+	}
+	return s.stack.FindTransportEndpoint(netProto, tcp.ProtocolNumber, teid, tcpip.NICID(id)) != nil
+}
+
+// dropForeignSource drops a packet whose source is not the pod's. Sources a
+// pod's kernel uses without lying (unspecified, link-local, e.g. for IPv6
+// router solicitations if tm0 has a link-local address) are not counted as
+// spoofing.
+func (n *nic) dropForeignSource(info *packetInfo) {
+	if info.src.IsUnspecified() || info.src.IsLinkLocalUnicast() {
+		n.counters.otherDrops.Add(1)
+		return
+	}
+	n.counters.spoofedDrops.Add(1)
+	if n.spoofLog.allow(n.s.now(), 10*time.Second) {
+		n.s.logger.Warn("dropped packet with a source that is not the pod's (further drops only counted for 10s)",
+			"nic", n.id, "name", n.name, "src", info.src, "dst", info.dst, "proto", info.proto)
+	}
+}
+
+// passthroughBufs hold packet copies on their way to the host.
+var passthroughBufs = sync.Pool{New: func() any {
+	b := make([]byte, 0, 64<<10)
+	return &b
+}}
+
+// passthrough writes the packet to the host unchanged (but for MSS
+// clamping).
+func (n *nic) passthrough(pkt *stack.PacketBuffer, info *packetInfo) {
+	if n.s.opts.Passthrough == nil {
+		n.counters.otherDrops.Add(1)
+		return
+	}
+	bp := passthroughBufs.Get().(*[]byte)
+	b := packetBytes(pkt, (*bp)[:0])
+	n.writePassthrough(b, info)
+	*bp = b[:0]
+	passthroughBufs.Put(bp)
+}
+
+// writePassthrough clamps the MSS of a SYN or SYN-ACK in b (in place) and
+// writes b to the host.
+func (n *nic) writePassthrough(b []byte, info *packetInfo) {
+	if info.tcp && info.flags&tcpFlagSYN != 0 {
+		if clampMSS(b, info.ipHdrLen, mssLimit(n.s.opts.UnderlayMTU, info.version)) {
+			n.counters.mssClamped.Add(1)
+		}
+	}
+	if err := n.s.opts.Passthrough.WritePacket(b); err != nil {
+		n.counters.passthroughErrors.Add(1)
+		if n.writeLog.allow(n.s.now(), 10*time.Second) {
+			n.s.logger.Warn("passthrough write failed (further failures only counted for 10s)",
+				"nic", n.id, "name", n.name, "src", info.src, "dst", info.dst, "err", err)
+		}
+		return
+	}
+	n.counters.passthroughPackets.Add(1)
+	n.counters.passthroughBytes.Add(uint64(len(b)))
+}
+
+// packetBytes appends the whole packet (at link level no header has been
+// consumed yet) to dst.
+func packetBytes(pkt *stack.PacketBuffer, dst []byte) []byte {
+	for _, s := range pkt.AsSlices() {
+		dst = append(dst, s...)
+	}
+	return dst
+}
