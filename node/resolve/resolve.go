@@ -1,0 +1,263 @@
+// Package resolve maps a Service's ClusterIP:port to one ready endpoint,
+// from the Service and EndpointSlice informers, as kube-proxy would but in
+// the agent: the mesh must know the destination pod (for its identity and
+// node) before it dials, so it resolves ClusterIPs itself. Endpoints are
+// balanced with the power of two choices on active streams.
+package resolve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+)
+
+// ErrNoEndpoints means the Service has no ready endpoint for the port.
+var ErrNoEndpoints = errors.New("no ready endpoints")
+
+// Endpoint is one backend of a Service port.
+type Endpoint struct {
+	Addr netip.AddrPort
+	Pod  types.NamespacedName // from the slice's targetRef; empty if none
+	Node string
+}
+
+// servicePort identifies a port of a Service by its name.
+type servicePort struct {
+	svc  types.NamespacedName
+	name string
+}
+
+// Resolver answers Resolve from its informers. New starts nothing; Run
+// starts the informers and blocks until ctx ends.
+type Resolver struct {
+	client kubernetes.Interface
+	log    *slog.Logger
+
+	mu     sync.RWMutex                                                   // guards the maps below
+	vips   map[netip.AddrPort]servicePort                                 // ClusterIP:port -> service port
+	slices map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice // service -> slice name -> slice
+	active map[netip.AddrPort]*atomic.Int64
+	synced atomic.Bool
+}
+
+// New checks its dependencies.
+func New(client kubernetes.Interface, log *slog.Logger) (*Resolver, error) {
+	if client == nil || log == nil {
+		return nil, errors.New("resolver: nil client or logger")
+	}
+	return &Resolver{
+		client: client, log: log,
+		vips:   map[netip.AddrPort]servicePort{},
+		slices: map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice{},
+		active: map[netip.AddrPort]*atomic.Int64{},
+	}, nil
+}
+
+// Run watches Services and EndpointSlices until ctx ends.
+func (r *Resolver) Run(ctx context.Context) error {
+	factory := informers.NewSharedInformerFactory(r.client, 0)
+	svcInf := factory.Core().V1().Services().Informer()
+	epsInf := factory.Discovery().V1().EndpointSlices().Informer()
+	if _, err := svcInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(o any) { r.setService(o, false) },
+		UpdateFunc: func(old, o any) { r.setService(old, true); r.setService(o, false) },
+		DeleteFunc: func(o any) { r.setService(o, true) },
+	}); err != nil {
+		return fmt.Errorf("watch services: %w", err)
+	}
+	if _, err := epsInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(o any) { r.setSlice(o, false) },
+		UpdateFunc: func(_, o any) { r.setSlice(o, false) },
+		DeleteFunc: func(o any) { r.setSlice(o, true) },
+	}); err != nil {
+		return fmt.Errorf("watch endpointslices: %w", err)
+	}
+	factory.Start(ctx.Done())
+	if cache.WaitForCacheSync(ctx.Done(), svcInf.HasSynced, epsInf.HasSynced) {
+		r.synced.Store(true)
+	}
+	<-ctx.Done()
+	factory.Shutdown()
+	return nil
+}
+
+// Synced reports whether the informers have synced.
+func (r *Resolver) Synced() bool { return r.synced.Load() }
+
+func unwrap(o any) any {
+	if d, ok := o.(cache.DeletedFinalStateUnknown); ok {
+		return d.Obj
+	}
+	return o
+}
+
+func (r *Resolver) setService(o any, remove bool) {
+	svc, ok := unwrap(o).(*corev1.Service)
+	if !ok {
+		return
+	}
+	key := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, ip := range svc.Spec.ClusterIPs {
+		a, err := netip.ParseAddr(ip)
+		if err != nil {
+			continue // "None" for headless services
+		}
+		for _, p := range svc.Spec.Ports {
+			if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+				continue
+			}
+			vip := netip.AddrPortFrom(a, uint16(p.Port))
+			if remove {
+				delete(r.vips, vip)
+			} else {
+				r.vips[vip] = servicePort{svc: key, name: p.Name}
+			}
+		}
+	}
+}
+
+func (r *Resolver) setSlice(o any, remove bool) {
+	s, ok := unwrap(o).(*discoveryv1.EndpointSlice)
+	if !ok {
+		return
+	}
+	name := s.Labels[discoveryv1.LabelServiceName]
+	if name == "" {
+		return
+	}
+	key := types.NamespacedName{Namespace: s.Namespace, Name: name}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m := r.slices[key]
+	if remove {
+		delete(m, s.Name)
+		if len(m) == 0 {
+			delete(r.slices, key)
+		}
+		return
+	}
+	if m == nil {
+		m = map[string]*discoveryv1.EndpointSlice{}
+		r.slices[key] = m
+	}
+	m[s.Name] = s
+}
+
+// IsService reports whether dst is a known ClusterIP:port.
+func (r *Resolver) IsService(dst netip.AddrPort) bool {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	_, ok := r.vips[dst]
+	return ok
+}
+
+// Resolve picks a ready endpoint for the ClusterIP:port dst. ok is false
+// when dst is not a Service; ErrNoEndpoints when it has no ready endpoint.
+func (r *Resolver) Resolve(dst netip.AddrPort) (ep Endpoint, ok bool, err error) {
+	r.mu.RLock()
+	sp, ok := r.vips[dst]
+	if !ok {
+		r.mu.RUnlock()
+		return Endpoint{}, false, nil
+	}
+	var ready []Endpoint
+	for _, s := range r.slices[sp.svc] {
+		port, found := slicePort(s, sp.name)
+		if !found {
+			continue
+		}
+		for _, e := range s.Endpoints {
+			if e.Conditions.Ready != nil && !*e.Conditions.Ready {
+				continue
+			}
+			for _, a := range e.Addresses {
+				addr, err := netip.ParseAddr(a)
+				if err != nil || addr.Is4() != dst.Addr().Is4() {
+					continue
+				}
+				cand := Endpoint{Addr: netip.AddrPortFrom(addr, port)}
+				if e.NodeName != nil {
+					cand.Node = *e.NodeName
+				}
+				if e.TargetRef != nil && e.TargetRef.Kind == "Pod" {
+					cand.Pod = types.NamespacedName{Namespace: e.TargetRef.Namespace, Name: e.TargetRef.Name}
+				}
+				ready = append(ready, cand)
+			}
+		}
+	}
+	r.mu.RUnlock()
+	if len(ready) == 0 {
+		return Endpoint{}, true, fmt.Errorf("service %s port %q: %w", sp.svc, sp.name, ErrNoEndpoints)
+	}
+	return r.pick(ready), true, nil
+}
+
+func slicePort(s *discoveryv1.EndpointSlice, name string) (uint16, bool) {
+	for _, p := range s.Ports {
+		if p.Port == nil {
+			continue
+		}
+		if (p.Name == nil && name == "") || (p.Name != nil && *p.Name == name) {
+			return uint16(*p.Port), true
+		}
+	}
+	return 0, false
+}
+
+// pick applies the power of two choices: two random endpoints, the one
+// with fewer active streams wins.
+func (r *Resolver) pick(eps []Endpoint) Endpoint {
+	if len(eps) == 1 {
+		return eps[0]
+	}
+	i := rand.IntN(len(eps))
+	j := rand.IntN(len(eps) - 1)
+	if j >= i {
+		j++
+	}
+	if r.load(eps[j].Addr) < r.load(eps[i].Addr) {
+		return eps[j]
+	}
+	return eps[i]
+}
+
+func (r *Resolver) counter(a netip.AddrPort) *atomic.Int64 {
+	r.mu.RLock()
+	c := r.active[a]
+	r.mu.RUnlock()
+	if c != nil {
+		return c
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if c = r.active[a]; c == nil {
+		c = new(atomic.Int64)
+		r.active[a] = c
+	}
+	return c
+}
+
+func (r *Resolver) load(a netip.AddrPort) int64 { return r.counter(a).Load() }
+
+// Track counts one active stream to ep until the returned func is called.
+func (r *Resolver) Track(ep Endpoint) (done func()) {
+	c := r.counter(ep.Addr)
+	c.Add(1)
+	var once sync.Once
+	return func() { once.Do(func() { c.Add(-1) }) }
+}
