@@ -58,6 +58,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 	switch sub {
 	case "up", "supervise":
 		fs.IntVar(&nodes, "nodes", 2, "number of nodes")
+		fs.BoolVar(&d.cfg.Mesh, "mesh", false, "run tunmesh on the cluster (identity, agents, tunmesh-cni); work in progress")
 	case "exec":
 		fs.StringVar(&podNS, "n", "default", "pod namespace")
 		fs.StringVar(&podNS, "namespace", "default", "pod namespace")

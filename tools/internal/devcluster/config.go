@@ -56,6 +56,9 @@ type Config struct {
 	BinDir     string // tunmesh binaries (tunmesh-workload); containers' commands resolve here first
 	CNIBinDir  string // reference CNI plugins
 	Etcd       string // etcd binary
+	// Mesh runs tunmesh on the cluster: tunmesh-identity, an agent per
+	// node and tunmesh-cni chained after the bridge plugin.
+	Mesh bool
 }
 
 // WithDefaults fills empty fields and validates the result.

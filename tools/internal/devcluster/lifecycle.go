@@ -115,7 +115,7 @@ func Up(ctx context.Context, cfg Config, self string, out io.Writer) error {
 	cmd := exec.Command(self, "dev", "supervise",
 		"--name", cfg.Name, "--nodes", strconv.Itoa(cfg.Nodes), "--root", cfg.Root,
 		"--kube-bin-dir", cfg.KubeBinDir, "--bin-dir", cfg.BinDir,
-		"--cni-bin-dir", cfg.CNIBinDir, "--etcd", cfg.Etcd)
+		"--cni-bin-dir", cfg.CNIBinDir, "--etcd", cfg.Etcd, "--mesh="+strconv.FormatBool(cfg.Mesh))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: the cluster outlives the shell that ran `up`.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

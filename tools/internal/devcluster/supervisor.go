@@ -31,6 +31,7 @@ type State struct {
 	APIServerNode string      `json:"apiServerNode"` // address inside the cluster network
 	Kubeconfig    string      `json:"kubeconfig"`
 	Nodes         []NodeState `json:"nodes"`
+	Mesh          bool        `json:"mesh"`
 	Started       time.Time   `json:"started"`
 	ReadyAfter    string      `json:"readyAfter"`
 }
@@ -108,7 +109,7 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 		return err
 	}
 	for _, n := range nodes {
-		if err := writeNodeCNIConfig(cfg, n); err != nil {
+		if err := writeNodeCNIConfig(cfg, n, false); err != nil {
 			return err
 		}
 	}
@@ -170,12 +171,20 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 		if err := waitDefaultServiceAccount(gctx, client); err != nil {
 			return err
 		}
+		if cfg.Mesh {
+			m, err := startMesh(gctx, cfg, client, cp, nodes, progress)
+			if err != nil {
+				return fmt.Errorf("start the mesh: %w", err)
+			}
+			g.Go(func() error { return m.run(gctx) })
+		}
 		st := State{
 			Name:          cfg.Name,
 			SupervisorPID: os.Getpid(),
 			APIServer:     fwd.addr(),
 			APIServerNode: cp.apiURL(),
 			Kubeconfig:    cfg.KubeconfigPath(),
+			Mesh:          cfg.Mesh,
 			Started:       start,
 			ReadyAfter:    time.Since(start).Round(100 * time.Millisecond).String(),
 		}
@@ -202,7 +211,7 @@ func kubeletConfig(cfg Config, n NodeSpec) kubelet.Config {
 		PodCIDR:        n.PodCIDR,
 		PodNetnsPrefix: cfg.PodNetnsPrefix(),
 		CNIConfDir:     filepath.Join(dir, "cni", "net.d"),
-		CNIBinDirs:     []string{cfg.CNIBinDir},
+		CNIBinDirs:     []string{cfg.CNIBinDir, cfg.BinDir},
 		CNICacheDir:    filepath.Join(dir, "cni", "cache"),
 		StateDir:       filepath.Join(dir, "kubelet"),
 		BinDirs:        []string{cfg.BinDir},
@@ -211,10 +220,12 @@ func kubeletConfig(cfg Config, n NodeSpec) kubelet.Config {
 	}
 }
 
-// writeNodeCNIConfig writes the node's primary CNI configuration: the
-// reference bridge plugin with host-local IPAM over the node's pod CIDR.
-// No ipMasq: pods reach each other across nodes through host-gw routes.
-func writeNodeCNIConfig(cfg Config, n NodeSpec) error {
+// writeNodeCNIConfig writes the node's CNI configuration: the reference
+// bridge plugin with host-local IPAM over the node's pod CIDR (no ipMasq:
+// pods reach each other across nodes through host-gw routes), and with
+// the mesh, tunmesh-cni chained after it. Written atomically: the kubelet
+// reads it for every pod.
+func writeNodeCNIConfig(cfg Config, n NodeSpec, withMesh bool) error {
 	dir := cfg.path("nodes", n.Name, "cni")
 	if err := os.MkdirAll(filepath.Join(dir, "net.d"), 0o755); err != nil {
 		return fmt.Errorf("create CNI dir for %s: %w", n.Name, err)
@@ -238,12 +249,22 @@ func writeNodeCNIConfig(cfg Config, n NodeSpec) error {
 			},
 		},
 	}
+	if withMesh {
+		conf["plugins"] = append(conf["plugins"].([]any), map[string]any{
+			"type":    "tunmesh-cni",
+			"socket":  cfg.cniSocket(n.Name),
+			"logFile": cfg.path("logs", "tunmesh-cni-"+n.Name+".log"),
+		})
+	}
 	b, err := json.MarshalIndent(conf, "", "  ")
 	if err != nil {
 		return err
 	}
 	p := filepath.Join(dir, "net.d", "10-bridge.conflist")
-	if err := os.WriteFile(p, b, 0o644); err != nil {
+	if err := os.WriteFile(p+".tmp", b, 0o644); err != nil {
+		return fmt.Errorf("write CNI config for %s: %w", n.Name, err)
+	}
+	if err := os.Rename(p+".tmp", p); err != nil {
 		return fmt.Errorf("write CNI config for %s: %w", n.Name, err)
 	}
 	return nil

@@ -1,0 +1,126 @@
+// Command tunmesh-node is tunmesh's per-node agent (see package agent).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/tunmesh/tunmesh/identity/ca"
+	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/identity/workload"
+	"github.com/tunmesh/tunmesh/node/agent"
+)
+
+type config struct {
+	agent       agent.Config
+	nodeIP      string
+	cluster     string
+	kubeconfig  string
+	identityURL string
+	anchorsFile string
+	tokenFile   string
+	logLevel    string
+}
+
+func main() {
+	var cfg config
+	fs := flag.NewFlagSet("tunmesh-node", flag.ExitOnError)
+	fs.StringVar(&cfg.agent.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (env NODE_NAME)")
+	fs.StringVar(&cfg.nodeIP, "node-ip", os.Getenv("NODE_IP"), "address peers dial on the mesh port (env NODE_IP)")
+	fs.StringVar(&cfg.cluster, "cluster-cidrs", "", "comma-separated pod and service CIDRs routed into tm0")
+	fs.StringVar(&cfg.agent.CNISocket, "cni-socket", "/var/run/tunmesh/cni.sock", "unix socket for the CNI plugin")
+	fs.IntVar(&cfg.agent.MeshPort, "mesh-port", 4143, "mTLS tunnel port")
+	fs.StringVar(&cfg.agent.AdminAddr, "admin-addr", ":4191", "metrics, readiness and certificates")
+	fs.StringVar(&cfg.agent.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain")
+	fs.StringVar(&cfg.agent.ControlNamespace, "control-namespace", "tunmesh", "tunmesh's namespace")
+	fs.StringVar(&cfg.agent.HostTUN, "host-tun", "tmhost", "TUN in the node namespace for passthrough packets")
+	fs.IntVar(&cfg.agent.TUNMTU, "tun-mtu", 65520, "MTU of the pods' tm0")
+	fs.IntVar(&cfg.agent.UnderlayMTU, "underlay-mtu", 1500, "MTU of the node network (MSS clamp of passthrough flows)")
+	fs.StringVar(&cfg.kubeconfig, "kubeconfig", "", "kubeconfig (empty: in-cluster)")
+	fs.StringVar(&cfg.identityURL, "identity-url", "https://tunmesh-identity.tunmesh.svc:8443", "tunmesh-identity API")
+	fs.StringVar(&cfg.anchorsFile, "trust-anchors", "/var/run/tunmesh/identity/ca.crt", "trust anchors (PEM)")
+	fs.StringVar(&cfg.tokenFile, "token-file", "/var/run/secrets/tunmesh/tokens/tunmesh-identity", "projected ServiceAccount token, audience tunmesh-identity")
+	fs.StringVar(&cfg.logLevel, "log-level", "info", "debug, info, warn or error")
+	_ = fs.Parse(os.Args[1:])
+
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.logLevel)); err != nil {
+		fmt.Fprintf(os.Stderr, "tunmesh-node: --log-level: %v\n", err)
+		os.Exit(2)
+	}
+	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	err := run(ctx, cfg, log)
+	stop()
+	if err != nil {
+		log.Error("tunmesh-node failed", "err", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, cfg config, log *slog.Logger) error {
+	ip, err := netip.ParseAddr(cfg.nodeIP)
+	if err != nil {
+		return fmt.Errorf("--node-ip %q: %w", cfg.nodeIP, err)
+	}
+	cfg.agent.NodeIP = ip
+	for _, s := range strings.Split(cfg.cluster, ",") {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			return fmt.Errorf("--cluster-cidrs %q: %w", cfg.cluster, err)
+		}
+		cfg.agent.Cluster = append(cfg.agent.Cluster, p)
+	}
+	anchorsPEM, err := os.ReadFile(cfg.anchorsFile)
+	if err != nil {
+		return fmt.Errorf("read trust anchors: %w", err)
+	}
+	anchors, err := ca.ParseAnchors(anchorsPEM)
+	if err != nil {
+		return err
+	}
+	var rc *rest.Config
+	if cfg.kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", cfg.kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return fmt.Errorf("kubernetes client config: %w", err)
+	}
+	rc.UserAgent = "tunmesh-node/" + cfg.agent.NodeName
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return err
+	}
+	identityServer := spiffe.ID{TrustDomain: cfg.agent.TrustDomain, Namespace: cfg.agent.ControlNamespace, ServiceAccount: "tunmesh-identity"}
+	idClient, err := workload.NewClient(cfg.identityURL, identityServer.DNSName(cfg.agent.ControlNamespace), anchors.Pool(), cfg.tokenFile)
+	if err != nil {
+		return err
+	}
+	defer idClient.Close()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	certs, err := workload.NewManager(workload.ManagerConfig{}, idClient, anchors.Pool(), reg, log.With("component", "certificates"))
+	if err != nil {
+		return err
+	}
+	a, err := agent.New(cfg.agent, client, certs, anchors.Pool(), reg, log)
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx)
+}

@@ -1,0 +1,278 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// DefaultBufferSize is the copy buffer per direction when
+// SpliceOptions.BufferSize is zero. A splice holds two of them for its whole
+// life, idle or not, so it is the main per-connection memory cost.
+const DefaultBufferSize = 64 << 10
+
+// ErrIdleTimeout is returned by Splice when no byte moved in either direction
+// for SpliceOptions.IdleTimeout.
+var ErrIdleTimeout = errors.New("tunnel: splice idle timeout")
+
+// SpliceOptions tunes Splice. The zero value is ready to use.
+type SpliceOptions struct {
+	// BufferSize is the size of each direction's copy buffer. Zero means
+	// DefaultBufferSize, whose buffers are shared through a sync.Pool; other
+	// sizes are allocated per call.
+	BufferSize int
+	// IdleTimeout ends the splice with ErrIdleTimeout once no byte has been
+	// read or written in either direction for this long. Zero means none.
+	IdleTimeout time.Duration
+}
+
+// SpliceStats counts the bytes Splice moved. They are bytes written to the
+// destination side, so they are exact even when Splice ends with an error.
+type SpliceStats struct {
+	AToB int64 // read from a, written to b
+	BToA int64 // read from b, written to a
+}
+
+// closeWriter is implemented by *net.TCPConn, *net.UnixConn and *tls.Conn.
+type closeWriter interface{ CloseWrite() error }
+
+// lingerer is implemented by *net.TCPConn. SetLinger(0) makes Close send a
+// reset instead of a FIN.
+type lingerer interface{ SetLinger(sec int) error }
+
+// netConner is implemented by *tls.Conn: the connection underneath.
+type netConner interface{ NetConn() net.Conn }
+
+var bufPool = sync.Pool{New: func() any {
+	b := make([]byte, DefaultBufferSize)
+	return &b
+}}
+
+// Splice copies a to b and b to a concurrently until both directions have
+// ended, then closes both connections. It is the whole life of a tunnelled
+// connection once the header exchange is done.
+//
+// Half-close is preserved: when one side's Read reports io.EOF, the other
+// side's write half is closed (CloseWrite, which *net.TCPConn and *tls.Conn
+// have) and the opposite direction goes on until it ends too. If the other
+// side cannot half-close, closing it entirely is the only way to pass the EOF
+// on, so Splice then ends both directions.
+//
+// Splice ends early, closing both connections, when ctx is done (returning
+// ctx.Err()), when the idle timeout passes (ErrIdleTimeout), or when a read,
+// write or CloseWrite fails (returning that error, wrapped with the
+// direction). An early end is an abort: connections that allow it
+// (*net.TCPConn, also underneath a *tls.Conn) are reset rather than closed
+// with a FIN, so that the peers see an error rather than a clean end of
+// stream, and a reset on one side of the mesh is a reset on the other. No
+// close_notify is sent on an aborted *tls.Conn for the same reason.
+//
+// io.EOF and net.ErrClosed are how directions end normally; they are never
+// returned. Both connections are closed when Splice returns, and none of its
+// goroutines outlives the call.
+func Splice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (SpliceStats, error) {
+	if a == nil || b == nil {
+		for _, c := range []net.Conn{a, b} {
+			if c != nil {
+				c.Close()
+			}
+		}
+		return SpliceStats{}, errors.New("splice: nil conn")
+	}
+	if opts.BufferSize < 0 || opts.IdleTimeout < 0 {
+		abort(a)
+		abort(b)
+		return SpliceStats{}, fmt.Errorf("splice: negative buffer size %d or idle timeout %v", opts.BufferSize, opts.IdleTimeout)
+	}
+	s := &splice{
+		a:       a,
+		b:       b,
+		bufSize: opts.BufferSize,
+		idle:    opts.IdleTimeout,
+		start:   time.Now(),
+	}
+	if s.bufSize == 0 {
+		s.bufSize = DefaultBufferSize
+	}
+	return s.run(ctx)
+}
+
+// splice is one call of Splice. The calling goroutine owns it: it starts the
+// two copy routines, is the only one to close the connections, and waits for
+// both routines before returning.
+type splice struct {
+	a, b    net.Conn
+	bufSize int
+	idle    time.Duration
+	start   time.Time
+
+	// last is when bytes last moved, as nanoseconds since start (monotonic).
+	// Only kept when idle > 0.
+	last       atomic.Int64
+	aToB, bToA atomic.Int64
+}
+
+// copyResult is how a copy routine reports the end of its direction.
+type copyResult struct {
+	// err is the direction's error; nil when it ended with EOF.
+	err error
+	// closeAll: the direction ended with EOF but the destination cannot
+	// half-close, so the EOF can only be passed on by closing everything.
+	closeAll bool
+}
+
+func (s *splice) run(ctx context.Context) (SpliceStats, error) {
+	if err := ctx.Err(); err != nil {
+		abort(s.a)
+		abort(s.b)
+		return SpliceStats{}, err
+	}
+
+	done := make(chan copyResult, 2) // buffered: routines never block on it
+	go s.routineCopy("a->b", s.b, s.a, &s.aToB, done)
+	go s.routineCopy("b->a", s.a, s.b, &s.bToA, done)
+
+	var (
+		idleTimer *time.Timer
+		idleC     <-chan time.Time
+	)
+	if s.idle > 0 {
+		idleTimer = time.NewTimer(s.idle)
+		defer idleTimer.Stop()
+		idleC = idleTimer.C
+	}
+	ctxDone := ctx.Done()
+
+	// State: running -> ended (closed by us) -> returned. Only this loop
+	// closes connections; once it has, whatever the routines report is a
+	// consequence of that close and not an error of its own.
+	var (
+		firstErr error
+		ended    bool
+	)
+	end := func(err error) {
+		ended = true
+		firstErr = err
+		idleC, ctxDone = nil, nil
+		if err != nil {
+			abort(s.a)
+			abort(s.b)
+		} else {
+			s.a.Close()
+			s.b.Close()
+		}
+	}
+	for running := 2; running > 0; {
+		select {
+		case res := <-done:
+			running--
+			switch {
+			case ended:
+			case res.err != nil && errors.Is(res.err, net.ErrClosed):
+				// Someone on our side closed a connection: a deliberate end.
+				end(nil)
+			case res.err != nil:
+				end(res.err)
+			case res.closeAll:
+				end(nil)
+			}
+		case <-ctxDone:
+			end(ctx.Err())
+		case <-idleC:
+			idleFor := time.Since(s.start) - time.Duration(s.last.Load())
+			if idleFor >= s.idle {
+				end(ErrIdleTimeout)
+			} else {
+				idleTimer.Reset(s.idle - idleFor)
+			}
+		}
+	}
+	if !ended {
+		// Both directions ended with EOF and were passed on as half-closes.
+		end(nil)
+	}
+	return SpliceStats{AToB: s.aToB.Load(), BToA: s.bToA.Load()}, firstErr
+}
+
+// routineCopy copies one direction and reports how it ended on done. It is
+// started and waited for by run.
+func (s *splice) routineCopy(dir string, dst, src net.Conn, n *atomic.Int64, done chan<- copyResult) {
+	var buf []byte
+	if s.bufSize == DefaultBufferSize {
+		p := bufPool.Get().(*[]byte)
+		defer bufPool.Put(p)
+		buf = *p
+	} else {
+		buf = make([]byte, s.bufSize)
+	}
+	closeAll, err := s.copy(dst, src, buf, n)
+	if err != nil {
+		err = fmt.Errorf("splice %s: %w", dir, err)
+	}
+	done <- copyResult{err: err, closeAll: closeAll}
+}
+
+// copy moves bytes from src to dst until src ends. Unlike io.CopyBuffer it
+// never hands the work to ReadFrom/WriteTo, which would bypass the byte
+// counts and the idle clock.
+func (s *splice) copy(dst, src net.Conn, buf []byte, n *atomic.Int64) (closeAll bool, err error) {
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			s.touch()
+			nw, werr := dst.Write(buf[:nr])
+			if nw > 0 {
+				n.Add(int64(nw))
+				s.touch()
+			}
+			if werr != nil {
+				return false, fmt.Errorf("write: %w", werr)
+			}
+			if nw != nr {
+				return false, fmt.Errorf("write: %w", io.ErrShortWrite)
+			}
+		}
+		switch {
+		case rerr == nil:
+		case errors.Is(rerr, io.EOF):
+			cw, ok := dst.(closeWriter)
+			if !ok {
+				return true, nil
+			}
+			if err := cw.CloseWrite(); err != nil {
+				return false, fmt.Errorf("close write: %w", err)
+			}
+			return false, nil
+		default:
+			return false, fmt.Errorf("read: %w", rerr)
+		}
+	}
+}
+
+// touch records that bytes moved, for the idle timeout.
+func (s *splice) touch() {
+	if s.idle > 0 {
+		s.last.Store(int64(time.Since(s.start)))
+	}
+}
+
+// abort closes c so that its peer sees an error, not an end of stream: a TCP
+// connection is reset, and a TLS connection is closed underneath, without a
+// close_notify alert. Closing underneath first also means a *tls.Conn's Close
+// cannot block sending that alert to a peer that does not read.
+func abort(c net.Conn) {
+	if u, ok := c.(netConner); ok {
+		if inner := u.NetConn(); inner != nil {
+			abort(inner)
+		}
+	}
+	if l, ok := c.(lingerer); ok {
+		l.SetLinger(0)
+	}
+	c.Close()
+}
