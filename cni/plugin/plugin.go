@@ -29,6 +29,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -313,6 +314,11 @@ func (p *Plugin) logger(conf *Config, cmd string, args *skel.CmdArgs, pod podArg
 	var openErr error
 	if conf.LogFile != "" {
 		f, err := os.OpenFile(conf.LogFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if errors.Is(err, os.ErrNotExist) {
+			if err = os.MkdirAll(filepath.Dir(conf.LogFile), 0o755); err == nil {
+				f, err = os.OpenFile(conf.LogFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+			}
+		}
 		if err == nil {
 			w, closeFn = f, func() { f.Close() }
 		} else {

@@ -245,12 +245,16 @@ func TestPassThrough(t *testing.T) {
 }
 
 func TestAddAgentFailures(t *testing.T) {
-	stale := filepath.Join(t.TempDir(), "s") // a path nothing listens on, in a removed dir
+	noDir := filepath.Join(t.TempDir(), "gone", "cni.sock") // not even the directory exists
 	for _, ver := range SupportedVersions {
 		t.Run(ver, func(t *testing.T) {
 			prev := rawResult(t, bridgePrevResult("/var/run/netns/tunmesh-test-absent"), ver)
 			busy := &cniapitest.Agent{OnAdd: func(context.Context, cniapi.AddRequest) (cniapi.AddResponse, error) {
 				return cniapi.AddResponse{}, cniapi.Errorf(cniapi.CodeTryAgainLater, "agent is syncing pods")
+			}}
+			stuck := &cniapitest.Agent{OnAdd: func(ctx context.Context, _ cniapi.AddRequest) (cniapi.AddResponse, error) {
+				<-ctx.Done() // ends when the plugin hangs up
+				return cniapi.AddResponse{}, ctx.Err()
 			}}
 			broken := &cniapitest.Agent{OnAdd: func(context.Context, cniapi.AddRequest) (cniapi.AddResponse, error) {
 				return cniapi.AddResponse{}, errors.New("create tun: operation not permitted")
@@ -263,8 +267,9 @@ func TestAddAgentFailures(t *testing.T) {
 				msg    string
 			}{
 				{"agent down", absentSocket(t), nil, types.ErrTryAgainLater, "not reachable on socket"},
-				{"agent down, no dir", stale, nil, types.ErrTryAgainLater, "not reachable on socket"},
+				{"agent down, no dir", noDir, nil, types.ErrTryAgainLater, "not reachable on socket"},
 				{"agent busy", cniapitest.Serve(t, busy), nil, types.ErrTryAgainLater, "agent is syncing pods"},
+				{"agent stuck", cniapitest.Serve(t, stuck), map[string]any{"timeout": "300ms"}, types.ErrTryAgainLater, "did not answer add in time"},
 				{"agent error", cniapitest.Serve(t, broken), nil, types.ErrInternal, "operation not permitted"},
 				{"agent error, failOpen", cniapitest.Serve(t, broken), map[string]any{"failOpen": true}, types.ErrInternal, "operation not permitted"},
 			} {
@@ -492,7 +497,7 @@ func TestGC(t *testing.T) {
 }
 
 func TestLogFile(t *testing.T) {
-	logFile := filepath.Join(t.TempDir(), "tunmesh-cni.log")
+	logFile := filepath.Join(t.TempDir(), "tunmesh", "tunmesh-cni.log") // the directory is created
 	prev := rawResult(t, bridgePrevResult("/var/run/netns/tunmesh-test-absent"), "1.0.0")
 	conf := netConf(t, "1.0.0", absentSocket(t), prev, map[string]any{"failOpen": true, "logFile": logFile})
 	stdout, logs, err := run((*Plugin).Add, fakePodArgs(conf))

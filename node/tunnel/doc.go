@@ -9,6 +9,22 @@
 // before the pod's connection is accepted and can be turned into a reset.
 // After ReplyOK both agents Splice: every further byte is application data.
 //
+//	client agent                          server agent
+//	tls dial :4143, client cert = src SA
+//	WriteHeader(conn, h)           ---->  SetReadDeadline; h, err := ReadHeader(conn)
+//	                                      verify identity owns h.Src, policy,
+//	                                      dial h.Dst from h.Src into the pod's NIC
+//	err := ReadReply(conn)         <----  WriteReply(conn, ReasonNone or the refusal)
+//	  *RefusedError: reset the pod
+//	Splice(ctx, pod, conn, opts)   <--->  Splice(ctx, conn, pod, opts)
+//
+// The server replies only once the destination dial has succeeded, so that
+// ReasonDialFailed reaches the client and a connection is never accepted for a
+// pod that cannot be reached. ReadHeader and ReadReply impose no timeout of
+// their own: a peer that completes the handshake and then sends nothing holds
+// the read until the caller's deadline on conn, which the caller must set
+// (and clear before Splice).
+//
 // # Wire format
 //
 // Header, client -> server, once, the first bytes after the TLS handshake.

@@ -70,7 +70,10 @@ var bufPool = sync.Pool{New: func() any {
 // (*net.TCPConn, also underneath a *tls.Conn) are reset rather than closed
 // with a FIN, so that the peers see an error rather than a clean end of
 // stream, and a reset on one side of the mesh is a reset on the other. No
-// close_notify is sent on an aborted *tls.Conn for the same reason.
+// close_notify is sent on an aborted *tls.Conn for the same reason. Other
+// connections get the same treatment by having SetLinger(int) error (set to
+// 0 before Close, as for TCP) or NetConn() net.Conn (aborted underneath);
+// a wrapper that hides both is simply closed.
 //
 // io.EOF and net.ErrClosed are how directions end normally; they are never
 // returned. Both connections are closed when Splice returns, and none of its

@@ -347,21 +347,25 @@ func checkAborted(t *testing.T, kind string, c net.Conn) {
 }
 
 // TestSpliceIdleTimeoutTraffic: traffic in one direction alone keeps the
-// splice alive; the timeout counts from the last byte.
+// splice alive; the timeout counts from the last byte. The margins are wide
+// (a byte every tenth of the timeout) so a loaded machine does not flake.
 func TestSpliceIdleTimeoutTraffic(t *testing.T) {
-	const idle = 150 * time.Millisecond
+	const (
+		idle  = 400 * time.Millisecond
+		every = idle / 10
+	)
 	for _, kind := range []string{"tcp", "pipe"} {
 		t.Run(kind, func(t *testing.T) {
 			leakCheck(t)
 			ch := newChain(t, t.Context(), kind, tunnel.SpliceOptions{IdleTimeout: idle})
 			go io.Copy(io.Discard, ch.server) // ends when the splice aborts
 			var lastWrite time.Time
-			for range 20 { // 20 x 30ms = 4 idle timeouts
+			for range 30 { // three idle timeouts' worth
 				if _, err := ch.client.Write([]byte("tick")); err != nil {
 					t.Fatalf("write: %v", err)
 				}
 				lastWrite = time.Now()
-				time.Sleep(30 * time.Millisecond)
+				time.Sleep(every)
 			}
 			select {
 			case r := <-ch.results:
@@ -369,8 +373,8 @@ func TestSpliceIdleTimeoutTraffic(t *testing.T) {
 			default:
 			}
 			r := ch.wait(t, 5*time.Second)[0]
-			if !errors.Is(r.err, tunnel.ErrIdleTimeout) || r.stats.AToB != 80 {
-				t.Errorf("Splice = %+v, %v; want 80 bytes and ErrIdleTimeout", r.stats, r.err)
+			if !errors.Is(r.err, tunnel.ErrIdleTimeout) || r.stats.AToB != 120 {
+				t.Errorf("Splice = %+v, %v; want 120 bytes and ErrIdleTimeout", r.stats, r.err)
 			}
 			if d := time.Since(lastWrite); d < idle {
 				t.Errorf("timed out %v after the last byte, want at least %v", d, idle)
@@ -400,8 +404,10 @@ func TestSpliceCancel(t *testing.T) {
 			time.Sleep(200 * time.Millisecond) // let the buffers fill
 			start := time.Now()
 			cancel()
-			checkEnds(t, ch.wait(t, 2*time.Second), context.Canceled)
-			if d := time.Since(start); d > time.Second {
+			checkEnds(t, ch.wait(t, 10*time.Second), context.Canceled)
+			// Well below the 5s a *tls.Conn's Close may spend sending
+			// close_notify to a peer that does not read.
+			if d := time.Since(start); d > 2*time.Second {
 				t.Errorf("Splice took %v to return after cancel", d)
 			}
 			select {
