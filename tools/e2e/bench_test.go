@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
 	"sort"
 	"testing"
 	"time"
@@ -20,18 +21,18 @@ import (
 // host-local), process start, status update. Deletion to the object being
 // gone is reported too. Medians, since the machine is shared.
 func BenchmarkPodStartup(b *testing.B) {
-	if env == nil {
+	if e2eenv.Current() == nil {
 		b.Skip("needs root and a local cluster")
 	}
-	c := env
+	c := e2eenv.Current()
 	ctx := context.Background()
 	ns := "e2e-bench-" + randomSuffix() // the benchmark function runs once per b.N
-	if _, err := c.client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		b.Fatal(err)
 	}
-	defer c.client.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}) //nolint:errcheck
+	defer c.Client.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}) //nolint:errcheck
 	if err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
-		_, err := c.client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
+		_, err := c.Client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
 		return err == nil, nil
 	}); err != nil {
 		b.Fatal(err)
@@ -51,22 +52,22 @@ func BenchmarkPodStartup(b *testing.B) {
 			},
 		}
 		start := time.Now()
-		if _, err := c.client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 			b.Fatal(err)
 		}
 		if err := wait.PollUntilContextTimeout(ctx, 5*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
-			p, err := c.client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+			p, err := c.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
 			return err == nil && podReady(p), nil
 		}); err != nil {
 			b.Fatalf("pod %s not ready: %v", name, err)
 		}
 		ready = append(ready, time.Since(start))
 		start = time.Now()
-		if err := c.client.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+		if err := c.Client.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
 			b.Fatal(err)
 		}
 		if err := wait.PollUntilContextTimeout(ctx, 5*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
-			_, err := c.client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+			_, err := c.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
 			return err != nil, nil
 		}); err != nil {
 			b.Fatalf("pod %s not deleted: %v", name, err)
@@ -90,7 +91,7 @@ func median(d []time.Duration) time.Duration {
 // checks and signing. "sequential" reports the latency of one client
 // (p50); "parallel" runs 4×GOMAXPROCS clients and reports certs/s.
 func BenchmarkIdentityCertify(b *testing.B) {
-	if env == nil {
+	if e2eenv.Current() == nil {
 		b.Skip("needs root and a local cluster")
 	}
 	e := identity(b)

@@ -43,7 +43,7 @@ func (e *idEnv) serveAgentCertificates(t *testing.T, node string, ids ...spiffe.
 		}
 		ccancel()
 	}
-	ln, err := namedns.Listen(e.c.podNetns(e.agentPods[node]), "tcp", fmt.Sprintf(":%d", workload.AdminPort))
+	ln, err := namedns.Listen(e.c.PodNetns(e.agentPods[node]), "tcp", fmt.Sprintf(":%d", workload.AdminPort))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,7 @@ func TestCheck(t *testing.T) {
 	e.serveAgentCertificates(t, "node-2", e.db)
 
 	check := func() (string, error) {
-		cmd := exec.Command(filepath.Join(e.c.binDir, "tunmeshctl"), "check", "--kubeconfig", e.c.state.Kubeconfig)
+		cmd := exec.Command(filepath.Join(e.c.BinDir, "tunmeshctl"), "check", "--kubeconfig", e.c.State.Kubeconfig)
 		out, err := cmd.CombinedOutput()
 		return string(out), err
 	}
@@ -131,14 +131,14 @@ func TestIdentityBootstrapWithBinary(t *testing.T) {
 	e := identity(t)
 	dir := t.TempDir()
 	const secretName = "tunmesh-identity-issuer-bootstrap"
-	ctl := filepath.Join(e.c.binDir, "tunmeshctl")
+	ctl := filepath.Join(e.c.BinDir, "tunmeshctl")
 	if out, err := exec.Command(ctl, "identity", "bootstrap", "--dir", dir, "--secret-name", secretName).CombinedOutput(); err != nil {
 		t.Fatalf("bootstrap: %v\n%s", err, out)
 	}
 	if out, err := exec.Command(ctl, "identity", "inspect", filepath.Join(dir, "tls.crt")).CombinedOutput(); err != nil || !strings.Contains(string(out), "CA") {
 		t.Fatalf("inspect issuer: %v\n%s", err, out)
 	}
-	e.c.kubectl(t, "apply", "-f", filepath.Join(dir, "issuer-secret.yaml"))
+	e.c.Kubectl(t, "apply", "-f", filepath.Join(dir, "issuer-secret.yaml"))
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -147,7 +147,7 @@ func TestIdentityBootstrapWithBinary(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close()
 	kubeconfig := impersonatingKubeconfig(t, e.c, identitySA)
-	cmd := exec.Command(filepath.Join(e.c.binDir, "tunmesh-identity"),
+	cmd := exec.Command(filepath.Join(e.c.BinDir, "tunmesh-identity"),
 		"--addr", addr, "--metrics-addr", "", "--issuer-dir", dir, "--issuer-secret", secretName, "--kubeconfig", kubeconfig)
 	logs := &strings.Builder{}
 	cmd.Stdout, cmd.Stderr = logs, logs
@@ -193,7 +193,7 @@ func TestIdentityBootstrapWithBinary(t *testing.T) {
 // impersonates user, so a binary runs with that user's RBAC.
 func impersonatingKubeconfig(t *testing.T, c *cluster, user string) string {
 	t.Helper()
-	b, err := os.ReadFile(c.state.Kubeconfig)
+	b, err := os.ReadFile(c.State.Kubeconfig)
 	if err != nil {
 		t.Fatal(err)
 	}

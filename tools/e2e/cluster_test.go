@@ -18,7 +18,7 @@ import (
 
 func TestNodesReadyWithPodCIDRAndLease(t *testing.T) {
 	c := need(t)
-	out := c.kubectl(t, "get", "nodes", "-o", "jsonpath={range .items[*]}{.metadata.name} {.spec.podCIDR} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}")
+	out := c.Kubectl(t, "get", "nodes", "-o", "jsonpath={range .items[*]}{.metadata.name} {.spec.podCIDR} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}")
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	if len(lines) != 2 {
 		t.Fatalf("want 2 nodes, got:\n%s", out)
@@ -29,10 +29,10 @@ func TestNodesReadyWithPodCIDRAndLease(t *testing.T) {
 			t.Errorf("node not Ready: %q", l)
 			continue
 		}
-		if want := c.podCIDR(t, f[0]).String(); f[1] != want {
+		if want := c.PodCIDR(t, f[0]).String(); f[1] != want {
 			t.Errorf("node %s podCIDR %s, want %s", f[0], f[1], want)
 		}
-		lease, err := c.client.CoordinationV1().Leases("kube-node-lease").Get(context.Background(), f[0], metav1.GetOptions{})
+		lease, err := c.Client.CoordinationV1().Leases("kube-node-lease").Get(context.Background(), f[0], metav1.GetOptions{})
 		if err != nil {
 			t.Errorf("lease of %s: %v", f[0], err)
 		} else if lease.Spec.RenewTime == nil || time.Since(lease.Spec.RenewTime.Time) > time.Minute {
@@ -48,19 +48,19 @@ func TestNodesReadyWithPodCIDRAndLease(t *testing.T) {
 func TestDeploymentServiceJob(t *testing.T) {
 	c := need(t)
 	const ns = "e2e-workloads"
-	c.kubectl(t, "apply", "-f", "testdata/workloads.yaml")
-	t.Cleanup(func() { _, _ = c.kubectlErr("delete", "namespace", ns, "--wait=false") })
-	c.kubectl(t, "-n", ns, "rollout", "status", "deployment/echo", "--timeout=90s")
-	c.kubectl(t, "-n", ns, "wait", "--for=condition=Complete", "job/once", "--timeout=90s")
+	c.Kubectl(t, "apply", "-f", "testdata/workloads.yaml")
+	t.Cleanup(func() { _, _ = c.KubectlErr("delete", "namespace", ns, "--wait=false") })
+	c.Kubectl(t, "-n", ns, "rollout", "status", "deployment/echo", "--timeout=90s")
+	c.Kubectl(t, "-n", ns, "wait", "--for=condition=Complete", "job/once", "--timeout=90s")
 
-	echo := c.pods(t, ns, "app=echo")
+	echo := c.Pods(t, ns, "app=echo")
 	if len(echo) != 2 {
 		t.Fatalf("want 2 echo pods, got %d", len(echo))
 	}
 	byNode := map[string]corev1.Pod{}
 	for _, p := range echo {
 		ip := netip.MustParseAddr(p.Status.PodIP)
-		if cidr := c.podCIDR(t, p.Spec.NodeName); !cidr.Contains(ip) {
+		if cidr := c.PodCIDR(t, p.Spec.NodeName); !cidr.Contains(ip) {
 			t.Errorf("pod %s on %s has IP %s outside the node's podCIDR %s", p.Name, p.Spec.NodeName, ip, cidr)
 		}
 		if !podReady(&p) {
@@ -74,20 +74,20 @@ func TestDeploymentServiceJob(t *testing.T) {
 
 	// A client pod pinned to node-1: echo on node-1 is same-node, echo on
 	// node-2 is cross-node.
-	c.kubectl(t, "-n", ns, "run", "client", "--image=tunmesh-workload", "--restart=Never",
+	c.Kubectl(t, "-n", ns, "run", "client", "--image=tunmesh-workload", "--restart=Never",
 		"--overrides", `{"spec":{"nodeSelector":{"kubernetes.io/hostname":"node-1"}}}`, "--command", "--", "tunmesh-workload", "sleep")
-	c.kubectl(t, "-n", ns, "wait", "--for=condition=Ready", "pod/client", "--timeout=60s")
+	c.Kubectl(t, "-n", ns, "wait", "--for=condition=Ready", "pod/client", "--timeout=60s")
 	for _, node := range []string{"node-1", "node-2"} {
 		target := byNode[node].Status.PodIP + ":7"
 		msg := "hello " + node
-		out, err := c.inPod(ns, "client", c.workload(), "dial", target, "--send", msg)
+		out, err := c.InPod(ns, "client", c.Workload(), "dial", target, "--send", msg)
 		if err != nil || !strings.HasPrefix(out, msg) {
 			t.Errorf("dial %s (%s) from node-1: %v\n%s", target, node, err, out)
 		}
 	}
 
 	// The Job ran to completion; its pod Succeeded and its sandbox is gone.
-	jobPods := c.pods(t, ns, "job-name=once")
+	jobPods := c.Pods(t, ns, "job-name=once")
 	if len(jobPods) != 1 || jobPods[0].Status.Phase != corev1.PodSucceeded {
 		t.Fatalf("job pods: want one Succeeded, got %+v", phases(jobPods))
 	}
@@ -95,8 +95,8 @@ func TestDeploymentServiceJob(t *testing.T) {
 		t.Errorf("job container status: %+v", cs)
 	}
 	waitFor(t, 10*time.Second, "job pod netns removed", func() error {
-		if namedns.Exists(c.podNetns(&jobPods[0])) {
-			return fmt.Errorf("netns %s still exists", c.podNetns(&jobPods[0]))
+		if namedns.Exists(c.PodNetns(&jobPods[0])) {
+			return fmt.Errorf("netns %s still exists", c.PodNetns(&jobPods[0]))
 		}
 		return nil
 	})
@@ -118,7 +118,7 @@ func TestDeploymentServiceJob(t *testing.T) {
 
 func readyEndpoints(t *testing.T, c *cluster, ns, svc string) []string {
 	t.Helper()
-	slices, err := c.client.DiscoveryV1().EndpointSlices(ns).List(context.Background(), metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=" + svc})
+	slices, err := c.Client.DiscoveryV1().EndpointSlices(ns).List(context.Background(), metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=" + svc})
 	if err != nil {
 		t.Fatalf("list endpointslices: %v", err)
 	}

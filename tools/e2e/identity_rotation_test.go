@@ -25,7 +25,7 @@ import (
 
 func TestIdentityRefusesToStartWithoutPermissions(t *testing.T) {
 	e := identity(t)
-	nobody, err := e.c.impersonating("system:serviceaccount:tunmesh:nobody")
+	nobody, err := e.c.Impersonating("system:serviceaccount:tunmesh:nobody")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +112,7 @@ func TestIdentityIssuerRotation(t *testing.T) {
 
 func (e *idEnv) updateIssuerSecret(t *testing.T, sec *corev1.Secret) {
 	t.Helper()
-	secrets := e.c.client.CoreV1().Secrets(controlNS)
+	secrets := e.c.Client.CoreV1().Secrets(controlNS)
 	cur, err := secrets.Get(context.Background(), sec.Name, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -128,7 +128,7 @@ func (e *idEnv) updateIssuerSecret(t *testing.T, sec *corev1.Secret) {
 func (e *idEnv) waitEvent(t *testing.T, reason, substr string, since time.Time) {
 	t.Helper()
 	waitFor(t, 30*time.Second, "event "+reason, func() error {
-		list, err := e.c.client.CoreV1().Events(controlNS).List(context.Background(), metav1.ListOptions{
+		list, err := e.c.Client.CoreV1().Events(controlNS).List(context.Background(), metav1.ListOptions{
 			FieldSelector: fields.Set{"reason": reason, "involvedObject.name": "tunmesh-identity-issuer"}.String(),
 		})
 		if err != nil {

@@ -27,7 +27,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/tunmesh/tunmesh/identity/api"
 	"github.com/tunmesh/tunmesh/identity/ca"
@@ -83,7 +82,7 @@ func setupIdentity(c *cluster) (*idEnv, error) {
 	ctx := context.Background()
 	e := &idEnv{c: c, agentPods: map[string]*corev1.Pod{}}
 	for _, f := range []string{"namespace.yaml", "identity-rbac.yaml", "node-rbac.yaml"} {
-		if out, err := c.kubectlErr("apply", "-f", filepath.Join("..", "..", "deploy", f)); err != nil {
+		if out, err := c.KubectlErr("apply", "-f", filepath.Join("..", "..", "deploy", f)); err != nil {
 			return nil, fmt.Errorf("apply %s: %v\n%s", f, err, out)
 		}
 	}
@@ -102,14 +101,14 @@ func setupIdentity(c *cluster) (*idEnv, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := c.client.CoreV1().Secrets(controlNS).Create(ctx, secret, metav1.CreateOptions{}); err != nil {
+	if _, err := c.Client.CoreV1().Secrets(controlNS).Create(ctx, secret, metav1.CreateOptions{}); err != nil {
 		return nil, fmt.Errorf("create issuer secret: %w", err)
 	}
-	if _, err := c.client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: idNS}}, metav1.CreateOptions{}); err != nil {
+	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: idNS}}, metav1.CreateOptions{}); err != nil {
 		return nil, err
 	}
 	for _, sa := range []string{"web", "db"} {
-		if _, err := c.client.CoreV1().ServiceAccounts(idNS).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
+		if _, err := c.Client.CoreV1().ServiceAccounts(idNS).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
 			return nil, err
 		}
 	}
@@ -129,7 +128,7 @@ func setupIdentity(c *cluster) (*idEnv, error) {
 	e.web = spiffe.ID{TrustDomain: trustDom, Namespace: idNS, ServiceAccount: "web"}
 	e.db = spiffe.ID{TrustDomain: trustDom, Namespace: idNS, ServiceAccount: "db"}
 
-	if e.saClient, err = c.impersonating(identitySA); err != nil {
+	if e.saClient, err = c.Impersonating(identitySA); err != nil {
 		return nil, err
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -211,13 +210,13 @@ func runPod(ctx context.Context, c *cluster, ns, name, sa, node string, labels m
 			Containers:         []corev1.Container{{Name: "main", Image: "tunmesh-workload", Args: []string{"sleep"}}},
 		},
 	}
-	if _, err := c.client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+	if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		return nil, fmt.Errorf("create pod %s/%s: %w", ns, name, err)
 	}
 	var got *corev1.Pod
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
-		p, err := c.client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+		p, err := c.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
 		if err == nil && p.Status.Phase == corev1.PodRunning {
 			return p, nil
 		}
@@ -225,16 +224,6 @@ func runPod(ctx context.Context, c *cluster, ns, name, sa, node string, labels m
 		time.Sleep(200 * time.Millisecond)
 	}
 	return nil, fmt.Errorf("pod %s/%s not running: %+v", ns, name, got)
-}
-
-func (c *cluster) impersonating(user string) (kubernetes.Interface, error) {
-	rc, err := clientcmd.BuildConfigFromFlags("", c.state.Kubeconfig)
-	if err != nil {
-		return nil, err
-	}
-	rc.Impersonate.UserName = user
-	rc.QPS, rc.Burst = 50, 100 // as tunmesh-identity's main sets
-	return kubernetes.NewForConfig(rc)
 }
 
 // token requests a projected token for sa, bound to pod, for audience.
@@ -247,7 +236,7 @@ func (e *idEnv) token(t testing.TB, ns, sa string, pod *corev1.Pod, audience str
 	if pod != nil {
 		req.Spec.BoundObjectRef = &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID}
 	}
-	tr, err := e.c.client.CoreV1().ServiceAccounts(ns).CreateToken(context.Background(), sa, req, metav1.CreateOptions{})
+	tr, err := e.c.Client.CoreV1().ServiceAccounts(ns).CreateToken(context.Background(), sa, req, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatalf("create token for %s/%s: %v", ns, sa, err)
 	}
@@ -387,7 +376,7 @@ func checkLeafWithOpenSSL(t *testing.T, e *idEnv, chain [][]byte, id spiffe.ID) 
 // (TokenRequest refuses lifetimes under 10 minutes).
 func (e *idEnv) forgeToken(t *testing.T, pod *corev1.Pod, exp time.Time) string {
 	t.Helper()
-	keyPEM, err := os.ReadFile(filepath.Join(testRoot, e.c.name, "pki", "sa.key"))
+	keyPEM, err := os.ReadFile(filepath.Join(testRoot, e.c.Name, "pki", "sa.key"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -396,7 +385,7 @@ func (e *idEnv) forgeToken(t *testing.T, pod *corev1.Pod, exp time.Time) string 
 	if err != nil {
 		t.Fatal(err)
 	}
-	sa, err := e.c.client.CoreV1().ServiceAccounts(controlNS).Get(context.Background(), "tunmesh-node", metav1.GetOptions{})
+	sa, err := e.c.Client.CoreV1().ServiceAccounts(controlNS).Get(context.Background(), "tunmesh-node", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

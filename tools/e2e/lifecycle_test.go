@@ -17,11 +17,11 @@ import (
 
 func TestRestartPoliciesProbesAndInit(t *testing.T) {
 	c := need(t)
-	ns := c.namespace(t, "e2e-lifecycle")
-	c.kubectl(t, "-n", ns, "apply", "-f", "testdata/lifecycle.yaml")
+	ns := c.Namespace(t, "e2e-lifecycle")
+	c.Kubectl(t, "-n", ns, "apply", "-f", "testdata/lifecycle.yaml")
 
 	containerStatus := func(name string) (*corev1.Pod, corev1.ContainerStatus) {
-		p := c.pod(t, ns, name)
+		p := c.Pod(t, ns, name)
 		if len(p.Status.ContainerStatuses) == 0 {
 			return p, corev1.ContainerStatus{}
 		}
@@ -50,7 +50,7 @@ func TestRestartPoliciesProbesAndInit(t *testing.T) {
 		})
 	})
 	t.Run("readiness httpGet and exec liveness", func(t *testing.T) {
-		c.kubectl(t, "-n", ns, "wait", "--for=condition=Ready", "pod/probed", "--timeout=30s")
+		c.Kubectl(t, "-n", ns, "wait", "--for=condition=Ready", "pod/probed", "--timeout=30s")
 		time.Sleep(3 * time.Second) // several liveness periods
 		if _, cs := containerStatus("probed"); cs.RestartCount != 0 || !cs.Ready {
 			t.Fatalf("healthy pod restarted or not ready: %+v", cs)
@@ -67,17 +67,17 @@ func TestRestartPoliciesProbesAndInit(t *testing.T) {
 	})
 	t.Run("init container then main with env", func(t *testing.T) {
 		waitFor(t, 30*time.Second, "with-init Succeeded", func() error {
-			p := c.pod(t, ns, "with-init")
+			p := c.Pod(t, ns, "with-init")
 			if p.Status.Phase != corev1.PodSucceeded {
 				return fmt.Errorf("phase %s", p.Status.Phase)
 			}
 			return nil
 		})
-		p := c.pod(t, ns, "with-init")
+		p := c.Pod(t, ns, "with-init")
 		if ics := p.Status.InitContainerStatuses; len(ics) != 1 || ics[0].State.Terminated == nil || ics[0].State.Terminated.ExitCode != 0 {
 			t.Fatalf("init container status: %+v", ics)
 		}
-		logDir := filepath.Join(testRoot, c.name, "nodes", p.Spec.NodeName, "kubelet", "pods", ns+"_with-init_"+string(p.UID))
+		logDir := filepath.Join(testRoot, c.Name, "nodes", p.Spec.NodeName, "kubelet", "pods", ns+"_with-init_"+string(p.UID))
 		b, err := os.ReadFile(filepath.Join(logDir, "main.log"))
 		if err != nil {
 			t.Fatalf("read container log: %v", err)
@@ -101,22 +101,22 @@ func TestRestartPoliciesProbesAndInit(t *testing.T) {
 // its IP (CNI DEL through host-local) and removes its network namespace.
 func TestDeleteRemovesSandbox(t *testing.T) {
 	c := need(t)
-	ns := c.namespace(t, "e2e-delete")
-	c.kubectl(t, "-n", ns, "run", "victim", "--image=tunmesh-workload", "--restart=Never", "--command", "--", "tunmesh-workload", "sleep")
-	c.kubectl(t, "-n", ns, "wait", "--for=condition=Ready", "pod/victim", "--timeout=60s")
-	p := c.pod(t, ns, "victim")
-	netns := c.podNetns(p)
+	ns := c.Namespace(t, "e2e-delete")
+	c.Kubectl(t, "-n", ns, "run", "victim", "--image=tunmesh-workload", "--restart=Never", "--command", "--", "tunmesh-workload", "sleep")
+	c.Kubectl(t, "-n", ns, "wait", "--for=condition=Ready", "pod/victim", "--timeout=60s")
+	p := c.Pod(t, ns, "victim")
+	netns := c.PodNetns(p)
 	pids, err := namedns.Pids(netns)
 	if err != nil || len(pids) == 0 {
 		t.Fatalf("pod netns %s: pids %v, err %v", netns, pids, err)
 	}
-	ipamFile := filepath.Join(testRoot, c.name, "nodes", p.Spec.NodeName, "cni", "ipam", "tunmesh-dev", p.Status.PodIP)
+	ipamFile := filepath.Join(testRoot, c.Name, "nodes", p.Spec.NodeName, "cni", "ipam", "tunmesh-dev", p.Status.PodIP)
 	if _, err := os.Stat(ipamFile); err != nil {
 		t.Fatalf("host-local reservation for %s: %v", p.Status.PodIP, err)
 	}
 
-	c.kubectl(t, "-n", ns, "delete", "pod", "victim", "--timeout=60s")
-	if _, err := c.client.CoreV1().Pods(ns).Get(context.Background(), "victim", metav1.GetOptions{}); err == nil {
+	c.Kubectl(t, "-n", ns, "delete", "pod", "victim", "--timeout=60s")
+	if _, err := c.Client.CoreV1().Pods(ns).Get(context.Background(), "victim", metav1.GetOptions{}); err == nil {
 		t.Fatalf("pod still exists after delete")
 	}
 	if namedns.Exists(netns) {
@@ -137,19 +137,19 @@ func TestDeleteRemovesSandbox(t *testing.T) {
 
 func TestDevExecNode(t *testing.T) {
 	c := need(t)
-	out, err := c.ctl("dev", "exec", "--node", "node-1", "--", "ip", "route")
+	out, err := c.Ctl("dev", "exec", "--node", "node-1", "--", "ip", "route")
 	if err != nil {
 		t.Fatalf("dev exec --node: %v\n%s", err, out)
 	}
 	// host-gw: node-1 routes node-2's pod CIDR via node-2's underlay address.
-	want := c.podCIDR(t, "node-2").String() + " via " + c.state.Nodes[1].IP
+	want := c.PodCIDR(t, "node-2").String() + " via " + c.State.Nodes[1].IP
 	if !strings.Contains(out, want) {
 		t.Errorf("node-1 routes lack %q:\n%s", want, out)
 	}
-	if out, err := c.ctl("dev", "exec", "--node", "no-such-node", "--", "true"); err == nil {
+	if out, err := c.Ctl("dev", "exec", "--node", "no-such-node", "--", "true"); err == nil {
 		t.Errorf("dev exec on a missing node succeeded:\n%s", out)
 	}
-	if out, err := c.ctl("dev", "exec", "--node", "node-1", "--", "sh", "-c", "exit 5"); err == nil || !strings.Contains(err.Error(), "exit status 5") {
+	if out, err := c.Ctl("dev", "exec", "--node", "node-1", "--", "sh", "-c", "exit 5"); err == nil || !strings.Contains(err.Error(), "exit status 5") {
 		t.Errorf("exit code not propagated: %v\n%s", err, out)
 	}
 }

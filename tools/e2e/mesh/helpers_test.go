@@ -1,0 +1,210 @@
+package mesh
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
+	"github.com/tunmesh/tunmesh/tools/internal/namedns"
+)
+
+// podSpec describes a test pod: it only sleeps; the test serves and dials
+// from inside its network namespace.
+type podSpec struct {
+	name, sa, node string
+	labels         map[string]string
+	annotations    map[string]string
+	readyPort      int // tcpSocket readiness probe when non-zero
+}
+
+func startPods(t *testing.T, c *e2eenv.Cluster, ns string, specs ...podSpec) map[string]*corev1.Pod {
+	t.Helper()
+	ctx := context.Background()
+	for _, s := range specs {
+		if s.sa != "" && s.sa != "default" {
+			_, _ = c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: s.sa}}, metav1.CreateOptions{})
+		}
+		ctr := corev1.Container{Name: "main", Image: "tunmesh-workload", Args: []string{"sleep"}}
+		if s.readyPort != 0 {
+			ctr.ReadinessProbe = &corev1.Probe{PeriodSeconds: 1, FailureThreshold: 1,
+				ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstrFrom(s.readyPort)}}}
+		}
+		pod := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: s.name, Labels: s.labels, Annotations: s.annotations},
+			Spec: corev1.PodSpec{
+				ServiceAccountName: s.sa,
+				NodeSelector:       map[string]string{"kubernetes.io/hostname": s.node},
+				Containers:         []corev1.Container{ctr},
+			},
+		}
+		if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("create pod %s: %v", s.name, err)
+		}
+	}
+	out := map[string]*corev1.Pod{}
+	for _, s := range specs {
+		e2eenv.WaitFor(t, 60*time.Second, "pod "+s.name+" running", func() error {
+			p := c.Pod(t, ns, s.name)
+			if p.Status.Phase != corev1.PodRunning || p.Status.PodIP == "" {
+				return fmt.Errorf("phase %s", p.Status.Phase)
+			}
+			out[s.name] = p
+			return nil
+		})
+	}
+	return out
+}
+
+// server accepts on port inside a pod: each connection's bytes are
+// hashed and echoed back until the client half-closes; then it half-closes
+// too. It records the client address of every connection.
+type server struct {
+	ln      net.Listener
+	mu      sync.Mutex
+	remotes []netip.Addr
+	hashes  [][32]byte
+	wg      sync.WaitGroup
+}
+
+func serve(t *testing.T, c *e2eenv.Cluster, pod *corev1.Pod, port int) *server {
+	t.Helper()
+	ln, err := namedns.Listen(c.PodNetns(pod), "tcp", ":"+strconv.Itoa(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &server{ln: ln}
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer conn.Close()
+				h := sha256.New()
+				_, _ = io.Copy(io.MultiWriter(conn, h), conn)
+				_ = conn.(*net.TCPConn).CloseWrite()
+				ap, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
+				var sum [32]byte
+				copy(sum[:], h.Sum(nil))
+				s.mu.Lock()
+				s.remotes = append(s.remotes, ap.Addr())
+				s.hashes = append(s.hashes, sum)
+				s.mu.Unlock()
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); s.wg.Wait() })
+	return s
+}
+
+func (s *server) seen() ([]netip.Addr, [][32]byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]netip.Addr(nil), s.remotes...), append([][32]byte(nil), s.hashes...)
+}
+
+// transfer dials dst from inside pod, sends n pseudo-random bytes,
+// half-closes, and checks the echo; it returns the hash of what was sent.
+func transfer(t *testing.T, c *e2eenv.Cluster, from *corev1.Pod, dst string, n int, payload []byte) [32]byte {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	conn, err := namedns.DialContext(ctx, c.PodNetns(from), "tcp", dst)
+	if err != nil {
+		t.Fatalf("dial %s from %s: %v", dst, from.Name, err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(2 * time.Minute))
+	sent := sha256.New()
+	errc := make(chan error, 1)
+	go func() {
+		w := bufio.NewWriterSize(io.MultiWriter(conn, sent), 64<<10)
+		var err error
+		if payload != nil {
+			_, err = w.Write(payload)
+		} else {
+			rng := rand.NewChaCha8([32]byte{byte(n)})
+			_, err = io.CopyN(w, rng, int64(n))
+		}
+		if err == nil {
+			err = w.Flush()
+		}
+		if err == nil {
+			err = conn.(*net.TCPConn).CloseWrite()
+		}
+		errc <- err
+	}()
+	got := sha256.New()
+	m, err := io.Copy(got, conn)
+	if werr := <-errc; werr != nil {
+		t.Fatalf("send to %s: %v", dst, werr)
+	}
+	if err != nil {
+		t.Fatalf("read echo from %s: %v", dst, err)
+	}
+	want := len(payload)
+	if payload == nil {
+		want = n
+	}
+	if int(m) != want {
+		t.Fatalf("echo from %s: %d bytes, want %d", dst, m, want)
+	}
+	var a, b [32]byte
+	copy(a[:], sent.Sum(nil))
+	copy(b[:], got.Sum(nil))
+	if a != b {
+		t.Fatalf("echo from %s differs from what was sent", dst)
+	}
+	return a
+}
+
+// agentMetric reads a counter (summed over label sets matching filter)
+// from the agent of node.
+func agentMetric(t *testing.T, c *e2eenv.Cluster, node, name, filter string) float64 {
+	t.Helper()
+	var nodeIP, netns string
+	for _, n := range c.State.Nodes {
+		if n.Name == node {
+			nodeIP, netns = n.IP, n.Netns
+		}
+	}
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return namedns.DialContext(ctx, netns, network, addr)
+	}}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get("http://" + nodeIP + ":4191/metrics")
+	if err != nil {
+		t.Fatalf("metrics of %s: %v", node, err)
+	}
+	defer resp.Body.Close()
+	var sum float64
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name) || !strings.Contains(line, filter) {
+			continue
+		}
+		f := strings.Fields(line)
+		v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+		sum += v
+	}
+	return sum
+}

@@ -1,0 +1,103 @@
+package mesh
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
+)
+
+// TestClusterIPSpread: connections to a ClusterIP are resolved by the
+// agent to ready endpoints and spread over all three; an endpoint that
+// turns not-ready gets no new connections.
+func TestClusterIPSpread(t *testing.T) {
+	c := e2eenv.Need(t)
+	ns := c.Namespace(t, "mesh-svc")
+	labels := map[string]string{"app": "spread"}
+	pods := startPods(t, c, ns,
+		podSpec{name: "client", sa: "client", node: "node-1"},
+		podSpec{name: "backend-a", sa: "backend", node: "node-1", labels: labels, readyPort: 9500},
+		podSpec{name: "backend-b", sa: "backend", node: "node-2", labels: labels, readyPort: 9500},
+		podSpec{name: "backend-c", sa: "backend", node: "node-2", labels: labels, readyPort: 9500},
+	)
+	servers := map[string]*server{}
+	for _, b := range []string{"backend-a", "backend-b", "backend-c"} {
+		servers[b] = serve(t, c, pods[b], 9500)
+	}
+	svc, err := c.Client.CoreV1().Services(ns).Create(context.Background(), &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "spread"},
+		Spec:       corev1.ServiceSpec{Selector: labels, Ports: []corev1.ServicePort{{Name: "tcp", Port: 80, TargetPort: intstr.FromInt32(9500)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitReady(t, c, ns, 3)
+	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	counts := func() map[string]int {
+		m := map[string]int{}
+		for name, s := range servers {
+			r, _ := s.seen()
+			m[name] = len(r)
+		}
+		return m
+	}
+	for i := 0; i < 30; i++ {
+		transfer(t, c, pods["client"], vip, 0, []byte(fmt.Sprintf("request %d\n", i)))
+	}
+	got := counts()
+	for name, n := range got {
+		if n == 0 {
+			t.Fatalf("backend %s got no connection out of 30: %v", name, got)
+		}
+	}
+	t.Logf("30 connections spread as %v", got)
+
+	// backend-c stops listening: its tcpSocket probe fails, the endpoint
+	// turns not-ready, and new connections avoid it.
+	servers["backend-c"].ln.Close()
+	waitReady(t, c, ns, 2)
+	before := counts()
+	for i := 0; i < 20; i++ {
+		transfer(t, c, pods["client"], vip, 0, []byte(fmt.Sprintf("again %d\n", i)))
+	}
+	after := counts()
+	if after["backend-c"] != before["backend-c"] {
+		t.Fatalf("not-ready backend-c got new connections: %v -> %v", before, after)
+	}
+	if after["backend-a"]+after["backend-b"] != before["backend-a"]+before["backend-b"]+20 {
+		t.Fatalf("connections lost: %v -> %v", before, after)
+	}
+}
+
+func waitReady(t *testing.T, c *e2eenv.Cluster, ns string, n int) {
+	t.Helper()
+	e2eenv.WaitFor(t, 60*time.Second, fmt.Sprintf("%d ready endpoints", n), func() error {
+		list, err := c.Client.DiscoveryV1().EndpointSlices(ns).List(context.Background(), metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=spread"})
+		if err != nil {
+			return err
+		}
+		var ready []string
+		for _, s := range list.Items {
+			for _, e := range s.Endpoints {
+				if e.Conditions.Ready != nil && *e.Conditions.Ready {
+					ready = append(ready, e.Addresses...)
+				}
+			}
+		}
+		sort.Strings(ready)
+		if len(ready) != n {
+			return fmt.Errorf("ready endpoints %s", strings.Join(ready, ","))
+		}
+		return nil
+	})
+}
