@@ -122,6 +122,6 @@ func (a *Agent) serveTunnel(ctx context.Context, raw net.Conn) {
 	if err != nil && !errors.Is(err, context.Canceled) {
 		a.log.Debug("inbound tunnel ended", "err", err)
 	}
-	a.log.Debug("connection closed", "direction", "inbound", "dst_pod", dst.namespace+"/"+dst.name, "client_id", clientID.String(),
+	a.log.Info("connection closed", "direction", "inbound", "dst_pod", dst.namespace+"/"+dst.name, "client_id", clientID.String(),
 		"server_id", dst.id.String(), "src", h.Src.String(), "tls", true, "bytes_in", stats.AToB, "bytes_out", stats.BToA, "duration", time.Since(start))
 }

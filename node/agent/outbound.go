@@ -125,7 +125,7 @@ func (o *outbound) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow
 	a.metrics.closed.WithLabelValues("outbound").Inc()
 	a.metrics.bytes.WithLabelValues("outbound", "sent").Add(float64(stats.AToB))
 	a.metrics.bytes.WithLabelValues("outbound", "received").Add(float64(stats.BToA))
-	a.log.Debug("connection closed", "direction", "outbound", "src_pod", t.src.namespace+"/"+t.src.name,
+	a.log.Info("connection closed", "direction", "outbound", "src_pod", t.src.namespace+"/"+t.src.name,
 		"client_id", t.src.id.String(), "server_id", t.dstID.String(), "dst", t.dst.String(), "tls", true,
 		"bytes_sent", stats.AToB, "bytes_received", stats.BToA, "duration", time.Since(start), "err", err)
 }

@@ -58,7 +58,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 	switch sub {
 	case "up", "supervise":
 		fs.IntVar(&nodes, "nodes", 2, "number of nodes")
-		fs.BoolVar(&d.cfg.Mesh, "mesh", false, "run tunmesh on the cluster (identity, agents, tunmesh-cni); work in progress")
+		fs.BoolVar(&d.cfg.Mesh, "mesh", true, "run tunmesh on the cluster (identity, an agent per node, tunmesh-cni)")
+		fs.BoolFunc("no-mesh", "a bare cluster: no tunmesh (same as --mesh=false)", func(string) error { d.cfg.Mesh = false; return nil })
 	case "exec":
 		fs.StringVar(&podNS, "n", "default", "pod namespace")
 		fs.StringVar(&podNS, "namespace", "default", "pod namespace")

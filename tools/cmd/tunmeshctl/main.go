@@ -16,7 +16,7 @@ import (
 const usage = `tunmeshctl: the tunmesh command-line tool
 
 Usage:
-  tunmeshctl dev up [--nodes N]                 start the local cluster
+  tunmeshctl dev up [--nodes N] [--no-mesh]     start the local cluster (with the mesh unless --no-mesh)
   tunmeshctl dev down                           remove the local cluster, also after a crash
   tunmeshctl dev status                         show the local cluster
   tunmeshctl dev kubeconfig                     print the admin kubeconfig path

@@ -49,6 +49,9 @@ func PodNetns(ctx context.Context, cfg Config, st *State, namespace, name string
 	if err != nil {
 		return "", fmt.Errorf("get pod %s/%s: %w", namespace, name, err)
 	}
+	if pod.Spec.HostNetwork {
+		return NodeNetns(st, pod.Spec.NodeName)
+	}
 	ns := cfg.PodNetnsPrefix() + string(pod.UID)
 	if !namedns.Exists(ns) {
 		return "", fmt.Errorf("pod %s/%s has no network namespace (phase %s)", namespace, name, pod.Status.Phase)

@@ -202,6 +202,7 @@ func (m *mesh) placeholderPod(ctx context.Context, n NodeSpec) error {
 		ObjectMeta: metav1.ObjectMeta{Name: agentPodName(n), Namespace: meshNS, Labels: map[string]string{"app": "tunmesh-node"}},
 		Spec: corev1.PodSpec{
 			NodeName:           n.Name,
+			HostNetwork:        true, // as the agent DaemonSet: its IP is the node's
 			ServiceAccountName: "tunmesh-node",
 			Containers:         []corev1.Container{{Name: "placeholder", Image: "tunmesh-workload", Args: []string{"sleep"}}},
 		},

@@ -42,6 +42,7 @@ type podWorker struct {
 	pod     *corev1.Pod
 	dir     string
 	netns   string // set once the sandbox exists
+	hostNet bool   // netns is the node's (hostNetwork pod)
 	podIP   netip.Addr
 	sbErr   error
 	sbRetry time.Time
@@ -231,6 +232,11 @@ func (w *podWorker) createSandbox(ctx context.Context) error {
 	if err := os.MkdirAll(w.dir, 0o755); err != nil {
 		return fmt.Errorf("create pod dir: %w", err)
 	}
+	if w.pod.Spec.HostNetwork {
+		// The node's own namespace and address, no CNI: as a kubelet does.
+		w.netns, w.podIP, w.hostNet = w.k.cfg.Netns, w.k.cfg.NodeIP, true
+		return nil
+	}
 	name := w.k.cfg.PodNetnsPrefix + string(w.pod.UID)
 	if !namedns.Exists(name) {
 		if err := namedns.Create(name); err != nil {
@@ -380,6 +386,10 @@ func (w *podWorker) stopAndTeardown(grace time.Duration) {
 	}
 	wg.Wait()
 	if w.netns == "" {
+		return
+	}
+	if w.hostNet { // the node's namespace is not the pod's to remove
+		w.netns = ""
 		return
 	}
 	if pids, err := namedns.Pids(w.netns); err == nil {
