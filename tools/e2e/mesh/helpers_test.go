@@ -32,7 +32,7 @@ type podSpec struct {
 	readyPort      int // tcpSocket readiness probe when non-zero
 }
 
-func startPods(t *testing.T, c *e2eenv.Cluster, ns string, specs ...podSpec) map[string]*corev1.Pod {
+func startPods(t testing.TB, c *e2eenv.Cluster, ns string, specs ...podSpec) map[string]*corev1.Pod {
 	t.Helper()
 	ctx := context.Background()
 	for _, s := range specs {

@@ -243,7 +243,7 @@ func Need(t testing.TB) *Cluster {
 }
 
 // kubectl runs the cluster's kubectl and fails the test on error.
-func (c *Cluster) Kubectl(t *testing.T, args ...string) string {
+func (c *Cluster) Kubectl(t testing.TB, args ...string) string {
 	t.Helper()
 	out, err := c.KubectlErr(args...)
 	if err != nil {
@@ -282,7 +282,7 @@ func (c *Cluster) InPod(ns, pod string, argv ...string) (string, error) {
 }
 
 // WaitFor polls try until it returns nil or the timeout passes.
-func WaitFor(t *testing.T, timeout time.Duration, what string, try func() error) {
+func WaitFor(t testing.TB, timeout time.Duration, what string, try func() error) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	var err error
@@ -295,7 +295,7 @@ func WaitFor(t *testing.T, timeout time.Duration, what string, try func() error)
 	t.Fatalf("timed out after %s waiting for %s: %v", timeout, what, err)
 }
 
-func (c *Cluster) Pods(t *testing.T, ns, selector string) []corev1.Pod {
+func (c *Cluster) Pods(t testing.TB, ns, selector string) []corev1.Pod {
 	t.Helper()
 	list, err := c.Client.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{LabelSelector: selector})
 	if err != nil {
@@ -304,7 +304,7 @@ func (c *Cluster) Pods(t *testing.T, ns, selector string) []corev1.Pod {
 	return list.Items
 }
 
-func (c *Cluster) Pod(t *testing.T, ns, name string) *corev1.Pod {
+func (c *Cluster) Pod(t testing.TB, ns, name string) *corev1.Pod {
 	t.Helper()
 	p, err := c.Client.CoreV1().Pods(ns).Get(context.Background(), name, metav1.GetOptions{})
 	if err != nil {
@@ -313,7 +313,7 @@ func (c *Cluster) Pod(t *testing.T, ns, name string) *corev1.Pod {
 	return p
 }
 
-func (c *Cluster) PodCIDR(t *testing.T, node string) netip.Prefix {
+func (c *Cluster) PodCIDR(t testing.TB, node string) netip.Prefix {
 	t.Helper()
 	for _, n := range c.State.Nodes {
 		if n.Name == node {
@@ -338,7 +338,7 @@ func PodReady(p *corev1.Pod) bool {
 }
 
 // namespace creates a namespace for one test and deletes it afterwards.
-func (c *Cluster) Namespace(t *testing.T, name string) string {
+func (c *Cluster) Namespace(t testing.TB, name string) string {
 	t.Helper()
 	_, err := c.Client.CoreV1().Namespaces().Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
 	if err != nil {
