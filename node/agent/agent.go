@@ -169,6 +169,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.stack = st
 	defer st.Close()
+	collector := stackCollector{stats: st.Stats}
+	if err := a.reg.Register(collector); err != nil {
+		return fmt.Errorf("register netstack metrics: %w", err)
+	}
+	defer a.reg.Unregister(collector)
 
 	meshLn, err := net.Listen("tcp", net.JoinHostPort(a.cfg.NodeIP.String(), strconv.Itoa(a.cfg.MeshPort)))
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	osexec "os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -207,4 +208,11 @@ func agentMetric(t *testing.T, c *e2eenv.Cluster, node, name, filter string) flo
 		sum += v
 	}
 	return sum
+}
+
+// inNetns runs a command inside a network namespace.
+func inNetns(netns string, argv ...string) (string, error) {
+	cmd := osexec.Command("nsenter", append([]string{"--net=" + namedns.Path(netns), "--"}, argv...)...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
 }
