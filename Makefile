@@ -30,7 +30,7 @@ unit:
 	$(GO) test -race -count=1 -timeout 10m $(UNIT)
 
 e2e:
-	$(GO) test -count=1 -timeout 25m -v ./tools/e2e/
+	$(GO) test -count=1 -p 1 -timeout 25m -v ./tools/e2e/...
 
 test: deps build lint unit e2e
 
