@@ -65,39 +65,40 @@ func (o *outbound) HandleFlow(f netstack.Flow) netstack.Decision {
 	a := o.a
 	src := a.local.nic(f.NIC)
 	if src == nil {
-		a.metrics.passthrough.WithLabelValues(reasonUnknownSrc).Inc()
-		return netstack.Passthrough
+		return o.pass(f, reasonUnknownSrc)
 	}
 	t := &target{src: src, dst: f.Dst}
 	if ep, isSvc, err := a.resolver.Resolve(f.Dst); isSvc {
 		if err != nil {
-			a.metrics.passthrough.WithLabelValues(reasonNoEndpoints).Inc()
-			return netstack.Passthrough
+			return o.pass(f, reasonNoEndpoints)
 		}
 		t.dst, t.endpoint = ep.Addr, &ep
 	}
 	dst := a.cluster.byAddr(t.dst.Addr())
 	if dst == nil || dst.Spec.HostNetwork || dst.Status.HostIP == "" {
-		a.metrics.passthrough.WithLabelValues(reasonNotMeshed).Inc()
-		return netstack.Passthrough
+		return o.pass(f, reasonNotMeshed)
 	}
 	dpol, _ := a.policy.For(dst, a.cluster.namespace(dst.Namespace))
 	if !dpol.Meshed {
-		a.metrics.passthrough.WithLabelValues(reasonNotMeshed).Inc()
-		return netstack.Passthrough
+		return o.pass(f, reasonNotMeshed)
 	}
 	if src.policy.SkipsOutbound(f.Dst.Port()) || dpol.SkipsInbound(t.dst.Port()) {
-		a.metrics.passthrough.WithLabelValues(reasonSkippedPort).Inc()
-		return netstack.Passthrough
+		return o.pass(f, reasonSkippedPort)
 	}
 	node, err := netip.ParseAddr(dst.Status.HostIP)
 	if err != nil {
-		a.metrics.passthrough.WithLabelValues(reasonNotMeshed).Inc()
-		return netstack.Passthrough
+		return o.pass(f, reasonNotMeshed)
 	}
 	t.dstID, t.dstNode = a.identity(dst.Namespace, serviceAccount(dst)), node
 	a.pending.put(f, t)
 	return netstack.Terminate
+}
+
+// pass accounts for a flow left to the kernel: tls=false and why.
+func (o *outbound) pass(f netstack.Flow, reason string) netstack.Decision {
+	o.a.metrics.passthrough.WithLabelValues(reason).Inc()
+	o.a.log.Debug("connection not meshed", "src", f.Src.String(), "dst", f.Dst.String(), "tls", false, "reason", reason)
+	return netstack.Passthrough
 }
 
 // ServeConn carries a terminated flow to the destination node's agent.
