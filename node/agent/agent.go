@@ -60,6 +60,8 @@ type Config struct {
 	TUNMTU, UnderlayMTU int
 	// ExcludedNamespaces are never meshed.
 	ExcludedNamespaces []string
+	// StateDir keeps what a restarted agent needs (default /var/lib/tunmesh).
+	StateDir string
 }
 
 func (c *Config) defaults() error {
@@ -86,6 +88,9 @@ func (c *Config) defaults() error {
 	}
 	if c.UnderlayMTU == 0 {
 		c.UnderlayMTU = 1500
+	}
+	if c.StateDir == "" {
+		c.StateDir = "/var/lib/tunmesh"
 	}
 	return nil
 }
@@ -195,6 +200,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	mux.Handle("GET "+workload.CertificatesPath, a.certs.CertificatesHandler())
 	adminSrv := &http.Server{Addr: a.cfg.AdminAddr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+
+	// Pods attached by a previous run come back before new ones are taken.
+	a.restore(ctx)
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.certs.Run(gctx) })

@@ -74,6 +74,11 @@ func (c *cniAgent) Add(ctx context.Context, req cniapi.AddRequest) (cniapi.AddRe
 		containerID: req.ContainerID, namespace: pod.Namespace, name: pod.Name, netns: req.Netns,
 		addrs: addrs, nic: nic, id: a.identity(pod.Namespace, serviceAccount(pod)), policy: pol,
 	}
+	if err := a.saveState(lp); err != nil {
+		_ = a.stack.DetachNIC(nic)
+		_ = podnet.Teardown(req.Netns, c.podnetConfig(gws))
+		return cniapi.AddResponse{}, fmt.Errorf("record pod %s/%s: %w", req.PodNamespace, req.PodName, err)
+	}
 	a.local.add(lp)
 	a.certs.Acquire(lp.id)
 	a.metrics.pods.Inc()
@@ -86,8 +91,10 @@ func (c *cniAgent) Del(ctx context.Context, req cniapi.DelRequest) error {
 	a := c.a
 	p := a.local.remove(req.ContainerID)
 	if p == nil {
+		a.dropState(req.ContainerID) // recorded by a run that died before re-attaching
 		return nil
 	}
+	a.dropState(req.ContainerID)
 	if err := a.stack.DetachNIC(p.nic); err != nil && !errors.Is(err, netstack.ErrUnknownNIC) {
 		a.log.Warn("detach pod", "pod", p.name, "pod_namespace", p.namespace, "err", err)
 	}

@@ -49,6 +49,7 @@ func main() {
 	fs.StringVar(&cfg.agent.HostTUN, "host-tun", "tmhost", "TUN in the node namespace for passthrough packets")
 	fs.IntVar(&cfg.agent.TUNMTU, "tun-mtu", 65520, "MTU of the pods' tm0")
 	fs.IntVar(&cfg.agent.UnderlayMTU, "underlay-mtu", 1500, "MTU of the node network (MSS clamp of passthrough flows)")
+	fs.StringVar(&cfg.agent.StateDir, "state-dir", "/var/lib/tunmesh", "state kept across agent restarts")
 	fs.StringVar(&cfg.kubeconfig, "kubeconfig", "", "kubeconfig (empty: in-cluster)")
 	fs.StringVar(&cfg.identityURL, "identity-url", "https://tunmesh-identity.tunmesh.svc:8443", "tunmesh-identity API")
 	fs.StringVar(&cfg.anchorsFile, "trust-anchors", "/var/run/tunmesh/identity/ca.crt", "trust anchors (PEM)")

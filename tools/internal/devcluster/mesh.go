@@ -267,6 +267,7 @@ func (m *mesh) startAgent(n NodeSpec) error {
 			"--identity-url", "https://" + net.JoinHostPort(controlPlaneIP.String(), strconv.Itoa(identityPort)),
 			"--trust-anchors", m.dir("identity", "ca.crt"),
 			"--token-file", m.dir(n.Name, "token"),
+			"--state-dir", m.dir(n.Name, "state"),
 		},
 		Log: m.cfg.path("logs", "tunmesh-node-"+n.Name+".log"),
 	})

@@ -1,0 +1,147 @@
+package mesh
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
+	"github.com/tunmesh/tunmesh/tools/internal/namedns"
+)
+
+// agentPID finds the agent process of node in this cluster.
+func agentPID(c *e2eenv.Cluster, node string) int {
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		if filepath.Base(args[0]) != "tunmesh-node" || !strings.Contains(string(b), "/"+c.Name+"/") {
+			continue
+		}
+		for i, a := range args {
+			if a == "--node-name" && i+1 < len(args) && args[i+1] == node {
+				return pid
+			}
+		}
+	}
+	return 0
+}
+
+// TestAgentRestartKeepsPods: SIGKILL the agent of a node; it is restarted
+// (as a DaemonSet pod would be), re-attaches the running pods from its
+// state, and new meshed connections from and to those pods succeed within
+// 2 s of it being ready; no pod is restarted.
+func TestAgentRestartKeepsPods(t *testing.T) {
+	c := e2eenv.Need(t)
+	ns := c.Namespace(t, "mesh-restart")
+	pods := startPods(t, c, ns,
+		podSpec{name: "client", sa: "client", node: "node-1"},
+		podSpec{name: "server", sa: "server", node: "node-2"},
+		podSpec{name: "local", sa: "server", node: "node-1"},
+	)
+	serve(t, c, pods["server"], 9950)
+	serve(t, c, pods["local"], 9951)
+	transfer(t, c, pods["client"], net.JoinHostPort(pods["server"].Status.PodIP, "9950"), 1<<10, nil)
+
+	old := agentPID(c, "node-1")
+	if old == 0 {
+		t.Fatal("agent of node-1 not found")
+	}
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var ready time.Time
+	e2eenv.WaitFor(t, 60*time.Second, "agent of node-1 restarted and ready", func() error {
+		pid := agentPID(c, "node-1")
+		if pid == 0 || pid == old {
+			return fmt.Errorf("no new agent yet")
+		}
+		if err := agentReady(c, "node-1"); err != nil {
+			return err
+		}
+		ready = time.Now()
+		return nil
+	})
+	for _, dst := range []string{
+		net.JoinHostPort(pods["server"].Status.PodIP, "9950"), // from the restarted node
+		net.JoinHostPort(pods["local"].Status.PodIP, "9951"),  // to a pod of the restarted node
+	} {
+		e2eenv.WaitFor(t, 2*time.Second, "meshed connection to "+dst+" after the restart", func() error {
+			return tryTransfer(c, pods["client"], dst)
+		})
+	}
+	t.Logf("meshed connections work %s after the restarted agent was ready", time.Since(ready).Round(time.Millisecond))
+	if n := agentMetric(t, c, "node-1", "tunmesh_node_meshed_pods", ""); n < 2 {
+		t.Fatalf("restarted agent holds %v meshed pods, want the 2 running ones", n)
+	}
+	for name, p := range pods {
+		now := c.Pod(t, ns, name)
+		if now.UID != p.UID || now.Status.ContainerStatuses[0].RestartCount != 0 {
+			t.Fatalf("pod %s was restarted or replaced", name)
+		}
+	}
+}
+
+func agentReady(c *e2eenv.Cluster, node string) error {
+	for _, n := range c.State.Nodes {
+		if n.Name != node {
+			continue
+		}
+		client := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return namedns.DialContext(ctx, n.Netns, network, addr)
+		}}}
+		defer client.CloseIdleConnections()
+		resp, err := client.Get("http://" + n.IP + ":4191/ready")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("ready: %s", resp.Status)
+		}
+		return nil
+	}
+	return fmt.Errorf("no node %s", node)
+}
+
+// tryTransfer echoes a short message through dst without failing the test.
+func tryTransfer(c *e2eenv.Cluster, from *corev1.Pod, dst string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	conn, err := namedns.DialContext(ctx, c.PodNetns(from), "tcp", dst)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(time.Second))
+	if _, err := conn.Write([]byte("after restart")); err != nil {
+		return err
+	}
+	_ = conn.(*net.TCPConn).CloseWrite()
+	b, err := io.ReadAll(conn)
+	if err != nil {
+		return err
+	}
+	if string(b) != "after restart" {
+		return fmt.Errorf("echo %q", b)
+	}
+	return nil
+}
