@@ -192,6 +192,11 @@ func (m *mesh) startIdentity() error {
 	return nil
 }
 
+// HoldFile, created in a node's mesh directory (<root>/<name>/mesh/<node>/),
+// keeps the supervisor from restarting that node's agent until it is
+// removed: tests use it to hold an agent down.
+const HoldFile = "hold"
+
 func agentPodName(n NodeSpec) string { return "tunmesh-node-" + n.Name }
 
 // placeholderPod creates the agent Pod object of a node (its container
@@ -342,6 +347,9 @@ func (m *mesh) run(ctx context.Context) error {
 			m.mu.Lock()
 			p := m.procs[n.Name]
 			m.mu.Unlock()
+			if _, err := os.Stat(m.dir(n.Name, HoldFile)); err == nil {
+				continue // held down on purpose (tests of an agent outage)
+			}
 			select {
 			case <-p.Done():
 				m.log("agent on %s exited with code %d; restarting", n.Name, p.ExitCode())
