@@ -58,9 +58,10 @@ func TestMeshedTransfer(t *testing.T) {
 	}
 }
 
-// capture runs tshark on the underlay bridge until stop is called and
-// returns the pcap path.
-func capture(t *testing.T, c *e2eenv.Cluster) (pcap string, stop func()) {
+// capture runs tshark on the underlay bridge; stop(filter) waits (up to
+// 15 s) until the file holds a packet matching the display filter, so that
+// a loaded machine cannot make the capture miss the traffic, then stops.
+func capture(t *testing.T, c *e2eenv.Cluster) (pcap string, stop func(filter string)) {
 	t.Helper()
 	pcap = filepath.Join(t.TempDir(), "underlay.pcap")
 	cmd := exec.Command("nsenter", "--net=/run/netns/"+c.Name+"-ul", "--", "tshark", "-i", "br0", "-f", "tcp", "-w", pcap)
@@ -75,10 +76,18 @@ func capture(t *testing.T, c *e2eenv.Cluster) (pcap string, stop func()) {
 		}
 		return nil
 	})
-	return pcap, func() {
-		time.Sleep(500 * time.Millisecond) // let the last segments land
-		_ = cmd.Process.Signal(os.Interrupt)
-		_ = cmd.Wait()
+	return pcap, func(filter string) {
+		defer func() {
+			_ = cmd.Process.Signal(os.Interrupt)
+			_ = cmd.Wait()
+		}()
+		e2eenv.WaitFor(t, 15*time.Second, "packets matching "+filter+" in the capture", func() error {
+			out, _ := exec.Command("tshark", "-r", pcap, "-d", "tcp.port==4143,tls", "-Y", filter).Output()
+			if len(strings.TrimSpace(string(out))) == 0 {
+				return fmt.Errorf("none yet")
+			}
+			return nil
+		})
 	}
 }
 
@@ -105,20 +114,18 @@ func TestUnderlayCarriesOnlyTLS(t *testing.T) {
 	check := func(t *testing.T, dst string, from string, wantClear bool) {
 		pcap, stop := capture(t, c)
 		transfer(t, c, pods[from], dst, 0, payload)
-		stop()
+		_, port, _ := net.SplitHostPort(dst)
+		if wantClear {
+			stop("tcp.dstport == " + port + " && tcp.len > 0")
+		} else {
+			stop("tcp.dstport == 4143 && tls.app_data") // TLS application data to the mesh port
+		}
 		raw, err := os.ReadFile(pcap)
 		if err != nil {
 			t.Fatal(err)
 		}
-		clear := strings.Contains(string(raw), marker)
-		if clear != wantClear {
+		if clear := strings.Contains(string(raw), marker); clear != wantClear {
 			t.Fatalf("%s -> %s: marker in clear on the underlay = %v, want %v", from, dst, clear, wantClear)
-		}
-		if !wantClear {
-			out, err := exec.Command("tshark", "-r", pcap, "-d", "tcp.port==4143,tls", "-Y", "tls.app_data", "-T", "fields", "-e", "tcp.dstport").CombinedOutput()
-			if err != nil || !strings.Contains(string(out), "4143") {
-				t.Fatalf("no TLS application data on :4143 in the capture: %v\n%s", err, out)
-			}
 		}
 	}
 	t.Run("meshed port is TLS", func(t *testing.T) { check(t, net.JoinHostPort(server, "9100"), "client", false) })
