@@ -21,7 +21,7 @@ type Anchors struct {
 // ParseIssuer and tunmeshctl's checks). Errors wrap ErrInvalidAnchors, and
 // ErrUnsupportedAlgorithm for foreign keys.
 func ParseAnchors(pemBundle []byte) (*Anchors, error) {
-	certs, err := parseCertsPEM(pemBundle)
+	certs, err := ParseCertificatesPEM(pemBundle)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidAnchors, err)
 	}

@@ -36,7 +36,7 @@ func ParseIssuer(certPEM, keyPEM []byte, anchors *Anchors, now time.Time) (*Issu
 	if anchors == nil {
 		return nil, fmt.Errorf("%w: no trust anchors to check against", ErrInvalidIssuer)
 	}
-	certs, err := parseCertsPEM(certPEM)
+	certs, err := ParseCertificatesPEM(certPEM)
 	if err != nil {
 		return nil, fmt.Errorf("%w: certificate: %w", ErrInvalidIssuer, err)
 	}

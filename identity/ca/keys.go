@@ -132,12 +132,12 @@ func publicOf(k any) crypto.PublicKey {
 	return nil
 }
 
-// parseCertsPEM returns the certificates of a PEM bundle in order. It is
+// ParseCertificatesPEM returns the certificates of a PEM bundle in order. It is
 // strict where sloppiness would hide a broken file: every block must be a
 // CERTIFICATE that parses, and a "-----BEGIN" that pem.Decode could not read
 // (a truncated copy-paste, say) is an error rather than silently skipped.
 // Text between blocks, such as the comments in distribution bundles, is fine.
-func parseCertsPEM(data []byte) ([]*x509.Certificate, error) {
+func ParseCertificatesPEM(data []byte) ([]*x509.Certificate, error) {
 	var certs []*x509.Certificate
 	blocks := 0
 	rest := data

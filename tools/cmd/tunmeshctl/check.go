@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"flag"
 	"fmt"
 	"io"
@@ -58,7 +57,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	if err != nil {
 		return fail(fmt.Errorf("trust anchors in %s/%s ca.crt: %w", *ns, *secret, err))
 	}
-	issuerCerts, err := parseCerts(sec.Data[corev1.TLSCertKey])
+	issuerCerts, err := ca.ParseCertificatesPEM(sec.Data[corev1.TLSCertKey])
 	if err != nil || len(issuerCerts) == 0 {
 		return fail(fmt.Errorf("issuer in %s/%s tls.crt: %v", *ns, *secret, err))
 	}
@@ -105,7 +104,7 @@ func agentLeaves(ctx context.Context, client kubernetes.Interface, ns, selector 
 		for _, cc := range list {
 			var chain []*x509.Certificate
 			for _, pemText := range cc.Chain {
-				certs, err := parseCerts([]byte(pemText))
+				certs, err := ca.ParseCertificatesPEM([]byte(pemText))
 				if err != nil {
 					return nil, agents, fmt.Errorf("agent %s, %s: %w", p.Name, cc.Identity, err)
 				}
@@ -118,23 +117,4 @@ func agentLeaves(ctx context.Context, client kubernetes.Interface, ns, selector 
 		return nil, 0, fmt.Errorf("no running agent pods (%s) in namespace %s", selector, ns)
 	}
 	return chains, agents, nil
-}
-
-func parseCerts(data []byte) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	for {
-		var b *pem.Block
-		b, data = pem.Decode(data)
-		if b == nil {
-			return out, nil
-		}
-		if b.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
-	}
 }
