@@ -43,18 +43,31 @@ func TestClusterIPSpread(t *testing.T) {
 	}
 	waitReady(t, c, ns, 3)
 	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	// Connections from the client pod only: kubelet probes reach the
+	// backends too (from the node's gateway address).
+	client := pods["client"].Status.PodIP
 	counts := func() map[string]int {
 		m := map[string]int{}
 		for name, s := range servers {
 			r, _ := s.seen()
-			m[name] = len(r)
+			for _, a := range r {
+				if a.String() == client {
+					m[name]++
+				}
+			}
 		}
 		return m
 	}
 	for i := 0; i < 30; i++ {
 		transfer(t, c, pods["client"], vip, 0, []byte(fmt.Sprintf("request %d\n", i)))
 	}
-	got := counts()
+	var got map[string]int
+	e2eenv.WaitFor(t, 5*time.Second, "servers recorded the connections", func() error {
+		if got = counts(); got["backend-a"]+got["backend-b"]+got["backend-c"] < 30 {
+			return fmt.Errorf("%v", got)
+		}
+		return nil
+	})
 	for name, n := range got {
 		if n == 0 {
 			t.Fatalf("backend %s got no connection out of 30: %v", name, got)
@@ -70,7 +83,14 @@ func TestClusterIPSpread(t *testing.T) {
 	for i := 0; i < 20; i++ {
 		transfer(t, c, pods["client"], vip, 0, []byte(fmt.Sprintf("again %d\n", i)))
 	}
-	after := counts()
+	var after map[string]int
+	e2eenv.WaitFor(t, 5*time.Second, "servers recorded the connections", func() error {
+		// A server records a connection once its echo is done, just after the client returns.
+		if after = counts(); after["backend-a"]+after["backend-b"]+after["backend-c"] < 50 {
+			return fmt.Errorf("%v", after)
+		}
+		return nil
+	})
 	if after["backend-c"] != before["backend-c"] {
 		t.Fatalf("not-ready backend-c got new connections: %v -> %v", before, after)
 	}

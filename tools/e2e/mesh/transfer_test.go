@@ -58,36 +58,39 @@ func TestMeshedTransfer(t *testing.T) {
 	}
 }
 
-// capture runs tshark on the underlay bridge; stop(filter) waits (up to
-// 15 s) until the file holds a packet matching the display filter, so that
-// a loaded machine cannot make the capture miss the traffic, then stops.
-func capture(t *testing.T, c *e2eenv.Cluster) (pcap string, stop func(filter string)) {
+// capture runs tshark on the underlay bridge while fn runs, and returns
+// the pcap once it holds a packet matching the display filter. tshark
+// writes through dumpcap, which may hold packets until it stops, so the
+// capture is stopped before it is read; on a loaded machine it may still
+// miss the traffic, so the whole capture is retried a few times.
+func capture(t *testing.T, c *e2eenv.Cluster, filter string, fn func()) (pcap string) {
 	t.Helper()
-	pcap = filepath.Join(t.TempDir(), "underlay.pcap")
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+c.Name+"-ul", "--", "tshark", "-i", "br0", "-f", "tcp", "-w", pcap)
-	stderr := &strings.Builder{}
-	cmd.Stderr = stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start tshark: %v", err)
-	}
-	e2eenv.WaitFor(t, 20*time.Second, "tshark capturing", func() error {
-		if !strings.Contains(stderr.String(), "Capturing on") {
-			return fmt.Errorf("tshark: %q", stderr.String())
+	for attempt := 1; ; attempt++ {
+		pcap = filepath.Join(t.TempDir(), "underlay.pcap")
+		cmd := exec.Command("nsenter", "--net=/run/netns/"+c.Name+"-ul", "--", "tshark", "-i", "br0", "-f", "tcp", "-w", pcap)
+		stderr := &strings.Builder{}
+		cmd.Stderr = stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatalf("start tshark: %v", err)
 		}
-		return nil
-	})
-	return pcap, func(filter string) {
-		defer func() {
-			_ = cmd.Process.Signal(os.Interrupt)
-			_ = cmd.Wait()
-		}()
-		e2eenv.WaitFor(t, 15*time.Second, "packets matching "+filter+" in the capture", func() error {
-			out, _ := exec.Command("tshark", "-r", pcap, "-d", "tcp.port==4143,tls", "-Y", filter).Output()
-			if len(strings.TrimSpace(string(out))) == 0 {
-				return fmt.Errorf("none yet")
+		e2eenv.WaitFor(t, 20*time.Second, "tshark capturing", func() error {
+			if !strings.Contains(stderr.String(), "Capturing on") {
+				return fmt.Errorf("tshark: %q", stderr.String())
 			}
 			return nil
 		})
+		fn()
+		time.Sleep(time.Second) // let the last segments reach the bridge
+		_ = cmd.Process.Signal(os.Interrupt)
+		_ = cmd.Wait()
+		out, _ := exec.Command("tshark", "-r", pcap, "-d", "tcp.port==4143,tls", "-Y", filter).Output()
+		if len(strings.TrimSpace(string(out))) > 0 {
+			return pcap
+		}
+		if attempt == 3 {
+			t.Fatalf("no packet matching %q in 3 captures of the underlay", filter)
+		}
+		t.Logf("capture %d missed %q; again", attempt, filter)
 	}
 }
 
@@ -112,14 +115,12 @@ func TestUnderlayCarriesOnlyTLS(t *testing.T) {
 	server := pods["server"].Status.PodIP
 
 	check := func(t *testing.T, dst string, from string, wantClear bool) {
-		pcap, stop := capture(t, c)
-		transfer(t, c, pods[from], dst, 0, payload)
 		_, port, _ := net.SplitHostPort(dst)
+		filter := "tcp.dstport == 4143 && tls.app_data" // TLS application data to the mesh port
 		if wantClear {
-			stop("tcp.dstport == " + port + " && tcp.len > 0")
-		} else {
-			stop("tcp.dstport == 4143 && tls.app_data") // TLS application data to the mesh port
+			filter = "tcp.dstport == " + port + " && tcp.len > 0"
 		}
+		pcap := capture(t, c, filter, func() { transfer(t, c, pods[from], dst, 0, payload) })
 		raw, err := os.ReadFile(pcap)
 		if err != nil {
 			t.Fatal(err)
