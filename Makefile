@@ -6,7 +6,7 @@ SHELL   := /bin/bash
 export PATH := $(PATH):/usr/local/go/bin
 GO      ?= go
 BIN     := bin
-CMDS    := ./tools/cmd/tunmeshctl ./tools/cmd/tunmesh-workload ./identity/cmd/tunmesh-identity ./node/cmd/tunmesh-node ./cni/cmd/tunmesh-cni
+CMDS    := ./tools/cmd/tunmeshctl ./tools/cmd/tunmesh-workload ./identity/cmd/tunmesh-identity ./node/cmd/tunmesh-node ./cni/cmd/tunmesh-cni ./cni/cmd/tunmesh-cni-install
 # Packages whose tests run under the race detector (all but the end-to-end
 # suite, which drives whole binaries).
 UNIT    := $(shell $(GO) list ./... 2>/dev/null | grep -v /tools/e2e)

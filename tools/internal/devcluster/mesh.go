@@ -27,8 +27,9 @@ import (
 
 // The mesh in the local cluster: tunmesh-identity runs as a control-plane
 // process; on every node a tunmesh-node agent runs in the node's
-// namespace, supervised like a DaemonSet pod (restarted when it dies), and
-// tunmesh-cni is chained after the bridge plugin. Each agent authenticates
+// namespace and tunmesh-cni-install puts tunmesh-cni into the node's CNI
+// bin dir and conflist (chained after the bridge plugin), both supervised
+// like the containers of a DaemonSet pod (restarted when they die). Each agent authenticates
 // with a projected token bound to a placeholder agent Pod on its node
 // (tunmesh/tunmesh-node-<node>), refreshed before it expires.
 const (
@@ -44,18 +45,19 @@ type mesh struct {
 	nodes  []NodeSpec
 	log    func(string, ...any)
 
-	mu    sync.Mutex // guards procs
-	procs map[string]*nsproc.Process
+	mu         sync.Mutex // guards procs and installers
+	procs      map[string]*nsproc.Process
+	installers map[string]*nsproc.Process
 }
 
 func (c Config) meshBinaries() []string {
-	return []string{"tunmesh-node", "tunmesh-identity", "tunmesh-cni"}
+	return []string{"tunmesh-node", "tunmesh-identity", "tunmesh-cni", "tunmesh-cni-install"}
 }
 
 // startMesh installs and starts the mesh; the returned mesh's run keeps
 // the agents alive until ctx ends.
 func startMesh(ctx context.Context, cfg Config, client kubernetes.Interface, cp *controlPlane, nodes []NodeSpec, progress func(string, ...any)) (*mesh, error) {
-	m := &mesh{cfg: cfg, client: client, cp: cp, nodes: nodes, log: progress, procs: map[string]*nsproc.Process{}}
+	m := &mesh{cfg: cfg, client: client, cp: cp, nodes: nodes, log: progress, procs: map[string]*nsproc.Process{}, installers: map[string]*nsproc.Process{}}
 	for _, b := range cfg.meshBinaries() {
 		if _, err := os.Stat(filepath.Join(cfg.BinDir, b)); err != nil {
 			return nil, fmt.Errorf("mesh binary %s not in %s (run `make build`): %w", b, cfg.BinDir, ErrMissingPrerequisite)
@@ -94,7 +96,15 @@ func startMesh(ctx context.Context, cfg Config, client kubernetes.Interface, cp 
 		if err := m.waitAgentReady(ctx, n); err != nil {
 			return nil, err
 		}
-		if err := writeNodeCNIConfig(cfg, n, true); err != nil {
+	}
+	progress("installing tunmesh-cni on each node (tunmesh-cni-install)")
+	for _, n := range nodes {
+		if err := m.startInstaller(n); err != nil {
+			return nil, err
+		}
+	}
+	for _, n := range nodes {
+		if err := m.waitInstalled(ctx, n); err != nil {
 			return nil, err
 		}
 	}
@@ -251,6 +261,10 @@ func (m *mesh) refreshToken(ctx context.Context, n NodeSpec) error {
 	return os.Rename(tmp, m.dir(n.Name, "token"))
 }
 
+// nodeCNIBinDir is a node's /opt/cni/bin: the installer copies tunmesh-cni
+// there; the reference plugins stay in CNIBinDir.
+func (c Config) nodeCNIBinDir(node string) string { return c.path("nodes", node, "cni", "bin") }
+
 // CNISocket is where the agent of a node listens for its CNI plugin.
 func (c Config) cniSocket(node string) string { return c.path("mesh", node, "cni.sock") }
 
@@ -283,6 +297,48 @@ func (m *mesh) startAgent(n NodeSpec) error {
 	m.procs[n.Name] = p
 	m.mu.Unlock()
 	return nil
+}
+
+// startInstaller runs tunmesh-cni-install for a node, with the node's own
+// CNI bin and conf dirs (the nodes share one filesystem).
+func (m *mesh) startInstaller(n NodeSpec) error {
+	p, err := nsproc.Start(nsproc.Spec{
+		Path: filepath.Join(m.cfg.BinDir, "tunmesh-cni-install"),
+		Args: []string{
+			"-bin-source", filepath.Join(m.cfg.BinDir, "tunmesh-cni"),
+			"-bin-dir", m.cfg.nodeCNIBinDir(n.Name),
+			"-conf-dir", m.cfg.path("nodes", n.Name, "cni", "net.d"),
+			"-socket", m.cfg.cniSocket(n.Name),
+			"-log-file", m.cfg.path("logs", "tunmesh-cni-"+n.Name+".log"),
+		},
+		Log: m.cfg.path("logs", "tunmesh-cni-install-"+n.Name+".log"),
+	})
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.installers[n.Name] = p
+	m.mu.Unlock()
+	return nil
+}
+
+// waitInstalled waits until the node's conflist chains tunmesh-cni.
+func (m *mesh) waitInstalled(ctx context.Context, n NodeSpec) error {
+	conf := filepath.Join(m.cfg.path("nodes", n.Name, "cni", "net.d"), "10-bridge.conflist")
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(conf); err == nil && bytes.Contains(b, []byte(`"tunmesh-cni"`)) {
+			if _, err := os.Stat(filepath.Join(m.cfg.nodeCNIBinDir(n.Name), "tunmesh-cni")); err == nil {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("tunmesh-cni not installed on %s after 30s (log: %s)", n.Name, m.cfg.path("logs", "tunmesh-cni-install-"+n.Name+".log"))
 }
 
 func (m *mesh) waitAgentReady(ctx context.Context, n NodeSpec) error {
@@ -328,6 +384,9 @@ func (m *mesh) run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			m.mu.Lock()
+			for _, p := range m.installers { // uninstall from the conflists first
+				p.Stop(10 * time.Second)
+			}
 			for _, p := range m.procs {
 				p.Stop(5 * time.Second)
 			}
@@ -355,6 +414,17 @@ func (m *mesh) run(ctx context.Context) error {
 				m.log("agent on %s exited with code %d; restarting", n.Name, p.ExitCode())
 				if err := m.startAgent(n); err != nil {
 					m.log("restart agent on %s: %v", n.Name, err)
+				}
+			default:
+			}
+			m.mu.Lock()
+			inst := m.installers[n.Name]
+			m.mu.Unlock()
+			select {
+			case <-inst.Done():
+				m.log("tunmesh-cni-install on %s exited with code %d; restarting", n.Name, inst.ExitCode())
+				if err := m.startInstaller(n); err != nil {
+					m.log("restart tunmesh-cni-install on %s: %v", n.Name, err)
 				}
 			default:
 			}

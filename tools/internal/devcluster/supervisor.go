@@ -109,7 +109,7 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 		return err
 	}
 	for _, n := range nodes {
-		if err := writeNodeCNIConfig(cfg, n, false); err != nil {
+		if err := writeNodeCNIConfig(cfg, n); err != nil {
 			return err
 		}
 	}
@@ -211,7 +211,7 @@ func kubeletConfig(cfg Config, n NodeSpec) kubelet.Config {
 		PodCIDR:        n.PodCIDR,
 		PodNetnsPrefix: cfg.PodNetnsPrefix(),
 		CNIConfDir:     filepath.Join(dir, "cni", "net.d"),
-		CNIBinDirs:     []string{cfg.CNIBinDir, cfg.BinDir},
+		CNIBinDirs:     []string{cfg.nodeCNIBinDir(n.Name), cfg.CNIBinDir},
 		CNICacheDir:    filepath.Join(dir, "cni", "cache"),
 		StateDir:       filepath.Join(dir, "kubelet"),
 		BinDirs:        []string{cfg.BinDir},
@@ -220,12 +220,11 @@ func kubeletConfig(cfg Config, n NodeSpec) kubelet.Config {
 	}
 }
 
-// writeNodeCNIConfig writes the node's CNI configuration: the reference
-// bridge plugin with host-local IPAM over the node's pod CIDR (no ipMasq:
-// pods reach each other across nodes through host-gw routes), and with
-// the mesh, tunmesh-cni chained after it. Written atomically: the kubelet
-// reads it for every pod.
-func writeNodeCNIConfig(cfg Config, n NodeSpec, withMesh bool) error {
+// writeNodeCNIConfig writes the node's primary CNI configuration: the
+// reference bridge plugin with host-local IPAM over the node's pod CIDR (no
+// ipMasq: pods reach each other across nodes through host-gw routes). With
+// the mesh, tunmesh-cni-install chains tunmesh-cni into it later.
+func writeNodeCNIConfig(cfg Config, n NodeSpec) error {
 	dir := cfg.path("nodes", n.Name, "cni")
 	if err := os.MkdirAll(filepath.Join(dir, "net.d"), 0o755); err != nil {
 		return fmt.Errorf("create CNI dir for %s: %w", n.Name, err)
@@ -248,13 +247,6 @@ func writeNodeCNIConfig(cfg Config, n NodeSpec, withMesh bool) error {
 				},
 			},
 		},
-	}
-	if withMesh {
-		conf["plugins"] = append(conf["plugins"].([]any), map[string]any{
-			"type":    "tunmesh-cni",
-			"socket":  cfg.cniSocket(n.Name),
-			"logFile": cfg.path("logs", "tunmesh-cni-"+n.Name+".log"),
-		})
 	}
 	b, err := json.MarshalIndent(conf, "", "  ")
 	if err != nil {

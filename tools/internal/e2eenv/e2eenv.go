@@ -133,7 +133,7 @@ func build(ctx context.Context, dir string) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "./tools/cmd/tunmeshctl", "./tools/cmd/tunmesh-workload", "./identity/cmd/tunmesh-identity", "./node/cmd/tunmesh-node", "./cni/cmd/tunmesh-cni")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "./tools/cmd/tunmeshctl", "./tools/cmd/tunmesh-workload", "./identity/cmd/tunmesh-identity", "./node/cmd/tunmesh-node", "./cni/cmd/tunmesh-cni", "./cni/cmd/tunmesh-cni-install")
 	cmd.Dir = filepath.Dir(strings.TrimSpace(gomod))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("build binaries: %w\n%s", err, out)
