@@ -113,7 +113,11 @@ func (c *cniAgent) Del(ctx context.Context, req cniapi.DelRequest) error {
 
 // Check reports an error when a pod that should be meshed is not attached.
 func (c *cniAgent) Check(ctx context.Context, req cniapi.CheckRequest) error {
-	if c.a.local.container(req.ContainerID) != nil {
+	if p := c.a.local.container(req.ContainerID); p != nil {
+		// Compare what the agent recorded with the live namespace.
+		if err := podnet.Check(req.Netns, c.podnetConfig(nil)); err != nil {
+			return cniapi.Errorf(cniapi.CodeGeneric, "pod %s/%s: %v", req.PodNamespace, req.PodName, err)
+		}
 		return nil
 	}
 	pod, err := c.a.client.CoreV1().Pods(req.PodNamespace).Get(ctx, req.PodName, metav1.GetOptions{})

@@ -153,6 +153,39 @@ func addRule(rule *netlink.Rule) error {
 	return err
 }
 
+// Check reports whether the pod's namespace still has the TUN up and the
+// rule sending each cluster CIDR to the TUN's table.
+func Check(nsPath string, cfg Config) error {
+	if err := cfg.defaults(); err != nil {
+		return err
+	}
+	return ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		link, err := netlink.LinkByName(cfg.TUN)
+		if err != nil {
+			return fmt.Errorf("%s missing: %w", cfg.TUN, err)
+		}
+		if link.Attrs().Flags&net.FlagUp == 0 {
+			return fmt.Errorf("%s is down", cfg.TUN)
+		}
+		for _, p := range cfg.Cluster {
+			rules, err := netlink.RuleList(family(p.Addr()))
+			if err != nil {
+				return fmt.Errorf("list rules: %w", err)
+			}
+			found := false
+			for _, r := range rules {
+				if r.Table == cfg.Table && r.Dst != nil && r.Dst.String() == p.Masked().String() {
+					found = true
+				}
+			}
+			if !found {
+				return fmt.Errorf("no rule sending %s to table %d", p, cfg.Table)
+			}
+		}
+		return nil
+	})
+}
+
 // Teardown removes the TUN (its routes go with it) and the rules. A
 // missing namespace or device is not an error: CNI DEL must succeed when
 // things are already gone.

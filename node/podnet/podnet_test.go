@@ -114,6 +114,23 @@ func TestSetupRoutesClusterIntoTUN(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	if err := Check(pod.Path(), cfg); err != nil {
+		t.Fatalf("Check after Setup: %v", err)
+	}
+	// A rule removed behind the agent's back is reported.
+	err = pod.Do(func(ns.NetNS) error {
+		r := netlink.NewRule()
+		r.Dst = prefixNet(cfg.Cluster[1])
+		r.Table, r.Priority = 4143, 4143
+		return netlink.RuleDel(r)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Check(pod.Path(), cfg); err == nil {
+		t.Fatal("Check missed a deleted rule")
+	}
+
 	// Setup again once the fd is closed (an agent that restarted, or a
 	// retried ADD after a failure) adopts the device and the rules. While
 	// an fd is open the TUN is busy: the agent must answer a repeated ADD
