@@ -33,18 +33,35 @@ type target struct {
 	dstID    spiffe.ID
 	dstNode  netip.Addr // the node agent to dial
 	endpoint *resolve.Endpoint
+	decided  time.Time // when HandleFlow chose it (for sweeping)
 }
 
-// pendingFlows hands decisions from HandleFlow to ServeConn.
+// pendingFlows hands decisions from HandleFlow to ServeConn. A flow whose
+// handshake never completes gets no ServeConn, so entries older than
+// pendingTTL are swept when the map grows past pendingSweepAt.
 type pendingFlows struct {
-	mu sync.Mutex
+	mu sync.Mutex // guards m
 	m  map[netstack.Flow]*target
 }
 
+const (
+	pendingTTL     = time.Minute
+	pendingSweepAt = 1024
+)
+
 func (p *pendingFlows) put(f netstack.Flow, t *target) {
+	now := time.Now()
+	t.decided = now
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.m) >= pendingSweepAt {
+		for k, v := range p.m {
+			if now.Sub(v.decided) > pendingTTL {
+				delete(p.m, k)
+			}
+		}
+	}
 	p.m[f] = t
-	p.mu.Unlock()
 }
 
 func (p *pendingFlows) take(f netstack.Flow) *target {
