@@ -19,6 +19,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/ca"
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/identity/workload"
+	"github.com/tunmesh/tunmesh/tools/internal/devcluster"
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 )
 
@@ -146,7 +147,10 @@ func TestIdentityBootstrapWithBinary(t *testing.T) {
 	}
 	addr := ln.Addr().String()
 	ln.Close()
-	kubeconfig := impersonatingKubeconfig(t, e.c, identitySA)
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := devcluster.ImpersonatingKubeconfig(e.c.Cfg(), e.c.State, kubeconfig, identitySA); err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command(filepath.Join(e.c.BinDir, "tunmesh-identity"),
 		"--addr", addr, "--metrics-addr", "", "--issuer-dir", dir, "--issuer-secret", secretName, "--kubeconfig", kubeconfig)
 	logs := &strings.Builder{}
@@ -187,20 +191,4 @@ func TestIdentityBootstrapWithBinary(t *testing.T) {
 		}
 		return nil
 	})
-}
-
-// impersonatingKubeconfig writes a copy of the admin kubeconfig that
-// impersonates user, so a binary runs with that user's RBAC.
-func impersonatingKubeconfig(t *testing.T, c *cluster, user string) string {
-	t.Helper()
-	b, err := os.ReadFile(c.State.Kubeconfig)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := strings.Replace(string(b), "    client-key:", "    as: "+user+"\n    client-key:", 1)
-	p := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return p
 }

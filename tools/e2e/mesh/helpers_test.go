@@ -187,9 +187,7 @@ func agentMetric(t *testing.T, c *e2eenv.Cluster, node, name, filter string) flo
 			nodeIP, netns = n.IP, n.Netns
 		}
 	}
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return namedns.DialContext(ctx, netns, network, addr)
-	}}}
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: namedns.Dialer(netns)}}
 	defer client.CloseIdleConnections()
 	resp, err := client.Get("http://" + nodeIP + ":4191/metrics")
 	if err != nil {

@@ -105,9 +105,7 @@ func agentReady(c *e2eenv.Cluster, node string) error {
 		if n.Name != node {
 			continue
 		}
-		client := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return namedns.DialContext(ctx, n.Netns, network, addr)
-		}}}
+		client := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: namedns.Dialer(n.Netns)}}
 		defer client.CloseIdleConnections()
 		resp, err := client.Get("http://" + n.IP + ":4191/ready")
 		if err != nil {

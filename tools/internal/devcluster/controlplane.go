@@ -91,7 +91,7 @@ func (cp *controlPlane) start(ctx context.Context, progress func(string, ...any)
 
 	progress("starting kube-controller-manager")
 	cmKubeconfig := cfg.path("pki", "controller-manager.kubeconfig")
-	if err := cp.pki.writeKubeconfig(cmKubeconfig, cp.apiURL(), controllerManagerUser); err != nil {
+	if err := cp.pki.writeKubeconfig(cmKubeconfig, cp.apiURL(), controllerManagerUser, ""); err != nil {
 		return err
 	}
 	if err := cp.run("kube-controller-manager", filepath.Join(cfg.KubeBinDir, "kube-controller-manager"),
@@ -175,9 +175,7 @@ func (cp *controlPlane) waitHTTP(ctx context.Context, what, url string, tlsCfg *
 		Timeout: 3 * time.Second,
 		Transport: &http.Transport{
 			TLSClientConfig: tlsCfg,
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				return namedns.DialContext(ctx, ns, network, addr)
-			},
+			DialContext:     namedns.Dialer(ns),
 		},
 	}
 	defer client.CloseIdleConnections()

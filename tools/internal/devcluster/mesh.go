@@ -159,29 +159,15 @@ func (m *mesh) bootstrapIdentity(ctx context.Context) error {
 	return nil
 }
 
-// impersonatingKubeconfig writes a kubeconfig for the admin certificate
-// that acts as a ServiceAccount, so a component runs with its own RBAC.
-func (m *mesh) impersonatingKubeconfig(path, server, sa string) error {
-	p := m.cp.pki
-	kc := fmt.Sprintf(`apiVersion: v1
-kind: Config
-clusters:
-- name: tunmesh-dev
-  cluster: {server: %q, certificate-authority: %q}
-users:
-- name: %s
-  user: {client-certificate: %q, client-key: %q, as: %q}
-contexts:
-- name: tunmesh-dev
-  context: {cluster: tunmesh-dev, user: %s}
-current-context: tunmesh-dev
-`, server, p.caCert(), sa, p.clientCert(adminUser), p.clientKey(adminUser), "system:serviceaccount:"+meshNS+":"+sa, sa)
-	return os.WriteFile(path, []byte(kc), 0o600)
+// saKubeconfig writes a kubeconfig with which a component acts as its
+// ServiceAccount in the mesh namespace (and so has that account's RBAC).
+func (m *mesh) saKubeconfig(path, sa string) error {
+	return m.cp.pki.writeKubeconfig(path, m.cp.apiURL(), adminUser, "system:serviceaccount:"+meshNS+":"+sa)
 }
 
 func (m *mesh) startIdentity() error {
 	kc := m.dir("identity", "kubeconfig")
-	if err := m.impersonatingKubeconfig(kc, m.cp.apiURL(), "tunmesh-identity"); err != nil {
+	if err := m.saKubeconfig(kc, "tunmesh-identity"); err != nil {
 		return err
 	}
 	p, err := nsproc.Start(nsproc.Spec{
@@ -270,7 +256,7 @@ func (c Config) cniSocket(node string) string { return c.path("mesh", node, "cni
 
 func (m *mesh) startAgent(n NodeSpec) error {
 	kc := m.dir(n.Name, "kubeconfig")
-	if err := m.impersonatingKubeconfig(kc, m.cp.apiURL(), "tunmesh-node"); err != nil {
+	if err := m.saKubeconfig(kc, "tunmesh-node"); err != nil {
 		return err
 	}
 	p, err := nsproc.Start(nsproc.Spec{
@@ -344,9 +330,7 @@ func (m *mesh) waitInstalled(ctx context.Context, n NodeSpec) error {
 func (m *mesh) waitAgentReady(ctx context.Context, n NodeSpec) error {
 	url := "http://" + net.JoinHostPort(n.IP.String(), strconv.Itoa(agentAdmin)) + "/ready"
 	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return namedns.DialContext(ctx, n.Netns, network, addr)
-		},
+		DialContext: namedns.Dialer(n.Netns),
 	}}
 	defer client.CloseIdleConnections()
 	deadline := time.Now().Add(time.Minute)

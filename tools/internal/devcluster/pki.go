@@ -155,8 +155,10 @@ func writePEM(path, typ string, der []byte, mode os.FileMode) error {
 }
 
 // writeKubeconfig writes a kubeconfig for user at server, embedding paths to
-// the CA and the user's client certificate.
-func (p pki) writeKubeconfig(path, server, user string) error {
+// the CA and the user's client certificate. A non-empty as impersonates
+// that user (the admin certificate acting as a ServiceAccount, so a
+// component runs with that account's RBAC).
+func (p pki) writeKubeconfig(path, server, user, as string) error {
 	const tmpl = `apiVersion: v1
 kind: Config
 clusters:
@@ -168,7 +170,7 @@ users:
 - name: %s
   user:
     client-certificate: %s
-    client-key: %s
+    client-key: %s%s
 contexts:
 - name: tunmesh-dev
   context:
@@ -176,9 +178,23 @@ contexts:
     user: %s
 current-context: tunmesh-dev
 `
-	b := fmt.Sprintf(tmpl, server, p.caCert(), user, p.clientCert(user), p.clientKey(user), user)
+	impersonate := ""
+	if as != "" {
+		impersonate = "\n    as: " + as
+	}
+	b := fmt.Sprintf(tmpl, server, p.caCert(), user, p.clientCert(user), p.clientKey(user), impersonate, user)
 	if err := os.WriteFile(path, []byte(b), 0o600); err != nil {
 		return fmt.Errorf("write kubeconfig %s: %w", path, err)
 	}
 	return nil
+}
+
+// ImpersonatingKubeconfig writes a kubeconfig for a running cluster whose
+// admin certificate acts as user, reaching the API from the host.
+func ImpersonatingKubeconfig(cfg Config, st *State, path, user string) error {
+	cfg, err := cfg.WithDefaults()
+	if err != nil {
+		return err
+	}
+	return pki{dir: cfg.path("pki")}.writeKubeconfig(path, "https://"+st.APIServer, adminUser, user)
 }

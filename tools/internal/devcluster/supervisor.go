@@ -121,7 +121,7 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 	if err != nil {
 		return fmt.Errorf("listen for api server forwarding: %w", err)
 	}
-	if err := cp.pki.writeKubeconfig(cfg.KubeconfigPath(), "https://"+fwd.addr(), adminUser); err != nil {
+	if err := cp.pki.writeKubeconfig(cfg.KubeconfigPath(), "https://"+fwd.addr(), adminUser, ""); err != nil {
 		return err
 	}
 	restCfg, err := clientcmd.BuildConfigFromFlags("", cfg.KubeconfigPath())

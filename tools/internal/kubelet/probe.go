@@ -162,9 +162,7 @@ func (p *prober) httpGet(ctx context.Context, g *corev1.HTTPGetAction) error {
 		// Like the kubelet: probes do not verify serving certificates.
 		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true}, //nolint:gosec // probe semantics
 		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return namedns.DialContext(ctx, p.nodeNetns, network, addr)
-		},
+		DialContext:       namedns.Dialer(p.nodeNetns),
 	}
 	defer tr.CloseIdleConnections()
 	resp, err := (&http.Client{Transport: tr}).Do(req)

@@ -143,6 +143,14 @@ func DialContext(ctx context.Context, name, network, addr string) (net.Conn, err
 	return conn, nil
 }
 
+// Dialer returns a DialContext that dials from inside the named namespace,
+// for http.Transport and the like.
+func Dialer(name string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return DialContext(ctx, name, network, addr)
+	}
+}
+
 // Listen opens a listener inside the named namespace.
 func Listen(name, network, addr string) (net.Listener, error) {
 	var l net.Listener
