@@ -4,66 +4,190 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
-	"os"
 	"strconv"
 	"time"
 
+	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
+	"k8s.io/cli-runtime/pkg/genericiooptions"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
+	"sigs.k8s.io/yaml"
 
 	"github.com/tunmesh/tunmesh/identity/ca"
 	"github.com/tunmesh/tunmesh/identity/workload"
 	"github.com/tunmesh/tunmesh/tools/internal/identitycli"
 )
 
-// runCheck runs the identity checks against a cluster: the trust anchors
+// defaultControlNamespace is where tunmesh's own workloads run.
+const defaultControlNamespace = "tunmesh"
+
+// kubeFlags are the kubectl connection flags (--kubeconfig, --context, -n,
+// ...) of a command that talks to a cluster.
+func kubeFlags(cmd *cobra.Command) *genericclioptions.ConfigFlags {
+	cf := genericclioptions.NewConfigFlags(true)
+	cf.AddFlags(cmd.Flags())
+	_ = cmd.RegisterFlagCompletionFunc("context", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+		raw, err := cf.ToRawKubeConfigLoader().RawConfig()
+		if err != nil {
+			return nil, cobra.ShellCompDirectiveNoFileComp
+		}
+		var names []string
+		for n := range raw.Contexts {
+			names = append(names, n)
+		}
+		return names, cobra.ShellCompDirectiveNoFileComp
+	})
+	_ = cmd.RegisterFlagCompletionFunc("namespace", func(c *cobra.Command, _ []string, _ string) ([]string, cobra.ShellCompDirective) {
+		client, err := kubeClient(cf)
+		if err != nil {
+			return nil, cobra.ShellCompDirectiveNoFileComp
+		}
+		ctx, cancel := context.WithTimeout(c.Context(), 5*time.Second)
+		defer cancel()
+		list, err := client.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return nil, cobra.ShellCompDirectiveNoFileComp
+		}
+		var names []string
+		for _, n := range list.Items {
+			names = append(names, n.Name)
+		}
+		return names, cobra.ShellCompDirectiveNoFileComp
+	})
+	return cf
+}
+
+func kubeClient(cf *genericclioptions.ConfigFlags) (kubernetes.Interface, error) {
+	rc, err := cf.ToRESTConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig: %w", err)
+	}
+	return kubernetes.NewForConfig(rc)
+}
+
+// controlNamespace is tunmesh's namespace: -n/--namespace when given,
+// else "tunmesh" (not the context's namespace: tunmesh lives in its own).
+func controlNamespace(cmd *cobra.Command, cf *genericclioptions.ConfigFlags) string {
+	if cmd.Flags().Changed("namespace") && cf.Namespace != nil && *cf.Namespace != "" {
+		return *cf.Namespace
+	}
+	return defaultControlNamespace
+}
+
+// addOutputFlag registers -o/--output with the formats a command prints.
+func addOutputFlag(cmd *cobra.Command, def string, formats ...string) *string {
+	out := cmd.Flags().StringP("output", "o", def, "output format: one of "+fmt.Sprint(formats))
+	_ = cmd.RegisterFlagCompletionFunc("output", cobra.FixedCompletions(formats, cobra.ShellCompDirectiveNoFileComp))
+	prev := cmd.PreRunE
+	cmd.PreRunE = func(c *cobra.Command, args []string) error {
+		for _, f := range formats {
+			if *out == f {
+				if prev != nil {
+					return prev(c, args)
+				}
+				return nil
+			}
+		}
+		return usageError{fmt.Errorf("--output %q: want one of %v", *out, formats)}
+	}
+	return out
+}
+
+// printStructured writes v as indented JSON or as YAML.
+func printStructured(w io.Writer, format string, v any) error {
+	switch format {
+	case "json":
+		b, err := json.MarshalIndent(v, "", "  ")
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(w, "%s\n", b)
+		return err
+	case "yaml":
+		b, err := yaml.Marshal(v)
+		if err != nil {
+			return err
+		}
+		_, err = w.Write(b)
+		return err
+	}
+	return fmt.Errorf("unknown output format %q", format)
+}
+
+type checkOptions struct {
+	secret        string
+	agentSelector string
+	minValidity   time.Duration
+	output        *string
+}
+
+func newCheckCmd(streams genericiooptions.IOStreams) *cobra.Command {
+	var o checkOptions
+	cmd := &cobra.Command{
+		Use:   "check",
+		Short: "Check trust anchors, issuer and the agents' workload certificates",
+		Long: `check reads tunmesh's issuer Secret and every running agent's workload
+certificates (through the API server's pod proxy) and reports each check,
+passed or failed. It exits 1 when a check fails.
+
+-n/--namespace names tunmesh's namespace (default "tunmesh").`,
+		Args: cobra.NoArgs,
+	}
+	cf := kubeFlags(cmd)
+	cmd.Flags().StringVar(&o.secret, "issuer-secret", identitycli.DefaultSecretName, "issuer Secret (tls.crt, ca.crt)")
+	cmd.Flags().StringVar(&o.agentSelector, "agent-selector", "app=tunmesh-node", "label selector of the node agent pods")
+	cmd.Flags().DurationVar(&o.minValidity, "min-validity", identitycli.DefaultMinValidity, "anchors and issuer must stay valid this long")
+	o.output = addOutputFlag(cmd, "text", "text", "json", "yaml")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		client, err := kubeClient(cf)
+		if err != nil {
+			return fmt.Errorf("check: %w", err)
+		}
+		checks, err := runChecks(cmd.Context(), client, controlNamespace(cmd, cf), o)
+		if err != nil {
+			return fmt.Errorf("check: %w", err)
+		}
+		ok := true
+		for _, c := range checks {
+			ok = ok && c.OK
+		}
+		if *o.output == "text" {
+			identitycli.PrintChecks(cmd.OutOrStdout(), checks)
+		} else if err := printStructured(cmd.OutOrStdout(), *o.output, map[string]any{"ok": ok, "checks": checks}); err != nil {
+			return err
+		}
+		if !ok {
+			return exitError{1}
+		}
+		return nil
+	}
+	return cmd
+}
+
+// runChecks runs the identity checks against a cluster: the trust anchors
 // and issuer from the issuer Secret, and the leaves every running agent
 // serves (fetched through the API server's pod proxy).
-func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("tunmeshctl check", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig (default $KUBECONFIG)")
-	ns := fs.String("namespace", "tunmesh", "tunmesh's control namespace")
-	secret := fs.String("issuer-secret", identitycli.DefaultSecretName, "issuer Secret (tls.crt, ca.crt)")
-	agentSelector := fs.String("agent-selector", "app=tunmesh-node", "label selector of the node agent pods")
-	minValidity := fs.Duration("min-validity", identitycli.DefaultMinValidity, "anchors and issuer must stay valid this long")
-	if err := fs.Parse(args); err != nil {
-		return 2
-	}
-	fail := func(err error) int {
-		fmt.Fprintf(stderr, "tunmeshctl check: %v\n", err)
-		return 1
-	}
-	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(
-		&clientcmd.ClientConfigLoadingRules{ExplicitPath: *kubeconfig}, nil).ClientConfig()
-	if err != nil {
-		return fail(fmt.Errorf("kubeconfig: %w", err))
-	}
-	client, err := kubernetes.NewForConfig(rc)
-	if err != nil {
-		return fail(err)
-	}
+func runChecks(ctx context.Context, client kubernetes.Interface, ns string, o checkOptions) ([]identitycli.Check, error) {
 	now := time.Now()
-	sec, err := client.CoreV1().Secrets(*ns).Get(ctx, *secret, metav1.GetOptions{})
+	sec, err := client.CoreV1().Secrets(ns).Get(ctx, o.secret, metav1.GetOptions{})
 	if err != nil {
-		return fail(fmt.Errorf("read issuer secret %s/%s: %w", *ns, *secret, err))
+		return nil, fmt.Errorf("read issuer secret %s/%s: %w", ns, o.secret, err)
 	}
 	anchors, err := ca.ParseAnchors(sec.Data["ca.crt"])
 	if err != nil {
-		return fail(fmt.Errorf("trust anchors in %s/%s ca.crt: %w", *ns, *secret, err))
+		return nil, fmt.Errorf("trust anchors in %s/%s ca.crt: %w", ns, o.secret, err)
 	}
 	issuerCerts, err := ca.ParseCertificatesPEM(sec.Data[corev1.TLSCertKey])
 	if err != nil || len(issuerCerts) == 0 {
-		return fail(fmt.Errorf("issuer in %s/%s tls.crt: %v", *ns, *secret, err))
+		return nil, fmt.Errorf("issuer in %s/%s tls.crt: %v", ns, o.secret, err)
 	}
-	checks := identitycli.CheckAnchorsAndIssuer(anchors, &ca.Issuer{Certificate: issuerCerts[0], Chain: issuerCerts[1:]}, now, *minValidity)
+	checks := identitycli.CheckAnchorsAndIssuer(anchors, &ca.Issuer{Certificate: issuerCerts[0], Chain: issuerCerts[1:]}, now, o.minValidity)
 
-	chains, agents, err := agentLeaves(ctx, client, *ns, *agentSelector)
+	chains, agents, err := agentLeaves(ctx, client, ns, o.agentSelector)
 	if err != nil {
 		checks = append(checks, identitycli.Check{Name: "workload certificates chain to the current trust anchors", Hint: err.Error()})
 	} else {
@@ -71,10 +195,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		c.Name += fmt.Sprintf(" (%d certificates from %d agents)", len(chains), agents)
 		checks = append(checks, c)
 	}
-	if !identitycli.PrintChecks(stdout, checks) {
-		return 1
-	}
-	return 0
+	return checks, nil
 }
 
 // agentLeaves fetches the workload certificate chains of every running

@@ -3,18 +3,57 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/exec"
-	"strings"
+	"path/filepath"
 	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"k8s.io/cli-runtime/pkg/genericiooptions"
 
 	"github.com/tunmesh/tunmesh/tools/internal/devcluster"
 	"github.com/tunmesh/tunmesh/tools/internal/kubebuild"
 )
+
+// ops are the operations the dev commands run: the real ones in main,
+// recorders in the command-line tests (which check parsing, not clusters).
+type ops struct {
+	devUp        func(ctx context.Context, d *devFlags, stdout io.Writer) error
+	devSupervise func(ctx context.Context, cfg devcluster.Config, log *slog.Logger) error
+	devDown      func(cfg devcluster.Config, stdout io.Writer) error
+	devStatus    func(ctx context.Context, cfg devcluster.Config, stdout io.Writer) error
+	devKubecfg   func(cfg devcluster.Config, stdout io.Writer) error
+	kubeBuild    func(ctx context.Context, cacheDir string, stdout, stderr io.Writer) error
+	devExec      func(ctx context.Context, cfg devcluster.Config, e devExecArgs, streams genericiooptions.IOStreams) error
+}
+
+func defaultOps() ops {
+	return ops{
+		devUp:        devUp,
+		devSupervise: devcluster.Supervise,
+		devDown:      devcluster.Down,
+		devStatus:    devStatus,
+		devKubecfg: func(cfg devcluster.Config, stdout io.Writer) error {
+			st, err := readState(cfg)
+			if err == nil {
+				fmt.Fprintln(stdout, st.Kubeconfig)
+			}
+			return err
+		},
+		kubeBuild: func(ctx context.Context, cacheDir string, stdout, stderr io.Writer) error {
+			bin, err := kubebuild.Ensure(ctx, cacheDir, stderr)
+			if err == nil {
+				fmt.Fprintln(stdout, bin)
+			}
+			return err
+		},
+		devExec: devExec,
+	}
+}
 
 // devFlags are the flags every dev subcommand shares.
 type devFlags struct {
@@ -22,18 +61,34 @@ type devFlags struct {
 	cacheDir string
 }
 
-func newDevFlags(name string, stderr io.Writer) (*flag.FlagSet, *devFlags) {
-	fs := flag.NewFlagSet("tunmeshctl dev "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	d := &devFlags{}
-	fs.StringVar(&d.cfg.Name, "name", envOr("TUNMESH_DEV_NAME", devcluster.DefaultName), "cluster name (prefix of everything it creates)")
-	fs.StringVar(&d.cfg.Root, "root", envOr("TUNMESH_DEV_ROOT", devcluster.DefaultRoot), "state root directory")
+// addDevFlags registers the flags every dev subcommand takes.
+func addDevFlags(fs *pflag.FlagSet, d *devFlags) {
+	fs.StringVar(&d.cfg.Name, "name", envOr("TUNMESH_DEV_NAME", devcluster.DefaultName), "cluster name (prefix of everything it creates; env TUNMESH_DEV_NAME)")
+	fs.StringVar(&d.cfg.Root, "root", envOr("TUNMESH_DEV_ROOT", devcluster.DefaultRoot), "state root directory (env TUNMESH_DEV_ROOT)")
 	fs.StringVar(&d.cacheDir, "cache-dir", kubebuild.DefaultCacheDir(), "cache for built Kubernetes binaries")
 	fs.StringVar(&d.cfg.KubeBinDir, "kube-bin-dir", "", "directory with kube-apiserver, kube-controller-manager, kubectl (default: build into the cache)")
 	fs.StringVar(&d.cfg.BinDir, "bin-dir", "", "directory with tunmesh binaries (default: next to tunmeshctl)")
 	fs.StringVar(&d.cfg.CNIBinDir, "cni-bin-dir", devcluster.DefaultCNIBinDir, "reference CNI plugins")
 	fs.StringVar(&d.cfg.Etcd, "etcd", devcluster.DefaultEtcd, "etcd binary")
-	return fs, d
+}
+
+// addClusterShapeFlags registers the flags of the commands that create a
+// cluster (up, and the supervisor that up starts with the same values).
+func addClusterShapeFlags(cmd *cobra.Command, d *devFlags) {
+	fs := cmd.Flags()
+	fs.IntVar(&d.cfg.Nodes, "nodes", 2, "number of nodes")
+	fs.BoolVar(&d.cfg.Mesh, "mesh", true, "run tunmesh on the cluster (identity, an agent per node, tunmesh-cni)")
+	noMesh := fs.Bool("no-mesh", false, "a bare cluster: no tunmesh (same as --mesh=false)")
+	prev := cmd.PreRunE
+	cmd.PreRunE = func(c *cobra.Command, args []string) error {
+		if *noMesh {
+			d.cfg.Mesh = false
+		}
+		if prev != nil {
+			return prev(c, args)
+		}
+		return nil
+	}
 }
 
 func envOr(key, def string) string {
@@ -43,87 +98,94 @@ func envOr(key, def string) string {
 	return def
 }
 
-func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) int {
-	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
-		return 2
-	}
-	sub, rest := args[0], args[1:]
-	fs, d := newDevFlags(sub, stderr)
-	var (
-		nodes    int
-		podNS    string
-		execNode string
-	)
-	switch sub {
-	case "up", "supervise":
-		fs.IntVar(&nodes, "nodes", 2, "number of nodes")
-		fs.BoolVar(&d.cfg.Mesh, "mesh", true, "run tunmesh on the cluster (identity, an agent per node, tunmesh-cni)")
-		fs.BoolFunc("no-mesh", "a bare cluster: no tunmesh (same as --mesh=false)", func(string) error { d.cfg.Mesh = false; return nil })
-	case "exec":
-		fs.StringVar(&podNS, "n", "default", "pod namespace")
-		fs.StringVar(&podNS, "namespace", "default", "pod namespace")
-		fs.StringVar(&execNode, "node", "", "run in this node's namespace instead of a pod's")
-	case "down", "status", "kubeconfig", "kube-build":
-	default:
-		fmt.Fprintf(stderr, "tunmeshctl dev: unknown command %q\n\n%s", sub, usage)
-		return 2
-	}
-	// Everything after the first "--" is the command (dev exec); flags may
-	// come before or after the positional arguments.
-	var cmdArgs []string
-	for i, a := range rest {
-		if a == "--" {
-			rest, cmdArgs = rest[:i], rest[i+1:]
-			break
-		}
-	}
-	var pos []string
-	for {
-		if err := fs.Parse(rest); err != nil {
-			return 2
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		pos = append(pos, fs.Arg(0))
-		rest = fs.Args()[1:]
-	}
-	rest = cmdArgs
-	d.cfg.Nodes = nodes
-	if sub != "exec" && (len(pos) > 0 || len(rest) > 0) {
-		fmt.Fprintf(stderr, "tunmeshctl dev %s: unexpected arguments %q\n", sub, append(pos, rest...))
-		return 2
-	}
+func newDevCmd(streams genericiooptions.IOStreams, o ops, log *slog.Logger) *cobra.Command {
+	dev := &cobra.Command{
+		Use:   "dev",
+		Short: "Run the local development cluster",
+		Long: `The local development cluster: an API server, controllers and nodes in
+network namespaces on this machine, with tunmesh on it unless --no-mesh.
 
-	var err error
-	switch sub {
-	case "up":
-		err = devUp(ctx, d, stdout)
-	case "supervise":
-		err = devcluster.Supervise(ctx, d.cfg, log)
-	case "down":
-		err = devcluster.Down(d.cfg, stdout)
-	case "status":
-		err = devStatus(ctx, d.cfg, stdout)
-	case "kubeconfig":
-		var st *devcluster.State
-		if st, err = readState(d.cfg); err == nil {
-			fmt.Fprintln(stdout, st.Kubeconfig)
-		}
-	case "kube-build":
-		var bin string
-		if bin, err = kubebuild.Ensure(ctx, d.cacheDir, stderr); err == nil {
-			fmt.Fprintln(stdout, bin)
-		}
-	case "exec":
-		return devExec(ctx, d.cfg, pos, podNS, execNode, rest, stdout, stderr)
+Every dev command accepts --name (default ` + devcluster.DefaultName + `, env TUNMESH_DEV_NAME) and
+--root (default ` + devcluster.DefaultRoot + `, env TUNMESH_DEV_ROOT).`,
 	}
-	if err != nil {
-		fmt.Fprintf(stderr, "tunmeshctl dev %s: %v\n", sub, err)
-		return 1
+	// sub builds one dev subcommand with its own devFlags; extra registers
+	// the flags only that subcommand takes (on the same devFlags).
+	sub := func(use, short string, args cobra.PositionalArgs, run func(cmd *cobra.Command, d *devFlags, args []string) error, extra ...func(*cobra.Command, *devFlags)) *cobra.Command {
+		d := &devFlags{}
+		c := &cobra.Command{
+			Use:   use,
+			Short: short,
+			Args:  args,
+			RunE: func(cmd *cobra.Command, args []string) error {
+				if err := run(cmd, d, args); err != nil {
+					var ee exitError
+					if errors.As(err, &ee) {
+						return err
+					}
+					return fmt.Errorf("%s: %w", cmd.CommandPath(), err)
+				}
+				return nil
+			},
+		}
+		addDevFlags(c.Flags(), d)
+		for _, f := range extra {
+			f(c, d)
+		}
+		return c
 	}
-	return 0
+	up := sub("up", "Start the local cluster (with the mesh unless --no-mesh)", cobra.NoArgs,
+		func(cmd *cobra.Command, d *devFlags, _ []string) error {
+			return o.devUp(cmd.Context(), d, cmd.OutOrStdout())
+		}, addClusterShapeFlags)
+	supervise := sub("supervise", "Run the cluster in the foreground (dev up starts this detached)", cobra.NoArgs,
+		func(cmd *cobra.Command, d *devFlags, _ []string) error {
+			return o.devSupervise(cmd.Context(), d.cfg, log)
+		}, addClusterShapeFlags)
+	supervise.Hidden = true
+	down := sub("down", "Remove the local cluster, also after a crash", cobra.NoArgs,
+		func(cmd *cobra.Command, d *devFlags, _ []string) error { return o.devDown(d.cfg, cmd.OutOrStdout()) })
+	status := sub("status", "Show the local cluster", cobra.NoArgs,
+		func(cmd *cobra.Command, d *devFlags, _ []string) error {
+			return o.devStatus(cmd.Context(), d.cfg, cmd.OutOrStdout())
+		})
+	kubecfg := sub("kubeconfig", "Print the admin kubeconfig path", cobra.NoArgs,
+		func(cmd *cobra.Command, d *devFlags, _ []string) error { return o.devKubecfg(d.cfg, cmd.OutOrStdout()) })
+	kb := sub("kube-build", "Build the Kubernetes binaries into the cache and print their directory", cobra.NoArgs,
+		func(cmd *cobra.Command, d *devFlags, _ []string) error {
+			return o.kubeBuild(cmd.Context(), d.cacheDir, cmd.OutOrStdout(), cmd.ErrOrStderr())
+		})
+
+	var e devExecArgs
+	ex := sub("exec (POD [-n NS] | --node NODE) -- CMD...", "Run CMD in a pod's or a node's network namespace",
+		func(cmd *cobra.Command, args []string) error {
+			dash := cmd.ArgsLenAtDash()
+			if dash < 0 || dash == len(args) {
+				return errors.New("no command given (use: dev exec POD -- CMD...)")
+			}
+			if dash > 1 {
+				return fmt.Errorf("unexpected arguments %q before --", args[1:dash])
+			}
+			return nil
+		},
+		func(cmd *cobra.Command, d *devFlags, args []string) error {
+			dash := cmd.ArgsLenAtDash()
+			e.pods, e.argv = args[:dash], args[dash:]
+			return o.devExec(cmd.Context(), d.cfg, e, genericiooptions.IOStreams{In: streams.In, Out: cmd.OutOrStdout(), ErrOut: cmd.ErrOrStderr()})
+		})
+	ex.Flags().StringVarP(&e.namespace, "namespace", "n", "default", "pod namespace")
+	ex.Flags().StringVar(&e.node, "node", "", "run in this node's namespace instead of a pod's")
+	ex.Example = `  tunmeshctl dev exec client-7d9 -n demo -- curl -s world.demo
+  tunmeshctl dev exec --node node-1 -- ip route`
+	dev.AddCommand(up, supervise, down, status, kubecfg, ex, kb)
+	return dev
+}
+
+// devExecArgs is what `dev exec` was asked to run.
+type devExecArgs struct {
+	pods      []string // zero or one pod name
+	namespace string
+	node      string
+	argv      []string
 }
 
 func readState(cfg devcluster.Config) (*devcluster.State, error) {
@@ -153,11 +215,9 @@ func devUp(ctx context.Context, d *devFlags, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "\ncluster %q is up. Use it with:\n  export KUBECONFIG=%s\n  %s get nodes\n", st.Name, st.Kubeconfig, filepathJoin(d.cfg.KubeBinDir, "kubectl"))
+	fmt.Fprintf(stdout, "\ncluster %q is up. Use it with:\n  export KUBECONFIG=%s\n  %s get nodes\n", st.Name, st.Kubeconfig, filepath.Join(d.cfg.KubeBinDir, "kubectl"))
 	return nil
 }
-
-func filepathJoin(dir, name string) string { return strings.TrimSuffix(dir, "/") + "/" + name }
 
 func devStatus(ctx context.Context, cfg devcluster.Config, stdout io.Writer) error {
 	st, err := readState(cfg)
@@ -179,38 +239,33 @@ func devStatus(ctx context.Context, cfg devcluster.Config, stdout io.Writer) err
 	return tw.Flush()
 }
 
-func devExec(ctx context.Context, cfg devcluster.Config, pos []string, podNS, node string, argv []string, stdout, stderr io.Writer) int {
-	fail := func(err error) int {
-		fmt.Fprintf(stderr, "tunmeshctl dev exec: %v\n", err)
-		return 1
-	}
-	if len(argv) == 0 {
-		return fail(errors.New("no command given (use: dev exec POD -- CMD...)"))
-	}
+// devExec runs argv in a pod's or a node's network namespace; the child's
+// exit code becomes tunmeshctl's.
+func devExec(ctx context.Context, cfg devcluster.Config, e devExecArgs, streams genericiooptions.IOStreams) error {
 	st, err := readState(cfg)
 	if err != nil {
-		return fail(err)
+		return err
 	}
 	var netns string
 	switch {
-	case node != "" && len(pos) == 0:
-		netns, err = devcluster.NodeNetns(st, node)
-	case node == "" && len(pos) == 1:
-		netns, err = devcluster.PodNetns(ctx, cfg, st, podNS, pos[0])
+	case e.node != "" && len(e.pods) == 0:
+		netns, err = devcluster.NodeNetns(st, e.node)
+	case e.node == "" && len(e.pods) == 1:
+		netns, err = devcluster.PodNetns(ctx, cfg, st, e.namespace, e.pods[0])
 	default:
-		err = errors.New("give exactly one of POD or --node NODE")
+		err = usageError{errors.New("give exactly one of POD or --node NODE")}
 	}
 	if err != nil {
-		return fail(err)
+		return err
 	}
-	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=/run/netns/" + netns, "--"}, argv...)...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, stdout, stderr
+	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=/run/netns/" + netns, "--"}, e.argv...)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = streams.In, streams.Out, streams.ErrOut
 	if err := cmd.Run(); err != nil {
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {
-			return ee.ExitCode()
+			return exitError{ee.ExitCode()}
 		}
-		return fail(err)
+		return err
 	}
-	return 0
+	return nil
 }

@@ -16,11 +16,11 @@ const DefaultMinValidity = 60 * 24 * time.Hour
 
 // Check is the outcome of one check, in the style of `linkerd check`.
 type Check struct {
-	Name string
-	OK   bool
+	Name string `json:"name"`
+	OK   bool   `json:"ok"`
 	// Hint says what is wrong and, where possible, what to do; empty when
 	// OK.
-	Hint string
+	Hint string `json:"hint,omitempty"`
 }
 
 // CheckAnchorsAndIssuer checks the trust anchors and the issuer as of now:
