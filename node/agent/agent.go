@@ -1,9 +1,13 @@
-// Package agent is tunmesh-node, the per-node agent: it takes pods from the
-// CNI plugin, attaches their TUN to the node's netstack, decides per flow
-// whether to mesh it (policy, service resolution), carries meshed flows to
-// the destination node's agent inside mTLS with the pods' identities, and
-// delivers inbound tunnels into the destination pod with the client pod's
-// address as source.
+// Package agent is tunmesh-node, the per-node agent. It only wires the data
+// path together; each job lives in its own package, named for what it does:
+//
+//	pods        CNI hand-off, the registry of meshed pods, state on the node
+//	clusterview informers (pods, namespaces) and the synced gate
+//	resolve     ClusterIP -> endpoint, from Services and EndpointSlices
+//	outbound    the decision for each new flow from a pod (who decides)
+//	dialer      the mTLS tunnel to the destination agent (who dials)
+//	inbound     the mesh listener and its checks (who accepts and checks)
+//	admin       metrics, readiness, certificates
 package agent
 
 import (
@@ -20,8 +24,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -29,10 +33,16 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	"github.com/tunmesh/tunmesh/cni/cniapi"
-	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/identity/workload"
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/netstack/tun"
+	"github.com/tunmesh/tunmesh/node/admin"
+	"github.com/tunmesh/tunmesh/node/clusterview"
+	"github.com/tunmesh/tunmesh/node/dialer"
+	"github.com/tunmesh/tunmesh/node/inbound"
+	"github.com/tunmesh/tunmesh/node/nodemetrics"
+	"github.com/tunmesh/tunmesh/node/outbound"
+	"github.com/tunmesh/tunmesh/node/pods"
 	"github.com/tunmesh/tunmesh/node/policy"
 	"github.com/tunmesh/tunmesh/node/resolve"
 )
@@ -95,25 +105,28 @@ func (c *Config) defaults() error {
 	return nil
 }
 
-// Agent is the node agent. New starts nothing; Run serves until ctx ends.
+// Agent is the node agent. New builds every part (starting nothing); Run
+// opens the devices and listeners and serves until ctx ends.
 type Agent struct {
-	cfg      Config
-	client   kubernetes.Interface
-	certs    *workload.Manager
-	roots    *x509.CertPool
-	log      *slog.Logger
-	reg      *prometheus.Registry
-	metrics  *metrics
-	policy   policy.Config
-	resolver *resolve.Resolver
-	cluster  *clusterPods
-	local    *localPods
-	stack    *netstack.Stack
-	recorder record.EventRecorder
-	pending  pendingFlows
+	cfg         Config
+	client      kubernetes.Interface
+	certs       *workload.Manager
+	log         *slog.Logger
+	reg         *prometheus.Registry
+	metrics     *nodemetrics.Metrics
+	resolver    *resolve.Resolver
+	view        *clusterview.View
+	gate        clusterview.Gate
+	registry    *pods.Registry
+	broadcaster record.EventBroadcaster
+	stackRef    *stackRef
+	cni         *pods.Handler
+	outbound    *outbound.Handler
+	inbound     *inbound.Acceptor
 }
 
-// New checks its dependencies. certs must be run by the caller (or Run).
+// New checks its dependencies and builds the agent's parts. certs is run
+// by Run.
 func New(cfg Config, client kubernetes.Interface, certs *workload.Manager, roots *x509.CertPool, reg *prometheus.Registry, log *slog.Logger) (*Agent, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
@@ -121,7 +134,7 @@ func New(cfg Config, client kubernetes.Interface, certs *workload.Manager, roots
 	if client == nil || certs == nil || roots == nil || reg == nil || log == nil {
 		return nil, errors.New("agent: nil dependency")
 	}
-	m, err := newMetrics(reg)
+	m, err := nodemetrics.New(reg)
 	if err != nil {
 		return nil, err
 	}
@@ -129,27 +142,70 @@ func New(cfg Config, client kubernetes.Interface, certs *workload.Manager, roots
 	if err != nil {
 		return nil, err
 	}
-	a := &Agent{
-		cfg: cfg, client: client, certs: certs, roots: roots, log: log, reg: reg, metrics: m,
-		policy:   policy.Config{ExcludedNamespaces: append([]string{"kube-system", cfg.ControlNamespace}, cfg.ExcludedNamespaces...)},
-		resolver: res,
-		local:    newLocalPods(),
+	view, err := clusterview.New(client)
+	if err != nil {
+		return nil, err
 	}
-	a.cluster = newClusterPods(client)
-	a.pending.m = map[netstack.Flow]*target{}
+	a := &Agent{
+		cfg: cfg, client: client, certs: certs, log: log, reg: reg, metrics: m,
+		resolver: res, view: view, registry: pods.NewRegistry(),
+		gate:        clusterview.Gate{Parts: []func() bool{view.Synced, res.Synced}},
+		broadcaster: record.NewBroadcaster(),
+		stackRef:    &stackRef{},
+	}
+	pol := policy.Config{ExcludedNamespaces: append([]string{"kube-system", cfg.ControlNamespace}, cfg.ExcludedNamespaces...)}
+	recorder := a.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "tunmesh-node", Host: cfg.NodeName})
+	a.cni, err = pods.NewHandler(pods.Config{
+		TrustDomain: cfg.TrustDomain, TUNMTU: cfg.TUNMTU, Cluster: cfg.Cluster, Policy: pol, StateDir: cfg.StateDir,
+	}, pods.Deps{Client: client, Registry: a.registry, Stack: a.stackRef, Certs: certs, Metrics: m, Recorder: recorder, Log: log.With("component", "cni")})
+	if err != nil {
+		return nil, err
+	}
+	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Policy: pol, TrustDomain: cfg.TrustDomain}
+	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace}
+	a.outbound, err = outbound.NewHandler(decider, dl, res, m, log.With("component", "outbound"))
+	if err != nil {
+		return nil, err
+	}
+	a.inbound, err = inbound.New(inbound.Config{TrustDomain: cfg.TrustDomain, ControlNamespace: cfg.ControlNamespace},
+		a.registry, view, certs, a.stackRef, m, log.With("component", "inbound"))
+	if err != nil {
+		return nil, err
+	}
 	return a, nil
 }
 
-func (a *Agent) identity(ns, sa string) spiffe.ID {
-	return spiffe.ID{TrustDomain: a.cfg.TrustDomain, Namespace: ns, ServiceAccount: sa}
+// stackRef lets the parts built in New use the netstack that Run creates
+// (it needs the host TUN, a device Run owns). Calls before Run fail.
+type stackRef struct {
+	st *netstack.Stack // set once by Run before any caller can reach it
+}
+
+func (r *stackRef) AttachTUN(cfg netstack.NICConfig) (netstack.NICID, error) {
+	if r.st == nil {
+		return 0, netstack.ErrClosed
+	}
+	return r.st.AttachTUN(cfg)
+}
+
+func (r *stackRef) DetachNIC(id netstack.NICID) error {
+	if r.st == nil {
+		return netstack.ErrClosed
+	}
+	return r.st.DetachNIC(id)
+}
+
+func (r *stackRef) DialTCP(ctx context.Context, id netstack.NICID, src, dst netip.AddrPort) (net.Conn, error) {
+	if r.st == nil {
+		return nil, netstack.ErrClosed
+	}
+	return r.st.DialTCP(ctx, id, src, dst)
 }
 
 // Run starts everything and blocks until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
-	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
-	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: a.client.CoreV1().Events("")})
-	defer broadcaster.Shutdown()
-	a.recorder = broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "tunmesh-node", Host: a.cfg.NodeName})
+	a.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: a.client.CoreV1().Events("")})
+	defer a.broadcaster.Shutdown()
 
 	// Passthrough packets leave through a TUN in the node's namespace, as
 	// if they had arrived from the pod's side; the kernel routes them on.
@@ -158,23 +214,23 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("create host tun %s: %w", a.cfg.HostTUN, err)
 	}
 	defer func() { _ = tun.Delete("/proc/self/ns/net", a.cfg.HostTUN) }()
-	defer closeFD(hostFD)
+	defer func() { _ = unix.Close(hostFD) }()
 	for _, k := range []string{"all", a.cfg.HostTUN} {
 		if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+k+"/rp_filter", []byte("0"), 0o644); err != nil {
 			return fmt.Errorf("rp_filter off on %s: %w", k, err)
 		}
 	}
 	st, err := netstack.New(netstack.Options{
-		Handler:     &outbound{a: a},
+		Handler:     a.outbound,
 		Passthrough: netstack.FDWriter(hostFD),
 		UnderlayMTU: a.cfg.UnderlayMTU,
 	}, a.log.With("component", "netstack"))
 	if err != nil {
 		return fmt.Errorf("start netstack: %w", err)
 	}
-	a.stack = st
+	a.stackRef.st = st
 	defer st.Close()
-	collector := stackCollector{stats: st.Stats}
+	collector := nodemetrics.StackCollector{Stats: st.Stats}
 	if err := a.reg.Register(collector); err != nil {
 		return fmt.Errorf("register netstack metrics: %w", err)
 	}
@@ -188,27 +244,26 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listen for the CNI plugin: %w", err)
 	}
-	cniSrv := &http.Server{Handler: cniapi.NewHandler(&cniAgent{a: a}, a.log.With("component", "cni")), ReadHeaderTimeout: 10 * time.Second}
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
-		if !a.resolver.Synced() || !a.cluster.synced() {
-			http.Error(w, "informers not synced", http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	mux.Handle("GET "+workload.CertificatesPath, a.certs.CertificatesHandler())
-	adminSrv := &http.Server{Addr: a.cfg.AdminAddr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	cniSrv := &http.Server{Handler: cniapi.NewHandler(a.cni, a.log.With("component", "cni")), ReadHeaderTimeout: 10 * time.Second}
+	adminSrv := &http.Server{Addr: a.cfg.AdminAddr, ReadHeaderTimeout: 10 * time.Second, Handler: admin.Handler(admin.Config{
+		Gatherer: a.reg,
+		Ready: []admin.Check{{Name: "informers", Fn: func() error {
+			if !a.gate.Synced() {
+				return errors.New("not synced")
+			}
+			return nil
+		}}},
+		Certificates: a.certs.CertificatesHandler(), CertificatesPath: workload.CertificatesPath,
+	})}
 
 	// Pods attached by a previous run come back before new ones are taken.
-	a.restore(ctx)
+	a.cni.Restore(ctx)
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.certs.Run(gctx) })
 	g.Go(func() error { return a.resolver.Run(gctx) })
-	g.Go(func() error { return a.cluster.run(gctx) })
-	g.Go(func() error { return a.serveMesh(gctx, meshLn) })
+	g.Go(func() error { return a.view.Run(gctx) })
+	g.Go(func() error { return a.inbound.Serve(gctx, meshLn) })
 	g.Go(func() error { return serveHTTP(gctx, cniSrv, cniLn) })
 	g.Go(func() error {
 		ln, err := net.Listen("tcp", a.cfg.AdminAddr)
@@ -219,7 +274,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	a.log.Info("agent running", "node", a.cfg.NodeName, "mesh", meshLn.Addr().String(), "cni_socket", a.cfg.CNISocket)
 	err = g.Wait()
-	a.local.closeAll(a)
+	a.cni.ReleaseAll()
 	return err
 }
 

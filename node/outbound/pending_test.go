@@ -1,4 +1,4 @@
-package agent
+package outbound
 
 import (
 	"net/netip"
@@ -15,19 +15,22 @@ func flow(port uint16) netstack.Flow {
 // TestPendingFlowsSweep: decisions whose handshake never completed do not
 // accumulate; fresh ones survive a sweep and are handed over once.
 func TestPendingFlowsSweep(t *testing.T) {
-	p := pendingFlows{m: map[netstack.Flow]*target{}}
+	p := pendingFlows{m: map[netstack.Flow]*pendingTarget{}}
 	for i := 0; i < pendingSweepAt; i++ {
-		p.put(flow(uint16(1000+i)), &target{})
+		p.put(flow(uint16(1000+i)), Target{})
 	}
 	for _, v := range p.m {
 		v.decided = time.Now().Add(-2 * pendingTTL) // their handshakes never completed
 	}
 	fresh := flow(50000)
-	p.put(fresh, &target{})
+	p.put(fresh, Target{})
 	if len(p.m) != 1 {
 		t.Fatalf("%d pending entries after a sweep, want 1", len(p.m))
 	}
-	if p.take(fresh) == nil || p.take(fresh) != nil {
-		t.Fatal("a fresh decision must be handed over exactly once")
+	if _, ok := p.take(fresh); !ok {
+		t.Fatal("a fresh decision must be handed over")
+	}
+	if _, ok := p.take(fresh); ok {
+		t.Fatal("a decision must be handed over only once")
 	}
 }

@@ -1,4 +1,4 @@
-package agent
+package nodemetrics
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
@@ -6,11 +6,11 @@ import (
 	"github.com/tunmesh/tunmesh/netstack"
 )
 
-// stackCollector exports the netstack's per-pod counters (anti-spoofing
+// StackCollector exports the netstack's per-pod counters (anti-spoofing
 // drops, passthrough, flows) at scrape time. A pod's series end when it
 // is detached.
-type stackCollector struct {
-	stats func() []netstack.NICStats
+type StackCollector struct {
+	Stats func() []netstack.NICStats
 }
 
 var (
@@ -22,14 +22,14 @@ var (
 	descDialed      = prometheus.NewDesc("tunmesh_node_dialed_flows_total", "Inbound meshed flows dialled into a pod.", []string{"pod"}, nil)
 )
 
-func (c stackCollector) Describe(ch chan<- *prometheus.Desc) {
+func (c StackCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSpoofed, descDrops, descPassPackets, descMSS, descTerminated, descDialed} {
 		ch <- d
 	}
 }
 
-func (c stackCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, s := range c.stats() {
+func (c StackCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, s := range c.Stats() {
 		for d, v := range map[*prometheus.Desc]uint64{
 			descSpoofed: s.SpoofedDrops, descDrops: s.OtherDrops, descPassPackets: s.PassthroughPackets,
 			descMSS: s.MSSClamped, descTerminated: s.TerminatedFlows, descDialed: s.DialedFlows,

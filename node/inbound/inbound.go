@@ -1,0 +1,215 @@
+// Package inbound accepts mesh tunnels from peer agents (and from this
+// node's own pods: same-node meshed traffic takes the same authenticated
+// path), checks them (who accepts and checks), and delivers each into the
+// destination pod's NIC with the client pod's address as source.
+package inbound
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/netstack"
+	"github.com/tunmesh/tunmesh/node/nodemetrics"
+	"github.com/tunmesh/tunmesh/node/pods"
+	"github.com/tunmesh/tunmesh/node/tunnel"
+)
+
+// LocalPods finds local meshed pods.
+type LocalPods interface {
+	ByAddr(netip.Addr) *pods.Pod
+	Identities() []spiffe.ID
+}
+
+// Cluster finds the pods holding an address, cluster-wide.
+type Cluster interface {
+	PodsByAddr(netip.Addr) ([]*corev1.Pod, error)
+}
+
+// ServerConfigs makes the TLS server configuration of a local identity
+// (workload.Manager).
+type ServerConfigs interface {
+	ServerConfig(local spiffe.ID, authorize func(spiffe.ID) error) *tls.Config
+}
+
+// PodDialer dials into a pod's NIC with a spoofed source (netstack.Stack).
+type PodDialer interface {
+	DialTCP(ctx context.Context, id netstack.NICID, src, dst netip.AddrPort) (net.Conn, error)
+}
+
+// Config is the node-wide part of the checks.
+type Config struct {
+	TrustDomain      string
+	ControlNamespace string
+}
+
+// Acceptor serves the mesh listener.
+type Acceptor struct {
+	cfg     Config
+	local   LocalPods
+	cluster Cluster
+	certs   ServerConfigs
+	stack   PodDialer
+	metrics *nodemetrics.Metrics
+	log     *slog.Logger
+}
+
+// New checks its dependencies.
+func New(cfg Config, local LocalPods, cluster Cluster, certs ServerConfigs, stack PodDialer, m *nodemetrics.Metrics, log *slog.Logger) (*Acceptor, error) {
+	if local == nil || cluster == nil || certs == nil || stack == nil || m == nil || log == nil {
+		return nil, errors.New("inbound acceptor: nil dependency")
+	}
+	if cfg.TrustDomain == "" || cfg.ControlNamespace == "" {
+		return nil, errors.New("inbound acceptor: trust domain and control namespace are required")
+	}
+	return &Acceptor{cfg: cfg, local: local, cluster: cluster, certs: certs, stack: stack, metrics: m, log: log}, nil
+}
+
+// Serve accepts tunnels on ln until ctx ends.
+func (a *Acceptor) Serve(ctx context.Context, ln net.Listener) error {
+	var wg sync.WaitGroup
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			break
+		}
+		wg.Add(1)
+		go func() { // RoutineInbound: one per tunnel, ends with it or ctx
+			defer wg.Done()
+			a.serveTunnel(ctx, c)
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+// serverConfig presents the identity the client asked for by SNI, if a
+// local pod has it, and requires a client certificate under the anchors.
+func (a *Acceptor) serverConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			for _, id := range a.local.Identities() {
+				if id.DNSName(a.cfg.ControlNamespace) == hello.ServerName {
+					return a.certs.ServerConfig(id, nil), nil
+				}
+			}
+			a.metrics.Errors.WithLabelValues("unknown_server_name").Inc()
+			return nil, fmt.Errorf("no local pod serves %q", hello.ServerName)
+		},
+	}
+}
+
+// Request is what a tunnel asks for, as the checks see it.
+type Request struct {
+	ClientID   spiffe.ID  // from the verified client certificate
+	ServerName string     // SNI: the identity the client expects
+	Peer       netip.Addr // the address the tunnel came from
+	Header     tunnel.Header
+}
+
+// Check decides whether a tunnel may be delivered: the claimed source must
+// be a pod with the client certificate's identity, and the destination a
+// local meshed pod with the identity the client asked for. It returns the
+// destination pod, or the refusal reason and a detail for the log.
+func (a *Acceptor) Check(r Request) (*pods.Pod, tunnel.Reason, string) {
+	srcPods, err := a.cluster.PodsByAddr(r.Header.Src)
+	if err != nil {
+		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source lookup: %v", err)
+	}
+	var src *corev1.Pod
+	for _, p := range srcPods {
+		if p.Status.Phase == corev1.PodRunning || p.Status.Phase == corev1.PodPending {
+			src = p
+			break
+		}
+	}
+	if src == nil || a.identity(src) != r.ClientID {
+		return nil, tunnel.ReasonSourceNotOwned, "source address is not a pod of the client identity"
+	}
+	dst := a.local.ByAddr(r.Header.Dst.Addr())
+	if dst == nil || dst.ID.DNSName(a.cfg.ControlNamespace) != r.ServerName {
+		return nil, tunnel.ReasonUnknownDestination, "destination is not a local meshed pod with the requested identity"
+	}
+	return dst, tunnel.ReasonNone, ""
+}
+
+func (a *Acceptor) identity(p *corev1.Pod) spiffe.ID {
+	sa := p.Spec.ServiceAccountName
+	if sa == "" {
+		sa = "default"
+	}
+	return spiffe.ID{TrustDomain: a.cfg.TrustDomain, Namespace: p.Namespace, ServiceAccount: sa}
+}
+
+func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
+	defer raw.Close()
+	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
+	tc := tls.Server(raw, a.serverConfig())
+	if err := tc.HandshakeContext(ctx); err != nil {
+		a.metrics.Errors.WithLabelValues("handshake").Inc()
+		a.log.Info("tunnel handshake refused", "peer", raw.RemoteAddr().String(), "err", err)
+		return
+	}
+	cs := tc.ConnectionState()
+	clientID, err := spiffe.FromCertificate(cs.PeerCertificates[0])
+	if err != nil {
+		a.metrics.Errors.WithLabelValues("handshake").Inc()
+		return
+	}
+	h, err := tunnel.ReadHeader(tc)
+	if err != nil {
+		a.metrics.Errors.WithLabelValues("bad_header").Inc()
+		_ = tunnel.WriteReply(tc, tunnel.ReasonBadHeader)
+		a.log.Info("tunnel header refused", "peer", raw.RemoteAddr().String(), "client_id", clientID.String(), "err", err)
+		return
+	}
+	var peer netip.Addr
+	if ta, ok := raw.RemoteAddr().(*net.TCPAddr); ok {
+		peer = ta.AddrPort().Addr().Unmap()
+	}
+	dst, reason, detail := a.Check(Request{ClientID: clientID, ServerName: cs.ServerName, Peer: peer, Header: h})
+	refuse := func(r tunnel.Reason, msg string) {
+		a.metrics.Errors.WithLabelValues("refused_" + r.String()).Inc()
+		a.log.Warn("tunnel refused", "reason", r.String(), "client_id", clientID.String(), "peer", peer.String(), "src", h.Src.String(), "dst", h.Dst.String(), "detail", msg)
+		_ = tunnel.WriteReply(tc, r)
+	}
+	if reason != tunnel.ReasonNone {
+		refuse(reason, detail)
+		return
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	podConn, err := a.stack.DialTCP(dctx, dst.NIC, netip.AddrPortFrom(h.Src, 0), h.Dst)
+	cancel()
+	if err != nil {
+		refuse(tunnel.ReasonDialFailed, err.Error())
+		return
+	}
+	defer podConn.Close()
+	if err := tunnel.WriteReply(tc, tunnel.ReasonNone); err != nil {
+		return
+	}
+	_ = raw.SetDeadline(time.Time{})
+	a.metrics.Opened.WithLabelValues("inbound").Inc()
+	start := time.Now()
+	stats, err := tunnel.Splice(ctx, tc, podConn, tunnel.SpliceOptions{IdleTimeout: time.Hour})
+	a.metrics.Closed.WithLabelValues("inbound").Inc()
+	a.metrics.Bytes.WithLabelValues("inbound", "received").Add(float64(stats.AToB))
+	a.metrics.Bytes.WithLabelValues("inbound", "sent").Add(float64(stats.BToA))
+	if err != nil && !errors.Is(err, context.Canceled) {
+		a.log.Debug("inbound tunnel ended", "err", err)
+	}
+	a.log.Info("connection closed", "direction", "inbound", "dst_pod", dst.FullName(), "client_id", clientID.String(),
+		"server_id", dst.ID.String(), "src", h.Src.String(), "tls", true, "bytes_in", stats.AToB, "bytes_out", stats.BToA, "duration", time.Since(start))
+}
