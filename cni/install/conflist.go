@@ -175,6 +175,9 @@ func (d *conflistDoc) indents() (prefix, unit string, ok bool) {
 	}
 	prefix = lead[nl+1:]
 	unit = "  "
+	if prefix != "" && strings.Trim(prefix, "\t") == "" {
+		unit = "\t" // a tab-indented file (kindnet's) stays tab-indented
+	}
 	trail := string(d.data[d.entries[len(d.entries)-1].end : d.plugins.end-1])
 	if nl := strings.LastIndexByte(trail, '\n'); nl >= 0 {
 		closing := trail[nl+1:]

@@ -65,7 +65,7 @@ func TestPatchRefuses(t *testing.T) {
 		{"plugin without type", `{"cniVersion":"1.0.0","name":"n","plugins":[{"bridge":"cni0"}]}`, false},
 		{"plugin not an object", `{"cniVersion":"1.0.0","name":"n","plugins":["bridge"]}`, false},
 		{"duplicate plugins", `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"a"}],"plugins":[{"type":"b"}]}`, false},
-		{"old version", `{"cniVersion":"0.3.1","name":"n","plugins":[{"type":"bridge"}]}`, true},
+		{"old version", `{"cniVersion":"0.2.0","name":"n","plugins":[{"type":"bridge"}]}`, true},
 		{"no version", `{"name":"n","plugins":[{"type":"bridge"}]}`, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -104,7 +104,7 @@ func TestConfToConflist(t *testing.T) {
 	if err := json.Unmarshal(out, &list); err != nil || list.CNIVersion != "1.0.0" || list.Name != "n" || len(list.Plugins) != 1 {
 		t.Fatalf("ConfToConflist = %s, %v", out, err)
 	}
-	for _, bad := range []string{`{"cniVersion":"1.0.0","name":"n"}`, `{"cniVersion":"1.0.0","type":"ptp"}`, `{"cniVersion":"0.3.1","name":"n","type":"ptp"}`, `{`} {
+	for _, bad := range []string{`{"cniVersion":"1.0.0","name":"n"}`, `{"cniVersion":"1.0.0","type":"ptp"}`, `{"cniVersion":"0.2.0","name":"n","type":"ptp"}`, `{`} {
 		if _, err := ConfToConflist([]byte(bad)); !errors.Is(err, ErrInvalidConfig) {
 			t.Errorf("ConfToConflist(%s) error %v, want ErrInvalidConfig", bad, err)
 		}

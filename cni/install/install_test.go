@@ -17,25 +17,45 @@ import (
 
 var update = flag.Bool("update", false, "rewrite testdata/golden")
 
-// goldenCases: a primary config as the CNI ships it, and the file the
-// installer leaves in its place.
-var goldenCases = []struct{ in, out string }{
+// goldenCases: a primary config as the CNI ships it (testdata/primary/src),
+// and the file the installer leaves in its place (out in the conf dir,
+// testdata/golden/<dir of src>/out).
+type goldenCase struct{ src, out string }
+
+var goldenCases = []goldenCase{
 	{"10-bridge.conflist", "10-bridge.conflist"}, // reference bridge + host-local + portmap
 	{"10-calico.conflist", "10-calico.conflist"}, // calico + bandwidth + portmap, 4-space indent
 	{"05-cilium.conflist", "05-cilium.conflist"}, // cilium-cni, extra top-level keys, tabs
 	{"10-flannel.conf", "10-flannel.conflist"},   // single plugin -> converted
+	// What clusters users try first write, all cniVersion 0.3.1:
+	// kind's kindnetd (its Go template rendered: ptp + portmap, tabs, blank
+	// lines, a leading newline), the stock Calico and Flannel manifests'
+	// cni_network_config / cni-conf.json, and GKE's containerd CNI template
+	// (kubenet-style ptp + host-local) as containerd renders it.
+	{"shipped/10-kindnet.conflist", "10-kindnet.conflist"},
+	{"shipped/10-calico.conflist", "10-calico.conflist"},
+	{"shipped/10-flannel.conflist", "10-flannel.conflist"},
+	{"shipped/10-containerd-net.conflist", "10-containerd-net.conflist"},
+}
+
+// in is the case's file name in the conf dir.
+func (tc goldenCase) in() string { return filepath.Base(tc.src) }
+
+// golden is the case's expected output in testdata.
+func (tc goldenCase) golden() string {
+	return filepath.Join("testdata", "golden", filepath.Dir(tc.src), tc.out)
 }
 
 func TestInstallGolden(t *testing.T) {
 	for _, tc := range goldenCases {
-		t.Run(tc.in, func(t *testing.T) {
+		t.Run(tc.src, func(t *testing.T) {
 			e := newEnv(t, true)
-			if err := os.WriteFile(e.conf(tc.in), primary(t, tc.in), 0o640); err != nil {
+			if err := os.WriteFile(e.conf(tc.in()), primary(t, tc.src), 0o640); err != nil {
 				t.Fatal(err)
 			}
 			e.installer(t).reconcile()
 			got := readFile(t, e.conf(tc.out))
-			golden := filepath.Join("testdata", "golden", tc.out)
+			golden := tc.golden()
 			if *update {
 				if err := os.WriteFile(golden, got, 0o644); err != nil {
 					t.Fatal(err)
@@ -54,9 +74,9 @@ func TestInstallGolden(t *testing.T) {
 			if st.Mode().Perm() != 0o640 {
 				t.Errorf("mode %v, want the original 0640", st.Mode().Perm())
 			}
-			if tc.in != tc.out {
-				if _, err := os.Stat(e.conf(tc.in)); !errors.Is(err, fs.ErrNotExist) {
-					t.Errorf("converted %s still there: %v", tc.in, err)
+			if tc.in() != tc.out {
+				if _, err := os.Stat(e.conf(tc.in())); !errors.Is(err, fs.ErrNotExist) {
+					t.Errorf("converted %s still there: %v", tc.in(), err)
 				}
 			}
 			ents, _ := os.ReadDir(e.cfg.ConfDir)
@@ -78,9 +98,9 @@ func fileID(t *testing.T, path string) (uint64, time.Time) {
 
 func TestReinstallDoesNotRewrite(t *testing.T) {
 	for _, tc := range goldenCases {
-		t.Run(tc.in, func(t *testing.T) {
+		t.Run(tc.src, func(t *testing.T) {
 			e := newEnv(t, true)
-			e.write(t, tc.in, primary(t, tc.in))
+			e.write(t, tc.in(), primary(t, tc.src))
 			e.installer(t).reconcile()
 			before := readFile(t, e.conf(tc.out))
 			ino, mtime := fileID(t, e.conf(tc.out))
@@ -99,10 +119,10 @@ func TestReinstallDoesNotRewrite(t *testing.T) {
 
 func TestUninstallRestoresPrimary(t *testing.T) {
 	for _, tc := range goldenCases {
-		t.Run(tc.in, func(t *testing.T) {
+		t.Run(tc.src, func(t *testing.T) {
 			e := newEnv(t, true)
-			orig := primary(t, tc.in)
-			e.write(t, tc.in, orig)
+			orig := primary(t, tc.src)
+			e.write(t, tc.in(), orig)
 			in := e.installer(t)
 			mustMkdir(t, e.cfg.BinDir)
 			if _, err := installBinary(e.cfg.BinSource, in.binDst); err != nil {
@@ -113,7 +133,7 @@ func TestUninstallRestoresPrimary(t *testing.T) {
 				t.Fatal(err)
 			}
 			got := readFile(t, e.conf(tc.out))
-			if tc.in == tc.out {
+			if tc.in() == tc.out {
 				if !bytes.Equal(got, orig) {
 					t.Fatalf("after uninstall:\n%s\nwant the original:\n%s", got, orig)
 				}
@@ -289,17 +309,18 @@ func TestFirstValidConfigIsPrimary(t *testing.T) {
 
 func TestUnsupportedVersionPrimary(t *testing.T) {
 	e := newEnv(t, true)
-	old := bytes.Replace(primary(t, "10-calico.conflist"), []byte(`"1.0.0"`), []byte(`"0.3.1"`), 1)
+	// 0.2.0: a real CNI version (libcni reads it) that has no chaining.
+	old := bytes.Replace(primary(t, "10-calico.conflist"), []byte(`"1.0.0"`), []byte(`"0.2.0"`), 1)
 	e.write(t, "10-calico.conflist", old)
 	e.write(t, "20-bridge.conflist", primary(t, "10-bridge.conflist"))
 	e.installer(t).reconcile()
 	if got := readFile(t, e.conf("10-calico.conflist")); !bytes.Equal(got, old) {
-		t.Fatal("a 0.3.1 primary was patched")
+		t.Fatal("a 0.2.0 primary was patched")
 	}
 	if got := readFile(t, e.conf("20-bridge.conflist")); !bytes.Equal(got, primary(t, "10-bridge.conflist")) {
 		t.Fatal("a later config was patched in the primary's stead")
 	}
-	if !strings.Contains(e.logs.String(), `0.3.1`) {
+	if !strings.Contains(e.logs.String(), `0.2.0`) {
 		t.Fatalf("unsupported version not reported:\n%s", e.logs.String())
 	}
 }

@@ -15,9 +15,33 @@ import (
 	"github.com/tunmesh/tunmesh/cni/cniapi"
 )
 
-// SupportedVersions are the CNI spec versions the plugin speaks. 0.4.0 is the
-// oldest with CHECK; STATUS and GC need 1.1.0.
-var SupportedVersions = []string{"0.4.0", "1.0.0", "1.1.0"}
+// SupportedVersions are the CNI spec versions the plugin speaks. 0.3.0 and
+// 0.3.1 are in because the conflists most clusters ship (kind's kindnet,
+// GKE's and kubenet-style templates, the stock Calico and Flannel
+// manifests) declare 0.3.1; those versions have ADD and DEL only. 0.4.0 is
+// the oldest with CHECK; STATUS and GC need 1.1.0.
+var SupportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
+
+// Oldest versions with each command past ADD and DEL.
+const (
+	minCheckVersion  = "0.4.0"
+	minStatusVersion = "1.1.0"
+)
+
+// requireVersion refuses a command that the config's CNI version does not
+// have. skel refuses them too when the plugin runs as a binary; this keeps
+// the in-process API as strict.
+func requireVersion(conf *Config, cmd, min string) error {
+	ok, err := version.GreaterThanOrEqualTo(conf.CNIVersion, min)
+	if err != nil {
+		return types.NewError(types.ErrIncompatibleCNIVersion, fmt.Sprintf("compare cniVersion %q: %v", conf.CNIVersion, err), "")
+	}
+	if !ok {
+		return types.NewError(types.ErrIncompatibleCNIVersion,
+			fmt.Sprintf("CNI %s has no %s (it needs %s or later)", conf.CNIVersion, cmd, min), "")
+	}
+	return nil
+}
 
 // Config is the plugin's network configuration, as found in the conflist:
 //

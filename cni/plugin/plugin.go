@@ -11,10 +11,13 @@
 //     the mesh puts in a pod dies with its network namespace, and the agent
 //     reconciles its own state (GC, restart), so a down or failing agent must
 //     not hold up pod teardown. Failures are logged.
-//   - CHECK requires prevResult and asks the agent.
-//   - STATUS reports ErrPluginNotAvailable while the agent is unreachable or
+//   - CHECK (CNI 0.4.0 and later) requires prevResult and asks the agent.
+//   - STATUS (1.1.0 and later) reports ErrPluginNotAvailable while the agent is unreachable or
 //     not ready (unless failOpen and unreachable).
-//   - GC forwards the runtime's valid attachments.
+//   - GC (1.1.0 and later) forwards the runtime's valid attachments.
+//
+// Every command answers in the config's cniVersion: a 0.3.x conflist gets a
+// 0.3.x result (converted from the current result type).
 //
 // Logs go to stderr or to the configured logFile, never to stdout, which
 // carries the CNI result.
@@ -141,6 +144,9 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
+	if err := requireVersion(conf, "CHECK", minCheckVersion); err != nil {
+		return err
+	}
 	prev, err := parsePrevResult(conf)
 	if err != nil {
 		return err
@@ -178,6 +184,9 @@ func (p *Plugin) Status(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
+	if err := requireVersion(conf, "STATUS", minStatusVersion); err != nil {
+		return err
+	}
 	log, closeLog := p.logger(conf, "STATUS", args, podArgs{})
 	defer closeLog()
 
@@ -201,6 +210,9 @@ func (p *Plugin) Status(args *skel.CmdArgs) error {
 func (p *Plugin) GC(args *skel.CmdArgs) error {
 	conf, err := ParseConfig(args.StdinData)
 	if err != nil {
+		return err
+	}
+	if err := requireVersion(conf, "GC", minStatusVersion); err != nil {
 		return err
 	}
 	log, closeLog := p.logger(conf, "GC", args, podArgs{})

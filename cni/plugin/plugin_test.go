@@ -140,15 +140,25 @@ func TestAddCheckDel(t *testing.T) {
 			checkArgs := *args
 			checkArgs.StdinData = netConf(t, ver, sock, final, nil)
 			stdout, logs, err = run((*Plugin).Check, &checkArgs)
-			if err != nil {
-				t.Fatalf("CHECK: %v\nlogs: %s", err, logs)
+			if hasCheck, _ := version.GreaterThanOrEqualTo(ver, "0.4.0"); !hasCheck {
+				// 0.3.x has no CHECK: refused, the agent never asked.
+				if code, msg := cniCode(t, err); code != types.ErrIncompatibleCNIVersion || !strings.Contains(msg, "no CHECK") {
+					t.Errorf("CHECK on %s: %d %q, want ErrIncompatibleCNIVersion", ver, code, msg)
+				}
+				if n := len(agent.Checks()); n != 0 {
+					t.Errorf("CHECK on %s reached the agent %d times", ver, n)
+				}
+			} else {
+				if err != nil {
+					t.Fatalf("CHECK: %v\nlogs: %s", err, logs)
+				}
+				wantCheck := cniapi.CheckRequest(wantReq)
+				if checks := agent.Checks(); len(checks) != 1 || !reflect.DeepEqual(checks[0], wantCheck) {
+					t.Errorf("agent got checks %+v, want [%+v]", checks, wantCheck)
+				}
 			}
 			if stdout.Len() != 0 {
 				t.Errorf("CHECK wrote to stdout: %s", stdout)
-			}
-			wantCheck := cniapi.CheckRequest(wantReq)
-			if checks := agent.Checks(); len(checks) != 1 || !reflect.DeepEqual(checks[0], wantCheck) {
-				t.Errorf("agent got checks %+v, want [%+v]", checks, wantCheck)
 			}
 
 			// DEL, DEL again, DEL after the namespace is gone.
@@ -588,5 +598,49 @@ func TestParseConfigDefaults(t *testing.T) {
 	}
 	if conf.Socket != "/run/x.sock" || conf.Timeout.String() != "2m30s" || !conf.FailOpen || conf.LogFile != "/var/log/x.log" {
 		t.Errorf("parsed: %+v", conf)
+	}
+}
+
+// TestVersionGates: CHECK needs CNI 0.4.0, STATUS and GC 1.1.0; older
+// configs get ErrIncompatibleCNIVersion and the agent is never asked.
+func TestVersionGates(t *testing.T) {
+	agent := &cniapitest.Agent{}
+	sock := cniapitest.Serve(t, agent)
+	for _, tc := range []struct {
+		cmd      string
+		fn       func(*Plugin, *skel.CmdArgs) error
+		refused  []string
+		accepted []string
+	}{
+		{"CHECK", (*Plugin).Check, []string{"0.3.0", "0.3.1"}, []string{"0.4.0", "1.0.0", "1.1.0"}},
+		{"STATUS", (*Plugin).Status, []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0"}, []string{"1.1.0"}},
+		{"GC", (*Plugin).GC, []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0"}, []string{"1.1.0"}},
+	} {
+		for _, ver := range tc.refused {
+			t.Run(tc.cmd+"/"+ver, func(t *testing.T) {
+				prev := rawResult(t, bridgePrevResult("/var/run/netns/tunmesh-test-absent"), ver)
+				_, _, err := run(tc.fn, fakePodArgs(netConf(t, ver, sock, prev, nil)))
+				if code, msg := cniCode(t, err); code != types.ErrIncompatibleCNIVersion || !strings.Contains(msg, "no "+tc.cmd) {
+					t.Errorf("%s on %s: %d %q, want ErrIncompatibleCNIVersion", tc.cmd, ver, code, msg)
+				}
+			})
+		}
+		for _, ver := range tc.accepted {
+			t.Run(tc.cmd+"/"+ver, func(t *testing.T) {
+				prev := rawResult(t, bridgePrevResult("/var/run/netns/tunmesh-test-absent"), ver)
+				if _, _, err := run(tc.fn, fakePodArgs(netConf(t, ver, sock, prev, nil))); err != nil {
+					t.Errorf("%s on %s: %v", tc.cmd, ver, err)
+				}
+			})
+		}
+	}
+	if n := len(agent.Checks()); n != 3 {
+		t.Errorf("agent got %d checks, want 3 (0.4.0, 1.0.0, 1.1.0)", n)
+	}
+	if n := agent.Statuses(); n != 1 {
+		t.Errorf("agent got %d status requests, want 1", n)
+	}
+	if n := len(agent.GCs()); n != 1 {
+		t.Errorf("agent got %d gc requests, want 1", n)
 	}
 }

@@ -172,6 +172,9 @@ func TestBinaryErrors(t *testing.T) {
 		{"agent down", env("ADD", podArgs), conf("1.0.0", true), 11, fmt.Sprintf("not reachable on socket %q", down)},
 		{"check agent down", env("CHECK", podArgs), conf("1.0.0", true), 11, "not reachable"},
 		{"status agent down", env("STATUS", ""), conf("1.1.0", false), 50, "is not available"},
+		// CNI 0.3.x has ADD and DEL only.
+		{"check on 0.3.1", env("CHECK", podArgs), conf("0.3.1", true), 1, "CHECK"},
+		{"status on 0.4.0", env("STATUS", ""), conf("0.4.0", false), 1, "STATUS"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			stdout, stderr, exit := runPlugin(t, tc.env, tc.stdin)
@@ -197,12 +200,38 @@ func TestBinaryErrors(t *testing.T) {
 			t.Errorf("exit %d, stdout %q, stderr %q", exit, stdout, stderr)
 		}
 	})
+	// containerd sends DEL with an empty CNI_NETNS and no prevResult when
+	// a finished Job pod's object is deleted (its sandbox is long gone):
+	// it must succeed in every version, reaching the agent.
+	t.Run("del without netns or prevResult", func(t *testing.T) {
+		agent := &cniapitest.Agent{}
+		sock := cniapitest.Serve(t, agent)
+		versions := []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
+		for _, ver := range versions {
+			e := env("DEL", podArgs)
+			e["CNI_NETNS"] = ""
+			stdin := fmt.Sprintf(`{"cniVersion":%q,"name":"k8s","type":"tunmesh-cni","socket":%q,"timeout":"2s"}`, ver, sock)
+			stdout, stderr, exit := runPlugin(t, e, stdin)
+			if exit != 0 || stdout != "" {
+				t.Errorf("%s: exit %d, stdout %q, stderr %q", ver, exit, stdout, stderr)
+			}
+		}
+		dels := agent.Dels()
+		if len(dels) != len(versions) {
+			t.Fatalf("agent got %d dels, want %d", len(dels), len(versions))
+		}
+		for _, d := range dels {
+			if d != (cniapi.DelRequest{ContainerID: "ctr1", IfName: "eth0", PodNamespace: "shop", PodName: "web-0"}) {
+				t.Errorf("agent got del %+v", d)
+			}
+		}
+	})
 	t.Run("version", func(t *testing.T) {
 		stdout, _, exit := runPlugin(t, map[string]string{"CNI_COMMAND": "VERSION"}, "")
 		var v struct {
 			Supported []string `json:"supportedVersions"`
 		}
-		if err := json.Unmarshal([]byte(stdout), &v); exit != 0 || err != nil || strings.Join(v.Supported, ",") != "0.4.0,1.0.0,1.1.0" {
+		if err := json.Unmarshal([]byte(stdout), &v); exit != 0 || err != nil || strings.Join(v.Supported, ",") != "0.3.0,0.3.1,0.4.0,1.0.0,1.1.0" {
 			t.Errorf("VERSION: exit %d, %v, %s", exit, err, stdout)
 		}
 	})
@@ -292,7 +321,10 @@ func TestLibcniEndToEnd(t *testing.T) {
 	}
 	refDir := refPluginDir(t)
 	binDir := pluginDir(t)
-	for i, ver := range []string{"0.4.0", "1.0.0"} { // the reference plugins here stop at 1.0.0
+	// Every version both tunmesh-cni and the reference plugins speak (the
+	// reference plugins here stop at 1.0.0); 0.3.1 is what kindnet, GKE,
+	// Calico and Flannel write.
+	for i, ver := range []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0"} {
 		t.Run(ver, func(t *testing.T) {
 			nodeNS, podNS := newNS(t), newNS(t)
 			agent := tunAgent()
@@ -390,11 +422,20 @@ func TestLibcniEndToEnd(t *testing.T) {
 				t.Fatalf("pod state: %v", err)
 			}
 
-			if err := inNode(func() error { return cni.CheckNetworkList(ctx, list, rt) }); err != nil {
+			err = inNode(func() error { return cni.CheckNetworkList(ctx, list, rt) })
+			wantChecks := 1
+			if ver == "0.3.0" || ver == "0.3.1" {
+				// No CHECK before 0.4.0: libcni refuses it without running
+				// a plugin.
+				wantChecks = 0
+				if err == nil || !strings.Contains(err.Error(), "does not support the CHECK command") {
+					t.Errorf("CheckNetworkList on %s: %v, want refused", ver, err)
+				}
+			} else if err != nil {
 				t.Errorf("CheckNetworkList: %v", err)
 			}
-			if n := len(agent.Checks()); n != 1 {
-				t.Errorf("agent got %d checks", n)
+			if n := len(agent.Checks()); n != wantChecks {
+				t.Errorf("agent got %d checks, want %d", n, wantChecks)
 			}
 
 			if err := inNode(func() error { return cni.DelNetworkList(ctx, list, rt) }); err != nil {
