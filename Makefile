@@ -6,12 +6,12 @@ SHELL   := /bin/bash
 export PATH := $(PATH):/usr/local/go/bin
 GO      ?= go
 BIN     := bin
-CMDS    := ./tools/cmd/tunmeshctl ./tools/cmd/tunmesh-workload ./identity/cmd/tunmesh-identity ./node/cmd/tunmesh-node ./cni/cmd/tunmesh-cni ./cni/cmd/tunmesh-cni-install
+CMDS    := ./tools/cmd/tunmeshctl ./tools/cmd/tunmesh-workload ./identity/cmd/tunmesh-identity ./node/cmd/tunmesh-node ./cni/cmd/tunmesh-cni ./cni/cmd/tunmesh-cni-install ./tools/cmd/tunmesh-images ./tools/cmd/tunmesh-pause
 # Packages whose tests run under the race detector (all but the end-to-end
 # suite, which drives whole binaries).
 UNIT    := $(shell $(GO) list ./... 2>/dev/null | grep -v /tools/e2e)
 
-.PHONY: all deps build test unit e2e demo demo-down bench lint clean
+.PHONY: all deps build images test unit e2e demo demo-down bench lint clean
 
 all: build
 
@@ -21,6 +21,11 @@ deps:
 build:
 	$(GO) build ./...
 	$(GO) build -o $(BIN)/ $(CMDS)
+
+# OCI archives of tunmesh's images (static binaries, reproducible digests)
+# under bin/images/, for `ctr images import` or pushing; see docs/images.md.
+images:
+	$(GO) run ./tools/cmd/tunmesh-images -o $(BIN)/images
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
