@@ -1,7 +1,7 @@
 // Package scheduler is the local cluster's scheduler stand-in: it binds each
 // unscheduled pod (schedulerName default-scheduler) to a Ready node that
-// matches its nodeSelector, required node affinity and taint tolerations,
-// preferring the node with the fewest running pods.
+// matches its nodeSelector, required node affinity, required pod
+// anti-affinity and taint tolerations, preferring the node with the fewest running pods.
 package scheduler
 
 import (
@@ -218,7 +218,11 @@ func pick(pod *corev1.Pod, nodes []*corev1.Node, pods []*corev1.Pod) (string, st
 	var fit []string
 	reasons := map[string]int{}
 	for _, n := range nodes {
-		if why := fits(pod, n); why != "" {
+		why := fits(pod, n)
+		if why == "" && antiAffinityConflict(pod, n, nodes, pods) {
+			why = "node(s) didn't match pod anti-affinity rules"
+		}
+		if why != "" {
 			reasons[why]++
 			continue
 		}
@@ -275,6 +279,62 @@ func fits(pod *corev1.Pod, node *corev1.Node) string {
 		}
 	}
 	return ""
+}
+
+// antiAffinityConflict reports whether placing pod on node breaks a
+// required pod anti-affinity term, of pod itself or of a pod already placed
+// (the rule is symmetric, as in kube-scheduler). Two nodes share a topology
+// domain when both carry the term's topologyKey label with the same value.
+func antiAffinityConflict(pod *corev1.Pod, node *corev1.Node, nodes []*corev1.Node, pods []*corev1.Pod) bool {
+	labelsOf := map[string]map[string]string{}
+	for _, n := range nodes {
+		labelsOf[n.Name] = n.Labels
+	}
+	sameDomain := func(key, other string) bool {
+		v, ok := node.Labels[key]
+		w, ok2 := labelsOf[other][key]
+		return ok && ok2 && v == w
+	}
+	violates := func(owner *corev1.Pod, terms []corev1.PodAffinityTerm, target *corev1.Pod) bool {
+		for _, term := range terms {
+			sel, err := metav1.LabelSelectorAsSelector(term.LabelSelector)
+			if err != nil || term.LabelSelector == nil || !sel.Matches(labels.Set(target.Labels)) {
+				continue
+			}
+			nss := term.Namespaces
+			if len(nss) == 0 {
+				nss = []string{owner.Namespace}
+			}
+			for _, ns := range nss {
+				if ns == target.Namespace {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	required := func(p *corev1.Pod) []corev1.PodAffinityTerm {
+		if p.Spec.Affinity == nil || p.Spec.Affinity.PodAntiAffinity == nil {
+			return nil
+		}
+		return p.Spec.Affinity.PodAntiAffinity.RequiredDuringSchedulingIgnoredDuringExecution
+	}
+	for _, other := range pods {
+		if other.UID == pod.UID || other.Spec.NodeName == "" || other.Status.Phase == corev1.PodSucceeded || other.Status.Phase == corev1.PodFailed {
+			continue
+		}
+		for _, term := range required(pod) {
+			if sameDomain(term.TopologyKey, other.Spec.NodeName) && violates(pod, []corev1.PodAffinityTerm{term}, other) {
+				return true
+			}
+		}
+		for _, term := range required(other) {
+			if sameDomain(term.TopologyKey, other.Spec.NodeName) && violates(other, []corev1.PodAffinityTerm{term}, pod) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func tolerates(pod *corev1.Pod, t *corev1.Taint) bool {

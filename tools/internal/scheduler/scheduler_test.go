@@ -117,6 +117,46 @@ func tolerate(t corev1.Toleration) func(*corev1.Pod) {
 	return func(p *corev1.Pod) { p.Spec.Tolerations = append(p.Spec.Tolerations, t) }
 }
 
+// podLabels sets the pod's labels.
+func podLabels(kv ...string) func(*corev1.Pod) {
+	return func(p *corev1.Pod) {
+		p.Labels = map[string]string{}
+		for i := 0; i < len(kv); i += 2 {
+			p.Labels[kv[i]] = kv[i+1]
+		}
+	}
+}
+
+// antiAffinity adds a required pod anti-affinity term against pods labelled
+// app=<app> over topologyKey.
+func antiAffinity(app, topologyKey string) func(*corev1.Pod) {
+	return func(p *corev1.Pod) {
+		if p.Spec.Affinity == nil {
+			p.Spec.Affinity = &corev1.Affinity{}
+		}
+		if p.Spec.Affinity.PodAntiAffinity == nil {
+			p.Spec.Affinity.PodAntiAffinity = &corev1.PodAntiAffinity{}
+		}
+		a := p.Spec.Affinity.PodAntiAffinity
+		a.RequiredDuringSchedulingIgnoredDuringExecution = append(a.RequiredDuringSchedulingIgnoredDuringExecution, corev1.PodAffinityTerm{
+			LabelSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": app}},
+			TopologyKey:   topologyKey,
+		})
+	}
+}
+
+// placed is on() with pod options.
+func placed(name, nodeName string, opts ...func(*corev1.Pod)) *corev1.Pod {
+	p := pod(name, func(p *corev1.Pod) {
+		p.Spec.NodeName = nodeName
+		p.Status.Phase = corev1.PodRunning
+	})
+	for _, o := range opts {
+		o(p)
+	}
+	return p
+}
+
 // on builds a pod bound to nodeName in the given phase (load for pick).
 func on(name, nodeName string, phase corev1.PodPhase) *corev1.Pod {
 	p := pod(name)
@@ -327,6 +367,54 @@ func TestPick(t *testing.T) {
 			nodes:    []*corev1.Node{node("a", tainted("k", "v", corev1.TaintEffectNoSchedule)), node("b")},
 			pods:     []*corev1.Pod{on("x1", "b", corev1.PodRunning)},
 			wantNode: "b",
+		},
+		{
+			name:  "pod anti-affinity beats load",
+			pod:   pod("p", podLabels("app", "echo"), antiAffinity("echo", "kubernetes.io/hostname")),
+			nodes: []*corev1.Node{node("a"), node("b")},
+			pods: []*corev1.Pod{
+				placed("e1", "a", podLabels("app", "echo")),
+				on("x1", "b", corev1.PodRunning), on("x2", "b", corev1.PodRunning),
+			},
+			wantNode: "b",
+		},
+		{
+			name:  "pod anti-affinity of a placed pod is symmetric",
+			pod:   pod("p", podLabels("app", "echo")),
+			nodes: []*corev1.Node{node("a"), node("b")},
+			pods: []*corev1.Pod{
+				placed("e1", "a", podLabels("app", "echo"), antiAffinity("echo", "kubernetes.io/hostname")),
+				on("x1", "b", corev1.PodRunning), on("x2", "b", corev1.PodRunning),
+			},
+			wantNode: "b",
+		},
+		{
+			name:  "pod anti-affinity ignores other namespaces and finished pods",
+			pod:   pod("p", podLabels("app", "echo"), antiAffinity("echo", "kubernetes.io/hostname")),
+			nodes: []*corev1.Node{node("a"), node("b")},
+			pods: []*corev1.Pod{
+				placed("e1", "a", podLabels("app", "echo"), func(p *corev1.Pod) { p.Namespace = "other" }),
+				placed("e2", "a", podLabels("app", "echo"), func(p *corev1.Pod) { p.Status.Phase = corev1.PodSucceeded }),
+				on("x1", "b", corev1.PodRunning),
+			},
+			wantNode: "a",
+		},
+		{
+			name:  "pod anti-affinity over a zone label",
+			pod:   pod("p", podLabels("app", "echo"), antiAffinity("echo", "zone")),
+			nodes: []*corev1.Node{node("a", withLabels("zone", "z1")), node("b", withLabels("zone", "z1")), node("c", withLabels("zone", "z2"))},
+			pods: []*corev1.Pod{
+				placed("e1", "a", podLabels("app", "echo")),
+				on("x1", "c", corev1.PodRunning), on("x2", "c", corev1.PodRunning),
+			},
+			wantNode: "c",
+		},
+		{
+			name:        "pod anti-affinity leaves no node",
+			pod:         pod("p", podLabels("app", "echo"), antiAffinity("echo", "kubernetes.io/hostname")),
+			nodes:       []*corev1.Node{node("a"), node("b")},
+			pods:        []*corev1.Pod{placed("e1", "a", podLabels("app", "echo")), placed("e2", "b", podLabels("app", "echo"))},
+			wantReasons: []string{"2 node(s) didn't match pod anti-affinity rules"},
 		},
 		{
 			name:        "no nodes",
