@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # deps.sh installs what tunmesh needs on a Debian machine, idempotently:
-# Debian packages (reference CNI plugins, etcd, iproute2, tshark, ...), the Go
-# modules, and the Kubernetes control-plane binaries built from the pinned
+# Debian packages (reference CNI plugins, etcd, containerd, runc, iproute2,
+# tshark, ...), the Go modules, and the Kubernetes binaries (control plane,
+# kube-scheduler, kubelet) built from the pinned
 # k8s.io/kubernetes module into a cache that survives across runs
 # (~/.cache/tunmesh, or $TUNMESH_CACHE). bin/kubectl links the built kubectl.
 set -euo pipefail
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/../.."
 packages=(
 	containernetworking-plugins # bridge + host-local: the local cluster's primary CNI
 	etcd-server                 # the local cluster's etcd
+	containerd runc             # the container runtime of the local cluster's real nodes
 	iproute2 util-linux         # ip, nsenter
 	tshark iperf3 openssl curl python3 # checks and tools used inside pods/nodes
 	ca-certificates
