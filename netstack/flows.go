@@ -98,16 +98,19 @@ func (ft *flowTable) forget(k flowKey) {
 	ft.mu.Unlock()
 }
 
-// touch notes a non-SYN packet of a flow the stack does not own.
-func (ft *flowTable) touch(k flowKey, now int64, finOrRST bool) {
+// touch notes a non-SYN packet of a flow the stack does not own and
+// reports whether the flow is a known passthrough flow.
+func (ft *flowTable) touch(k flowKey, now int64, finOrRST bool) (known bool) {
 	ft.mu.Lock()
-	if f, ok := ft.passthrough[k]; ok {
+	defer ft.mu.Unlock()
+	f, ok := ft.passthrough[k]
+	if ok {
 		f.lastSeen = now
 		if finOrRST {
 			f.closing = true
 		}
 	}
-	ft.mu.Unlock()
+	return ok
 }
 
 // expire removes passthrough flows idle for longer than idle and pending

@@ -3,7 +3,6 @@ package netstack
 import (
 	"net/netip"
 
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
@@ -39,7 +38,19 @@ func (s *Stack) forward(r *tcp.ForwarderRequest) {
 	f := Flow{NIC: n.id, Src: src, Dst: dst}
 	k := flowKey{src: src, dst: dst}
 
-	if d := s.opts.Handler.HandleFlow(f); d != Terminate {
+	d := s.opts.Handler.HandleFlow(f)
+	switch d {
+	case Passthrough, Terminate:
+	default:
+		// Fail closed: nothing of the flow reaches the host. A Reset
+		// answers the SYN with a RST; a Drop leaves the pod to
+		// retransmit and be decided again.
+		n.flows.forget(k)
+		r.Complete(d == Reset)
+		n.counters.refusedFlows.Add(1)
+		return
+	}
+	if d == Passthrough {
 		// Record the decision before releasing the request, so a SYN
 		// retransmitted from now on goes straight to the host instead of
 		// asking again.
@@ -65,5 +76,5 @@ func (s *Stack) forward(r *tcp.ForwarderRequest) {
 	}
 	r.Complete(false)
 	n.counters.terminatedFlows.Add(1)
-	s.opts.Handler.ServeConn(s.ctx, gonet.NewTCPConn(&wq, ep), f)
+	s.opts.Handler.ServeConn(s.ctx, newConn(&wq, ep), f)
 }

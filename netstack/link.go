@@ -40,6 +40,8 @@ type nic struct {
 		terminatedFlows    atomic.Uint64
 		handshakeFailures  atomic.Uint64
 		dialedFlows        atomic.Uint64
+		refusedFlows       atomic.Uint64
+		failClosedDrops    atomic.Uint64
 	}
 	spoofLog, writeLog rateLimit
 }
@@ -62,6 +64,8 @@ func (n *nic) stats() NICStats {
 		TerminatedFlows:    c.terminatedFlows.Load(),
 		HandshakeFailures:  c.handshakeFailures.Load(),
 		DialedFlows:        c.dialedFlows.Load(),
+		RefusedFlows:       c.refusedFlows.Load(),
+		FailClosedDrops:    c.failClosedDrops.Load(),
 		TrackedFlows:       tracked,
 		PendingSYNs:        pending,
 	}
@@ -137,8 +141,26 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 		e.Endpoint.DeliverNetworkPacket(proto, pkt)
 		return
 	}
-	n.flows.touch(k, n.s.now(), info.flags&(tcpFlagFIN|tcpFlagRST) != 0)
+	if !n.flows.touch(k, n.s.now(), info.flags&(tcpFlagFIN|tcpFlagRST) != 0) && !n.strayAllowed(k) {
+		n.counters.failClosedDrops.Add(1)
+		return
+	}
 	n.passthrough(pkt, &info)
+}
+
+// strayAllowed decides on a segment of a flow the stack neither owns nor
+// remembers, through the handler's SegmentDecider if it has one, and
+// remembers a flow it lets through.
+func (n *nic) strayAllowed(k flowKey) bool {
+	sd, ok := n.s.opts.Handler.(SegmentDecider)
+	if !ok {
+		return true
+	}
+	if sd.HandleSegment(Flow{NIC: n.id, Src: k.src, Dst: k.dst}) != Passthrough {
+		return false
+	}
+	n.flows.promote(k, n.s.now())
+	return true
 }
 
 // owns reports whether gVisor has an endpoint for the packet's 4-tuple on

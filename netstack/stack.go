@@ -14,7 +14,6 @@ import (
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
@@ -49,19 +48,30 @@ type Decision int
 
 const (
 	// Passthrough sends the flow's packets to the host network stack
-	// unchanged, as if the mesh were not there. It is the zero value, and
-	// any value other than Terminate means Passthrough.
+	// unchanged, as if the mesh were not there. It is the zero value.
 	Passthrough Decision = iota
 	// Terminate completes the handshake in the stack and hands the
 	// connection to FlowHandler.ServeConn.
 	Terminate
+	// Drop discards the packet without an answer: the pod's kernel
+	// retransmits a SYN later and asks again (a hold). Values this
+	// package does not know mean Drop too: the stack fails closed.
+	Drop
+	// Reset answers the SYN with a RST: the pod's connect fails at once
+	// (a refusal).
+	Reset
 )
 
 func (d Decision) String() string {
-	if d == Terminate {
+	switch d {
+	case Passthrough:
+		return "passthrough"
+	case Terminate:
 		return "terminate"
+	case Reset:
+		return "reset"
 	}
-	return "passthrough"
+	return "drop"
 }
 
 // FlowHandler decides what happens to new TCP flows from pods and serves the
@@ -74,11 +84,24 @@ type FlowHandler interface {
 	HandleFlow(f Flow) Decision
 	// ServeConn is called, on the same goroutine, for every flow
 	// HandleFlow terminated, once the handshake with the pod completed.
-	// conn is a *gonet.TCPConn (it has CloseWrite and CloseRead);
+	// conn is a *Conn (it has CloseWrite, CloseRead and SetLinger);
 	// ServeConn owns it and must close it. ctx is cancelled when the Stack
 	// closes, and Stack.Close also aborts conn and then waits for
 	// ServeConn to return.
 	ServeConn(ctx context.Context, conn net.Conn, f Flow)
+}
+
+// SegmentDecider is optionally implemented by a FlowHandler. When it is,
+// a TCP segment from a pod that is neither a SYN nor part of a flow the
+// stack owns or remembers (for example a retransmission of a connection
+// the stack terminated before the agent restarted) is not passed through
+// blindly: HandleSegment decides. Passthrough forwards the segment and
+// remembers the flow (later segments go straight through); any other
+// value drops it (counted in NICStats.FailClosedDrops). It is called on
+// the NIC's reader goroutine, so it must be quick and must not block.
+// Without a SegmentDecider such segments pass through.
+type SegmentDecider interface {
+	HandleSegment(f Flow) Decision
 }
 
 // PacketWriter takes raw IP packets that the stack passes through to the
@@ -522,7 +545,7 @@ func (s *Stack) abortEndpoints(addrs []netip.Addr) int {
 // DialTCP opens a TCP connection into the pod behind nic, from src (any
 // address, typically the remote client's pod IP: the pod sees it as the
 // peer) to dst, which must be one of the pod's addresses. src's port 0 picks
-// an ephemeral port. The caller owns the returned conn (a *gonet.TCPConn).
+// an ephemeral port. The caller owns the returned conn (a *Conn).
 //
 // The 4-tuple is registered in gVisor's demuxer before the SYN leaves, so
 // the pod's SYN-ACK is recognised as stack-owned and delivered to the stack
@@ -557,7 +580,7 @@ func (s *Stack) DialTCP(ctx context.Context, id NICID, src, dst netip.AddrPort) 
 	defer stop()
 
 	nicID := tcpip.NICID(id)
-	conn, err := gonet.DialTCPWithBind(ctx, s.stack,
+	conn, err := dialTCP(ctx, s.stack,
 		tcpip.FullAddress{NIC: nicID, Addr: toTCPIPAddr(src.Addr()), Port: src.Port()},
 		tcpip.FullAddress{NIC: nicID, Addr: toTCPIPAddr(dst.Addr()), Port: dst.Port()},
 		netProto)
@@ -592,6 +615,10 @@ type NICStats struct {
 	HandshakeFailures uint64
 	// DialedFlows counts successful DialTCP calls into the NIC.
 	DialedFlows uint64
+	// RefusedFlows counts new flows the handler decided Drop or Reset;
+	// FailClosedDrops counts stray segments SegmentDecider refused.
+	RefusedFlows    uint64
+	FailClosedDrops uint64
 	// TrackedFlows and PendingSYNs are the current sizes of the flow
 	// table: remembered passthrough flows and SYNs awaiting a decision.
 	TrackedFlows int

@@ -157,13 +157,14 @@ func New(cfg Config, client kubernetes.Interface, certs *workload.Manager, roots
 	recorder := a.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "tunmesh-node", Host: cfg.NodeName})
 	a.cni, err = pods.NewHandler(pods.Config{
 		TrustDomain: cfg.TrustDomain, TUNMTU: cfg.TUNMTU, Cluster: cfg.Cluster, Policy: pol, StateDir: cfg.StateDir,
+		Synced: a.gate.Synced,
 	}, pods.Deps{Client: client, Registry: a.registry, Stack: a.stackRef, Certs: certs, Metrics: m, Recorder: recorder, Log: log.With("component", "cni")})
 	if err != nil {
 		return nil, err
 	}
-	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Policy: pol, TrustDomain: cfg.TrustDomain}
-	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace}
-	a.outbound, err = outbound.NewHandler(decider, dl, res, m, log.With("component", "outbound"))
+	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Synced: a.gate.Synced, Policy: pol, TrustDomain: cfg.TrustDomain}
+	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace, LocalAddr: cfg.NodeIP}
+	a.outbound, err = outbound.NewHandler(decider, dl, res, certs, outbound.Options{}, m, log.With("component", "outbound"))
 	if err != nil {
 		return nil, err
 	}
@@ -252,7 +253,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				return errors.New("not synced")
 			}
 			return nil
-		}}},
+		}}, {Name: "mesh listener", Fn: a.inbound.Ready}},
 		Certificates: a.certs.CertificatesHandler(), CertificatesPath: workload.CertificatesPath,
 	})}
 

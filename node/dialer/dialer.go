@@ -41,11 +41,15 @@ type Dialer struct {
 	ControlNamespace string
 	// Timeout bounds dial, handshake and header exchange (default 10s).
 	Timeout time.Duration
+	// LocalAddr, when valid, is the source address of tunnels: the node
+	// address the peer agent checks its source pods against.
+	LocalAddr netip.Addr
 }
 
-// Dial opens the tunnel for t and returns it ready for data. A refusal by
-// the server is a *tunnel.RefusedError (wrapped).
-func (d *Dialer) Dial(ctx context.Context, t Target) (*tls.Conn, error) {
+// Dial opens the tunnel for t and returns it ready for data, framed (so
+// that a cut is told from a clean end). A refusal by the server is a
+// *tunnel.RefusedError (wrapped).
+func (d *Dialer) Dial(ctx context.Context, t Target) (*tunnel.FramedConn, error) {
 	if d.Certs == nil || d.MeshPort == 0 {
 		return nil, errors.New("dialer: not configured")
 	}
@@ -56,6 +60,9 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (*tls.Conn, error) {
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var nd net.Dialer
+	if d.LocalAddr.IsValid() {
+		nd.LocalAddr = &net.TCPAddr{IP: d.LocalAddr.AsSlice()}
+	}
 	raw, err := nd.DialContext(dctx, "tcp", net.JoinHostPort(t.DstNode.String(), strconv.Itoa(d.MeshPort)))
 	if err != nil {
 		return nil, fmt.Errorf("dial mesh peer %s: %w", t.DstNode, err)
@@ -78,5 +85,5 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (*tls.Conn, error) {
 		return nil, err
 	}
 	_ = tc.SetDeadline(time.Time{})
-	return tc, nil
+	return tunnel.NewFramedConn(tc), nil
 }

@@ -13,12 +13,15 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
+	"github.com/tunmesh/tunmesh/node/clusterview"
 	"github.com/tunmesh/tunmesh/node/nodemetrics"
 	"github.com/tunmesh/tunmesh/node/pods"
 	"github.com/tunmesh/tunmesh/node/tunnel"
@@ -61,6 +64,9 @@ type Acceptor struct {
 	stack   PodDialer
 	metrics *nodemetrics.Metrics
 	log     *slog.Logger
+
+	serving atomic.Bool
+	failed  atomic.Pointer[error]
 }
 
 // New checks its dependencies.
@@ -74,23 +80,71 @@ func New(cfg Config, local LocalPods, cluster Cluster, certs ServerConfigs, stac
 	return &Acceptor{cfg: cfg, local: local, cluster: cluster, certs: certs, stack: stack, metrics: m, log: log}, nil
 }
 
-// Serve accepts tunnels on ln until ctx ends.
+// Serve accepts tunnels on ln until ctx ends. It never stops silently:
+// temporary Accept errors (out of fds, aborted handshakes) back off and
+// retry, as net/http does; any other error stops the listener, fails
+// Ready, and is returned.
 func (a *Acceptor) Serve(ctx context.Context, ln net.Listener) error {
 	var wg sync.WaitGroup
+	defer wg.Wait()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	a.serving.Store(true)
+	defer a.serving.Store(false)
+	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			break
+			if ctx.Err() != nil {
+				return nil
+			}
+			if temporary(err) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				a.metrics.Errors.WithLabelValues("accept_temporary").Inc()
+				a.log.Warn("mesh listener: accept failed, retrying", "err", err, "backoff", backoff)
+				select {
+				case <-time.After(backoff):
+					continue
+				case <-ctx.Done():
+					return nil
+				}
+			}
+			err = fmt.Errorf("accept mesh tunnels: %w", err)
+			a.failed.Store(&err)
+			return err
 		}
+		backoff = 0
 		wg.Add(1)
 		go func() { // RoutineInbound: one per tunnel, ends with it or ctx
 			defer wg.Done()
 			a.serveTunnel(ctx, c)
 		}()
 	}
-	wg.Wait()
+}
+
+// temporary reports Accept errors worth retrying.
+func temporary(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR, syscall.EAGAIN} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// Ready reports whether the listener is serving: nil while it is, an
+// error before Serve and after it stopped.
+func (a *Acceptor) Ready() error {
+	if p := a.failed.Load(); p != nil {
+		return *p
+	}
+	if !a.serving.Load() {
+		return errors.New("mesh listener not serving")
+	}
 	return nil
 }
 
@@ -119,30 +173,47 @@ type Request struct {
 	Header     tunnel.Header
 }
 
-// Check decides whether a tunnel may be delivered: the claimed source must
-// be a pod with the client certificate's identity, and the destination a
-// local meshed pod with the identity the client asked for. It returns the
-// destination pod, or the refusal reason and a detail for the log.
+// Check decides whether a tunnel may be delivered. A pod speaks only as
+// itself: the claimed source address must be held by exactly one pod (a
+// terminating pod that still holds a reused IP does not count next to a
+// live one), with the client certificate's identity, running on the node
+// the tunnel comes from (a certificate for prod/default on node A does not
+// let A speak for a prod/default pod on node B). The destination must be a
+// local meshed pod with the identity the client asked for. Check returns
+// the destination pod, or the refusal reason and a detail for the log.
 func (a *Acceptor) Check(r Request) (*pods.Pod, tunnel.Reason, string) {
 	srcPods, err := a.cluster.PodsByAddr(r.Header.Src)
 	if err != nil {
 		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source lookup: %v", err)
 	}
-	var src *corev1.Pod
-	for _, p := range srcPods {
-		if p.Status.Phase == corev1.PodRunning || p.Status.Phase == corev1.PodPending {
-			src = p
-			break
-		}
-	}
-	if src == nil || a.identity(src) != r.ClientID {
-		return nil, tunnel.ReasonSourceNotOwned, "source address is not a pod of the client identity"
+	src := clusterview.Holder(srcPods)
+	switch {
+	case src == nil:
+		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("no single live pod holds the source address (%d candidates)", len(srcPods))
+	case a.identity(src) != r.ClientID:
+		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source pod %s/%s runs as %s, not as the client identity", src.Namespace, src.Name, a.identity(src))
+	case !onNode(src, r.Peer):
+		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source pod %s/%s runs on node %s, the tunnel comes from %s", src.Namespace, src.Name, src.Status.HostIP, r.Peer)
 	}
 	dst := a.local.ByAddr(r.Header.Dst.Addr())
 	if dst == nil || dst.ID.DNSName(a.cfg.ControlNamespace) != r.ServerName {
 		return nil, tunnel.ReasonUnknownDestination, "destination is not a local meshed pod with the requested identity"
 	}
 	return dst, tunnel.ReasonNone, ""
+}
+
+// onNode reports whether the pod's node has address peer.
+func onNode(p *corev1.Pod, peer netip.Addr) bool {
+	if !peer.IsValid() {
+		return false
+	}
+	for _, h := range p.Status.HostIPs {
+		if a, err := netip.ParseAddr(h.IP); err == nil && a.Unmap() == peer {
+			return true
+		}
+	}
+	a, err := netip.ParseAddr(p.Status.HostIP)
+	return err == nil && a.Unmap() == peer
 }
 
 func (a *Acceptor) identity(p *corev1.Pod) spiffe.ID {
@@ -196,20 +267,30 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 		refuse(tunnel.ReasonDialFailed, err.Error())
 		return
 	}
-	defer podConn.Close()
 	if err := tunnel.WriteReply(tc, tunnel.ReasonNone); err != nil {
+		abort(podConn)
 		return
 	}
 	_ = raw.SetDeadline(time.Time{})
 	a.metrics.Opened.WithLabelValues("inbound").Inc()
 	start := time.Now()
-	stats, err := tunnel.Splice(ctx, tc, podConn, tunnel.SpliceOptions{IdleTimeout: time.Hour})
+	stats, err := tunnel.Splice(ctx, tunnel.NewFramedConn(tc), podConn, tunnel.SpliceOptions{IdleTimeout: time.Hour})
 	a.metrics.Closed.WithLabelValues("inbound").Inc()
+	a.metrics.Ends.WithLabelValues("inbound", tunnel.EndOf(err)).Inc()
 	a.metrics.Bytes.WithLabelValues("inbound", "received").Add(float64(stats.AToB))
 	a.metrics.Bytes.WithLabelValues("inbound", "sent").Add(float64(stats.BToA))
 	if err != nil && !errors.Is(err, context.Canceled) {
 		a.log.Debug("inbound tunnel ended", "err", err)
 	}
 	a.log.Info("connection closed", "direction", "inbound", "dst_pod", dst.FullName(), "client_id", clientID.String(),
-		"server_id", dst.ID.String(), "src", h.Src.String(), "tls", true, "bytes_in", stats.AToB, "bytes_out", stats.BToA, "duration", time.Since(start))
+		"server_id", dst.ID.String(), "src", h.Src.String(), "tls", true, "bytes_in", stats.AToB, "bytes_out", stats.BToA, "duration", time.Since(start), "end", tunnel.EndOf(err))
+}
+
+// abort resets conn (a netstack.Conn) so the pod sees an error.
+func abort(conn net.Conn) {
+	if a, ok := conn.(interface{ Abort() }); ok {
+		a.Abort()
+		return
+	}
+	conn.Close()
 }

@@ -3,12 +3,19 @@
 // handing them to the dialer. The decision is a pure function of its inputs
 // (the local pod, the cluster view, the service endpoints, the policy) so
 // that every branch is table-tested without a cluster or root.
+//
+// The rule that shapes it (design principle 6): a flow the mesh claims is
+// never let through in plaintext. When the agent cannot tell (not synced,
+// a lookup failed) it holds the flow; when the mesh cannot carry a flow it
+// claims it refuses it.
 package outbound
 
 import (
+	"errors"
 	"net/netip"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
@@ -26,6 +33,12 @@ const (
 	Pass Verdict = iota
 	// Mesh terminates the flow and carries it over mTLS.
 	Mesh
+	// Hold drops the SYN unanswered: the pod retransmits and the flow is
+	// decided again (the agent does not know enough yet).
+	Hold
+	// Refuse answers the SYN with a reset: the mesh claims the flow but
+	// cannot carry it.
+	Refuse
 )
 
 func (v Verdict) String() string {
@@ -34,16 +47,24 @@ func (v Verdict) String() string {
 		return "pass"
 	case Mesh:
 		return "mesh"
+	case Hold:
+		return "hold"
+	case Refuse:
+		return "refuse"
 	}
 	return "verdict(?)"
 }
 
 // Why a flow is not meshed (connection accounting, metrics).
 const (
-	ReasonNotMeshed   = "not_meshed"
-	ReasonSkippedPort = "skipped_port"
-	ReasonNoEndpoints = "no_endpoints"
-	ReasonUnknownSrc  = "unknown_source"
+	ReasonNotMeshed     = "not_meshed"
+	ReasonSkippedPort   = "skipped_port"
+	ReasonNoEndpoints   = "no_endpoints"
+	ReasonUnknownSrc    = "unknown_source"
+	ReasonNotSynced     = "not_synced"
+	ReasonLookupFailed  = "lookup_failed"
+	ReasonNoCertificate = "no_certificate"
+	ReasonClaimed       = "claimed_segment"
 )
 
 // Target is where a meshed flow goes.
@@ -75,7 +96,8 @@ type Cluster interface {
 
 // Services resolves ClusterIPs.
 type Services interface {
-	Resolve(dst netip.AddrPort) (ep resolve.Endpoint, isService bool, err error)
+	Candidates(dst netip.AddrPort) (eps []resolve.Endpoint, isService bool, err error)
+	Pick(eps []resolve.Endpoint) resolve.Endpoint
 }
 
 // Decider makes the outbound decision. Every field is required.
@@ -83,44 +105,192 @@ type Decider struct {
 	Local       LocalPods
 	Cluster     Cluster
 	Services    Services
+	Synced      func() bool
 	Policy      policy.Config
 	TrustDomain string
 }
 
-func pass(reason string) Decision { return Decision{Verdict: Pass, Reason: reason} }
+func decision(v Verdict, reason string) Decision { return Decision{Verdict: v, Reason: reason} }
 
-// Decide meshes the flow when the destination (a pod, or a ClusterIP
-// resolved to a ready endpoint) is a meshed pod and neither the source's
-// skip-outbound nor the destination's skip-inbound names the port.
+// Decide meshes a flow whose destination is a meshed pod (directly, or a
+// ClusterIP with a meshed endpoint) unless the source's skip-outbound or
+// the destination's skip-inbound names the port.
+//
+// ClusterIPs: the agent's choice is final. A flow the agent passes to the
+// kernel is balanced by kube-proxy over ALL endpoints, meshed ones
+// included, which would reach a meshed pod in plaintext. So when any
+// candidate endpoint is meshed (and its port not skipped) the flow goes to
+// a meshed one; it is passed through only when no candidate is meshed, and
+// refused when there is none at all (kube-proxy would reject it too).
 func (d *Decider) Decide(f netstack.Flow) Decision {
 	src := d.Local.ByNIC(f.NIC)
 	if src == nil {
-		return pass(ReasonUnknownSrc)
+		// A NIC of the stack is a meshed pod being attached or detached:
+		// its traffic is claimed, and nothing is known to carry it.
+		return decision(Hold, ReasonUnknownSrc)
 	}
-	t := Target{Src: src, Dst: f.Dst}
-	if ep, isSvc, err := d.Services.Resolve(f.Dst); isSvc {
+	if !d.Synced() {
+		return decision(Hold, ReasonNotSynced)
+	}
+	eps, isSvc, err := d.Services.Candidates(f.Dst)
+	if isSvc {
 		if err != nil {
-			return pass(ReasonNoEndpoints)
+			return decision(Refuse, ReasonNoEndpoints)
 		}
-		t.Dst, t.Endpoint = ep.Addr, &ep
+		if src.Policy.SkipsOutbound(f.Dst.Port()) {
+			return decision(Pass, ReasonSkippedPort)
+		}
+		var meshed []resolve.Endpoint
+		targets := map[netip.AddrPort]Target{}
+		skipped := false
+		for _, ep := range eps {
+			t, c, err := d.classify(ep.Addr)
+			if err != nil {
+				return decision(Hold, ReasonLookupFailed)
+			}
+			switch c {
+			case classMeshed:
+				meshed = append(meshed, ep)
+				targets[ep.Addr] = t
+			case classSkipped:
+				skipped = true
+			}
+		}
+		if len(meshed) == 0 {
+			if skipped {
+				return decision(Pass, ReasonSkippedPort)
+			}
+			return decision(Pass, ReasonNotMeshed)
+		}
+		ep := d.Services.Pick(meshed)
+		t := targets[ep.Addr]
+		t.Src, t.Endpoint = src, &ep
+		return Decision{Verdict: Mesh, Target: t}
 	}
-	dst, _ := d.Cluster.PodByAddr(t.Dst.Addr())
-	if dst == nil || dst.Spec.HostNetwork || dst.Status.HostIP == "" {
-		return pass(ReasonNotMeshed)
+	t, c, err := d.classify(f.Dst)
+	switch {
+	case err != nil:
+		return decision(Hold, ReasonLookupFailed)
+	case c == classNotMeshed:
+		return decision(Pass, ReasonNotMeshed)
+	case c == classSkipped || src.Policy.SkipsOutbound(f.Dst.Port()):
+		return decision(Pass, ReasonSkippedPort)
 	}
-	ns, _ := d.Cluster.Namespace(dst.Namespace)
-	dpol, _ := d.Policy.For(dst, ns)
-	if !dpol.Meshed {
-		return pass(ReasonNotMeshed)
-	}
-	if src.Policy.SkipsOutbound(f.Dst.Port()) || dpol.SkipsInbound(t.Dst.Port()) {
-		return pass(ReasonSkippedPort)
-	}
-	node, err := netip.ParseAddr(dst.Status.HostIP)
-	if err != nil {
-		return pass(ReasonNotMeshed)
-	}
-	t.DstID = spiffe.ID{TrustDomain: d.TrustDomain, Namespace: dst.Namespace, ServiceAccount: clusterview.ServiceAccount(dst)}
-	t.DstNode = node
+	t.Src = src
 	return Decision{Verdict: Mesh, Target: t}
+}
+
+// DecideSegment judges a TCP segment from a local pod that belongs to no
+// flow the stack knows (after an agent restart, the pods' retransmissions
+// of connections the old agent carried; or a meshed pod's answer to a
+// plaintext SYN that reached it around the mesh). It answers Pass or Hold
+// (drop). The segment's direction is unknown: f.Src may be the client or
+// the server. A ClusterIP destination is claimed as for a SYN; between two
+// pods the segment is dropped only when the connection would be claimed
+// whichever side opened it, so that skipped ports keep working.
+func (d *Decider) DecideSegment(f netstack.Flow) Decision {
+	src := d.Local.ByNIC(f.NIC)
+	if src == nil {
+		return decision(Hold, ReasonUnknownSrc)
+	}
+	if !d.Synced() {
+		return decision(Hold, ReasonNotSynced)
+	}
+	eps, isSvc, err := d.Services.Candidates(f.Dst)
+	if isSvc {
+		if err != nil || src.Policy.SkipsOutbound(f.Dst.Port()) {
+			return decision(Pass, ReasonNotMeshed)
+		}
+		for _, ep := range eps {
+			_, c, err := d.classify(ep.Addr)
+			if err != nil {
+				return decision(Hold, ReasonLookupFailed)
+			}
+			if c == classMeshed {
+				return decision(Hold, ReasonClaimed)
+			}
+		}
+		return decision(Pass, ReasonNotMeshed)
+	}
+	// src as the client of f.Dst.
+	_, c, err := d.classify(f.Dst)
+	if err != nil {
+		return decision(Hold, ReasonLookupFailed)
+	}
+	if c != classMeshed || src.Policy.SkipsOutbound(f.Dst.Port()) {
+		return decision(Pass, ReasonNotMeshed)
+	}
+	// src as the server of a client at f.Dst: the peer is a meshed pod
+	// (classify said so); the peer's skip-outbound and src's skip-inbound
+	// of src's port decide.
+	if src.Policy.SkipsInbound(f.Src.Port()) {
+		return decision(Pass, ReasonSkippedPort)
+	}
+	peer, err := d.Cluster.PodByAddr(f.Dst.Addr())
+	if err != nil || peer == nil {
+		return decision(Hold, ReasonLookupFailed)
+	}
+	ppol, err := d.policy(peer)
+	if err != nil {
+		return decision(Hold, ReasonLookupFailed)
+	}
+	if ppol.SkipsOutbound(f.Src.Port()) {
+		return decision(Pass, ReasonSkippedPort)
+	}
+	return decision(Hold, ReasonClaimed)
+}
+
+type class int
+
+const (
+	classNotMeshed class = iota
+	classSkipped         // a meshed pod, but this port is skipped inbound
+	classMeshed
+)
+
+// classify looks up the pod at dst and tells whether a flow to dst is
+// meshed; for a meshed one it fills the target's destination fields.
+func (d *Decider) classify(dst netip.AddrPort) (Target, class, error) {
+	pod, err := d.Cluster.PodByAddr(dst.Addr())
+	if err != nil {
+		return Target{}, classNotMeshed, err
+	}
+	if pod == nil || pod.Spec.HostNetwork || pod.Status.HostIP == "" {
+		return Target{}, classNotMeshed, nil
+	}
+	dpol, err := d.policy(pod)
+	if err != nil {
+		return Target{}, classNotMeshed, err
+	}
+	if !dpol.Meshed {
+		return Target{}, classNotMeshed, nil
+	}
+	if dpol.SkipsInbound(dst.Port()) {
+		return Target{}, classSkipped, nil
+	}
+	node, err := netip.ParseAddr(pod.Status.HostIP)
+	if err != nil {
+		return Target{}, classNotMeshed, errors.New("pod host IP unparsable")
+	}
+	return Target{
+		Dst:     dst,
+		DstID:   spiffe.ID{TrustDomain: d.TrustDomain, Namespace: pod.Namespace, ServiceAccount: clusterview.ServiceAccount(pod)},
+		DstNode: node,
+	}, classMeshed, nil
+}
+
+// policy is the pod's mesh policy. A namespace that does not exist counts
+// as one without annotations; any other lookup failure is an error (the
+// caller holds the flow) rather than a silent loss of the namespace's
+// opt-outs and skips.
+func (d *Decider) policy(pod *corev1.Pod) (policy.Policy, error) {
+	ns, err := d.Cluster.Namespace(pod.Namespace)
+	if err != nil && !apierrors.IsNotFound(err) {
+		return policy.Policy{}, err
+	}
+	if err != nil {
+		ns = nil
+	}
+	pol, _ := d.Policy.For(pod, ns) // annotation errors fall back to defaults, reported at ADD
+	return pol, nil
 }

@@ -7,8 +7,10 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/node/dialer"
 	"github.com/tunmesh/tunmesh/node/nodemetrics"
@@ -18,7 +20,7 @@ import (
 
 // Dialer opens tunnels (dialer.Dialer).
 type Dialer interface {
-	Dial(ctx context.Context, t dialer.Target) (*tls.Conn, error)
+	Dial(ctx context.Context, t dialer.Target) (*tunnel.FramedConn, error)
 }
 
 // Tracker counts active streams per endpoint (resolve.Resolver).
@@ -26,44 +28,140 @@ type Tracker interface {
 	Track(ep resolve.Endpoint) (done func())
 }
 
-// Handler is the netstack.FlowHandler for flows from local pods: it asks
-// the Decider and serves the flows it meshes.
+// Certs tells whether a local identity's certificate is available, waiting
+// up to ctx for the first one (workload.Manager).
+type Certs interface {
+	Certificate(ctx context.Context, id spiffe.ID) (*tls.Certificate, error)
+}
+
+// Options tune the handler's waits; zero values mean the defaults.
+type Options struct {
+	// SyncWait is how long a flow that arrives before the cluster view
+	// has synced is held before it is dropped (the pod retransmits).
+	// Default 2s.
+	SyncWait time.Duration
+	// CertWait is how long the first flow of an identity whose
+	// certificate is not issued yet waits for it before it is refused.
+	// Default 3s.
+	CertWait time.Duration
+}
+
+// Handler is the netstack.FlowHandler (and SegmentDecider) for flows from
+// local pods: it asks the Decider and serves the flows it meshes.
 type Handler struct {
 	decider *Decider
 	dialer  Dialer
 	tracker Tracker
+	certs   Certs
+	opts    Options
 	metrics *nodemetrics.Metrics
 	log     *slog.Logger
 	pending pendingFlows
+	logRate rateLimit
 }
 
 // NewHandler checks its dependencies.
-func NewHandler(d *Decider, dl Dialer, tr Tracker, m *nodemetrics.Metrics, log *slog.Logger) (*Handler, error) {
-	if d == nil || dl == nil || tr == nil || m == nil || log == nil {
+func NewHandler(d *Decider, dl Dialer, tr Tracker, certs Certs, opts Options, m *nodemetrics.Metrics, log *slog.Logger) (*Handler, error) {
+	if d == nil || dl == nil || tr == nil || certs == nil || m == nil || log == nil {
 		return nil, errors.New("outbound handler: nil dependency")
 	}
-	return &Handler{decider: d, dialer: dl, tracker: tr, metrics: m, log: log, pending: pendingFlows{m: map[netstack.Flow]*pendingTarget{}}}, nil
+	if d.Local == nil || d.Cluster == nil || d.Services == nil || d.Synced == nil {
+		return nil, errors.New("outbound handler: incomplete decider")
+	}
+	if opts.SyncWait == 0 {
+		opts.SyncWait = 2 * time.Second
+	}
+	if opts.CertWait == 0 {
+		opts.CertWait = 3 * time.Second
+	}
+	return &Handler{decider: d, dialer: dl, tracker: tr, certs: certs, opts: opts, metrics: m, log: log,
+		pending: pendingFlows{m: map[netstack.Flow]*pendingTarget{}}}, nil
 }
 
-// HandleFlow implements netstack.FlowHandler.
+// HandleFlow implements netstack.FlowHandler. It may block for a bounded
+// time (SyncWait, CertWait): the pod's SYN waits meanwhile.
 func (h *Handler) HandleFlow(f netstack.Flow) netstack.Decision {
 	d := h.decider.Decide(f)
-	switch d.Verdict {
-	case Mesh:
+	if d.Verdict == Hold && d.Reason == ReasonNotSynced {
+		// Right after an agent (re)start: wait for the view rather than
+		// make every re-attached pod retransmit.
+		ctx, cancel := context.WithTimeout(context.Background(), h.opts.SyncWait)
+		for d.Verdict == Hold && d.Reason == ReasonNotSynced && ctx.Err() == nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(20 * time.Millisecond):
+			}
+			d = h.decider.Decide(f)
+		}
+		cancel()
+	}
+	if d.Verdict == Mesh {
+		// The first flow of an identity may come before its certificate:
+		// wait for it (bounded), then refuse. Never plaintext.
+		ctx, cancel := context.WithTimeout(context.Background(), h.opts.CertWait)
+		_, err := h.certs.Certificate(ctx, d.Target.Src.ID)
+		cancel()
+		if err != nil {
+			d = Decision{Verdict: Refuse, Reason: ReasonNoCertificate}
+			h.failClosed(f, d, err)
+			return netstack.Reset
+		}
 		h.pending.put(f, d.Target)
 		return netstack.Terminate
-	default:
+	}
+	switch d.Verdict {
+	case Pass:
 		h.metrics.Passthrough.WithLabelValues(d.Reason).Inc()
 		h.log.Debug("connection not meshed", "src", f.Src.String(), "dst", f.Dst.String(), "tls", false, "reason", d.Reason)
 		return netstack.Passthrough
+	case Refuse:
+		h.failClosed(f, d, nil)
+		return netstack.Reset
+	default:
+		h.failClosed(f, d, nil)
+		return netstack.Drop
 	}
 }
 
+// HandleSegment implements netstack.SegmentDecider.
+func (h *Handler) HandleSegment(f netstack.Flow) netstack.Decision {
+	d := h.decider.DecideSegment(f)
+	if d.Verdict == Pass {
+		return netstack.Passthrough
+	}
+	h.metrics.Refused.WithLabelValues("segment_" + d.Reason).Inc()
+	if h.logRate.allow(10 * time.Second) {
+		h.log.Info("segment of a claimed flow dropped (further drops only counted for 10s)", "src", f.Src.String(), "dst", f.Dst.String(), "reason", d.Reason)
+	}
+	return netstack.Drop
+}
+
+// failClosed counts and logs a flow the mesh claims but does not carry.
+func (h *Handler) failClosed(f netstack.Flow, d Decision, err error) {
+	h.metrics.Refused.WithLabelValues(d.Reason).Inc()
+	if h.logRate.allow(time.Second) {
+		h.log.Warn("connection failed closed", "src", f.Src.String(), "dst", f.Dst.String(), "verdict", d.Verdict.String(), "reason", d.Reason, "err", err)
+	}
+}
+
+// aborter is a connection that can be reset (netstack.Conn).
+type aborter interface{ Abort() }
+
+// abort resets conn so that the pod sees an error, not a clean end.
+func abort(conn net.Conn) {
+	if a, ok := conn.(aborter); ok {
+		a.Abort()
+		return
+	}
+	conn.Close()
+}
+
 // ServeConn carries a terminated flow to the destination node's agent.
+// Every failure resets the pod's connection.
 func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow) {
-	defer conn.Close()
 	t, ok := h.pending.take(f)
 	if !ok {
+		abort(conn)
 		return
 	}
 	if t.Endpoint != nil {
@@ -73,6 +171,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 	start := time.Now()
 	tc, err := h.dialer.Dial(ctx, dialer.Target{SrcID: t.Src.ID, Src: f.Src, Dst: t.Dst, DstID: t.DstID, DstNode: t.DstNode})
 	if err != nil {
+		abort(conn)
 		var refused *tunnel.RefusedError
 		if errors.As(err, &refused) {
 			h.metrics.Errors.WithLabelValues("refused_" + refused.Reason.String()).Inc()
@@ -85,11 +184,24 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 	h.metrics.Opened.WithLabelValues("outbound").Inc()
 	stats, err := tunnel.Splice(ctx, conn, tc, tunnel.SpliceOptions{IdleTimeout: time.Hour})
 	h.metrics.Closed.WithLabelValues("outbound").Inc()
+	h.metrics.Ends.WithLabelValues("outbound", tunnel.EndOf(err)).Inc()
 	h.metrics.Bytes.WithLabelValues("outbound", "sent").Add(float64(stats.AToB))
 	h.metrics.Bytes.WithLabelValues("outbound", "received").Add(float64(stats.BToA))
 	h.log.Info("connection closed", "direction", "outbound", "src_pod", t.Src.FullName(),
 		"client_id", t.Src.ID.String(), "server_id", t.DstID.String(), "dst", t.Dst.String(), "tls", true,
 		"bytes_sent", stats.AToB, "bytes_received", stats.BToA, "duration", time.Since(start), "err", err)
+}
+
+// rateLimit lets one event per interval through; the zero value is ready.
+type rateLimit struct{ last atomic.Int64 }
+
+func (r *rateLimit) allow(interval time.Duration) bool {
+	now := time.Now().UnixNano()
+	last := r.last.Load()
+	if last != 0 && now-last < int64(interval) {
+		return false
+	}
+	return r.last.CompareAndSwap(last, now)
 }
 
 // pendingFlows hands decisions from HandleFlow to ServeConn. A flow whose

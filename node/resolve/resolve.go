@@ -166,22 +166,38 @@ func (r *Resolver) IsService(dst netip.AddrPort) bool {
 }
 
 // Resolve picks a ready endpoint for the ClusterIP:port dst. ok is false
-// when dst is not a Service; ErrNoEndpoints when it has no ready endpoint.
+// when dst is not a Service; ErrNoEndpoints when it has no usable endpoint.
 func (r *Resolver) Resolve(dst netip.AddrPort) (ep Endpoint, ok bool, err error) {
+	eps, ok, err := r.Candidates(dst)
+	if !ok || err != nil {
+		return Endpoint{}, ok, err
+	}
+	return r.Pick(eps), true, nil
+}
+
+// Candidates returns the endpoints kube-proxy would choose from for the
+// ClusterIP:port dst: the ready ones or, when none is ready, the ones that
+// are serving while terminating (kube-proxy's fallback, so that a rolling
+// update does not drop connections). ok is false when dst is not a
+// Service; ErrNoEndpoints when it has no usable endpoint.
+func (r *Resolver) Candidates(dst netip.AddrPort) (eps []Endpoint, ok bool, err error) {
 	r.mu.RLock()
 	sp, ok := r.vips[dst]
 	if !ok {
 		r.mu.RUnlock()
-		return Endpoint{}, false, nil
+		return nil, false, nil
 	}
-	var ready []Endpoint
+	var ready, terminating []Endpoint
 	for _, s := range r.slices[sp.svc] {
 		port, found := slicePort(s, sp.name)
 		if !found {
 			continue
 		}
 		for _, e := range s.Endpoints {
-			if e.Conditions.Ready != nil && !*e.Conditions.Ready {
+			isReady := e.Conditions.Ready == nil || *e.Conditions.Ready
+			servingTerminating := !isReady && e.Conditions.Serving != nil && *e.Conditions.Serving &&
+				e.Conditions.Terminating != nil && *e.Conditions.Terminating
+			if !isReady && !servingTerminating {
 				continue
 			}
 			for _, a := range e.Addresses {
@@ -196,15 +212,22 @@ func (r *Resolver) Resolve(dst netip.AddrPort) (ep Endpoint, ok bool, err error)
 				if e.TargetRef != nil && e.TargetRef.Kind == "Pod" {
 					cand.Pod = types.NamespacedName{Namespace: e.TargetRef.Namespace, Name: e.TargetRef.Name}
 				}
-				ready = append(ready, cand)
+				if isReady {
+					ready = append(ready, cand)
+				} else {
+					terminating = append(terminating, cand)
+				}
 			}
 		}
 	}
 	r.mu.RUnlock()
 	if len(ready) == 0 {
-		return Endpoint{}, true, fmt.Errorf("service %s port %q: %w", sp.svc, sp.name, ErrNoEndpoints)
+		ready = terminating
 	}
-	return r.pick(ready), true, nil
+	if len(ready) == 0 {
+		return nil, true, fmt.Errorf("service %s port %q: %w", sp.svc, sp.name, ErrNoEndpoints)
+	}
+	return ready, true, nil
 }
 
 func slicePort(s *discoveryv1.EndpointSlice, name string) (uint16, bool) {
@@ -219,9 +242,9 @@ func slicePort(s *discoveryv1.EndpointSlice, name string) (uint16, bool) {
 	return 0, false
 }
 
-// pick applies the power of two choices: two random endpoints, the one
-// with fewer active streams wins.
-func (r *Resolver) pick(eps []Endpoint) Endpoint {
+// Pick applies the power of two choices: two random endpoints, the one
+// with fewer active streams wins. eps must not be empty.
+func (r *Resolver) Pick(eps []Endpoint) Endpoint {
 	if len(eps) == 1 {
 		return eps[0]
 	}

@@ -152,3 +152,30 @@ func TestServiceDeleted(t *testing.T) {
 	}
 	waitFor(t, func() bool { return !r.IsService(vip) })
 }
+
+// TestCandidatesTerminatingFallback: as kube-proxy, ready endpoints are the
+// candidates; only when none is ready, the serving-but-terminating ones
+// are (a rolling update keeps working); a terminating endpoint that no
+// longer serves never is.
+func TestCandidatesTerminatingFallback(t *testing.T) {
+	s := slice(map[string]bool{"10.244.1.5": false})
+	s.Endpoints[0].Conditions.Serving = ptr.To(true)
+	s.Endpoints[0].Conditions.Terminating = ptr.To(true)
+	s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{"10.244.1.6"},
+		Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(false), Serving: ptr.To(false), Terminating: ptr.To(true)}})
+	r, client := run(t, service(), s)
+	vip := netip.MustParseAddrPort("10.96.0.10:80")
+	waitFor(t, func() bool { _, ok, err := r.Candidates(vip); return ok && err == nil })
+	eps, _, _ := r.Candidates(vip)
+	if len(eps) != 1 || eps[0].Addr != netip.MustParseAddrPort("10.244.1.5:8080") {
+		t.Fatalf("candidates %v, want only the serving terminating endpoint", eps)
+	}
+	s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{"10.244.1.7"}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}})
+	if _, err := client.DiscoveryV1().EndpointSlices("default").Update(context.Background(), s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool {
+		eps, _, _ := r.Candidates(vip)
+		return len(eps) == 1 && eps[0].Addr == netip.MustParseAddrPort("10.244.1.7:8080")
+	})
+}

@@ -14,8 +14,12 @@ const (
 	// Magic opens every header. It lets a server tell a tunmesh client from
 	// anything else that completed a TLS handshake with it.
 	Magic = "TMSH"
-	// Version is the only header version this package speaks.
-	Version = 1
+	// Version is the only header version this package speaks. Version 2
+	// frames the data phase (see FramedConn), so a cut stream is told from
+	// a clean end; a version 1 peer would take a truncation for success,
+	// so the two refuse each other (ReasonBadHeader) instead of
+	// interoperating.
+	Version = 2
 	// MaxBodyLen bounds the body length field of every version. A reader
 	// rejects larger values before reading (or allocating) the body.
 	MaxBodyLen = 512
@@ -25,7 +29,7 @@ const (
 
 	family4 = 4
 	family6 = 6
-	// bodyLen4 and bodyLen6 are the only body lengths version 1 accepts:
+	// bodyLen4 and bodyLen6 are the only body lengths versions 1 and 2 accept:
 	// family byte, destination address, destination port, source address.
 	bodyLen4 = 1 + 4 + 2 + 4
 	bodyLen6 = 1 + 16 + 2 + 16

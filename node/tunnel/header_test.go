@@ -36,13 +36,13 @@ func mustMarshal(t testing.TB, h tunnel.Header) []byte {
 // deliberate one (and a version bump).
 func TestHeaderWireFormat(t *testing.T) {
 	want4 := []byte{
-		'T', 'M', 'S', 'H', 1, 0, 0, 11,
+		'T', 'M', 'S', 'H', 2, 0, 0, 11,
 		4, 10, 244, 1, 7, 0x1f, 0x90, 10, 244, 2, 9,
 	}
 	if got := mustMarshal(t, hdr4); !bytes.Equal(got, want4) {
 		t.Errorf("v4 header:\n got %x\nwant %x", got, want4)
 	}
-	want6 := []byte{'T', 'M', 'S', 'H', 1, 0, 0, 35, 6}
+	want6 := []byte{'T', 'M', 'S', 'H', 2, 0, 0, 35, 6}
 	want6 = append(want6, hdr6.Dst.Addr().AsSlice()...)
 	want6 = append(want6, 0x01, 0xbb)
 	want6 = append(want6, hdr6.Src.AsSlice()...)
@@ -208,39 +208,39 @@ func TestReadHeaderErrors(t *testing.T) {
 	}{
 		{name: "http request", in: []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), want: tunnel.ErrBadMagic, maxRead: 4},
 		{name: "tls client hello", in: []byte{0x16, 0x03, 0x01, 0x02, 0x00, 0x01}, want: tunnel.ErrBadMagic, maxRead: 4},
-		{name: "lowercase magic", in: append([]byte("tmsh"), header(1, 0, 11, ok4...)[4:]...), want: tunnel.ErrBadMagic, maxRead: 4},
+		{name: "lowercase magic", in: append([]byte("tmsh"), header(2, 0, 11, ok4...)[4:]...), want: tunnel.ErrBadMagic, maxRead: 4},
 		{name: "zeros", in: make([]byte, 64), want: tunnel.ErrBadMagic, maxRead: 4},
 		{name: "version 0", in: header(0, 0, 11, ok4...), want: tunnel.ErrUnsupportedVersion, maxRead: 8},
-		{name: "version 2", in: header(2, 0, 11, ok4...), want: tunnel.ErrUnsupportedVersion, maxRead: 8},
+		{name: "version 1 (unframed data phase)", in: header(1, 0, 11, ok4...), want: tunnel.ErrUnsupportedVersion, maxRead: 8},
 		{name: "version 255", in: header(255, 0, 11, ok4...), want: tunnel.ErrUnsupportedVersion, maxRead: 8},
-		{name: "oversized 513", in: header(1, 0, 513, make([]byte, 600)...), want: tunnel.ErrOversized, maxRead: 8},
-		{name: "oversized 65535", in: header(1, 0, 0xffff), want: tunnel.ErrOversized, maxRead: 8},
-		{name: "max body", in: header(1, 0, 512, make([]byte, 512)...), want: tunnel.ErrInvalidHeader},
-		{name: "max body truncated", in: header(1, 0, 512, make([]byte, 511)...), want: tunnel.ErrTruncated},
-		{name: "empty body", in: header(1, 0, 0), want: tunnel.ErrInvalidHeader},
-		{name: "flags", in: header(1, 0x80, 11, ok4...), want: tunnel.ErrInvalidHeader},
-		{name: "flag bit 0", in: header(1, 0x01, 35, ok6...), want: tunnel.ErrInvalidHeader},
-		{name: "family 0", in: header(1, 0, 11, append([]byte{0}, ok4[1:]...)...), want: tunnel.ErrInvalidHeader},
-		{name: "family 5", in: header(1, 0, 11, append([]byte{5}, ok4[1:]...)...), want: tunnel.ErrInvalidHeader},
-		{name: "family 4 with v6 length", in: header(1, 0, 35, append([]byte{4}, ok6[1:]...)...), want: tunnel.ErrInvalidHeader},
-		{name: "family 6 with v4 length", in: header(1, 0, 11, append([]byte{6}, ok4[1:]...)...), want: tunnel.ErrInvalidHeader},
-		{name: "v4 body one long", in: header(1, 0, 12, append(ok4, 0)...), want: tunnel.ErrInvalidHeader},
-		{name: "v4 body one short", in: header(1, 0, 10, ok4[:10]...), want: tunnel.ErrInvalidHeader},
-		{name: "v4 zero port", in: header(1, 0, 11, body4([4]byte{10, 0, 0, 1}, 0, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
-		{name: "v6 zero port", in: header(1, 0, 35, body6("fd00::1", 0, "fd00::2")...), want: tunnel.ErrInvalidHeader},
-		{name: "v4 unspecified dst", in: header(1, 0, 11, body4([4]byte{}, 80, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
-		{name: "v4 unspecified src", in: header(1, 0, 11, body4([4]byte{10, 0, 0, 1}, 80, [4]byte{})...), want: tunnel.ErrInvalidHeader},
-		{name: "v4 multicast dst", in: header(1, 0, 11, body4([4]byte{224, 0, 0, 251}, 80, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
-		{name: "v4 broadcast src", in: header(1, 0, 11, body4([4]byte{10, 0, 0, 1}, 80, [4]byte{255, 255, 255, 255})...), want: tunnel.ErrInvalidHeader},
-		{name: "v4 loopback dst", in: header(1, 0, 11, body4([4]byte{127, 0, 0, 1}, 80, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
-		{name: "v4 link-local dst", in: header(1, 0, 11, body4([4]byte{169, 254, 169, 254}, 80, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
-		{name: "v6 unspecified dst", in: header(1, 0, 35, body6("::", 80, "fd00::2")...), want: tunnel.ErrInvalidHeader},
-		{name: "v6 unspecified src", in: header(1, 0, 35, body6("fd00::1", 80, "::")...), want: tunnel.ErrInvalidHeader},
-		{name: "v6 multicast src", in: header(1, 0, 35, body6("fd00::1", 80, "ff05::2")...), want: tunnel.ErrInvalidHeader},
-		{name: "v6 loopback dst", in: header(1, 0, 35, body6("::1", 80, "fd00::2")...), want: tunnel.ErrInvalidHeader},
-		{name: "v6 link-local src", in: header(1, 0, 35, body6("fd00::1", 80, "fe80::2")...), want: tunnel.ErrInvalidHeader},
-		{name: "v4-mapped in family 6", in: header(1, 0, 35, body6("::ffff:10.0.0.1", 80, "::ffff:10.0.0.2")...), want: tunnel.ErrInvalidHeader},
-		{name: "v6 with v4-mapped src", in: header(1, 0, 35, body6("fd00::1", 80, "::ffff:10.0.0.2")...), want: tunnel.ErrInvalidHeader},
+		{name: "oversized 513", in: header(2, 0, 513, make([]byte, 600)...), want: tunnel.ErrOversized, maxRead: 8},
+		{name: "oversized 65535", in: header(2, 0, 0xffff), want: tunnel.ErrOversized, maxRead: 8},
+		{name: "max body", in: header(2, 0, 512, make([]byte, 512)...), want: tunnel.ErrInvalidHeader},
+		{name: "max body truncated", in: header(2, 0, 512, make([]byte, 511)...), want: tunnel.ErrTruncated},
+		{name: "empty body", in: header(2, 0, 0), want: tunnel.ErrInvalidHeader},
+		{name: "flags", in: header(2, 0x80, 11, ok4...), want: tunnel.ErrInvalidHeader},
+		{name: "flag bit 0", in: header(2, 0x01, 35, ok6...), want: tunnel.ErrInvalidHeader},
+		{name: "family 0", in: header(2, 0, 11, append([]byte{0}, ok4[1:]...)...), want: tunnel.ErrInvalidHeader},
+		{name: "family 5", in: header(2, 0, 11, append([]byte{5}, ok4[1:]...)...), want: tunnel.ErrInvalidHeader},
+		{name: "family 4 with v6 length", in: header(2, 0, 35, append([]byte{4}, ok6[1:]...)...), want: tunnel.ErrInvalidHeader},
+		{name: "family 6 with v4 length", in: header(2, 0, 11, append([]byte{6}, ok4[1:]...)...), want: tunnel.ErrInvalidHeader},
+		{name: "v4 body one long", in: header(2, 0, 12, append(ok4, 0)...), want: tunnel.ErrInvalidHeader},
+		{name: "v4 body one short", in: header(2, 0, 10, ok4[:10]...), want: tunnel.ErrInvalidHeader},
+		{name: "v4 zero port", in: header(2, 0, 11, body4([4]byte{10, 0, 0, 1}, 0, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
+		{name: "v6 zero port", in: header(2, 0, 35, body6("fd00::1", 0, "fd00::2")...), want: tunnel.ErrInvalidHeader},
+		{name: "v4 unspecified dst", in: header(2, 0, 11, body4([4]byte{}, 80, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
+		{name: "v4 unspecified src", in: header(2, 0, 11, body4([4]byte{10, 0, 0, 1}, 80, [4]byte{})...), want: tunnel.ErrInvalidHeader},
+		{name: "v4 multicast dst", in: header(2, 0, 11, body4([4]byte{224, 0, 0, 251}, 80, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
+		{name: "v4 broadcast src", in: header(2, 0, 11, body4([4]byte{10, 0, 0, 1}, 80, [4]byte{255, 255, 255, 255})...), want: tunnel.ErrInvalidHeader},
+		{name: "v4 loopback dst", in: header(2, 0, 11, body4([4]byte{127, 0, 0, 1}, 80, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
+		{name: "v4 link-local dst", in: header(2, 0, 11, body4([4]byte{169, 254, 169, 254}, 80, [4]byte{10, 0, 0, 2})...), want: tunnel.ErrInvalidHeader},
+		{name: "v6 unspecified dst", in: header(2, 0, 35, body6("::", 80, "fd00::2")...), want: tunnel.ErrInvalidHeader},
+		{name: "v6 unspecified src", in: header(2, 0, 35, body6("fd00::1", 80, "::")...), want: tunnel.ErrInvalidHeader},
+		{name: "v6 multicast src", in: header(2, 0, 35, body6("fd00::1", 80, "ff05::2")...), want: tunnel.ErrInvalidHeader},
+		{name: "v6 loopback dst", in: header(2, 0, 35, body6("::1", 80, "fd00::2")...), want: tunnel.ErrInvalidHeader},
+		{name: "v6 link-local src", in: header(2, 0, 35, body6("fd00::1", 80, "fe80::2")...), want: tunnel.ErrInvalidHeader},
+		{name: "v4-mapped in family 6", in: header(2, 0, 35, body6("::ffff:10.0.0.1", 80, "::ffff:10.0.0.2")...), want: tunnel.ErrInvalidHeader},
+		{name: "v6 with v4-mapped src", in: header(2, 0, 35, body6("fd00::1", 80, "::ffff:10.0.0.2")...), want: tunnel.ErrInvalidHeader},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// Application data after the header must stay unread, except

@@ -269,6 +269,12 @@ func (s *splice) touch() {
 // close_notify alert. Closing underneath first also means a *tls.Conn's Close
 // cannot block sending that alert to a peer that does not read.
 func abort(c net.Conn) {
+	// A connection that knows how to tell its peer it was cut (a
+	// FramedConn's Reset frame, a netstack connection's RST) does so.
+	if a, ok := c.(interface{ Abort() }); ok {
+		a.Abort()
+		return
+	}
 	if u, ok := c.(netConner); ok {
 		if inner := u.NetConn(); inner != nil {
 			abort(inner)

@@ -1,0 +1,177 @@
+package inbound
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/netstack"
+	"github.com/tunmesh/tunmesh/node/nodemetrics"
+	"github.com/tunmesh/tunmesh/node/pods"
+	"github.com/tunmesh/tunmesh/node/tunnel"
+)
+
+type fakeLocal map[netip.Addr]*pods.Pod
+
+func (f fakeLocal) ByAddr(a netip.Addr) *pods.Pod { return f[a] }
+func (f fakeLocal) Identities() []spiffe.ID {
+	var ids []spiffe.ID
+	for _, p := range f {
+		ids = append(ids, p.ID)
+	}
+	return ids
+}
+
+type fakeCluster map[netip.Addr][]*corev1.Pod
+
+func (f fakeCluster) PodsByAddr(a netip.Addr) ([]*corev1.Pod, error) { return f[a], nil }
+
+type noCerts struct{}
+
+func (noCerts) ServerConfig(spiffe.ID, func(spiffe.ID) error) *tls.Config { return &tls.Config{} }
+
+type noDial struct{}
+
+func (noDial) DialTCP(context.Context, netstack.NICID, netip.AddrPort, netip.AddrPort) (net.Conn, error) {
+	return nil, errors.New("no dial in this test")
+}
+
+func id(ns, sa string) spiffe.ID { return spiffe.ID{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: sa} }
+
+func srcPod(name, sa, ip, node string, terminating bool) *corev1.Pod {
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "prod", Name: name},
+		Spec:       corev1.PodSpec{ServiceAccountName: sa},
+		Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIPs: []corev1.PodIP{{IP: ip}}, HostIP: node, HostIPs: []corev1.HostIP{{IP: node}}},
+	}
+	if terminating {
+		now := metav1.Now()
+		p.DeletionTimestamp = &now
+	}
+	return p
+}
+
+var (
+	nodeA   = netip.MustParseAddr("192.168.0.2")
+	nodeB   = netip.MustParseAddr("192.168.0.3")
+	srcIP   = netip.MustParseAddr("10.244.1.2")
+	reuseIP = netip.MustParseAddr("10.244.1.3")
+	twinIP  = netip.MustParseAddr("10.244.1.4")
+	dstIP   = netip.MustParseAddr("10.244.2.3")
+)
+
+func newAcceptor(t *testing.T) *Acceptor {
+	t.Helper()
+	dst := &pods.Pod{Namespace: "prod", Name: "server", Addrs: []netip.Addr{dstIP}, NIC: 3, ID: id("prod", "server")}
+	cluster := fakeCluster{
+		srcIP: {srcPod("client", "default", srcIP.String(), nodeA.String(), false)},
+		// IP reuse: the old holder terminates, a new pod of another
+		// identity has the IP now.
+		reuseIP: {srcPod("old", "default", reuseIP.String(), nodeA.String(), true), srcPod("new", "batch", reuseIP.String(), nodeA.String(), false)},
+		// Two live pods claim one IP: trust neither.
+		twinIP: {srcPod("a", "default", twinIP.String(), nodeA.String(), false), srcPod("b", "default", twinIP.String(), nodeA.String(), false)},
+	}
+	a, err := New(Config{TrustDomain: "cluster.local", ControlNamespace: "tunmesh"}, fakeLocal{dstIP: dst}, cluster, noCerts{}, noDial{}, nodemetrics.ForTest(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+func TestCheck(t *testing.T) {
+	serverName := id("prod", "server").DNSName("tunmesh")
+	req := func(client spiffe.ID, peer, src netip.Addr, sni string) Request {
+		return Request{ClientID: client, ServerName: sni, Peer: peer, Header: tunnel.Header{Src: src, Dst: netip.AddrPortFrom(dstIP, 8080)}}
+	}
+	for _, tc := range []struct {
+		name string
+		req  Request
+		want tunnel.Reason
+	}{
+		{"own pod from its node", req(id("prod", "default"), nodeA, srcIP, serverName), tunnel.ReasonNone},
+		// Item 5: right identity, wrong node.
+		{"same identity from another node", req(id("prod", "default"), nodeB, srcIP, serverName), tunnel.ReasonSourceNotOwned},
+		{"other identity", req(id("prod", "batch"), nodeA, srcIP, serverName), tunnel.ReasonSourceNotOwned},
+		{"unknown source address", req(id("prod", "default"), nodeA, netip.MustParseAddr("10.244.9.9"), serverName), tunnel.ReasonSourceNotOwned},
+		{"reused IP: terminating holder's identity", req(id("prod", "default"), nodeA, reuseIP, serverName), tunnel.ReasonSourceNotOwned},
+		{"reused IP: new holder's identity", req(id("prod", "batch"), nodeA, reuseIP, serverName), tunnel.ReasonNone},
+		{"two live pods with one IP", req(id("prod", "default"), nodeA, twinIP, serverName), tunnel.ReasonSourceNotOwned},
+		{"no peer address", req(id("prod", "default"), netip.Addr{}, srcIP, serverName), tunnel.ReasonSourceNotOwned},
+		{"wrong server name", req(id("prod", "default"), nodeA, srcIP, id("prod", "other").DNSName("tunmesh")), tunnel.ReasonUnknownDestination},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, got, detail := newAcceptor(t).Check(tc.req)
+			if got != tc.want {
+				t.Fatalf("Check = %s (%s), want %s", got, detail, tc.want)
+			}
+		})
+	}
+}
+
+// scriptedListener returns the scripted Accept results in order, then
+// blocks until closed.
+type scriptedListener struct {
+	mu     sync.Mutex
+	script []error
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (l *scriptedListener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	if len(l.script) > 0 {
+		err := l.script[0]
+		l.script = l.script[1:]
+		l.mu.Unlock()
+		return nil, err
+	}
+	l.mu.Unlock()
+	<-l.closed
+	return nil, net.ErrClosed
+}
+func (l *scriptedListener) Close() error   { l.once.Do(func() { close(l.closed) }); return nil }
+func (l *scriptedListener) Addr() net.Addr { return &net.TCPAddr{} }
+
+// TestServeNeverStopsSilently (item 9): temporary Accept errors are retried
+// and readiness holds; a fatal one is returned and fails readiness (the
+// old loop returned nil and the agent stayed Ready without a listener).
+func TestServeNeverStopsSilently(t *testing.T) {
+	a := newAcceptor(t)
+	if a.Ready() == nil {
+		t.Fatal("ready before serving")
+	}
+	ln := &scriptedListener{script: []error{syscall.EMFILE, syscall.ECONNABORTED}, closed: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- a.Serve(ctx, ln) }()
+	time.Sleep(100 * time.Millisecond) // past two backoffs
+	if err := a.Ready(); err != nil {
+		t.Fatalf("not ready after temporary errors: %v", err)
+	}
+	cancel()
+	if err := <-errc; err != nil {
+		t.Fatalf("Serve after cancel = %v, want nil", err)
+	}
+
+	a = newAcceptor(t)
+	fatal := errors.New("listener broke")
+	ln = &scriptedListener{script: []error{fatal}, closed: make(chan struct{})}
+	err := a.Serve(context.Background(), ln)
+	if !errors.Is(err, fatal) {
+		t.Fatalf("Serve = %v, want the fatal error", err)
+	}
+	if a.Ready() == nil {
+		t.Fatal("still ready after the listener failed")
+	}
+}

@@ -1,0 +1,139 @@
+package outbound
+
+import (
+	"context"
+	"crypto/tls"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/netstack"
+	"github.com/tunmesh/tunmesh/node/dialer"
+	"github.com/tunmesh/tunmesh/node/nodemetrics"
+	"github.com/tunmesh/tunmesh/node/resolve"
+	"github.com/tunmesh/tunmesh/node/tunnel"
+)
+
+type fakeCerts struct{ ready atomic.Bool }
+
+func (f *fakeCerts) Certificate(ctx context.Context, _ spiffe.ID) (*tls.Certificate, error) {
+	for !f.ready.Load() {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	return &tls.Certificate{}, nil
+}
+
+type fakeDialer struct{ err error }
+
+func (f fakeDialer) Dial(context.Context, dialer.Target) (*tunnel.FramedConn, error) { return nil, f.err }
+
+type noTrack struct{}
+
+func (noTrack) Track(resolve.Endpoint) func() { return func() {} }
+
+// abortConn records whether the pod's connection was reset or closed.
+type abortConn struct {
+	net.Conn
+	aborted, closed atomic.Bool
+}
+
+func (c *abortConn) Abort()       { c.aborted.Store(true) }
+func (c *abortConn) Close() error { c.closed.Store(true); return nil }
+
+func newTestHandler(t *testing.T, d *Decider, certs Certs, dl Dialer) (*Handler, *nodemetrics.Metrics) {
+	t.Helper()
+	m := nodemetrics.ForTest()
+	h, err := NewHandler(d, dl, noTrack{}, certs, Options{SyncWait: 200 * time.Millisecond, CertWait: 200 * time.Millisecond}, m, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h, m
+}
+
+// TestHandleFlowWaitsForCertificate (task c): the first flow of an identity
+// whose certificate is not issued waits for it; if it comes in time the
+// flow is meshed, otherwise refused with a reset and counted. Never
+// passthrough.
+func TestHandleFlowWaitsForCertificate(t *testing.T) {
+	d, _ := fixture()
+	certs := &fakeCerts{}
+	h, m := newTestHandler(t, d, certs, fakeDialer{})
+	f := fl(1, netip.AddrPortFrom(meshedIP, 8080))
+
+	start := time.Now()
+	if got := h.HandleFlow(f); got != netstack.Reset {
+		t.Fatalf("no certificate: HandleFlow = %s, want reset", got)
+	}
+	if waited := time.Since(start); waited < 150*time.Millisecond {
+		t.Errorf("refused after %v, want it to wait for the certificate first", waited)
+	}
+	if n := counterValue(m.Refused.WithLabelValues(ReasonNoCertificate)); n != 1 {
+		t.Errorf("fail-closed counter %v, want 1", n)
+	}
+
+	go func() { time.Sleep(50 * time.Millisecond); certs.ready.Store(true) }()
+	if got := h.HandleFlow(f); got != netstack.Terminate {
+		t.Fatalf("certificate arriving while waiting: HandleFlow = %s, want terminate", got)
+	}
+}
+
+// TestHandleFlowBeforeSync (item 1): a flow arriving before the view has
+// synced waits for it; still unsynced it is dropped (the pod retransmits),
+// never passed through.
+func TestHandleFlowBeforeSync(t *testing.T) {
+	d, _ := fixture()
+	var synced atomic.Bool
+	d.Synced = synced.Load
+	certs := &fakeCerts{}
+	certs.ready.Store(true)
+	h, m := newTestHandler(t, d, certs, fakeDialer{})
+	f := fl(1, netip.AddrPortFrom(meshedIP, 8080))
+	if got := h.HandleFlow(f); got != netstack.Drop {
+		t.Fatalf("unsynced: HandleFlow = %s, want drop", got)
+	}
+	if n := counterValue(m.Refused.WithLabelValues(ReasonNotSynced)); n != 1 {
+		t.Errorf("fail-closed counter %v, want 1", n)
+	}
+	go func() { time.Sleep(50 * time.Millisecond); synced.Store(true) }()
+	if got := h.HandleFlow(f); got != netstack.Terminate {
+		t.Fatalf("synced while waiting: HandleFlow = %s, want terminate", got)
+	}
+}
+
+// TestServeConnResetsOnDialFailure: a terminated flow whose tunnel cannot
+// be opened is reset, not closed (a clean close would look like an empty
+// successful response).
+func TestServeConnResetsOnDialFailure(t *testing.T) {
+	d, _ := fixture()
+	certs := &fakeCerts{}
+	certs.ready.Store(true)
+	h, _ := newTestHandler(t, d, certs, fakeDialer{err: &tunnel.RefusedError{Reason: tunnel.ReasonPolicy}})
+	f := fl(1, netip.AddrPortFrom(meshedIP, 8080))
+	if got := h.HandleFlow(f); got != netstack.Terminate {
+		t.Fatalf("HandleFlow = %s", got)
+	}
+	c := &abortConn{}
+	h.ServeConn(context.Background(), c, f)
+	if !c.aborted.Load() {
+		t.Fatal("pod connection not reset after a refused tunnel")
+	}
+}
+
+func counterValue(c prometheus.Counter) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		panic(err)
+	}
+	return m.GetCounter().GetValue()
+}
