@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"math/big"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -194,6 +195,56 @@ func (c *CA) Sign(csrDER []byte, id spiffe.ID, now time.Time) ([][]byte, error) 
 	leaf, err := x509.CreateCertificate(rand.Reader, tmpl, iss.Certificate, csr.PublicKey, iss.Key)
 	if err != nil {
 		return nil, fmt.Errorf("sign %s: %w", id, err)
+	}
+	chain := make([][]byte, 0, 2+len(iss.Chain))
+	chain = append(chain, leaf, iss.Certificate.Raw)
+	for _, ic := range iss.Chain {
+		chain = append(chain, ic.Raw)
+	}
+	return chain, nil
+}
+
+// SignServer signs a server-only leaf for a control-plane component from a
+// DER-encoded CSR: its single DNS SAN is dnsName (from
+// spiffe.ControlPlaneDNSName), it has no SPIFFE URI (it is not a workload
+// identity) and can only authenticate a server. The CSR's own names are
+// ignored. Validity follows the same rules as Sign.
+func (c *CA) SignServer(csrDER []byte, dnsName string, now time.Time) ([][]byte, error) {
+	csr, err := x509.ParseCertificateRequest(csrDER)
+	if err != nil {
+		return nil, fmt.Errorf("sign server %s: %w: %w", dnsName, ErrBadCSR, err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("sign server %s: %w: %w", dnsName, ErrBadCSR, err)
+	}
+	if !strings.HasSuffix(dnsName, ".control."+c.cfg.TrustDomain) {
+		return nil, fmt.Errorf("sign server %s: %w: not a control-plane name of %q", dnsName, ErrSANMismatch, c.cfg.TrustDomain)
+	}
+	iss := c.issuer.Load()
+	if err := checkValidity("issuer certificate", iss.Certificate, now); err != nil {
+		return nil, fmt.Errorf("sign server %s: %w: %w", dnsName, ErrInvalidIssuer, err)
+	}
+	notAfter := now.Add(c.cfg.Lifetime)
+	if limit := iss.notAfter(); notAfter.After(limit) {
+		notAfter = limit
+	}
+	serial, err := randomSerial()
+	if err != nil {
+		return nil, fmt.Errorf("sign server %s: %w", dnsName, err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: dnsName},
+		NotBefore:             now.Add(-c.cfg.ClockSkew),
+		NotAfter:              notAfter,
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		DNSNames:              []string{dnsName},
+	}
+	leaf, err := x509.CreateCertificate(rand.Reader, tmpl, iss.Certificate, csr.PublicKey, iss.Key)
+	if err != nil {
+		return nil, fmt.Errorf("sign server %s: %w", dnsName, err)
 	}
 	chain := make([][]byte, 0, 2+len(iss.Chain))
 	chain = append(chain, leaf, iss.Certificate.Raw)

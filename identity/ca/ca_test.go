@@ -440,3 +440,30 @@ func TestOpenSSL(t *testing.T) {
 		t.Errorf("openssl verified against a stranger root: %s", out)
 	}
 }
+
+// TestSignServer: the control plane's serving leaf has only its DNS name,
+// no SPIFFE ID (it is no workload identity) and server auth only; names
+// outside the control-plane space are refused.
+func TestSignServer(t *testing.T) {
+	p := newTestPKI(t, t0)
+	c := p.newCA(t, Config{})
+	now := t0.Add(time.Hour)
+	name := spiffe.ControlPlaneDNSName("tunmesh-identity", "tunmesh", "cluster.local")
+	ders, err := c.SignServer(makeCSR(t, p256Key(t), csrOpts{uris: []*url.URL{testID.URL()}}), name, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(ders[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(leaf.DNSNames) != 1 || leaf.DNSNames[0] != name || len(leaf.URIs) != 0 {
+		t.Errorf("SANs dns %v uris %v, want only %s", leaf.DNSNames, leaf.URIs, name)
+	}
+	if len(leaf.ExtKeyUsage) != 1 || leaf.ExtKeyUsage[0] != x509.ExtKeyUsageServerAuth {
+		t.Errorf("ext key usage %v, want server auth only", leaf.ExtKeyUsage)
+	}
+	if _, err := c.SignServer(makeCSR(t, p256Key(t), csrOpts{}), testID.DNSName("tunmesh"), now); !errors.Is(err, ErrSANMismatch) {
+		t.Errorf("workload name as server name: err %v, want ErrSANMismatch", err)
+	}
+}

@@ -55,8 +55,8 @@ func (s *Service) certify(r *http.Request) (chain [][]byte, id string, node stri
 	if err != nil {
 		return nil, req.Identity, "", refuse(api.CodeBadRequest, "identity: %v", err)
 	}
-	if td := s.ca.Config().TrustDomain; sid.TrustDomain != td {
-		return nil, req.Identity, "", refuse(api.CodeBadRequest, "identity %s is not in trust domain %q", sid, td)
+	if err := checkIdentity(sid, s.ca.Config().TrustDomain, s.ca.Config().ControlNamespace); err != nil {
+		return nil, req.Identity, "", err
 	}
 	node, err = s.agentNode(r.Context(), bearer(r.Header.Get("Authorization")))
 	if err != nil {
@@ -67,6 +67,21 @@ func (s *Service) certify(r *http.Request) (chain [][]byte, id string, node stri
 	}
 	chain, err = s.ca.Sign(req.CSR, sid, s.now())
 	return chain, req.Identity, node, err
+}
+
+// checkIdentity refuses identities the service never issues: another trust
+// domain, and every identity of the control namespace. The control plane's
+// identities are never workload identities: an agent on the identity
+// service's node holding one could pass for the control plane to other
+// agents and collect their tokens.
+func checkIdentity(id spiffe.ID, trustDomain, controlNS string) error {
+	if id.TrustDomain != trustDomain {
+		return refuse(api.CodeBadRequest, "identity %s is not in trust domain %q", id, trustDomain)
+	}
+	if id.Namespace == controlNS {
+		return refuse(api.CodeReservedIdentity, "identity %s is in the control namespace %q", id, controlNS)
+	}
+	return nil
 }
 
 // errorStatus is the one place that maps errors to API codes and HTTP

@@ -30,6 +30,7 @@ import (
 
 	"github.com/tunmesh/tunmesh/identity/api"
 	"github.com/tunmesh/tunmesh/identity/ca"
+	"github.com/tunmesh/tunmesh/identity/rbac"
 )
 
 // Config configures the service.
@@ -116,7 +117,7 @@ func (s *Service) Listener(ln net.Listener) { s.ln = ln }
 
 // Run checks permissions, starts the informers, and serves until ctx ends.
 func (s *Service) Run(ctx context.Context) error {
-	if err := checkPermissions(ctx, s.client, s.ca.Config().ControlNamespace, s.cfg.IssuerSecret); err != nil {
+	if err := rbac.Check(ctx, s.client, RequiredPermissions(s.ca.Config().ControlNamespace, s.cfg.IssuerSecret)); err != nil {
 		return err
 	}
 	broadcaster := record.NewBroadcaster(record.WithContext(ctx))

@@ -15,9 +15,11 @@ import (
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 )
 
-// servingCert is the service's own TLS certificate: a leaf for its
-// ServiceAccount identity from the current issuer (clients verify the DNS
-// SAN <sa>.<ns>.serviceaccount.identity.<ns>.<trust-domain> against the
+// servingCert is the service's own TLS certificate: a server-only leaf
+// from the current issuer whose DNS SAN is
+// <sa>.<control-ns>.control.<trust-domain> (spiffe.ControlPlaneDNSName),
+// a name outside the workload name space, so that no workload certificate
+// can pass for the identity service (clients verify that name against the
 // trust anchors). It is re-issued when the issuer changes or at 70% of its
 // lifetime.
 type servingCert struct {
@@ -30,11 +32,9 @@ type servingCert struct {
 }
 
 // ServerName is the name clients must verify in the service's certificate.
-func (s *Service) ServerName() string { return s.identity().DNSName(s.ca.Config().ControlNamespace) }
-
-func (s *Service) identity() spiffe.ID {
+func (s *Service) ServerName() string {
 	c := s.ca.Config()
-	return spiffe.ID{TrustDomain: c.TrustDomain, Namespace: c.ControlNamespace, ServiceAccount: s.cfg.ServiceAccount}
+	return spiffe.ControlPlaneDNSName(s.cfg.ServiceAccount, c.ControlNamespace, c.TrustDomain)
 }
 
 func (sc *servingCert) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -61,14 +61,14 @@ func (sc *servingCert) issue(now time.Time) (*tls.Certificate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("serving key: %w", err)
 	}
-	id := sc.svc.identity()
-	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: nil}, key)
+	name := sc.svc.ServerName()
+	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
 	if err != nil {
 		return nil, fmt.Errorf("serving csr: %w", err)
 	}
-	chain, err := sc.svc.ca.Sign(csrDER, id, now)
+	chain, err := sc.svc.ca.SignServer(csrDER, name, now)
 	if err != nil {
-		return nil, fmt.Errorf("sign serving certificate for %s: %w", id, err)
+		return nil, fmt.Errorf("sign serving certificate %s: %w", name, err)
 	}
 	leaf, err := parseLeaf(chain)
 	if err != nil {

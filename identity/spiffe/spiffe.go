@@ -133,6 +133,16 @@ func (id ID) DNSName(controlNamespace string) string {
 	return id.ServiceAccount + "." + id.Namespace + ".serviceaccount.identity." + controlNamespace + "." + id.TrustDomain
 }
 
+// ControlPlaneDNSName is the DNS name of a control-plane component's serving
+// certificate, <component>.<controlNamespace>.control.<trust-domain>. It is
+// outside the workload name space (DNSName always has the labels
+// "serviceaccount.identity" before the control namespace), so no workload
+// leaf can carry it: an agent that trusts this name trusts the component,
+// not whoever holds a certificate for the component's ServiceAccount.
+func ControlPlaneDNSName(component, controlNamespace, trustDomain string) string {
+	return component + "." + controlNamespace + ".control." + trustDomain
+}
+
 // FromCertificate returns the identity in c's single URI SAN. A certificate
 // with no URI SAN or several of them is rejected rather than guessed at.
 // Errors wrap ErrInvalidID.

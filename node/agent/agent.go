@@ -33,6 +33,7 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	"github.com/tunmesh/tunmesh/cni/cniapi"
+	"github.com/tunmesh/tunmesh/identity/rbac"
 	"github.com/tunmesh/tunmesh/identity/workload"
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/netstack/tun"
@@ -205,6 +206,9 @@ func (r *stackRef) DialTCP(ctx context.Context, id netstack.NICID, src, dst neti
 
 // Run starts everything and blocks until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
+	if err := rbac.Check(ctx, a.client, RequiredPermissions()); err != nil {
+		return fmt.Errorf("agent start-up: %w", err)
+	}
 	a.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: a.client.CoreV1().Events("")})
 	defer a.broadcaster.Shutdown()
 

@@ -47,7 +47,9 @@ func (noDial) DialTCP(context.Context, netstack.NICID, netip.AddrPort, netip.Add
 	return nil, errors.New("no dial in this test")
 }
 
-func id(ns, sa string) spiffe.ID { return spiffe.ID{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: sa} }
+func id(ns, sa string) spiffe.ID {
+	return spiffe.ID{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: sa}
+}
 
 func srcPod(name, sa, ip, node string, terminating bool) *corev1.Pod {
 	p := &corev1.Pod{

@@ -36,7 +36,9 @@ func (f *fakeCerts) Certificate(ctx context.Context, _ spiffe.ID) (*tls.Certific
 
 type fakeDialer struct{ err error }
 
-func (f fakeDialer) Dial(context.Context, dialer.Target) (*tunnel.FramedConn, error) { return nil, f.err }
+func (f fakeDialer) Dial(context.Context, dialer.Target) (*tunnel.FramedConn, error) {
+	return nil, f.err
+}
 
 type noTrack struct{}
 

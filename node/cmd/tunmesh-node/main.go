@@ -107,8 +107,8 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	identityServer := spiffe.ID{TrustDomain: cfg.agent.TrustDomain, Namespace: cfg.agent.ControlNamespace, ServiceAccount: "tunmesh-identity"}
-	idClient, err := workload.NewClient(cfg.identityURL, identityServer.DNSName(cfg.agent.ControlNamespace), anchors.Pool(), cfg.tokenFile)
+	identityServer := spiffe.ControlPlaneDNSName("tunmesh-identity", cfg.agent.ControlNamespace, cfg.agent.TrustDomain)
+	idClient, err := workload.NewClient(cfg.identityURL, identityServer, anchors.Pool(), cfg.tokenFile)
 	if err != nil {
 		return err
 	}
