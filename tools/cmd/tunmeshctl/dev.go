@@ -79,6 +79,8 @@ func addClusterShapeFlags(cmd *cobra.Command, d *devFlags) {
 	fs.IntVar(&d.cfg.Nodes, "nodes", 2, "number of nodes")
 	fs.BoolVar(&d.cfg.Mesh, "mesh", true, "run tunmesh on the cluster (identity, an agent per node, tunmesh-cni)")
 	noMesh := fs.Bool("no-mesh", false, "a bare cluster: no tunmesh (same as --mesh=false)")
+	fs.BoolVar(&d.cfg.RealNodes, "real-nodes", false, "nodes run a real kubelet + containerd and the real kube-scheduler; no mesh (install it with tunmeshctl install)")
+	fs.StringVar(&d.cfg.ImageDir, "image-dir", "", "OCI image archives imported into real nodes (default: <bin-dir>/images, from make images)")
 	prev := cmd.PreRunE
 	cmd.PreRunE = func(c *cobra.Command, args []string) error {
 		if *noMesh {

@@ -57,8 +57,17 @@ type Config struct {
 	CNIBinDir  string // reference CNI plugins
 	Etcd       string // etcd binary
 	// Mesh runs tunmesh on the cluster: tunmesh-identity, an agent per
-	// node and tunmesh-cni chained after the bridge plugin.
+	// node and tunmesh-cni chained after the bridge plugin. Ignored with
+	// RealNodes (there tunmesh is installed like on any cluster:
+	// `tunmeshctl install | kubectl apply -f -`).
 	Mesh bool
+	// RealNodes runs every node as a real kubelet with containerd and runc
+	// (see tools/internal/realnode) and schedules with the real
+	// kube-scheduler, instead of the kubelet and scheduler stand-ins.
+	RealNodes bool
+	// ImageDir holds the OCI archives (make images) imported into every
+	// real node's containerd; default BinDir/images.
+	ImageDir string
 }
 
 // WithDefaults fills empty fields and validates the result.
@@ -85,6 +94,12 @@ func (c Config) WithDefaults() (Config, error) {
 		}
 		c.BinDir = filepath.Dir(exe)
 	}
+	if c.ImageDir == "" {
+		c.ImageDir = filepath.Join(c.BinDir, "images")
+	}
+	if c.RealNodes {
+		c.Mesh = false
+	}
 	if !nameRE.MatchString(c.Name) {
 		return c, fmt.Errorf("cluster name %q: must match %s (it prefixes namespace names)", c.Name, nameRE)
 	}
@@ -109,6 +124,9 @@ func (c Config) nsPrefix() string          { return c.Name + "-" }
 func (c Config) controlPlaneNS() string    { return c.Name + "-cp" }
 func (c Config) underlayNS() string        { return c.Name + "-ul" }
 func (c Config) nodeNS(node string) string { return c.Name + "-" + node }
+
+// cgroupPrefix prefixes the cgroup root of every real node.
+func (c Config) cgroupPrefix() string { return "tunmesh-" + c.Name + "-" }
 
 // PodNetnsPrefix prefixes the netns of every pod (followed by the pod UID).
 func (c Config) PodNetnsPrefix() string { return c.Name + "-pod-" }

@@ -76,6 +76,11 @@ func (cp *controlPlane) start(ctx context.Context, progress func(string, ...any)
 		"--service-cluster-ip-range="+ServiceCIDR.String(),
 		"--allow-privileged=true",
 		"--enable-admission-plugins=NodeRestriction",
+		// kubectl logs/exec reach real kubelets on their node IP with a
+		// client certificate the kubelets' x509 authentication accepts.
+		"--kubelet-preferred-address-types=InternalIP",
+		"--kubelet-client-certificate="+cp.pki.clientCert(kubeletClientUser),
+		"--kubelet-client-key="+cp.pki.clientKey(kubeletClientUser),
 		"--profiling=false",
 		"--v=0",
 	); err != nil {
@@ -112,7 +117,24 @@ func (cp *controlPlane) start(ctx context.Context, progress func(string, ...any)
 	); err != nil {
 		return err
 	}
-	return nil
+	if !cfg.RealNodes {
+		return nil
+	}
+	// Real nodes are scheduled by the real kube-scheduler (the stand-in
+	// does not run then).
+	progress("starting kube-scheduler")
+	schedKubeconfig := cfg.path("pki", "scheduler.kubeconfig")
+	if err := cp.pki.writeKubeconfig(schedKubeconfig, cp.apiURL(), schedulerUser, ""); err != nil {
+		return err
+	}
+	return cp.run("kube-scheduler", filepath.Join(cfg.KubeBinDir, "kube-scheduler"),
+		"--kubeconfig="+schedKubeconfig,
+		"--authentication-kubeconfig="+schedKubeconfig,
+		"--authorization-kubeconfig="+schedKubeconfig,
+		"--leader-elect=false",
+		"--bind-address=127.0.0.1",
+		"--v=0",
+	)
 }
 
 // run starts one control-plane process with its log under logs/.

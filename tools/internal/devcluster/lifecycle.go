@@ -115,7 +115,8 @@ func Up(ctx context.Context, cfg Config, self string, out io.Writer) error {
 	cmd := exec.Command(self, "dev", "supervise",
 		"--name", cfg.Name, "--nodes", strconv.Itoa(cfg.Nodes), "--root", cfg.Root,
 		"--kube-bin-dir", cfg.KubeBinDir, "--bin-dir", cfg.BinDir,
-		"--cni-bin-dir", cfg.CNIBinDir, "--etcd", cfg.Etcd, "--mesh="+strconv.FormatBool(cfg.Mesh))
+		"--cni-bin-dir", cfg.CNIBinDir, "--etcd", cfg.Etcd, "--mesh="+strconv.FormatBool(cfg.Mesh),
+		"--real-nodes="+strconv.FormatBool(cfg.RealNodes), "--image-dir", cfg.ImageDir)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: the cluster outlives the shell that ran `up`.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -192,6 +193,21 @@ func checkPrerequisites(cfg Config) error {
 	if _, err := exec.LookPath("nsenter"); err != nil {
 		return fmt.Errorf("nsenter: %w", ErrMissingPrerequisite)
 	}
+	if cfg.RealNodes {
+		for _, p := range []string{cfg.KubeBinDir + "/kubelet", cfg.KubeBinDir + "/kube-scheduler"} {
+			if _, err := os.Stat(p); err != nil {
+				return fmt.Errorf("%s: %w", p, ErrMissingPrerequisite)
+			}
+		}
+		for _, b := range []string{"containerd", "containerd-shim-runc-v2", "runc", "ctr", "unshare"} {
+			if _, err := exec.LookPath(b); err != nil {
+				return fmt.Errorf("%s: %w", b, ErrMissingPrerequisite)
+			}
+		}
+		if _, err := imageArchives(cfg); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -238,6 +254,11 @@ func sweep(cfg Config) error {
 		return err
 	}
 	var errs []error
+	// Real nodes first: their containers hold mounts in the state
+	// directory and processes outside the namespaces listed here.
+	if err := sweepRealNodes(cfg); err != nil {
+		errs = append(errs, err)
+	}
 	for _, n := range names {
 		pids, err := namedns.Pids(n)
 		if err != nil {

@@ -33,8 +33,14 @@ func (p pki) saPub() string              { return p.file("sa.pub") }
 func (p pki) clientCert(u string) string { return p.file(u + ".crt") }
 func (p pki) clientKey(u string) string  { return p.file(u + ".key") }
 
-// generate writes a fresh PKI. Everything is ECDSA P-256 and valid for a year.
-func (p pki) generate(hosts []string, ips []net.IP) error {
+// clientIdentity is a client certificate to issue: CN user, O groups.
+type clientIdentity struct{ user, group string }
+
+// generate writes a fresh PKI. Everything is ECDSA P-256 and valid for a
+// year. extra are client certificates beyond the admin and the
+// controller-manager (the real nodes' kubelets, the API server's kubelet
+// client, kube-scheduler).
+func (p pki) generate(hosts []string, ips []net.IP, extra ...clientIdentity) error {
 	if err := os.MkdirAll(p.dir, 0o700); err != nil {
 		return fmt.Errorf("create pki dir: %w", err)
 	}
@@ -93,10 +99,10 @@ func (p pki) generate(hosts []string, ips []net.IP) error {
 	}); err != nil {
 		return err
 	}
-	for _, c := range []struct{ user, group string }{
+	for _, c := range append([]clientIdentity{
 		{adminUser, "system:masters"},
 		{controllerManagerUser, ""},
-	} {
+	}, extra...) {
 		subj := pkix.Name{CommonName: c.user}
 		if c.group != "" {
 			subj.Organization = []string{c.group}
@@ -126,7 +132,14 @@ func (p pki) generate(hosts []string, ips []net.IP) error {
 const (
 	adminUser             = "tunmesh-dev-admin"
 	controllerManagerUser = "system:kube-controller-manager"
+	schedulerUser         = "system:kube-scheduler"
+	// kubeletClientUser is the API server's identity towards kubelets
+	// (kubectl logs/exec/port-forward); bound to system:kubelet-api-admin.
+	kubeletClientUser = "tunmesh-dev-apiserver-kubelet-client"
 )
+
+// nodeUser is a real node's kubelet identity (the Node authorizer's form).
+func nodeUser(node string) string { return "system:node:" + node }
 
 func serial() *big.Int {
 	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))

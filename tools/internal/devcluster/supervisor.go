@@ -32,6 +32,7 @@ type State struct {
 	Kubeconfig    string      `json:"kubeconfig"`
 	Nodes         []NodeState `json:"nodes"`
 	Mesh          bool        `json:"mesh"`
+	RealNodes     bool        `json:"realNodes"`
 	Started       time.Time   `json:"started"`
 	ReadyAfter    string      `json:"readyAfter"`
 }
@@ -101,7 +102,7 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 	progress("creating certificates")
 	hosts := []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"}
 	ips := []net.IP{net.ParseIP("127.0.0.1"), controlPlaneIP.AsSlice(), firstServiceIP().AsSlice()}
-	if err := cp.pki.generate(hosts, ips); err != nil {
+	if err := cp.pki.generate(hosts, ips, realNodeClients(cfg, nodes)...); err != nil {
 		return err
 	}
 	progress("creating network: underlay, control plane and %d node namespaces", len(nodes))
@@ -135,18 +136,42 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 		return fmt.Errorf("create client: %w", err)
 	}
 
+	var images []string
+	if cfg.RealNodes {
+		if images, err = imageArchives(cfg); err != nil {
+			return err
+		}
+	}
+
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { fwd.run(gctx); return nil })
-	sched, err := scheduler.New(client, log)
-	if err != nil {
-		return err
+	if cfg.RealNodes {
+		svc, err := serveKubernetesService(cfg, nodes, log)
+		if err != nil {
+			cancel()
+			_ = g.Wait()
+			return err
+		}
+		g.Go(func() error { svc.run(gctx); return nil })
+	} else {
+		sched, err := scheduler.New(client, log)
+		if err != nil {
+			cancel()
+			_ = g.Wait()
+			return err
+		}
+		g.Go(func() error { return sched.Run(gctx) })
 	}
-	g.Go(func() error { return sched.Run(gctx) })
-	progress("starting %d nodes", len(nodes))
+	kind := "stand-in"
+	if cfg.RealNodes {
+		kind = "real (kubelet + containerd)"
+	}
+	progress("starting %d %s nodes", len(nodes), kind)
+	host := cfg.realnodeHost()
 	for _, n := range nodes {
-		k, err := kubelet.New(kubeletConfig(cfg, n), client, log.With("component", "kubelet"))
+		k, err := newNode(cfg, n, client, cp.pki, host, images, log)
 		if err != nil {
 			cancel()
 			_ = g.Wait()
@@ -163,7 +188,12 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 		}
 	})
 	g.Go(func() error {
-		if err := waitNodesReady(gctx, client, nodes); err != nil {
+		if cfg.RealNodes {
+			if err := bindKubeletClient(gctx, client); err != nil {
+				return err
+			}
+		}
+		if err := waitNodesReady(gctx, client, nodes, cfg.RealNodes); err != nil {
 			return err
 		}
 		// Pods are refused until the controller-manager has made the
@@ -185,6 +215,7 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 			APIServerNode: cp.apiURL(),
 			Kubeconfig:    cfg.KubeconfigPath(),
 			Mesh:          cfg.Mesh,
+			RealNodes:     cfg.RealNodes,
 			Started:       start,
 			ReadyAfter:    time.Since(start).Round(100 * time.Millisecond).String(),
 		}
@@ -263,10 +294,24 @@ func writeNodeCNIConfig(cfg Config, n NodeSpec) error {
 }
 
 // waitNodesReady waits until every node reports Ready to the API server.
-func waitNodesReady(ctx context.Context, client kubernetes.Interface, nodes []NodeSpec) error {
+// Real nodes get their pod CIDR once their kubelet has registered them.
+func waitNodesReady(ctx context.Context, client kubernetes.Interface, nodes []NodeSpec, real bool) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
+	cidrSet := map[string]bool{}
 	for {
+		if real {
+			for _, n := range nodes {
+				if cidrSet[n.Name] {
+					continue
+				}
+				ok, err := setPodCIDR(ctx, client, n)
+				if err != nil {
+					return err
+				}
+				cidrSet[n.Name] = ok
+			}
+		}
 		list, err := client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
 		ready := 0
 		if err == nil {
@@ -278,7 +323,7 @@ func waitNodesReady(ctx context.Context, client kubernetes.Interface, nodes []No
 				}
 			}
 		}
-		if ready >= len(nodes) {
+		if ready >= len(nodes) && (!real || len(cidrSet) == len(nodes) && allTrue(cidrSet)) {
 			return nil
 		}
 		select {
@@ -322,4 +367,13 @@ func ReadState(cfg Config) (*State, error) {
 		return nil, fmt.Errorf("cluster %q: supervisor is gone (run `tunmeshctl dev down`): %w", cfg.Name, ErrNotRunning)
 	}
 	return &st, nil
+}
+
+func allTrue(m map[string]bool) bool {
+	for _, v := range m {
+		if !v {
+			return false
+		}
+	}
+	return true
 }
