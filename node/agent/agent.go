@@ -58,9 +58,13 @@ type Config struct {
 	CNISocket string
 	// MeshPort is the mTLS tunnel port (default 4143).
 	MeshPort int
-	// AdminAddr serves /metrics, /ready and the identity certificates
-	// (default ":4191").
+	// AdminAddr serves the admin API (metrics, readiness, status, the
+	// identity certificates). Default: the node address, port 4191; the
+	// admin API is not for every interface of the node.
 	AdminAddr string
+	// CNIConfDir holds the node's CNI configuration, checked (read only)
+	// for tunmesh's plugin in the admin status (default /etc/cni/net.d).
+	CNIConfDir string
 	// TrustDomain and ControlNamespace shape SPIFFE IDs and DNS SANs.
 	TrustDomain, ControlNamespace string
 	// HostTUN is the device in the node's namespace that receives
@@ -83,7 +87,10 @@ func (c *Config) defaults() error {
 		c.MeshPort = 4143
 	}
 	if c.AdminAddr == "" {
-		c.AdminAddr = ":" + strconv.Itoa(workload.AdminPort)
+		c.AdminAddr = net.JoinHostPort(c.NodeIP.String(), strconv.Itoa(workload.AdminPort))
+	}
+	if c.CNIConfDir == "" {
+		c.CNIConfDir = "/etc/cni/net.d"
 	}
 	if c.TrustDomain == "" {
 		c.TrustDomain = "cluster.local"
@@ -126,20 +133,21 @@ type Agent struct {
 	inbound     *inbound.Acceptor
 }
 
-// New checks its dependencies and builds the agent's parts. certs is run
-// by Run.
-func New(cfg Config, client kubernetes.Interface, certs *workload.Manager, roots *x509.CertPool, reg *prometheus.Registry, log *slog.Logger) (*Agent, error) {
+// Version is the agent's version, set at build time with
+// -ldflags "-X github.com/tunmesh/tunmesh/node/agent.Version=v1.2.3".
+var Version = "dev"
+
+// New checks its dependencies and builds the agent's parts. certs and res
+// are run by Run; res is shared with the caller, which may use it (before
+// Run) to reach the identity service through its endpoints.
+func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *workload.Manager, roots *x509.CertPool, reg *prometheus.Registry, log *slog.Logger) (*Agent, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
-	if client == nil || certs == nil || roots == nil || reg == nil || log == nil {
+	if client == nil || res == nil || certs == nil || roots == nil || reg == nil || log == nil {
 		return nil, errors.New("agent: nil dependency")
 	}
 	m, err := nodemetrics.New(reg)
-	if err != nil {
-		return nil, err
-	}
-	res, err := resolve.New(client, log.With("component", "resolver"))
 	if err != nil {
 		return nil, err
 	}
@@ -257,7 +265,8 @@ func (a *Agent) Run(ctx context.Context) error {
 				return errors.New("not synced")
 			}
 			return nil
-		}}, {Name: "mesh listener", Fn: a.inbound.Ready}},
+		}}, {Name: "mesh listener", Fn: a.inbound.Ready}, {Name: "certificates", Fn: a.certificatesReady}},
+		Version: Version, Node: a.cfg.NodeName, CNIConfDir: a.cfg.CNIConfDir,
 		Certificates: a.certs.CertificatesHandler(), CertificatesPath: workload.CertificatesPath,
 	})}
 
@@ -281,6 +290,21 @@ func (a *Agent) Run(ctx context.Context) error {
 	err = g.Wait()
 	a.cni.ReleaseAll()
 	return err
+}
+
+// certificatesReady fails while a local pod's identity has no certificate
+// and the last attempt to get one failed (the identity service is
+// unreachable or refuses): meshed flows of that pod would be refused.
+func (a *Agent) certificatesReady() error {
+	for _, id := range a.registry.Identities() {
+		if _, ok := a.certs.Expiry(id); ok {
+			continue
+		}
+		if err := a.certs.LastError(id); err != nil {
+			return fmt.Errorf("no certificate for %s: %w", id, err)
+		}
+	}
+	return nil
 }
 
 func serveHTTP(ctx context.Context, srv *http.Server, ln net.Listener) error {

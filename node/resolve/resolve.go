@@ -49,6 +49,7 @@ type Resolver struct {
 	vips   map[netip.AddrPort]servicePort                                 // ClusterIP:port -> service port
 	slices map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice // service -> slice name -> slice
 	active map[netip.AddrPort]*atomic.Int64
+	ports  map[types.NamespacedName]map[uint16]string // service -> port number -> port name
 	synced atomic.Bool
 }
 
@@ -62,6 +63,7 @@ func New(client kubernetes.Interface, log *slog.Logger) (*Resolver, error) {
 		vips:   map[netip.AddrPort]servicePort{},
 		slices: map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice{},
 		active: map[netip.AddrPort]*atomic.Int64{},
+		ports:  map[types.NamespacedName]map[uint16]string{},
 	}, nil
 }
 
@@ -111,6 +113,17 @@ func (r *Resolver) setService(o any, remove bool) {
 	key := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if remove {
+		delete(r.ports, key)
+	} else {
+		m := map[uint16]string{}
+		for _, p := range svc.Spec.Ports {
+			if p.Protocol == "" || p.Protocol == corev1.ProtocolTCP {
+				m[uint16(p.Port)] = p.Name
+			}
+		}
+		r.ports[key] = m
+	}
 	for _, ip := range svc.Spec.ClusterIPs {
 		a, err := netip.ParseAddr(ip)
 		if err != nil {
@@ -182,11 +195,39 @@ func (r *Resolver) Resolve(dst netip.AddrPort) (ep Endpoint, ok bool, err error)
 // Service; ErrNoEndpoints when it has no usable endpoint.
 func (r *Resolver) Candidates(dst netip.AddrPort) (eps []Endpoint, ok bool, err error) {
 	r.mu.RLock()
+	defer r.mu.RUnlock()
 	sp, ok := r.vips[dst]
 	if !ok {
-		r.mu.RUnlock()
 		return nil, false, nil
 	}
+	eps = r.candidatesLocked(sp, func(a netip.Addr) bool { return a.Is4() == dst.Addr().Is4() })
+	if len(eps) == 0 {
+		return nil, true, fmt.Errorf("service %s port %q: %w", sp.svc, sp.name, ErrNoEndpoints)
+	}
+	return eps, true, nil
+}
+
+// ServiceEndpoints returns the usable endpoints (as Candidates) of the
+// Service svc's TCP port, by the Service's port number, of any family. It
+// lets the agent reach a Service (tunmesh-identity) from the host network
+// without cluster DNS or kube-proxy.
+func (r *Resolver) ServiceEndpoints(svc types.NamespacedName, port uint16) ([]Endpoint, error) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	name, ok := r.ports[svc][port]
+	if !ok {
+		return nil, fmt.Errorf("service %s has no TCP port %d: %w", svc, port, ErrNoEndpoints)
+	}
+	eps := r.candidatesLocked(servicePort{svc: svc, name: name}, func(netip.Addr) bool { return true })
+	if len(eps) == 0 {
+		return nil, fmt.Errorf("service %s port %d: %w", svc, port, ErrNoEndpoints)
+	}
+	return eps, nil
+}
+
+// candidatesLocked lists the ready endpoints of sp or, when none is ready,
+// the serving terminating ones, of the addresses family accepts.
+func (r *Resolver) candidatesLocked(sp servicePort, family func(netip.Addr) bool) []Endpoint {
 	var ready, terminating []Endpoint
 	for _, s := range r.slices[sp.svc] {
 		port, found := slicePort(s, sp.name)
@@ -202,7 +243,7 @@ func (r *Resolver) Candidates(dst netip.AddrPort) (eps []Endpoint, ok bool, err 
 			}
 			for _, a := range e.Addresses {
 				addr, err := netip.ParseAddr(a)
-				if err != nil || addr.Is4() != dst.Addr().Is4() {
+				if err != nil || !family(addr) {
 					continue
 				}
 				cand := Endpoint{Addr: netip.AddrPortFrom(addr, port)}
@@ -220,14 +261,10 @@ func (r *Resolver) Candidates(dst netip.AddrPort) (eps []Endpoint, ok bool, err 
 			}
 		}
 	}
-	r.mu.RUnlock()
 	if len(ready) == 0 {
-		ready = terminating
+		return terminating
 	}
-	if len(ready) == 0 {
-		return nil, true, fmt.Errorf("service %s port %q: %w", sp.svc, sp.name, ErrNoEndpoints)
-	}
-	return ready, true, nil
+	return ready
 }
 
 func slicePort(s *discoveryv1.EndpointSlice, name string) (uint16, bool) {

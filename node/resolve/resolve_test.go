@@ -4,13 +4,16 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/utils/ptr"
 )
@@ -178,4 +181,27 @@ func TestCandidatesTerminatingFallback(t *testing.T) {
 		eps, _, _ := r.Candidates(vip)
 		return len(eps) == 1 && eps[0].Addr == netip.MustParseAddrPort("10.244.1.7:8080")
 	})
+}
+
+// TestDialServiceByEndpoints: a Service host name is dialled at its ready
+// endpoint from the EndpointSlices (no DNS, no kube-proxy); other
+// addresses go to the fallback unchanged.
+func TestDialServiceByEndpoints(t *testing.T) {
+	r, _ := run(t, service(), slice(map[string]bool{"10.244.1.5": true, "10.244.1.6": false}))
+	waitFor(t, func() bool {
+		eps, err := r.ServiceEndpoints(types.NamespacedName{Namespace: "default", Name: "web"}, 80)
+		return err == nil && len(eps) == 1
+	})
+	var dialled []string
+	dial := r.DialContext(func(_ context.Context, _, addr string) (net.Conn, error) {
+		dialled = append(dialled, addr)
+		return nil, errors.New("test dial")
+	})
+	_, _ = dial(context.Background(), "tcp", "web.default.svc:80")
+	_, _ = dial(context.Background(), "tcp", "web.default.svc.cluster.local:80")
+	_, _ = dial(context.Background(), "tcp", "10.0.0.1:8443")
+	want := []string{"10.244.1.5:8080", "10.244.1.5:8080", "10.0.0.1:8443"}
+	if !slices.Equal(dialled, want) {
+		t.Fatalf("dialled %v, want %v", dialled, want)
+	}
 }

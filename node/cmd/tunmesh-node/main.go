@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -22,6 +23,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/identity/workload"
 	"github.com/tunmesh/tunmesh/node/agent"
+	"github.com/tunmesh/tunmesh/node/resolve"
 )
 
 type config struct {
@@ -43,7 +45,8 @@ func main() {
 	fs.StringVar(&cfg.cluster, "cluster-cidrs", "", "comma-separated pod and service CIDRs routed into tm0")
 	fs.StringVar(&cfg.agent.CNISocket, "cni-socket", "/var/run/tunmesh/cni.sock", "unix socket for the CNI plugin")
 	fs.IntVar(&cfg.agent.MeshPort, "mesh-port", 4143, "mTLS tunnel port")
-	fs.StringVar(&cfg.agent.AdminAddr, "admin-addr", ":4191", "metrics, readiness and certificates")
+	fs.StringVar(&cfg.agent.AdminAddr, "admin-addr", "", "admin API: metrics, readiness, status, certificates (default <node-ip>:4191)")
+	fs.StringVar(&cfg.agent.CNIConfDir, "cni-conf-dir", "/etc/cni/net.d", "the node's CNI configuration directory, checked (read only) for tunmesh-cni in /status")
 	fs.StringVar(&cfg.agent.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain")
 	fs.StringVar(&cfg.agent.ControlNamespace, "control-namespace", "tunmesh", "tunmesh's namespace")
 	fs.StringVar(&cfg.agent.HostTUN, "host-tun", "tmhost", "TUN in the node namespace for passthrough packets")
@@ -51,7 +54,7 @@ func main() {
 	fs.IntVar(&cfg.agent.UnderlayMTU, "underlay-mtu", 1500, "MTU of the node network (MSS clamp of passthrough flows)")
 	fs.StringVar(&cfg.agent.StateDir, "state-dir", "/var/lib/tunmesh", "state kept across agent restarts")
 	fs.StringVar(&cfg.kubeconfig, "kubeconfig", "", "kubeconfig (empty: in-cluster)")
-	fs.StringVar(&cfg.identityURL, "identity-url", "https://tunmesh-identity.tunmesh.svc:8443", "tunmesh-identity API")
+	fs.StringVar(&cfg.identityURL, "identity-url", "https://tunmesh-identity.tunmesh.svc:8443", "tunmesh-identity API; a <name>.<namespace>.svc host is reached through the Service's EndpointSlices (no cluster DNS or kube-proxy needed)")
 	fs.StringVar(&cfg.anchorsFile, "trust-anchors", "/var/run/tunmesh/identity/ca.crt", "trust anchors (PEM)")
 	fs.StringVar(&cfg.tokenFile, "token-file", "/var/run/secrets/tunmesh/tokens/tunmesh-identity", "projected ServiceAccount token, audience tunmesh-identity")
 	fs.StringVar(&cfg.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -102,13 +105,18 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("kubernetes client config: %w", err)
 	}
-	rc.UserAgent = "tunmesh-node/" + cfg.agent.NodeName
+	rc.UserAgent = "tunmesh-node/" + agent.Version + "/" + cfg.agent.NodeName
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return err
 	}
 	identityServer := spiffe.ControlPlaneDNSName("tunmesh-identity", cfg.agent.ControlNamespace, cfg.agent.TrustDomain)
-	idClient, err := workload.NewClient(cfg.identityURL, identityServer, anchors.Pool(), cfg.tokenFile)
+	res, err := resolve.New(client, log.With("component", "resolver"))
+	if err != nil {
+		return err
+	}
+	var dialer net.Dialer
+	idClient, err := workload.NewClientWithDialer(cfg.identityURL, identityServer, anchors.Pool(), cfg.tokenFile, res.DialContext(dialer.DialContext))
 	if err != nil {
 		return err
 	}
@@ -119,7 +127,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	a, err := agent.New(cfg.agent, client, certs, anchors.Pool(), reg, log)
+	a, err := agent.New(cfg.agent, client, res, certs, anchors.Pool(), reg, log)
 	if err != nil {
 		return err
 	}
