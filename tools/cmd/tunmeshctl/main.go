@@ -102,6 +102,8 @@ trust anchors, and runs the local development cluster.
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	log := slog.New(slog.NewTextHandler(streams.ErrOut, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	root.AddCommand(
+		newInstallCmd(streams),
+		newUninstallCmd(streams),
 		newCheckCmd(streams),
 		newIdentityCmd(streams),
 		newDevCmd(streams, ops, log),

@@ -5,12 +5,14 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
+	"github.com/tunmesh/tunmesh/deploy"
 	"github.com/tunmesh/tunmesh/tools/internal/devcluster"
 )
 
@@ -178,7 +180,7 @@ func TestHelpAndCompletion(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("--help exit %d", code)
 	}
-	for _, c := range []string{"check", "dev", "identity", "completion"} {
+	for _, c := range []string{"install", "uninstall", "check", "dev", "identity", "completion"} {
 		if !strings.Contains(out, c) {
 			t.Errorf("help does not list %q:\n%s", c, out)
 		}
@@ -205,5 +207,48 @@ func TestKubeFlags(t *testing.T) {
 	code, _, stderr := runWith(t, &recorder{}, "check", "--kubeconfig", "/nonexistent/kubeconfig", "--context", "c", "-n", "other")
 	if code != 1 || !strings.Contains(stderr, "/nonexistent/kubeconfig") {
 		t.Errorf("exit %d, stderr %q; want 1 naming the kubeconfig", code, stderr)
+	}
+}
+
+// TestInstallCommand: install renders without a cluster when every
+// cluster CIDR is given, refuses an external issuer without anchors, and
+// uninstall lists what to delete.
+func TestInstallCommand(t *testing.T) {
+	t.Setenv("KUBECONFIG", filepath.Join(t.TempDir(), "none"))
+	code, out, stderr := runWith(t, &recorder{}, "install", "--set", "clusterCIDRs=10.244.0.0/16,10.96.0.0/12", "--tag", "v9", "--registry", "r.example/t")
+	if code != 0 {
+		t.Fatalf("install: exit %d: %s", code, stderr)
+	}
+	objs, err := deploy.Decode([]byte(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kinds := map[string]int{}
+	for _, o := range objs {
+		kinds[o.GetKind()]++
+	}
+	if kinds["DaemonSet"] != 1 || kinds["Secret"] != 1 || kinds["ConfigMap"] != 2 || !strings.Contains(out, "image: r.example/t/tunmesh-node:v9") {
+		t.Errorf("install output kinds %v:\n%s", kinds, out)
+	}
+
+	code, out, _ = runWith(t, &recorder{}, "install", "-o", "json", "--set", "clusterCIDRs=10.0.0.0/8")
+	if code != 0 || !strings.Contains(out, `"kind": "List"`) {
+		t.Errorf("install -o json: exit %d", code)
+	}
+	code, _, stderr = runWith(t, &recorder{}, "install", "--identity-external-issuer", "--set", "clusterCIDRs=10.0.0.0/8")
+	if code != 1 || !strings.Contains(stderr, "--identity-trust-anchors") {
+		t.Errorf("external issuer without anchors: exit %d, %q", code, stderr)
+	}
+	code, _, stderr = runWith(t, &recorder{}, "install", "--set", "clusterCIDR=10.0.0.0/8")
+	if code != 2 || !strings.Contains(stderr, `unknown key "clusterCIDR"`) {
+		t.Errorf("misspelt setting: exit %d, %q", code, stderr)
+	}
+	code, out, _ = runWith(t, &recorder{}, "uninstall")
+	if objs, err := deploy.Decode([]byte(out)); code != 0 || err != nil || len(objs) == 0 || objs[0].GetKind() != "DaemonSet" {
+		t.Errorf("uninstall: exit %d, %v:\n%s", code, err, out)
+	}
+	code, out, _ = runWith(t, &recorder{}, "__complete", "install", "--set", "")
+	if code != 0 || !strings.Contains(out, "clusterCIDRs=") {
+		t.Errorf("__complete install --set: %s", out)
 	}
 }

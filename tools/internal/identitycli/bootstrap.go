@@ -94,6 +94,11 @@ func (o BootstrapOptions) validate() error {
 	if o.Dir == "" {
 		return errors.New("no output directory")
 	}
+	return o.validateNames()
+}
+
+// validateNames checks everything but Dir.
+func (o BootstrapOptions) validateNames() error {
 	// A namespace is a DNS-1123 label and a Secret name a DNS-1123
 	// subdomain: exactly the rules for a SPIFFE ID's namespace and
 	// ServiceAccount, so let package spiffe check them (which also keeps
@@ -141,35 +146,12 @@ func Bootstrap(o BootstrapOptions) (Result, error) {
 		}
 	}
 
-	// Names in the style of Linkerd's (root.linkerd.cluster.local,
-	// identity.linkerd.cluster.local): the issuer's name is the parent
-	// domain of every leaf's DNS SAN.
-	anchor, anchorKey, err := ca.NewRoot("root."+o.SecretNamespace+"."+o.TrustDomain, o.AnchorValidity, o.Now)
+	m, err := generate(o)
 	if err != nil {
 		return Result{}, fmt.Errorf("bootstrap identity: %w", err)
 	}
-	issuer, issuerKey, err := ca.NewIntermediate(anchor, anchorKey, "identity."+o.SecretNamespace+"."+o.TrustDomain, o.IssuerValidity, o.Now)
-	if err != nil {
-		return Result{}, fmt.Errorf("bootstrap identity: %w", err)
-	}
-	anchorPEM, issuerPEM := ca.EncodeCertPEM(anchor), ca.EncodeCertPEM(issuer)
-	anchorKeyPEM, err := ca.EncodeKeyPEM(anchorKey)
-	if err != nil {
-		return Result{}, fmt.Errorf("bootstrap identity: %w", err)
-	}
-	issuerKeyPEM, err := ca.EncodeKeyPEM(issuerKey)
-	if err != nil {
-		return Result{}, fmt.Errorf("bootstrap identity: %w", err)
-	}
-	// Load what we are about to write the way the identity service will,
-	// so a bad combination fails here rather than in the cluster.
-	anchors, err := ca.ParseAnchors(anchorPEM)
-	if err != nil {
-		return Result{}, fmt.Errorf("bootstrap identity: %w", err)
-	}
-	if _, err := ca.ParseIssuer(issuerPEM, issuerKeyPEM, anchors, o.Now); err != nil {
-		return Result{}, fmt.Errorf("bootstrap identity: %w", err)
-	}
+	anchor, issuer := m.Anchor, m.Issuer
+	anchorPEM, anchorKeyPEM, issuerPEM, issuerKeyPEM := m.AnchorPEM, m.AnchorKeyPEM, m.IssuerPEM, m.IssuerKeyPEM
 
 	files := []struct {
 		name string
@@ -264,4 +246,60 @@ data:
   tls.crt: %s
   tls.key: %s
 `, name, namespace, b64(anchorPEM), b64(issuerPEM), b64(issuerKeyPEM))
+}
+
+// Material is a new trust anchor and an issuer under it, as certificates
+// and PEM.
+type Material struct {
+	Anchor, Issuer                                   *x509.Certificate
+	AnchorPEM, AnchorKeyPEM, IssuerPEM, IssuerKeyPEM []byte
+}
+
+// Generate creates a trust anchor and an issuer under it in memory, as
+// Bootstrap does (o.Dir and o.Force are ignored), checked by loading them
+// the way the identity service will.
+func Generate(o BootstrapOptions) (Material, error) {
+	o = o.withDefaults()
+	if err := o.validateNames(); err != nil {
+		return Material{}, fmt.Errorf("generate identity: %w", err)
+	}
+	m, err := generate(o)
+	if err != nil {
+		return Material{}, fmt.Errorf("generate identity: %w", err)
+	}
+	return m, nil
+}
+
+func generate(o BootstrapOptions) (Material, error) {
+	// Names in the style of Linkerd's (root.linkerd.cluster.local,
+	// identity.linkerd.cluster.local): the issuer's name is the parent
+	// domain of every leaf's DNS SAN.
+	anchor, anchorKey, err := ca.NewRoot("root."+o.SecretNamespace+"."+o.TrustDomain, o.AnchorValidity, o.Now)
+	if err != nil {
+		return Material{}, err
+	}
+	issuer, issuerKey, err := ca.NewIntermediate(anchor, anchorKey, "identity."+o.SecretNamespace+"."+o.TrustDomain, o.IssuerValidity, o.Now)
+	if err != nil {
+		return Material{}, err
+	}
+	anchorPEM, issuerPEM := ca.EncodeCertPEM(anchor), ca.EncodeCertPEM(issuer)
+	anchorKeyPEM, err := ca.EncodeKeyPEM(anchorKey)
+	if err != nil {
+		return Material{}, err
+	}
+	issuerKeyPEM, err := ca.EncodeKeyPEM(issuerKey)
+	if err != nil {
+		return Material{}, err
+	}
+	// Load what we are about to write the way the identity service will,
+	// so a bad combination fails here rather than in the cluster.
+	anchors, err := ca.ParseAnchors(anchorPEM)
+	if err != nil {
+		return Material{}, err
+	}
+	if _, err := ca.ParseIssuer(issuerPEM, issuerKeyPEM, anchors, o.Now); err != nil {
+		return Material{}, err
+	}
+
+	return Material{Anchor: anchor, Issuer: issuer, AnchorPEM: anchorPEM, AnchorKeyPEM: anchorKeyPEM, IssuerPEM: issuerPEM, IssuerKeyPEM: issuerKeyPEM}, nil
 }
