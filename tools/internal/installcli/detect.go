@@ -206,4 +206,3 @@ func join(ps []netip.Prefix) string {
 	}
 	return strings.Join(s, ",")
 }
-
