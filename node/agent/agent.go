@@ -167,7 +167,7 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	a.cni, err = pods.NewHandler(pods.Config{
 		TrustDomain: cfg.TrustDomain, TUNMTU: cfg.TUNMTU, Cluster: cfg.Cluster, Policy: pol, StateDir: cfg.StateDir,
 		Synced: a.gate.Synced,
-	}, pods.Deps{Client: client, Registry: a.registry, Stack: a.stackRef, Certs: certs, Metrics: m, Recorder: recorder, Log: log.With("component", "cni")})
+	}, pods.Deps{Client: client, View: view, Registry: a.registry, Stack: a.stackRef, Certs: certs, Metrics: m, Recorder: recorder, Log: log.With("component", "cni")})
 	if err != nil {
 		return nil, err
 	}
@@ -277,6 +277,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return a.certs.Run(gctx) })
 	g.Go(func() error { return a.resolver.Run(gctx) })
 	g.Go(func() error { return a.view.Run(gctx) })
+	g.Go(func() error { return a.cni.Reconcile(gctx, time.Second) })
 	g.Go(func() error { return a.inbound.Serve(gctx, meshLn) })
 	g.Go(func() error { return serveHTTP(gctx, cniSrv, cniLn) })
 	g.Go(func() error {

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -84,12 +85,22 @@ type Handler struct {
 	metrics  *nodemetrics.Metrics
 	recorder record.EventRecorder
 	log      *slog.Logger
+	view     View
 
 	locks keyedMutex
 }
 
+// View is the cluster view the handler reconciles local pods against.
+type View interface {
+	PodByAddr(netip.Addr) (*corev1.Pod, error)
+	Namespace(name string) (*corev1.Namespace, error)
+}
+
 // Deps are the handler's collaborators.
 type Deps struct {
+	// View, when set, lets Reconcile follow annotation changes of local
+	// pods (nil: the policy stays as decided at ADD).
+	View     View
 	Client   kubernetes.Interface
 	Registry *Registry
 	Stack    Stack
@@ -116,7 +127,7 @@ func NewHandler(cfg Config, d Deps) (*Handler, error) {
 	}
 	return &Handler{
 		cfg: cfg, client: d.Client, reg: d.Registry, store: Store{Dir: cfg.StateDir}, stack: d.Stack,
-		certs: d.Certs, net: d.PodNet, metrics: d.Metrics, recorder: d.Recorder, log: d.Log,
+		certs: d.Certs, net: d.PodNet, metrics: d.Metrics, recorder: d.Recorder, log: d.Log, view: d.View,
 		locks: keyedMutex{m: map[string]*keyedEntry{}},
 	}, nil
 }
@@ -366,6 +377,71 @@ func (h *Handler) reattach(ctx context.Context, st State) error {
 	h.attached(p)
 	h.log.Info("pod re-attached", "pod", st.Name, "pod_namespace", st.Namespace, "nic", nic)
 	return nil
+}
+
+// Reconcile keeps every local pod's mesh policy equal to what its Pod and
+// Namespace objects say now, every interval until ctx ends. The objects are
+// the one source of truth that both sides of a connection read: a client's
+// agent decides from the destination's live annotations, so the
+// destination's own agent must not keep a copy fixed at ADD. A changed skip
+// list takes effect at once; a pod whose policy turns unmeshed is released
+// from the mesh (tm0 and its routes removed, so its traffic takes eth0 as
+// clients now expect). A pod turned meshed again needs a re-creation (CNI
+// ADD): until then clients' tunnels to it are refused, never sent in clear.
+func (h *Handler) Reconcile(ctx context.Context, interval time.Duration) error {
+	if h.view == nil {
+		return nil
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		h.reconcileOnce(ctx)
+	}
+}
+
+func (h *Handler) reconcileOnce(ctx context.Context) {
+	for _, p := range h.reg.All() {
+		pod, err := h.view.PodByAddr(p.Addrs[0])
+		if err != nil || pod == nil || pod.Namespace != p.Namespace || pod.Name != p.Name {
+			continue // not in the view (yet, or any more): DEL handles the end
+		}
+		ns, err := h.view.Namespace(pod.Namespace)
+		if err != nil && !apierrors.IsNotFound(err) {
+			continue // decide later rather than drop the namespace's settings
+		}
+		if err != nil {
+			ns = nil
+		}
+		pol, _ := h.cfg.Policy.For(pod, ns)
+		if pol.Meshed == p.Policy.Meshed && pol.SkipInbound.Equal(p.Policy.SkipInbound) && pol.SkipOutbound.Equal(p.Policy.SkipOutbound) {
+			continue
+		}
+		if !pol.Meshed {
+			h.recorder.Eventf(pod, corev1.EventTypeWarning, "MeshDisabled", "mesh disabled by annotation (%s): pod released from the mesh", pol.Reason)
+			h.log.Warn("pod released from the mesh: its annotations opt it out now", "pod", p.Name, "pod_namespace", p.Namespace, "reason", pol.Reason)
+			if err := h.Del(ctx, cniapi.DelRequest{ContainerID: p.ContainerID, Netns: p.Netns}); err != nil {
+				h.log.Warn("release pod from the mesh", "pod", p.Name, "pod_namespace", p.Namespace, "err", err)
+			}
+			continue
+		}
+		np := *p
+		np.Policy = pol
+		unlock, err := h.locks.lock(ctx, p.ContainerID)
+		if err != nil {
+			return
+		}
+		if h.reg.ByContainer(p.ContainerID) == p { // not removed or replaced meanwhile
+			h.reg.Add(&np)
+			h.log.Info("pod mesh policy updated", "pod", p.Name, "pod_namespace", p.Namespace,
+				"skip_inbound", pol.SkipInbound.String(), "skip_outbound", pol.SkipOutbound.String())
+		}
+		unlock()
+	}
 }
 
 // ReleaseAll detaches every pod from the agent's state when the agent

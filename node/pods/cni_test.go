@@ -214,3 +214,54 @@ func TestBadContainerID(t *testing.T) {
 		}
 	}
 }
+
+// fakeView serves pods by address for Reconcile.
+type fakeView struct {
+	mu   sync.Mutex
+	pods map[netip.Addr]*corev1.Pod
+}
+
+func (v *fakeView) PodByAddr(a netip.Addr) (*corev1.Pod, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.pods[a], nil
+}
+func (v *fakeView) Namespace(string) (*corev1.Namespace, error) { return nil, nil }
+
+// TestReconcileFollowsAnnotations (item 4): the destination's own agent
+// follows the Pod object as the clients' agents do: a new skip list takes
+// effect, and a pod annotated out of the mesh is released from it (tm0
+// removed, certificate released) instead of staying meshed while clients
+// send it plaintext.
+func TestReconcileFollowsAnnotations(t *testing.T) {
+	p := jobPod("web", "web")
+	e := newEnv(t, nil, p)
+	view := &fakeView{pods: map[netip.Addr]*corev1.Pod{}}
+	e.h.view = view
+	ctx := context.Background()
+	if _, err := e.h.Add(ctx, addReq("c1", "web", "10.244.1.9")); err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.MustParseAddr("10.244.1.9")
+	live := p.DeepCopy()
+	live.Annotations = map[string]string{"config.tunmesh.io/skip-inbound-ports": "8080"}
+	view.pods[addr] = live
+	e.h.reconcileOnce(ctx)
+	if got := e.reg.ByContainer("c1"); got == nil || !got.Policy.SkipsInbound(8080) {
+		t.Fatalf("skip-inbound change not applied: %+v", got)
+	}
+
+	live = live.DeepCopy()
+	live.Annotations = map[string]string{"tunmesh.io/inject": "disabled"}
+	view.pods[addr] = live
+	e.h.reconcileOnce(ctx)
+	if e.reg.ByContainer("c1") != nil || len(e.stack.attached) != 0 {
+		t.Fatal("pod annotated out of the mesh is still attached")
+	}
+	if len(e.net.teardowns) != 1 || e.net.teardowns[0] != "/var/run/netns/c1" {
+		t.Fatalf("teardowns %v, want tm0 removed from the pod", e.net.teardowns)
+	}
+	if e.certs.held(spiffe.ID{TrustDomain: "cluster.local", Namespace: "batch", ServiceAccount: "web"}) {
+		t.Fatal("certificate still held")
+	}
+}
