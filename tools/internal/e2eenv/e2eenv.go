@@ -37,6 +37,7 @@ const TestRoot = "/var/lib/tunmesh-dev-test"
 var current *Cluster
 
 type Cluster struct {
+	RealNodes  bool // real kubelets + containerd (Options.RealNodes)
 	Name       string
 	BinDir     string // tunmeshctl, tunmesh-workload
 	KubectlBin string
@@ -52,6 +53,10 @@ func (c *Cluster) Cfg() devcluster.Config {
 type Options struct {
 	// Mesh runs tunmesh on the cluster (dev up --mesh).
 	Mesh bool
+	// RealNodes runs real kubelets with containerd (dev up --real-nodes)
+	// with tunmesh's images built from this checkout imported; tunmesh is
+	// then installed by the tests, as a user would.
+	RealNodes bool
 }
 
 // Current is the shared cluster; nil when the tests cannot run (not root).
@@ -86,6 +91,13 @@ func runWithCluster(m *testing.M, opts Options) (int, error) {
 	if err := build(ctx, tmp); err != nil {
 		return 1, err
 	}
+	if opts.RealNodes {
+		start := time.Now()
+		if err := buildImages(ctx, tmp); err != nil {
+			return 1, err
+		}
+		fmt.Printf("e2e: images built in %s\n", time.Since(start).Round(100*time.Millisecond))
+	}
 	ctl := filepath.Join(tmp, "tunmeshctl")
 	kubeBin, err := output(ctx, ctl, "dev", "kube-build")
 	if err != nil {
@@ -99,9 +111,13 @@ func runWithCluster(m *testing.M, opts Options) (int, error) {
 	defer unlock()
 	reapStale(ctx, ctl)
 
-	c := &Cluster{Name: "e2e" + RandomSuffix(), BinDir: tmp, KubectlBin: filepath.Join(strings.TrimSpace(kubeBin), "kubectl")}
+	c := &Cluster{Name: "e2e" + RandomSuffix(), BinDir: tmp, KubectlBin: filepath.Join(strings.TrimSpace(kubeBin), "kubectl"), RealNodes: opts.RealNodes}
+	before, err := snapshotHost()
+	if err != nil {
+		return 1, err
+	}
 	start := time.Now()
-	up := exec.CommandContext(ctx, ctl, "dev", "up", "--nodes", "2", "--name", c.Name, "--root", TestRoot, "--mesh="+strconv.FormatBool(opts.Mesh))
+	up := exec.CommandContext(ctx, ctl, "dev", "up", "--nodes", "2", "--name", c.Name, "--root", TestRoot, "--mesh="+strconv.FormatBool(opts.Mesh), "--real-nodes="+strconv.FormatBool(opts.RealNodes))
 	up.Stdout, up.Stderr = os.Stdout, os.Stderr
 	upErr := up.Run()
 	fmt.Printf("e2e: cluster %q up in %s\n", c.Name, time.Since(start).Round(100*time.Millisecond))
@@ -122,6 +138,9 @@ func runWithCluster(m *testing.M, opts Options) (int, error) {
 	if err := teardown(ctl, c); err != nil {
 		return code, err
 	}
+	if err := before.unchanged(c.Name); err != nil {
+		return code, fmt.Errorf("after dev down: %w", err)
+	}
 	if upErr != nil {
 		return 1, fmt.Errorf("dev up: %w", upErr)
 	}
@@ -133,7 +152,7 @@ func build(ctx context.Context, dir string) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "./tools/cmd/tunmeshctl", "./tools/cmd/tunmesh-workload", "./identity/cmd/tunmesh-identity", "./node/cmd/tunmesh-node", "./cni/cmd/tunmesh-cni", "./cni/cmd/tunmesh-cni-install")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "./tools/cmd/tunmeshctl", "./tools/cmd/tunmesh-workload", "./identity/cmd/tunmesh-identity", "./node/cmd/tunmesh-node", "./cni/cmd/tunmesh-cni", "./cni/cmd/tunmesh-cni-install", "./tools/cmd/tunmesh-images")
 	cmd.Dir = filepath.Dir(strings.TrimSpace(gomod))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("build binaries: %w\n%s", err, out)

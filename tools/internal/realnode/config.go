@@ -58,6 +58,8 @@ type containerdParams struct {
 //     cannot lower a container's oom_score_adj below containerd's own.
 //   - netns_mounts_under_state_dir: pod network namespaces are bind-mounted
 //     under /run/containerd (per node) rather than the host's /run/netns.
+//   - enable_unprivileged_ports/icmp: containerd 2's defaults; non-root
+//     containers (our images run as 65532) may bind ports below 1024.
 //   - SystemdCgroup = false: PID 1 is not systemd; the kubelet uses cgroupfs.
 //   - the "opt" plugin is disabled: it would create /opt/containerd.
 var containerdTmpl = template.Must(template.New("containerd").Parse(`version = 2
@@ -72,6 +74,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
   sandbox_image = "{{.SandboxImage}}"
   restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
+  enable_unprivileged_ports = true
+  enable_unprivileged_icmp = true
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"

@@ -77,6 +77,7 @@ func TestContainerdConfig(t *testing.T) {
 		`sandbox_image = "ghcr.io/tunmesh/tunmesh-pause:dev"`,
 		`restrict_oom_score_adj = true`,
 		`netns_mounts_under_state_dir = true`,
+		`enable_unprivileged_ports = true`,
 		`snapshotter = "overlayfs"`,
 		`SystemdCgroup = false`,
 		`bin_dir = "/opt/cni/bin"`,
