@@ -186,6 +186,17 @@ func TestDaemonSet(t *testing.T) {
 		volumes[anchors.Name].ConfigMap.Name != TrustAnchorsName || argValue(agent.Args, "--trust-anchors") != anchors.MountPath+"/ca.crt" {
 		t.Errorf("trust anchors: %+v, --trust-anchors %q", volumes[anchors.Name], argValue(agent.Args, "--trust-anchors"))
 	}
+	// The agent reports on the conflist the installer patches: the same
+	// host dir, read only for the agent.
+	agentConf, installerConf := mounts[argValue(agent.Args, "--cni-conf-dir")], corev1.VolumeMount{}
+	for _, m := range spec.Containers[1].VolumeMounts {
+		if m.MountPath == argValue(spec.Containers[1].Args, "--conf-dir") {
+			installerConf = m
+		}
+	}
+	if agentConf.Name == "" || agentConf.Name != installerConf.Name || !agentConf.ReadOnly || installerConf.ReadOnly {
+		t.Errorf("CNI conf dir: agent mount %+v, installer mount %+v", agentConf, installerConf)
+	}
 	// The CNI socket the installer writes into the conflist is the one the
 	// agent listens on, on the host.
 	sock := argValue(agent.Args, "--cni-socket")
