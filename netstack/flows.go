@@ -16,6 +16,13 @@ type flowKey struct {
 // which then finds the flow in the table, goes straight to the host.
 const maxPendingSYNs = 4096
 
+// maxPassthroughFlows bounds the passthrough flows one NIC remembers (one
+// pod must not grow the agent without bound by opening flows to unmeshed
+// addresses). Past it a flow is not remembered: its later segments are
+// judged again (SegmentDecider) instead of taking the fast path, which is
+// slower but never wrong. Counted in NICStats.FlowTableFull.
+const maxPassthroughFlows = 65536
+
 // flowTable is one NIC's memory of TCP flows the stack does not own:
 // flows whose first SYN the handler decided to pass through, and SYNs the
 // forwarder is still deciding on. Flows the stack owns (terminated or
@@ -32,6 +39,8 @@ type flowTable struct {
 	// pending holds the latest raw SYN of flows handed to the forwarder
 	// and not yet decided, so a Passthrough decision can emit it.
 	pending map[flowKey]*pendingSYN
+	// limit overrides maxPassthroughFlows (tests).
+	limit int
 }
 
 type ptFlow struct {
@@ -77,18 +86,28 @@ func (ft *flowTable) syn(k flowKey, now int64, copySYN func() []byte) (passthrou
 	return false
 }
 
-// promote records k as a passthrough flow and returns the SYN kept for it,
-// or nil.
-func (ft *flowTable) promote(k flowKey, now int64) []byte {
+// promote records k as a passthrough flow (unless the table is full:
+// remembered is false) and returns the SYN kept for it, or nil.
+func (ft *flowTable) promote(k flowKey, now int64) (syn []byte, remembered bool) {
 	ft.mu.Lock()
 	defer ft.mu.Unlock()
-	ft.passthrough[k] = &ptFlow{lastSeen: now}
+	if _, ok := ft.passthrough[k]; ok || len(ft.passthrough) < ft.maxFlows() {
+		ft.passthrough[k] = &ptFlow{lastSeen: now}
+		remembered = true
+	}
 	p, ok := ft.pending[k]
 	if !ok {
-		return nil
+		return nil, remembered
 	}
 	delete(ft.pending, k)
-	return p.pkt
+	return p.pkt, remembered
+}
+
+func (ft *flowTable) maxFlows() int {
+	if ft.limit > 0 {
+		return ft.limit
+	}
+	return maxPassthroughFlows
 }
 
 // forget drops the pending SYN of k (the handler terminated the flow).

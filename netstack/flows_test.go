@@ -20,7 +20,7 @@ func TestFlowTableLifecycle(t *testing.T) {
 	if ft.syn(k, 1*sec, func() []byte { return syn2 }) {
 		t.Fatal("pending flow reported as passthrough")
 	}
-	if got := ft.promote(k, 2*sec); !bytes.Equal(got, syn2) {
+	if got, _ := ft.promote(k, 2*sec); !bytes.Equal(got, syn2) {
 		t.Fatalf("promote returned %q, want the latest SYN", got)
 	}
 	if p, q := ft.sizes(); p != 1 || q != 0 {
@@ -75,7 +75,7 @@ func TestFlowTablePendingExpiryAndCap(t *testing.T) {
 	}
 	// A decision whose SYN copy was not kept still records the flow.
 	k := flowKey{src: pod4, dst: dst4}
-	if got := ft.promote(k, 0); got != nil {
+	if got, _ := ft.promote(k, 0); got != nil {
 		t.Fatalf("promote without a kept SYN returned %q", got)
 	}
 }
@@ -91,5 +91,29 @@ func TestRateLimit(t *testing.T) {
 	}
 	if !r.allow(16*sec, 10*time.Second) {
 		t.Fatal("event after the interval not allowed")
+	}
+}
+
+// TestFlowTableCap (item 8): one pod cannot grow its passthrough table
+// past the cap; a flow already remembered is still refreshed.
+func TestFlowTableCap(t *testing.T) {
+	ft := newFlowTable()
+	ft.limit = 3
+	key := func(i int) flowKey {
+		return flowKey{src: netip.MustParseAddrPort("10.0.0.1:1000"), dst: netip.AddrPortFrom(netip.MustParseAddr("10.0.0.2"), uint16(i))}
+	}
+	for i := range 3 {
+		if _, ok := ft.promote(key(i), 0); !ok {
+			t.Fatalf("flow %d not remembered below the cap", i)
+		}
+	}
+	if _, ok := ft.promote(key(9), 0); ok {
+		t.Fatal("flow remembered past the cap")
+	}
+	if _, ok := ft.promote(key(1), 5); !ok {
+		t.Fatal("a remembered flow must stay remembered at the cap")
+	}
+	if n, _ := ft.sizes(); n != 3 {
+		t.Fatalf("%d flows, want 3", n)
 	}
 }

@@ -54,7 +54,10 @@ func (s *Stack) forward(r *tcp.ForwarderRequest) {
 		// Record the decision before releasing the request, so a SYN
 		// retransmitted from now on goes straight to the host instead of
 		// asking again.
-		syn := n.flows.promote(k, s.now())
+		syn, remembered := n.flows.promote(k, s.now())
+		if !remembered {
+			n.counters.flowTableFull.Add(1)
+		}
 		r.Complete(false)
 		n.counters.passthroughFlows.Add(1)
 		if syn != nil {

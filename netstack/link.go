@@ -42,6 +42,7 @@ type nic struct {
 		dialedFlows        atomic.Uint64
 		refusedFlows       atomic.Uint64
 		failClosedDrops    atomic.Uint64
+		flowTableFull      atomic.Uint64
 	}
 	spoofLog, writeLog rateLimit
 }
@@ -66,6 +67,7 @@ func (n *nic) stats() NICStats {
 		DialedFlows:        c.dialedFlows.Load(),
 		RefusedFlows:       c.refusedFlows.Load(),
 		FailClosedDrops:    c.failClosedDrops.Load(),
+		FlowTableFull:      c.flowTableFull.Load(),
 		TrackedFlows:       tracked,
 		PendingSYNs:        pending,
 	}
@@ -159,7 +161,9 @@ func (n *nic) strayAllowed(k flowKey) bool {
 	if sd.HandleSegment(Flow{NIC: n.id, Src: k.src, Dst: k.dst}) != Passthrough {
 		return false
 	}
-	n.flows.promote(k, n.s.now())
+	if _, remembered := n.flows.promote(k, n.s.now()); !remembered {
+		n.counters.flowTableFull.Add(1)
+	}
 	return true
 }
 

@@ -619,6 +619,9 @@ type NICStats struct {
 	// FailClosedDrops counts stray segments SegmentDecider refused.
 	RefusedFlows    uint64
 	FailClosedDrops uint64
+	// FlowTableFull counts passthrough flows not remembered because the
+	// NIC's flow table was at its cap.
+	FlowTableFull uint64
 	// TrackedFlows and PendingSYNs are the current sizes of the flow
 	// table: remembered passthrough flows and SYNs awaiting a decision.
 	TrackedFlows int

@@ -40,6 +40,7 @@ const (
 	CodeAgentPodUnknown   Code = "agent_pod_unknown"    // the token is not bound to a running agent pod on a node
 	CodeIdentityNotOnNode Code = "identity_not_on_node" // no pod of that ServiceAccount is scheduled on the agent's node
 	CodeReservedIdentity  Code = "reserved_identity"    // the identity belongs to the control plane (its namespace), never issued to workloads
+	CodeRateLimited       Code = "rate_limited"         // too many requests from this client address; retry later
 	CodeBadCSR            Code = "bad_csr"              // CSR malformed or badly signed
 	CodeKeyAlgorithm      Code = "key_algorithm"        // CSR key is not ECDSA P-256
 	CodeSANMismatch       Code = "san_mismatch"         // CSR asks for names other than the identity

@@ -145,10 +145,16 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+api.CertifyPath, s.handleCertify)
+	mux.Handle("POST "+api.CertifyPath, s.limit(newClientLimiter(20, 100, 4096), http.HandlerFunc(s.handleCertify)))
 	srv := &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
+		// Bounded bodies (maxRequestBytes), headers, request time and idle
+		// connections: a client cannot hold the service's memory or fds.
+		ReadTimeout:    30 * time.Second,
+		WriteTimeout:   30 * time.Second,
+		IdleTimeout:    2 * time.Minute,
+		MaxHeaderBytes: 16 << 10,
 		TLSConfig: &tls.Config{
 			MinVersion:     tls.VersionTLS13,
 			GetCertificate: s.serving.get,

@@ -49,10 +49,34 @@ type PodDialer interface {
 	DialTCP(ctx context.Context, id netstack.NICID, src, dst netip.AddrPort) (net.Conn, error)
 }
 
-// Config is the node-wide part of the checks.
+// Config is the node-wide part of the checks, and the listener's limits
+// (zero means the default), so that one peer, or a flood of garbage to
+// :4143, cannot take the node's agent down.
 type Config struct {
 	TrustDomain      string
 	ControlNamespace string
+	// MaxConns caps open tunnels node-wide (default 16384);
+	// MaxConnsPerPeer those from one peer address (default 4096).
+	MaxConns, MaxConnsPerPeer int
+	// MaxHandshakes caps connections between accept and a checked header
+	// node-wide (default 256); MaxHandshakesPerPeer from one peer
+	// (default 64).
+	MaxHandshakes, MaxHandshakesPerPeer int
+}
+
+func (c *Config) defaults() {
+	if c.MaxConns == 0 {
+		c.MaxConns = 16384
+	}
+	if c.MaxConnsPerPeer == 0 {
+		c.MaxConnsPerPeer = 4096
+	}
+	if c.MaxHandshakes == 0 {
+		c.MaxHandshakes = 256
+	}
+	if c.MaxHandshakesPerPeer == 0 {
+		c.MaxHandshakesPerPeer = 64
+	}
 }
 
 // Acceptor serves the mesh listener.
@@ -67,6 +91,44 @@ type Acceptor struct {
 
 	serving atomic.Bool
 	failed  atomic.Pointer[error]
+
+	conns      counters // open tunnels
+	handshakes counters // tunnels not past their checks yet
+}
+
+// counters counts per peer and in total. Safe for concurrent use.
+type counters struct {
+	mu     sync.Mutex // guards the fields below
+	total  int
+	byPeer map[netip.Addr]int
+}
+
+// acquire counts one for peer unless that would pass a cap; which tells
+// which cap was hit ("" when acquired).
+func (c *counters) acquire(peer netip.Addr, max, maxPerPeer int) (which string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.total >= max {
+		return "node"
+	}
+	if c.byPeer[peer] >= maxPerPeer {
+		return "peer"
+	}
+	if c.byPeer == nil {
+		c.byPeer = map[netip.Addr]int{}
+	}
+	c.total++
+	c.byPeer[peer]++
+	return ""
+}
+
+func (c *counters) release(peer netip.Addr) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.total--
+	if c.byPeer[peer]--; c.byPeer[peer] <= 0 {
+		delete(c.byPeer, peer)
+	}
 }
 
 // New checks its dependencies.
@@ -77,6 +139,7 @@ func New(cfg Config, local LocalPods, cluster Cluster, certs ServerConfigs, stac
 	if cfg.TrustDomain == "" || cfg.ControlNamespace == "" {
 		return nil, errors.New("inbound acceptor: trust domain and control namespace are required")
 	}
+	cfg.defaults()
 	return &Acceptor{cfg: cfg, local: local, cluster: cluster, certs: certs, stack: stack, metrics: m, log: log}, nil
 }
 
@@ -226,6 +289,25 @@ func (a *Acceptor) identity(p *corev1.Pod) spiffe.ID {
 
 func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 	defer raw.Close()
+	var peer netip.Addr
+	if ta, ok := raw.RemoteAddr().(*net.TCPAddr); ok {
+		peer = ta.AddrPort().Addr().Unmap()
+	}
+	if which := a.conns.acquire(peer, a.cfg.MaxConns, a.cfg.MaxConnsPerPeer); which != "" {
+		a.metrics.Errors.WithLabelValues("limit_conns_" + which).Inc()
+		return
+	}
+	defer a.conns.release(peer)
+	if which := a.handshakes.acquire(peer, a.cfg.MaxHandshakes, a.cfg.MaxHandshakesPerPeer); which != "" {
+		a.metrics.Errors.WithLabelValues("limit_handshakes_" + which).Inc()
+		return
+	}
+	handshaking := true
+	defer func() {
+		if handshaking {
+			a.handshakes.release(peer)
+		}
+	}()
 	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
 	tc := tls.Server(raw, a.serverConfig())
 	if err := tc.HandshakeContext(ctx); err != nil {
@@ -246,10 +328,8 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 		a.log.Info("tunnel header refused", "peer", raw.RemoteAddr().String(), "client_id", clientID.String(), "err", err)
 		return
 	}
-	var peer netip.Addr
-	if ta, ok := raw.RemoteAddr().(*net.TCPAddr); ok {
-		peer = ta.AddrPort().Addr().Unmap()
-	}
+	handshaking = false
+	a.handshakes.release(peer)
 	dst, reason, detail := a.Check(Request{ClientID: clientID, ServerName: cs.ServerName, Peer: peer, Header: h})
 	refuse := func(r tunnel.Reason, msg string) {
 		a.metrics.Errors.WithLabelValues("refused_" + r.String()).Inc()

@@ -7,11 +7,13 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -176,4 +178,54 @@ func TestServeNeverStopsSilently(t *testing.T) {
 	if a.Ready() == nil {
 		t.Fatal("still ready after the listener failed")
 	}
+}
+
+// TestHandshakeLimits (item 8): connections that never finish their
+// handshake (garbage or silence to :4143) hold at most the per-peer
+// number of handshake slots; past it a connection is closed at once and
+// counted, and the listener keeps serving.
+func TestHandshakeLimits(t *testing.T) {
+	local := fakeLocal{}
+	m := nodemetrics.ForTest()
+	a, err := New(Config{TrustDomain: "cluster.local", ControlNamespace: "tunmesh", MaxHandshakesPerPeer: 2},
+		local, fakeCluster{}, noCerts{}, noDial{}, m, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	var silent []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		silent = append(silent, c)
+	}
+	time.Sleep(100 * time.Millisecond) // both hold a handshake slot
+	over, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer over.Close()
+	_ = over.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := over.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("third silent connection from one peer: read err %v, want it closed at once", err)
+	}
+	var got dto.Metric
+	if err := m.Errors.WithLabelValues("limit_handshakes_peer").Write(&got); err != nil || got.GetCounter().GetValue() != 1 {
+		t.Fatalf("limit_handshakes_peer = %v (%v), want 1", got.GetCounter().GetValue(), err)
+	}
+	if err := a.Ready(); err != nil {
+		t.Fatalf("listener not ready after the flood: %v", err)
+	}
+	_ = silent
 }

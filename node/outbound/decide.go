@@ -65,6 +65,7 @@ const (
 	ReasonLookupFailed  = "lookup_failed"
 	ReasonNoCertificate = "no_certificate"
 	ReasonClaimed       = "claimed_segment"
+	ReasonPodConnLimit  = "pod_connection_limit"
 )
 
 // Target is where a meshed flow goes.

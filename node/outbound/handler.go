@@ -44,6 +44,10 @@ type Options struct {
 	// certificate is not issued yet waits for it before it is refused.
 	// Default 3s.
 	CertWait time.Duration
+	// MaxConnsPerPod caps one pod's concurrent meshed connections (each
+	// holds two splice buffers and a TLS connection); past it new ones are
+	// refused. Default 4096.
+	MaxConnsPerPod int
 }
 
 // Handler is the netstack.FlowHandler (and SegmentDecider) for flows from
@@ -58,6 +62,9 @@ type Handler struct {
 	log     *slog.Logger
 	pending pendingFlows
 	logRate rateLimit
+
+	activeMu sync.Mutex // guards active
+	active   map[netstack.NICID]int
 }
 
 // NewHandler checks its dependencies.
@@ -74,8 +81,11 @@ func NewHandler(d *Decider, dl Dialer, tr Tracker, certs Certs, opts Options, m 
 	if opts.CertWait == 0 {
 		opts.CertWait = 3 * time.Second
 	}
+	if opts.MaxConnsPerPod == 0 {
+		opts.MaxConnsPerPod = 4096
+	}
 	return &Handler{decider: d, dialer: dl, tracker: tr, certs: certs, opts: opts, metrics: m, log: log,
-		pending: pendingFlows{m: map[netstack.Flow]*pendingTarget{}}}, nil
+		pending: pendingFlows{m: map[netstack.Flow]*pendingTarget{}}, active: map[netstack.NICID]int{}}, nil
 }
 
 // HandleFlow implements netstack.FlowHandler. It may block for a bounded
@@ -94,6 +104,9 @@ func (h *Handler) HandleFlow(f netstack.Flow) netstack.Decision {
 			d = h.decider.Decide(f)
 		}
 		cancel()
+	}
+	if d.Verdict == Mesh && h.activeConns(f.NIC) >= h.opts.MaxConnsPerPod {
+		d = Decision{Verdict: Refuse, Reason: ReasonPodConnLimit}
 	}
 	if d.Verdict == Mesh {
 		// The first flow of an identity may come before its certificate:
@@ -164,6 +177,12 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 		abort(conn)
 		return
 	}
+	if !h.enter(f.NIC) {
+		abort(conn)
+		h.metrics.Refused.WithLabelValues(ReasonPodConnLimit).Inc()
+		return
+	}
+	defer h.exit(f.NIC)
 	if t.Endpoint != nil {
 		done := h.tracker.Track(*t.Endpoint)
 		defer done()
@@ -190,6 +209,32 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 	h.log.Info("connection closed", "direction", "outbound", "src_pod", t.Src.FullName(),
 		"client_id", t.Src.ID.String(), "server_id", t.DstID.String(), "dst", t.Dst.String(), "tls", true,
 		"bytes_sent", stats.AToB, "bytes_received", stats.BToA, "duration", time.Since(start), "err", err)
+}
+
+func (h *Handler) activeConns(nic netstack.NICID) int {
+	h.activeMu.Lock()
+	defer h.activeMu.Unlock()
+	return h.active[nic]
+}
+
+// enter counts one more meshed connection of the pod behind nic, unless it
+// is at its cap.
+func (h *Handler) enter(nic netstack.NICID) bool {
+	h.activeMu.Lock()
+	defer h.activeMu.Unlock()
+	if h.active[nic] >= h.opts.MaxConnsPerPod {
+		return false
+	}
+	h.active[nic]++
+	return true
+}
+
+func (h *Handler) exit(nic netstack.NICID) {
+	h.activeMu.Lock()
+	defer h.activeMu.Unlock()
+	if h.active[nic]--; h.active[nic] <= 0 {
+		delete(h.active, nic)
+	}
 }
 
 // rateLimit lets one event per interval through; the zero value is ready.

@@ -139,3 +139,36 @@ func counterValue(c prometheus.Counter) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// TestPodConnectionLimit (item 8): a pod at its cap of concurrent meshed
+// connections gets new ones refused (reset) and counted; other pods are
+// not affected.
+func TestPodConnectionLimit(t *testing.T) {
+	d, _ := fixture()
+	certs := &fakeCerts{}
+	certs.ready.Store(true)
+	m := nodemetrics.ForTest()
+	h, err := NewHandler(d, fakeDialer{}, noTrack{}, certs, Options{MaxConnsPerPod: 2}, m, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !h.enter(1) || !h.enter(1) {
+		t.Fatal("below the cap")
+	}
+	if h.enter(1) {
+		t.Fatal("entered past the cap")
+	}
+	if got := h.HandleFlow(fl(1, netip.AddrPortFrom(meshedIP, 8080))); got != netstack.Reset {
+		t.Fatalf("pod at its cap: HandleFlow = %s, want reset", got)
+	}
+	if n := counterValue(m.Refused.WithLabelValues(ReasonPodConnLimit)); n != 1 {
+		t.Errorf("limit counter %v, want 1", n)
+	}
+	if got := h.HandleFlow(fl(2, netip.AddrPortFrom(meshedIP, 8080))); got != netstack.Terminate {
+		t.Fatalf("another pod: HandleFlow = %s, want terminate", got)
+	}
+	h.exit(1)
+	if got := h.HandleFlow(fl(1, netip.AddrPortFrom(meshedIP, 8080))); got != netstack.Terminate {
+		t.Fatalf("below the cap again: HandleFlow = %s, want terminate", got)
+	}
+}
