@@ -20,6 +20,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/ca"
 	"github.com/tunmesh/tunmesh/identity/workload"
 	"github.com/tunmesh/tunmesh/tools/internal/identitycli"
+	"github.com/tunmesh/tunmesh/tools/internal/installcli"
 )
 
 // defaultControlNamespace is where tunmesh's own workloads run.
@@ -129,10 +130,14 @@ func newCheckCmd(streams genericiooptions.IOStreams) *cobra.Command {
 	var o checkOptions
 	cmd := &cobra.Command{
 		Use:   "check",
-		Short: "Check trust anchors, issuer and the agents' workload certificates",
+		Short: "Check the control plane (trust anchors, issuer, certificates) and the data plane",
 		Long: `check reads tunmesh's issuer Secret and every running agent's workload
-certificates (through the API server's pod proxy) and reports each check,
-passed or failed. It exits 1 when a check fails.
+certificates (through the API server's pod proxy) and, on a cluster where
+tunmesh was installed with tunmeshctl install, the data plane: a ready agent
+of the node DaemonSet on every node, each node's CNI conflist chaining
+tunmesh-cni (from the agents' /status reports), and one version across the
+agents and tunmesh-identity. It reports each check, passed or failed, and
+exits 1 when a check fails.
 
 -n/--namespace names tunmesh's namespace (default "tunmesh").`,
 		Args: cobra.NoArgs,
@@ -147,9 +152,19 @@ passed or failed. It exits 1 when a check fails.
 		if err != nil {
 			return fmt.Errorf("check: %w", err)
 		}
-		checks, err := runChecks(cmd.Context(), client, controlNamespace(cmd, cf), o)
+		ns := controlNamespace(cmd, cf)
+		checks, err := runChecks(cmd.Context(), client, ns, o)
 		if err != nil {
 			return fmt.Errorf("check: %w", err)
+		}
+		dataPlane, note, err := installcli.CheckDataPlane(cmd.Context(), client, ns, installcli.ProxyStatus(client))
+		if err != nil {
+			return fmt.Errorf("check: %w", err)
+		}
+		checks = append(checks, dataPlane...)
+		var notes []string
+		if note != "" {
+			notes = append(notes, note)
 		}
 		ok := true
 		for _, c := range checks {
@@ -157,7 +172,10 @@ passed or failed. It exits 1 when a check fails.
 		}
 		if *o.output == "text" {
 			identitycli.PrintChecks(cmd.OutOrStdout(), checks)
-		} else if err := printStructured(cmd.OutOrStdout(), *o.output, map[string]any{"ok": ok, "checks": checks}); err != nil {
+			for _, n := range notes {
+				fmt.Fprintf(cmd.OutOrStdout(), "- %s\n", n)
+			}
+		} else if err := printStructured(cmd.OutOrStdout(), *o.output, map[string]any{"ok": ok, "checks": checks, "notes": notes}); err != nil {
 			return err
 		}
 		if !ok {
