@@ -45,11 +45,11 @@ func ProxyStatus(client kubernetes.Interface) StatusFetcher {
 
 // Check names, for callers and tests.
 const (
-	CheckAgentsReady   = "the node DaemonSet runs a ready agent on every node"
-	CheckCNIChained    = "every node's CNI conflist chains tunmesh-cni"
-	CheckSameVersion   = "agents and control plane run the same version"
-	dataPlaneSkipped   = "data plane checks skipped: no DaemonSet %s/%s (tunmesh not installed with tunmeshctl install)"
-	maxNodesInAHint    = 5
+	CheckAgentsReady = "the node DaemonSet runs a ready agent on every node"
+	CheckCNIChained  = "every node's CNI conflist chains tunmesh-cni"
+	CheckSameVersion = "agents and control plane run the same version"
+	dataPlaneSkipped = "data plane checks skipped: no DaemonSet %s/%s (tunmesh not installed with tunmeshctl install)"
+	maxNodesInAHint  = 5
 )
 
 // CheckDataPlane checks an installation's data plane: an agent pod of the

@@ -56,7 +56,9 @@ func identityDeployment() *appsv1.Deployment {
 	}
 }
 
-func nodeObj(name string) *corev1.Node { return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}} }
+func nodeObj(name string) *corev1.Node {
+	return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}
+}
 
 func chainedStatus(version string) admin.Status {
 	return admin.Status{Version: version, Ready: true, CNI: admin.CNIReport{ConfDir: "/etc/cni/net.d", File: "10-kindnet.conflist", Plugins: []string{"ptp", "portmap", "tunmesh-cni"}, Chained: true}}
