@@ -1,8 +1,10 @@
 package netstack
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -130,5 +132,51 @@ func TestStraySegmentsDecided(t *testing.T) {
 	defer mu.Unlock()
 	if len(asked) != 2 {
 		t.Errorf("segment decider asked %d times (%v), want 2", len(asked), asked)
+	}
+}
+
+// TestTerminatedTupleReusable (item 10): when the stack closes a
+// terminated flow first, the pod's kernel keeps no TIME_WAIT and may reuse
+// its source port to the same destination; the stack's TIME_WAIT of the
+// tuple must be short, or that SYN is dropped until it ends (gVisor
+// reuses a TIME_WAIT tuple only for a listener, not a forwarder). With
+// TCP's 60 s this reconnect hung; now it is immediate once the short
+// TIME_WAIT has passed.
+func TestTerminatedTupleReusable(t *testing.T) {
+	nstest.SkipUnlessRoot(t)
+	h := &testHandler{
+		decide: func(Flow) Decision { return Terminate },
+		serve: func(_ context.Context, c net.Conn, _ Flow) {
+			_, _ = c.Write([]byte("bye")) // and the stack closes first
+		},
+	}
+	s := newStack(t, Options{Handler: h, Passthrough: &recorder{}})
+	p := newPod(t, s, 13, 65520)
+	local := netip.AddrPortFrom(p.addr4, 41000)
+	dst := netip.MustParseAddrPort("10.201.0.9:9100")
+	connect := func() time.Duration {
+		var took time.Duration
+		p.ns.Do(t, func() error {
+			start := time.Now()
+			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(local), Timeout: 5 * time.Second}
+			c, err := d.Dial("tcp", dst.String())
+			if err != nil {
+				return fmt.Errorf("dial from %s: %w", local, err)
+			}
+			took = time.Since(start)
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			b, err := io.ReadAll(c)
+			if err != nil || string(b) != "bye" {
+				return fmt.Errorf("read %q, %v", b, err)
+			}
+			return nil
+		})
+		return took
+	}
+	connect()
+	time.Sleep(defaultTimeWait + 500*time.Millisecond)
+	if took := connect(); took > 500*time.Millisecond {
+		t.Fatalf("reconnecting from the same port took %v: the stack still held the tuple in TIME_WAIT", took)
 	}
 }

@@ -148,6 +148,9 @@ type Options struct {
 	// ReceiveWindow is the initial receive window of terminated flows in
 	// bytes. Default 1 MiB (gVisor's default).
 	ReceiveWindow int
+	// TimeWait is how long the stack keeps a connection it closed first
+	// in TIME_WAIT. Default 1s, not TCP's 60s: see defaultTimeWait.
+	TimeWait time.Duration
 }
 
 // Errors returned by Stack methods.
@@ -157,6 +160,21 @@ var (
 )
 
 const (
+	// defaultTimeWait is short on purpose. When the stack closes a
+	// terminated flow first (the far side of the tunnel ended), gVisor
+	// keeps the 4-tuple in TIME_WAIT, and it only lets a new SYN reuse a
+	// TIME_WAIT tuple when a listening endpoint exists, which a forwarder
+	// is not: the pod's kernel, which was not the one to close first and
+	// so keeps no TIME_WAIT of its own, reuses its ephemeral port for the
+	// same destination after one cycle of its port range (about 14,000
+	// connections), and that SYN was dropped until the 60 s TIME_WAIT
+	// ended. Under churn that made about 3% of new connections hang for
+	// seconds (issue 13, item 10). TIME_WAIT guards against late
+	// duplicates of the old connection; on a TUN between a pod and its
+	// node's agent there is no network to delay or duplicate segments, so
+	// one second keeps the guard for the final ACK and frees the tuple
+	// long before the pod can cycle its port range.
+	defaultTimeWait        = time.Second
 	defaultFlowIdleTimeout = 5 * time.Minute
 	defaultMaxInFlight     = 1024
 	// pendingSYNTTL bounds how long a SYN copy waits for a decision.
@@ -202,7 +220,7 @@ func New(opts Options, logger *slog.Logger) (*Stack, error) {
 	if logger == nil {
 		return nil, errors.New("new netstack: nil logger")
 	}
-	if opts.UnderlayMTU < 0 || opts.FlowIdleTimeout < 0 || opts.MaxInFlight < 0 || opts.ReceiveWindow < 0 {
+	if opts.UnderlayMTU < 0 || opts.FlowIdleTimeout < 0 || opts.MaxInFlight < 0 || opts.ReceiveWindow < 0 || opts.TimeWait < 0 {
 		return nil, errors.New("new netstack: negative option")
 	}
 	if opts.FlowIdleTimeout == 0 {
@@ -211,6 +229,10 @@ func New(opts Options, logger *slog.Logger) (*Stack, error) {
 	if opts.MaxInFlight == 0 {
 		opts.MaxInFlight = defaultMaxInFlight
 	}
+	if opts.TimeWait == 0 {
+		opts.TimeWait = defaultTimeWait
+	}
+	timeWait := tcpip.TCPTimeWaitTimeoutOption(opts.TimeWait)
 
 	gs := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
@@ -221,6 +243,7 @@ func New(opts Options, logger *slog.Logger) (*Stack, error) {
 		new(tcpip.TCPModerateReceiveBufferOption(true)),
 		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4096, Default: tcp.DefaultReceiveBufferSize, Max: bufSize},
 		&tcpip.TCPSendBufferSizeRangeOption{Min: 4096, Default: tcp.DefaultSendBufferSize, Max: bufSize},
+		&timeWait,
 	} {
 		if tcpipErr := gs.SetTransportProtocolOption(tcp.ProtocolNumber, opt); tcpipErr != nil {
 			gs.Destroy()

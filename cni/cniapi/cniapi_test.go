@@ -338,6 +338,26 @@ func TestListen(t *testing.T) {
 		if pi.Mode().Perm() != 0o755 {
 			t.Errorf("parent mode = %v, want 0755", pi.Mode().Perm())
 		}
+		// Bound in a private directory and renamed into place: nothing
+		// of that is left behind, and it still answers at path.
+		ents, _ := os.ReadDir(filepath.Dir(path))
+		if len(ents) != 1 {
+			t.Errorf("parent holds %d entries, want only the socket", len(ents))
+		}
+		go func() {
+			if c, err := l.Accept(); err == nil {
+				c.Close()
+			}
+		}()
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatalf("dial the renamed socket: %v", err)
+		}
+		c.Close()
+		l.Close()
+		if _, err := os.Stat(path); !os.IsNotExist(err) {
+			t.Errorf("socket left after Close: %v", err)
+		}
 	})
 
 	t.Run("replaces stale socket", func(t *testing.T) {

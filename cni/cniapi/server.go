@@ -14,6 +14,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -312,25 +313,58 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // parent directory (0755) if needed, replaces a stale socket left by a previous
 // agent, refuses to replace a socket that still answers or a file that is not
 // a socket, and makes the socket 0600 (root only: the plugin runs as root).
+//
+// The socket never exists at path with a looser mode: it is bound inside a
+// fresh 0700 directory next to path, made 0600 there, and renamed into place
+// (a chmod after Listen would leave a window in which anyone could connect).
 func Listen(path string) (net.Listener, error) {
 	if path == "" {
 		return nil, errors.New("listen cni socket: empty path")
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("listen cni socket %q: %w", path, err)
 	}
 	if err := removeStaleSocket(path); err != nil {
 		return nil, fmt.Errorf("listen cni socket %q: %w", path, err)
 	}
-	l, err := net.Listen("unix", path)
+	private, err := os.MkdirTemp(dir, ".cni-sock-")
+	if err != nil { // MkdirTemp creates it 0700
+		return nil, fmt.Errorf("listen cni socket %q: %w", path, err)
+	}
+	defer os.RemoveAll(private)
+	tmp := filepath.Join(private, "s")
+	l, err := net.Listen("unix", tmp)
 	if err != nil {
 		return nil, fmt.Errorf("listen cni socket %q: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	ul := l.(*net.UnixListener)
+	// The file is renamed away: closing must not try to remove tmp, and
+	// removing path on Close is done by unlinkListener.
+	ul.SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
 		l.Close()
 		return nil, fmt.Errorf("listen cni socket %q: %w", path, err)
 	}
-	return l, nil
+	if err := os.Rename(tmp, path); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("listen cni socket %q: %w", path, err)
+	}
+	return &unlinkListener{UnixListener: ul, path: path}, nil
+}
+
+// unlinkListener removes the socket file when closed, as a UnixListener
+// does for the path it was bound to.
+type unlinkListener struct {
+	*net.UnixListener
+	path string
+	once sync.Once
+}
+
+func (l *unlinkListener) Close() error {
+	err := l.UnixListener.Close()
+	l.once.Do(func() { _ = os.Remove(l.path) })
+	return err
 }
 
 func removeStaleSocket(path string) error {
