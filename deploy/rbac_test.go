@@ -40,7 +40,9 @@ func (p permission) String() string {
 //   - tunmesh-node (node/...): pod and namespace informers (clusterview)
 //     and fresh reads on CNI ADD (pods/cni.go: Pods().Get,
 //     Namespaces().Get); Service and EndpointSlice informers (resolve);
-//     core events create/patch in any namespace (agent.go recorder).
+//     core events create/patch in any namespace (agent.go recorder). The
+//     CNI installer in the same pod, on exit: its own pod (pods get) and
+//     its DaemonSet in tunmesh (cni/cmd/tunmesh-cni-install/keep.go).
 //
 // The event recorder PATCHes repeated events (client-go's correlator), so
 // patch is a call the code makes even though no line spells it.
@@ -69,6 +71,7 @@ var requiredPermissions = map[string][]permission{
 		{"discovery.k8s.io", "endpointslices", "watch", ""},
 		{"", "events", "create", ""},
 		{"", "events", "patch", ""},
+		{"apps", "daemonsets", "get", Namespace},
 	},
 }
 

@@ -58,6 +58,14 @@ type Config struct {
 	// KeepOnExit leaves the entry and the binary in place when Run ends
 	// (upgrades: the next installer takes over without a gap).
 	KeepOnExit bool
+	// Keep, if set and KeepOnExit is not, decides at exit whether to keep
+	// the entry and the binary, and says why (the tunmesh-cni-install
+	// command keeps them while its DaemonSet still exists: a rollout or a
+	// deleted pod, whose successor takes over). It gets a fresh context:
+	// Run's has ended by then.
+	Keep func(ctx context.Context) (keep bool, why string)
+	// KeepTimeout bounds Keep. Zero means 5s.
+	KeepTimeout time.Duration
 	// PollInterval is how often a missing conf dir is looked for.
 	// Zero means 1s.
 	PollInterval time.Duration
@@ -143,7 +151,8 @@ func (*conflistDoc) renderCompact(pc PluginConfig) ([]byte, error) {
 }
 
 // Run installs the binary, then watches the conf dir and keeps the primary
-// config patched until ctx ends; then, unless KeepOnExit, it uninstalls.
+// config patched until ctx ends; then, unless KeepOnExit or Keep says to
+// keep them, it uninstalls.
 // A missing conf dir or a malformed config is waited out, not an error.
 // Run returns an error only if the binary cannot be installed or removed
 // or the entry cannot be removed.
@@ -162,6 +171,20 @@ func (in *Installer) Run(ctx context.Context) error {
 	if in.cfg.KeepOnExit {
 		in.log.Info("keeping plugin installed on exit", "bin", in.binDst, "conf_dir", in.cfg.ConfDir)
 		return nil
+	}
+	if in.cfg.Keep != nil {
+		timeout := in.cfg.KeepTimeout
+		if timeout <= 0 {
+			timeout = 5 * time.Second
+		}
+		kctx, cancel := context.WithTimeout(context.Background(), timeout)
+		keep, why := in.cfg.Keep(kctx)
+		cancel()
+		if keep {
+			in.log.Info("keeping plugin installed on exit", "bin", in.binDst, "conf_dir", in.cfg.ConfDir, "reason", why)
+			return nil
+		}
+		in.log.Info("uninstalling on exit", "reason", why)
 	}
 	return in.Uninstall()
 }

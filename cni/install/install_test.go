@@ -2,9 +2,11 @@ package install
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -243,6 +245,35 @@ func TestRunKeepOnExit(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(e.cfg.BinDir, PluginType)); err != nil {
 		t.Fatalf("binary removed despite KeepOnExit: %v", err)
+	}
+}
+
+// TestRunKeepDecision: the exit decision hook keeps or removes the entry
+// and the binary, and is asked after Run's context ended.
+func TestRunKeepDecision(t *testing.T) {
+	for _, keep := range []bool{true, false} {
+		t.Run(fmt.Sprint("keep=", keep), func(t *testing.T) {
+			e := newEnv(t, true)
+			asked := 0
+			e.cfg.Keep = func(ctx context.Context) (bool, string) {
+				asked++
+				if ctx.Err() != nil {
+					t.Error("Keep got an ended context")
+				}
+				return keep, "test"
+			}
+			path := e.conf("10-calico.conflist")
+			e.write(t, "10-calico.conflist", primary(t, "10-calico.conflist"))
+			stop := e.start(t)
+			waitFor(t, 5*time.Second, "patch", func() bool { return patched(path) })
+			if err := stop(); err != nil {
+				t.Fatal(err)
+			}
+			_, errBin := os.Stat(filepath.Join(e.cfg.BinDir, PluginType))
+			if asked != 1 || patched(path) != keep || (errBin == nil) != keep {
+				t.Errorf("asked %d times; entry kept %v, binary: %v; want kept %v", asked, patched(path), errBin, keep)
+			}
+		})
 	}
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,17 +11,25 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/tunmesh/tunmesh/cni/install"
 )
 
 func TestParseFlags(t *testing.T) {
-	cfg, level, err := parseFlags(nil, io.Discard)
+	cfg, level, exit, err := parseFlags(nil, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,17 +42,17 @@ func TestParseFlags(t *testing.T) {
 			Timeout: "10s",
 		},
 	}
-	if cfg != want || level != slog.LevelInfo {
-		t.Fatalf("defaults = %+v %v, want %+v", cfg, level, want)
+	if !sameConfig(cfg, want) || level != slog.LevelInfo || exit.uninstall != uninstallAlways {
+		t.Fatalf("defaults = %+v %v %+v, want %+v", cfg, level, exit, want)
 	}
 	if _, err := install.New(cfg); err != nil {
 		t.Fatalf("defaults rejected: %v", err)
 	}
 
-	cfg, level, err = parseFlags([]string{
+	cfg, level, exit, err = parseFlags([]string{
 		"-bin-source=/a/tunmesh-cni", "-bin-dir=/b", "-conf-dir=/c", "-socket=/run/s.sock",
 		"-timeout=3s", "-fail-open", "-log-file=/var/log/x.log", "-keep-on-exit",
-		"-resync-interval=10s", "-log-level=debug",
+		"-resync-interval=10s", "-log-level=debug", "-uninstall-on-exit=daemonset-deleted", "-pod-name=p", "-pod-namespace=tunmesh",
 	}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -54,19 +63,20 @@ func TestParseFlags(t *testing.T) {
 		KeepOnExit:     true,
 		ResyncInterval: 10 * time.Second,
 	}
-	if cfg != want || level != slog.LevelDebug {
-		t.Fatalf("parsed = %+v %v, want %+v", cfg, level, want)
+	if !sameConfig(cfg, want) || level != slog.LevelDebug || exit != (exitOptions{uninstall: uninstallDaemonSetDeleted, podName: "p", podNamespace: "tunmesh"}) {
+		t.Fatalf("parsed = %+v %v %+v, want %+v", cfg, level, exit, want)
 	}
 
-	for _, args := range [][]string{{"-nope"}, {"extra"}, {"-log-level=loud"}} {
-		if _, _, err := parseFlags(args, io.Discard); err == nil {
+	t.Setenv("POD_NAME", "")
+	for _, args := range [][]string{{"-nope"}, {"extra"}, {"-log-level=loud"}, {"-uninstall-on-exit=sometimes"}, {"-uninstall-on-exit=daemonset-deleted", "-pod-namespace=x"}} {
+		if _, _, _, err := parseFlags(args, io.Discard); err == nil {
 			t.Errorf("parseFlags(%q) succeeded", args)
 		}
 	}
 }
 
 func TestNewRejectsBadPluginConfig(t *testing.T) {
-	cfg, _, err := parseFlags([]string{"-timeout=forever"}, io.Discard)
+	cfg, _, _, err := parseFlags([]string{"-timeout=forever"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,6 +178,51 @@ func TestSIGTERM(t *testing.T) {
 			}
 			if !errors.Is(errBin, fs.ErrNotExist) {
 				t.Errorf("plugin binary after SIGTERM: %v, want gone", errBin)
+			}
+		})
+	}
+}
+
+// sameConfig compares the flag-set fields of two Configs (Keep is a func).
+func sameConfig(a, b install.Config) bool {
+	a.Keep, b.Keep = nil, nil
+	return reflect.DeepEqual(a, b)
+}
+
+// TestKeepWhileDaemonSetExists: the exit decision keeps the plugin while
+// the pod's DaemonSet exists and removes it when the DaemonSet is gone or
+// going, or when it cannot tell.
+func TestKeepWhileDaemonSetExists(t *testing.T) {
+	const ns = "tunmesh"
+	pod := func(owner string) *corev1.Pod {
+		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "tunmesh-node-x", Namespace: ns}}
+		if owner != "" {
+			ctrl := true
+			p.OwnerReferences = []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: owner, Name: "tunmesh-node", UID: "u1", Controller: &ctrl}}
+		}
+		return p
+	}
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: "tunmesh-node", Namespace: ns, UID: "u1"}}
+	deleting := ds.DeepCopy()
+	now := metav1.Now()
+	deleting.DeletionTimestamp = &now
+	deleting.Finalizers = []string{"foregroundDeletion"}
+	for _, tc := range []struct {
+		name string
+		objs []k8sruntime.Object
+		keep bool
+		why  string
+	}{
+		{"rollout: DaemonSet exists", []k8sruntime.Object{pod("DaemonSet"), ds}, true, "still exists"},
+		{"DaemonSet deleted", []k8sruntime.Object{pod("DaemonSet")}, false, "deleted"},
+		{"DaemonSet being deleted", []k8sruntime.Object{pod("DaemonSet"), deleting}, false, "being deleted"},
+		{"not a DaemonSet pod", []k8sruntime.Object{pod(""), ds}, false, "not run by a DaemonSet"},
+		{"own pod unreadable", []k8sruntime.Object{ds}, false, "read own pod"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			keep, why := keepWhileDaemonSetExists(fake.NewClientset(tc.objs...), ns, "tunmesh-node-x")(context.Background())
+			if keep != tc.keep || !strings.Contains(why, tc.why) {
+				t.Errorf("keep %v (%s), want %v (%s)", keep, why, tc.keep, tc.why)
 			}
 		})
 	}
