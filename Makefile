@@ -11,7 +11,7 @@ CMDS    := ./tools/cmd/tunmeshctl ./tools/cmd/tunmesh-workload ./identity/cmd/tu
 # suite, which drives whole binaries).
 UNIT    := $(shell $(GO) list ./... 2>/dev/null | grep -v /tools/e2e)
 
-.PHONY: all deps build images test unit e2e demo demo-down bench lint clean
+.PHONY: all deps build images test unit e2e soak demo demo-down bench lint clean
 
 all: build
 
@@ -37,9 +37,14 @@ unit:
 e2e:
 	$(GO) test -count=1 -p 1 -timeout 25m -v ./tools/e2e/...
 
+# The 10-minute soak: a CronJob every minute on real nodes, agent
+# goroutines/fds/NICs/memory bounded (not part of make test).
+soak: deps build
+	TUNMESH_E2E_SOAK=1 $(GO) test -count=1 -p 1 -timeout 30m -v -run TestCronJobSoak ./tools/e2e/realnode/
+
 test: deps build lint unit e2e
 
-demo: deps build
+demo: deps build images
 	tools/demo/demo.sh
 
 demo-down:

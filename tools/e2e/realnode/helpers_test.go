@@ -197,3 +197,16 @@ func dumpOnFailure(t *testing.T, c *e2eenv.Cluster) {
 		}
 	})
 }
+
+// ctl runs tunmeshctl (a kubectl-style command) against the cluster and
+// returns its stdout.
+func ctl(c *e2eenv.Cluster, args ...string) (string, error) {
+	cmd := exec.Command(filepath.Join(c.BinDir, "tunmeshctl"), append(args, "--kubeconfig", c.State.Kubeconfig)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out), fmt.Errorf("%w: %s", err, stderr.String())
+	}
+	return string(out), nil
+}

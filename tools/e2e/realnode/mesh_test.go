@@ -153,7 +153,7 @@ spec:
 		meshed(t)
 	})
 	step("uninstall: conflists back to the primary's, pods still talk", func(t *testing.T) {
-		out, err := c.Ctl("uninstall")
+		out, err := ctl(c, "uninstall")
 		if err != nil {
 			t.Fatalf("tunmeshctl uninstall: %v\n%s", err, out)
 		}
@@ -183,7 +183,7 @@ spec:
 // every node's conflist chains tunmesh-cni.
 func install(t *testing.T, c *e2eenv.Cluster) {
 	start := time.Now()
-	out, err := c.Ctl("install", "--registry", e2eenv.ImageRegistry, "--tag", e2eenv.ImageTag)
+	out, err := ctl(c, "install", "--registry", e2eenv.ImageRegistry, "--tag", e2eenv.ImageTag)
 	if err != nil {
 		t.Fatalf("tunmeshctl install: %v\n%s", err, out)
 	}
