@@ -170,6 +170,12 @@ func TestDaemonSet(t *testing.T) {
 			t.Errorf("agent: %s is not the host's own path: %+v", p, volumes[m.Name])
 		}
 	}
+	// net.* sysctls are written through the host's /proc/sys/net (the
+	// container's /proc/sys is read-only): only that subtree is mounted.
+	if v := volumes[mounts["/host/proc/sys/net"].Name].HostPath; v == nil || v.Path != "/proc/sys/net" ||
+		argValue(agent.Args, "--proc-sys-dir")+"/net" != "/host/proc/sys/net" {
+		t.Errorf("proc sys: volume %+v, --proc-sys-dir %q", v, argValue(agent.Args, "--proc-sys-dir"))
+	}
 	if v := volumes[mounts["/dev/net/tun"].Name].HostPath; v == nil || v.Type == nil || *v.Type != corev1.HostPathCharDev {
 		t.Errorf("/dev/net/tun: %+v, want a CharDevice hostPath", v)
 	}

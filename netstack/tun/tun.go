@@ -195,11 +195,19 @@ func openTUN(name string) (int, error) {
 	return fd, nil
 }
 
+// SysctlDir is the sysctl tree tunmesh writes net.* settings through.
+// An unprivileged container has /proc/sys read-only; the node DaemonSet
+// mounts the host's /proc/sys/net writable under another path and points
+// this there (tunmesh-node --proc-sys-dir): net.* entries resolve against
+// the writing thread's network namespace whichever mount they are reached
+// through. Set it before creating devices.
+var SysctlDir = "/proc/sys"
+
 // disableIPv6AddrGen sets addr_gen_mode=1 (IN6_ADDR_GEN_MODE_NONE) on the
 // device. The sysctl tree resolves against the calling thread's namespace. A
 // kernel without IPv6 has no such file, which is fine.
 func disableIPv6AddrGen(name string) error {
-	p := "/proc/sys/net/ipv6/conf/" + name + "/addr_gen_mode"
+	p := SysctlDir + "/net/ipv6/conf/" + name + "/addr_gen_mode"
 	err := os.WriteFile(p, []byte("1"), 0)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("disable ipv6 address generation: %w", err)

@@ -229,7 +229,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer func() { _ = tun.Delete("/proc/self/ns/net", a.cfg.HostTUN) }()
 	defer func() { _ = unix.Close(hostFD) }()
 	for _, k := range []string{"all", a.cfg.HostTUN} {
-		if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+k+"/rp_filter", []byte("0"), 0o644); err != nil {
+		if err := os.WriteFile(tun.SysctlDir+"/net/ipv4/conf/"+k+"/rp_filter", []byte("0"), 0o644); err != nil {
 			return fmt.Errorf("rp_filter off on %s: %w", k, err)
 		}
 	}

@@ -136,7 +136,7 @@ func routeLocked(cfg Config) error {
 	// (and are passed through by the agent): strict reverse-path
 	// filtering would drop the asymmetric traffic.
 	for _, dev := range []string{"all", "default", cfg.TUN} {
-		p := filepath.Join("/proc/sys/net/ipv4/conf", dev, "rp_filter")
+		p := filepath.Join(tun.SysctlDir, "net/ipv4/conf", dev, "rp_filter")
 		if err := os.WriteFile(p, []byte("2"), 0o644); err != nil {
 			return fmt.Errorf("set %s: %w", p, err)
 		}

@@ -22,6 +22,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/ca"
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/identity/workload"
+	"github.com/tunmesh/tunmesh/netstack/tun"
 	"github.com/tunmesh/tunmesh/node/agent"
 	"github.com/tunmesh/tunmesh/node/resolve"
 )
@@ -58,6 +59,7 @@ func main() {
 	fs.StringVar(&cfg.anchorsFile, "trust-anchors", "/var/run/tunmesh/identity/ca.crt", "trust anchors (PEM)")
 	fs.StringVar(&cfg.tokenFile, "token-file", "/var/run/secrets/tunmesh/tokens/tunmesh-identity", "projected ServiceAccount token, audience tunmesh-identity")
 	fs.StringVar(&cfg.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&tun.SysctlDir, "proc-sys-dir", tun.SysctlDir, "sysctl tree for net.* writes (a container's /proc/sys is read-only: the DaemonSet mounts the host's /proc/sys/net elsewhere)")
 	_ = fs.Parse(os.Args[1:])
 
 	var level slog.Level
