@@ -2,6 +2,7 @@ package devcluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	corev1 "k8s.io/api/core/v1"
@@ -35,6 +36,10 @@ func NodeNetns(st *State, node string) (string, error) {
 	return "", fmt.Errorf("cluster %q has no node %q", st.Name, node)
 }
 
+// ErrRealNodePod means a pod runs on a real node, whose pod network
+// namespaces are not named on the host.
+var ErrRealNodePod = errors.New("pod on a real node")
+
 // PodNetns returns the network namespace of a running pod.
 func PodNetns(ctx context.Context, cfg Config, st *State, namespace, name string) (string, error) {
 	cfg, err := cfg.WithDefaults()
@@ -51,6 +56,11 @@ func PodNetns(ctx context.Context, cfg Config, st *State, namespace, name string
 	}
 	if pod.Spec.HostNetwork {
 		return NodeNetns(st, pod.Spec.NodeName)
+	}
+	if st.RealNodes {
+		// containerd mounts pod namespaces inside the node's mount
+		// namespace; the pod's own tools are one kubectl exec away.
+		return "", fmt.Errorf("pod %s/%s runs on a real node: use kubectl exec (dev exec reaches real nodes with --node only): %w", namespace, name, ErrRealNodePod)
 	}
 	ns := cfg.PodNetnsPrefix() + string(pod.UID)
 	if !namedns.Exists(ns) {
