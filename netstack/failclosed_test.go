@@ -137,11 +137,11 @@ func TestStraySegmentsDecided(t *testing.T) {
 
 // TestTerminatedTupleReusable (item 10): when the stack closes a
 // terminated flow first, the pod's kernel keeps no TIME_WAIT and may reuse
-// its source port to the same destination; the stack's TIME_WAIT of the
-// tuple must be short, or that SYN is dropped until it ends (gVisor
-// reuses a TIME_WAIT tuple only for a listener, not a forwarder). With
-// TCP's 60 s this reconnect hung; now it is immediate once the short
-// TIME_WAIT has passed.
+// its source port for the same destination at once; the stack's TIME_WAIT
+// of that tuple must not swallow the new SYN (gVisor reuses a TIME_WAIT
+// tuple only for a listener, not a forwarder: this reconnect hung until
+// TIME_WAIT ended). The TIME_WAIT here is TCP's 60 s, so only the reuse
+// can make the reconnect immediate.
 func TestTerminatedTupleReusable(t *testing.T) {
 	nstest.SkipUnlessRoot(t)
 	h := &testHandler{
@@ -150,7 +150,7 @@ func TestTerminatedTupleReusable(t *testing.T) {
 			_, _ = c.Write([]byte("bye")) // and the stack closes first
 		},
 	}
-	s := newStack(t, Options{Handler: h, Passthrough: &recorder{}})
+	s := newStack(t, Options{Handler: h, Passthrough: &recorder{}, TimeWait: 60 * time.Second})
 	p := newPod(t, s, 13, 65520)
 	local := netip.AddrPortFrom(p.addr4, 41000)
 	dst := netip.MustParseAddrPort("10.201.0.9:9100")
@@ -163,20 +163,27 @@ func TestTerminatedTupleReusable(t *testing.T) {
 			if err != nil {
 				return fmt.Errorf("dial from %s: %w", local, err)
 			}
-			took = time.Since(start)
 			defer c.Close()
 			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 			b, err := io.ReadAll(c)
 			if err != nil || string(b) != "bye" {
 				return fmt.Errorf("read %q, %v", b, err)
 			}
+			took = time.Since(start)
 			return nil
 		})
 		return took
 	}
 	connect()
-	time.Sleep(defaultTimeWait + 500*time.Millisecond)
-	if took := connect(); took > 500*time.Millisecond {
-		t.Fatalf("reconnecting from the same port took %v: the stack still held the tuple in TIME_WAIT", took)
+	time.Sleep(100 * time.Millisecond) // the pod's close reached the stack: TIME_WAIT
+	for i := range 3 {
+		if took := connect(); took > 500*time.Millisecond {
+			t.Fatalf("reconnect %d from the same port took %v: the stack's TIME_WAIT swallowed the SYN", i, took)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	st, _ := s.NICStats(p.nic)
+	if st.TimeWaitReused != 3 || st.TerminatedFlows != 4 {
+		t.Fatalf("stats %+v: want 3 TIME_WAIT tuples reused, 4 flows", st)
 	}
 }

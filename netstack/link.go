@@ -43,6 +43,7 @@ type nic struct {
 		refusedFlows       atomic.Uint64
 		failClosedDrops    atomic.Uint64
 		flowTableFull      atomic.Uint64
+		timeWaitReused     atomic.Uint64
 	}
 	spoofLog, writeLog rateLimit
 }
@@ -68,6 +69,7 @@ func (n *nic) stats() NICStats {
 		RefusedFlows:       c.refusedFlows.Load(),
 		FailClosedDrops:    c.failClosedDrops.Load(),
 		FlowTableFull:      c.flowTableFull.Load(),
+		TimeWaitReused:     c.timeWaitReused.Load(),
 		TrackedFlows:       tracked,
 		PendingSYNs:        pending,
 	}
@@ -126,9 +128,12 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 		n.passthrough(pkt, &info)
 		return
 	}
-	if n.s.owns(n.id, &info) {
-		e.Endpoint.DeliverNetworkPacket(proto, pkt)
-		return
+	if ep := n.s.endpoint(n.id, &info); ep != nil {
+		if !info.isPureSYN() || !n.reuseTimeWait(ep) {
+			e.Endpoint.DeliverNetworkPacket(proto, pkt)
+			return
+		}
+		// The tuple was in TIME_WAIT: freed, the SYN opens a new flow.
 	}
 	k := flowKey{
 		src: netip.AddrPortFrom(info.src, info.sport),
@@ -167,11 +172,11 @@ func (n *nic) strayAllowed(k flowKey) bool {
 	return true
 }
 
-// owns reports whether gVisor has an endpoint for the packet's 4-tuple on
-// this NIC: a terminated flow (registered before the handshake's SYN-ACK
-// is sent), a dialed flow (registered before its SYN is sent), or one still
-// closing.
-func (s *Stack) owns(id NICID, info *packetInfo) bool {
+// endpoint returns gVisor's endpoint for the packet's 4-tuple on this NIC,
+// or nil: a terminated flow (registered before the handshake's SYN-ACK is
+// sent), a dialed flow (registered before its SYN is sent), or one still
+// closing. Packets of flows with an endpoint belong to the stack.
+func (s *Stack) endpoint(id NICID, info *packetInfo) stack.TransportEndpoint {
 	netProto := ipv4.ProtocolNumber
 	if info.version == 6 {
 		netProto = ipv6.ProtocolNumber
@@ -182,7 +187,26 @@ func (s *Stack) owns(id NICID, info *packetInfo) bool {
 		RemotePort:    info.sport,
 		RemoteAddress: toTCPIPAddr(info.src),
 	}
-	return s.stack.FindTransportEndpoint(netProto, tcp.ProtocolNumber, teid, tcpip.NICID(id)) != nil
+	return s.stack.FindTransportEndpoint(netProto, tcp.ProtocolNumber, teid, tcpip.NICID(id))
+}
+
+// reuseTimeWait frees a tuple held in TIME_WAIT when the pod opens a new
+// connection on it (a pure SYN), as RFC 1122 4.2.2.13 allows and Linux
+// does for its listeners. gVisor does the same only when a listening
+// endpoint exists, which a forwarder is not: without this the pod's SYN
+// was dropped until TIME_WAIT ended. The pod's kernel reuses a port for a
+// destination after one cycle of its port range when it was not the side
+// that closed first, so under churn this hung connections (issue 13, item
+// 10). On a TUN from the pod's own kernel a pure SYN is never an old
+// duplicate. It reports whether the tuple was freed.
+func (n *nic) reuseTimeWait(ep stack.TransportEndpoint) bool {
+	tep, ok := ep.(*tcp.Endpoint)
+	if !ok || tep.EndpointState() != tcp.StateTimeWait {
+		return false
+	}
+	tep.Abort()
+	n.counters.timeWaitReused.Add(1)
+	return true
 }
 
 // dropForeignSource drops a packet whose source is not the pod's. Sources a

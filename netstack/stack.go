@@ -160,20 +160,14 @@ var (
 )
 
 const (
-	// defaultTimeWait is short on purpose. When the stack closes a
-	// terminated flow first (the far side of the tunnel ended), gVisor
-	// keeps the 4-tuple in TIME_WAIT, and it only lets a new SYN reuse a
-	// TIME_WAIT tuple when a listening endpoint exists, which a forwarder
-	// is not: the pod's kernel, which was not the one to close first and
-	// so keeps no TIME_WAIT of its own, reuses its ephemeral port for the
-	// same destination after one cycle of its port range (about 14,000
-	// connections), and that SYN was dropped until the 60 s TIME_WAIT
-	// ended. Under churn that made about 3% of new connections hang for
-	// seconds (issue 13, item 10). TIME_WAIT guards against late
-	// duplicates of the old connection; on a TUN between a pod and its
-	// node's agent there is no network to delay or duplicate segments, so
-	// one second keeps the guard for the final ACK and frees the tuple
-	// long before the pod can cycle its port range.
+	// defaultTimeWait is short on purpose. Every connection the stack
+	// closes first (the far side of the tunnel ended first) stays in
+	// TIME_WAIT, holding an endpoint: at TCP's 60 s, churn of a few
+	// hundred connections a second keeps tens of thousands of them. On a
+	// TUN between a pod and its node's agent there is no network to delay
+	// or duplicate segments, so one second keeps the guard for the final
+	// ACK. A pod that reuses a tuple sooner is served anyway: its SYN
+	// frees the TIME_WAIT (nic.reuseTimeWait).
 	defaultTimeWait        = time.Second
 	defaultFlowIdleTimeout = 5 * time.Minute
 	defaultMaxInFlight     = 1024
@@ -645,6 +639,9 @@ type NICStats struct {
 	// FlowTableFull counts passthrough flows not remembered because the
 	// NIC's flow table was at its cap.
 	FlowTableFull uint64
+	// TimeWaitReused counts new flows from the pod on a tuple the stack
+	// still held in TIME_WAIT (freed for the new flow).
+	TimeWaitReused uint64
 	// TrackedFlows and PendingSYNs are the current sizes of the flow
 	// table: remembered passthrough flows and SYNs awaiting a decision.
 	TrackedFlows int
