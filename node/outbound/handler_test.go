@@ -3,6 +3,7 @@ package outbound
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -34,9 +35,15 @@ func (f *fakeCerts) Certificate(ctx context.Context, _ spiffe.ID) (*tls.Certific
 	return &tls.Certificate{}, nil
 }
 
-type fakeDialer struct{ err error }
+type fakeDialer struct {
+	err  error
+	seen chan dialer.Target // when set, receives every target
+}
 
-func (f fakeDialer) Dial(context.Context, dialer.Target) (*tunnel.FramedConn, error) {
+func (f fakeDialer) Dial(_ context.Context, t dialer.Target) (*tunnel.FramedConn, error) {
+	if f.seen != nil {
+		f.seen <- t
+	}
 	return nil, f.err
 }
 
@@ -170,5 +177,30 @@ func TestPodConnectionLimit(t *testing.T) {
 	h.exit(1)
 	if got := h.HandleFlow(fl(1, netip.AddrPortFrom(meshedIP, 8080))); got != netstack.Terminate {
 		t.Fatalf("below the cap again: HandleFlow = %s, want terminate", got)
+	}
+}
+
+// TestDualStackHeaderSource (smaller hole): the tunnel header names the
+// source address the pod actually used, of the flow's family, not the
+// pod's first address (an IPv6 flow from a dual-stack pod failed).
+func TestDualStackHeaderSource(t *testing.T) {
+	d, c := fixture()
+	src6 := netip.MustParseAddr("fd00:10:244:1::2")
+	dst6 := netip.MustParseAddr("fd00:10:244:2::3")
+	c.pods[dst6] = pod("prod", "server6", dst6.String(), "192.168.0.3", nil)
+	p := *d.Local.(fakeLocal)[1]
+	p.Addrs = []netip.Addr{clientAddr, src6}
+	d.Local.(fakeLocal)[1] = &p
+	certs := &fakeCerts{}
+	certs.ready.Store(true)
+	seen := make(chan dialer.Target, 1)
+	h, _ := newTestHandler(t, d, certs, fakeDialer{err: errors.New("stop"), seen: seen})
+	f := netstack.Flow{NIC: 1, Src: netip.AddrPortFrom(src6, 40000), Dst: netip.AddrPortFrom(dst6, 8080)}
+	if got := h.HandleFlow(f); got != netstack.Terminate {
+		t.Fatalf("HandleFlow = %s", got)
+	}
+	h.ServeConn(context.Background(), &abortConn{}, f)
+	if tg := <-seen; tg.Src.Addr() != src6 {
+		t.Fatalf("header source %s, want the flow's %s", tg.Src, src6)
 	}
 }

@@ -30,17 +30,6 @@ type Pod struct {
 // FullName is "namespace/name".
 func (p *Pod) FullName() string { return p.Namespace + "/" + p.Name }
 
-// Addr returns the pod's address of the same family as peer (the first
-// address when none matches), so dual-stack pods speak IPv6 to IPv6 peers.
-func (p *Pod) Addr(peer netip.Addr) netip.Addr {
-	for _, a := range p.Addrs {
-		if a.Is4() == peer.Unmap().Is4() {
-			return a
-		}
-	}
-	return p.Addrs[0]
-}
-
 // Registry indexes the meshed pods of this node. Safe for concurrent use.
 type Registry struct {
 	mu          sync.RWMutex // guards the maps
