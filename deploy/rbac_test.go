@@ -8,10 +8,15 @@ import (
 
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+
+	"github.com/tunmesh/tunmesh/cni/install/keep"
+	"github.com/tunmesh/tunmesh/identity/rbac"
+	"github.com/tunmesh/tunmesh/identity/service"
+	"github.com/tunmesh/tunmesh/node/agent"
 )
 
-// permission is one API call a component makes: verb on group/resource,
-// in Namespace ("" means cluster-wide, every namespace).
+// permission is an RBAC grant or need, without object names: a rule
+// without resourceNames grants a call on any name.
 type permission struct {
 	Group, Resource, Verb, Namespace string
 }
@@ -28,51 +33,25 @@ func (p permission) String() string {
 	return p.Verb + " " + g + "/" + p.Resource + " " + where
 }
 
+func fromRBAC(ps ...[]rbac.Permission) []permission {
+	var out []permission
+	for _, list := range ps {
+		for _, p := range list {
+			out = append(out, permission{p.Group, p.Resource, p.Verb, p.Namespace})
+		}
+	}
+	return out
+}
+
 // requiredPermissions are the API calls each ServiceAccount's code makes,
-// read from the code (client calls, informers, event recorders and the
-// start-up SelfSubjectAccessReviews):
-//
-//   - tunmesh-identity (identity/service): TokenReviews of agent tokens
-//     (authz.go); pods get by name and list by ServiceAccount (authz.go),
-//     list+watch demanded by checkPermissions (rbac.go); the issuer Secret
-//     get + informer list/watch (rotation.go, rbac.go); core events
-//     create/patch through the recorder in tunmesh (service.go).
-//   - tunmesh-node (node/...): pod and namespace informers (clusterview)
-//     and fresh reads on CNI ADD (pods/cni.go: Pods().Get,
-//     Namespaces().Get); Service and EndpointSlice informers (resolve);
-//     core events create/patch in any namespace (agent.go recorder). The
-//     CNI installer in the same pod, on exit: its own pod (pods get) and
-//     its DaemonSet in tunmesh (cni/cmd/tunmesh-cni-install/keep.go).
-//
-// The event recorder PATCHes repeated events (client-go's correlator), so
-// patch is a call the code makes even though no line spells it.
-var requiredPermissions = map[string][]permission{
-	"tunmesh-identity": {
-		{"authentication.k8s.io", "tokenreviews", "create", ""},
-		{"", "pods", "get", ""},
-		{"", "pods", "list", ""},
-		{"", "pods", "watch", ""},
-		{"", "secrets", "get", Namespace},
-		{"", "secrets", "list", Namespace},
-		{"", "secrets", "watch", Namespace},
-		{"", "events", "create", Namespace},
-		{"", "events", "patch", Namespace},
-	},
-	"tunmesh-node": {
-		{"", "pods", "get", ""},
-		{"", "pods", "list", ""},
-		{"", "pods", "watch", ""},
-		{"", "namespaces", "get", ""},
-		{"", "namespaces", "list", ""},
-		{"", "namespaces", "watch", ""},
-		{"", "services", "list", ""},
-		{"", "services", "watch", ""},
-		{"discovery.k8s.io", "endpointslices", "list", ""},
-		{"discovery.k8s.io", "endpointslices", "watch", ""},
-		{"", "events", "create", ""},
-		{"", "events", "patch", ""},
-		{"apps", "daemonsets", "get", Namespace},
-	},
+// as the code itself lists them (and checks them at start-up):
+// tunmesh-identity's service, and in the node pod the agent and the CNI
+// installer's exit decision.
+func requiredPermissions() map[string][]permission {
+	return map[string][]permission{
+		"tunmesh-identity": fromRBAC(service.RequiredPermissions(Namespace, IssuerSecretName)),
+		"tunmesh-node":     fromRBAC(agent.RequiredPermissions(), keep.RequiredPermissions(Namespace)),
+	}
 }
 
 // granted expands the RBAC objects of the manifests into the permissions
@@ -141,42 +120,44 @@ func granted(t *testing.T) map[string][]permission {
 	return out
 }
 
-func strs(ps []permission) []string {
-	var out []string
-	for _, p := range ps {
-		out = append(out, p.String())
-	}
-	sort.Strings(out)
-	return slices.Compact(out)
-}
-
 // TestRBACMatchesCode: the RBAC in the manifests grants each component
-// exactly the calls its code makes, no more, no less.
+// exactly the calls its code makes, no more, no less. A need in one
+// namespace is met by a cluster-wide grant; a grant is needed when some
+// call has its verb and resource in its scope.
 func TestRBACMatchesCode(t *testing.T) {
 	got := granted(t)
-	for sa, want := range requiredPermissions {
-		have := strs(got[Namespace+"/"+sa])
-		need := strs(want)
+	for sa, need := range requiredPermissions() {
+		have := got[Namespace+"/"+sa]
+		covers := func(g, n permission) bool {
+			return g.Group == n.Group && g.Resource == n.Resource && g.Verb == n.Verb && (g.Namespace == "" || g.Namespace == n.Namespace)
+		}
 		var missing, extra []string
-		for _, p := range need {
-			if !slices.Contains(have, p) {
-				missing = append(missing, p)
+		for _, n := range need {
+			if !slices.ContainsFunc(have, func(g permission) bool { return covers(g, n) }) {
+				missing = append(missing, n.String())
 			}
 		}
-		for _, p := range have {
-			if !slices.Contains(need, p) {
-				extra = append(extra, p)
+		for _, g := range have {
+			if !slices.ContainsFunc(need, func(n permission) bool {
+				return g.Group == n.Group && g.Resource == n.Resource && g.Verb == n.Verb && g.Namespace == n.Namespace
+			}) {
+				extra = append(extra, g.String())
 			}
 		}
 		if len(missing) > 0 {
-			t.Errorf("%s lacks: %s", sa, strings.Join(missing, "; "))
+			t.Errorf("%s lacks: %s", sa, strings.Join(strs(missing), "; "))
 		}
 		if len(extra) > 0 {
-			t.Errorf("%s is granted more than it calls: %s", sa, strings.Join(extra, "; "))
+			t.Errorf("%s is granted more than it calls: %s", sa, strings.Join(strs(extra), "; "))
 		}
 		delete(got, Namespace+"/"+sa)
 	}
 	for sa, ps := range got {
-		t.Errorf("%s holds permissions no code needs: %v", sa, strs(ps))
+		t.Errorf("%s holds permissions no code needs: %v", sa, ps)
 	}
+}
+
+func strs(s []string) []string {
+	sort.Strings(s)
+	return slices.Compact(s)
 }

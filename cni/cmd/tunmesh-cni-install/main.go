@@ -23,7 +23,15 @@ import (
 
 	"github.com/tunmesh/tunmesh/cni/cniapi"
 	"github.com/tunmesh/tunmesh/cni/install"
+	"github.com/tunmesh/tunmesh/cni/install/keep"
 	"github.com/tunmesh/tunmesh/cni/plugin"
+	"github.com/tunmesh/tunmesh/identity/rbac"
+)
+
+// Values of --uninstall-on-exit.
+const (
+	uninstallAlways           = "always"
+	uninstallDaemonSetDeleted = "daemonset-deleted"
 )
 
 func main() {
@@ -58,7 +66,12 @@ func run(ctx context.Context, cfg install.Config, exit exitOptions, logger *slog
 		if err != nil {
 			return err
 		}
-		cfg.Keep = keepWhileDaemonSetExists(client, exit.podNamespace, exit.podName)
+		// Warn now rather than find out at exit (where anything it cannot
+		// tell uninstalls, as without the check).
+		if err := rbac.Check(ctx, client, keep.RequiredPermissions(exit.podNamespace)); err != nil {
+			cfg.Logger.Warn("cannot tell a rollout from an uninstall on exit: tunmesh-cni will be removed then", "err", err)
+		}
+		cfg.Keep = keep.WhileDaemonSetExists(client, exit.podNamespace, exit.podName)
 	}
 	in, err := install.New(cfg)
 	if err != nil {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -14,16 +13,9 @@ import (
 	"reflect"
 	"runtime"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
-
-	appsv1 "k8s.io/api/apps/v1"
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	k8sruntime "k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/tunmesh/tunmesh/cni/install"
 )
@@ -187,43 +179,4 @@ func TestSIGTERM(t *testing.T) {
 func sameConfig(a, b install.Config) bool {
 	a.Keep, b.Keep = nil, nil
 	return reflect.DeepEqual(a, b)
-}
-
-// TestKeepWhileDaemonSetExists: the exit decision keeps the plugin while
-// the pod's DaemonSet exists and removes it when the DaemonSet is gone or
-// going, or when it cannot tell.
-func TestKeepWhileDaemonSetExists(t *testing.T) {
-	const ns = "tunmesh"
-	pod := func(owner string) *corev1.Pod {
-		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "tunmesh-node-x", Namespace: ns}}
-		if owner != "" {
-			ctrl := true
-			p.OwnerReferences = []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: owner, Name: "tunmesh-node", UID: "u1", Controller: &ctrl}}
-		}
-		return p
-	}
-	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: "tunmesh-node", Namespace: ns, UID: "u1"}}
-	deleting := ds.DeepCopy()
-	now := metav1.Now()
-	deleting.DeletionTimestamp = &now
-	deleting.Finalizers = []string{"foregroundDeletion"}
-	for _, tc := range []struct {
-		name string
-		objs []k8sruntime.Object
-		keep bool
-		why  string
-	}{
-		{"rollout: DaemonSet exists", []k8sruntime.Object{pod("DaemonSet"), ds}, true, "still exists"},
-		{"DaemonSet deleted", []k8sruntime.Object{pod("DaemonSet")}, false, "deleted"},
-		{"DaemonSet being deleted", []k8sruntime.Object{pod("DaemonSet"), deleting}, false, "being deleted"},
-		{"not a DaemonSet pod", []k8sruntime.Object{pod(""), ds}, false, "not run by a DaemonSet"},
-		{"own pod unreadable", []k8sruntime.Object{ds}, false, "read own pod"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			keep, why := keepWhileDaemonSetExists(fake.NewClientset(tc.objs...), ns, "tunmesh-node-x")(context.Background())
-			if keep != tc.keep || !strings.Contains(why, tc.why) {
-				t.Errorf("keep %v (%s), want %v (%s)", keep, why, tc.keep, tc.why)
-			}
-		})
-	}
 }
