@@ -462,3 +462,115 @@ func TestLibcniEndToEnd(t *testing.T) {
 		})
 	}
 }
+
+// TestLibcniShippedConflists runs, through libcni, the conflists real
+// clusters ship as the installer leaves them (cni/install's golden files:
+// kind's kindnet and GKE's containerd template, ptp + host-local + portmap
+// at CNI 0.3.1, tunmesh-cni last), pointed at test paths: the result
+// comes back in 0.3.1 with tm0 added, and DEL tears it all down.
+func TestLibcniShippedConflists(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: needs root to create network namespaces")
+	}
+	refDir := refPluginDir(t)
+	for _, p := range []string{"ptp", "portmap"} {
+		if _, err := os.Stat(filepath.Join(refDir, p)); err != nil {
+			t.Skipf("skipping: reference plugin %s not in %s", p, refDir)
+		}
+	}
+	binDir := pluginDir(t)
+	for i, name := range []string{"10-kindnet.conflist", "10-containerd-net.conflist"} {
+		t.Run(name, func(t *testing.T) {
+			raw, err := os.ReadFile(filepath.Join("..", "..", "install", "testdata", "golden", "shipped", name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			nodeNS, podNS := newNS(t), newNS(t)
+			agent := tunAgent()
+			sock := cniapitest.Serve(t, agent)
+			tmp := t.TempDir()
+			subnet := fmt.Sprintf("10.251.%d.0/24", i)
+			// Point the shipped file at this test: its subnet, an IPAM
+			// dir, the fake agent's socket and a log file.
+			var conf map[string]any
+			if err := json.Unmarshal(raw, &conf); err != nil {
+				t.Fatal(err)
+			}
+			if conf["cniVersion"] != "0.3.1" {
+				t.Fatalf("%s: cniVersion %v", name, conf["cniVersion"])
+			}
+			for _, pl := range conf["plugins"].([]any) {
+				m := pl.(map[string]any)
+				switch m["type"] {
+				case "ptp":
+					ipam := m["ipam"].(map[string]any)
+					ipam["dataDir"] = filepath.Join(tmp, "ipam")
+					delete(ipam, "subnet")
+					ipam["ranges"] = [][]map[string]string{{{"subnet": subnet}}}
+				case "tunmesh-cni":
+					m["socket"], m["logFile"], m["timeout"] = sock, filepath.Join(tmp, "tunmesh-cni.log"), "5s"
+				}
+			}
+			b, err := json.Marshal(conf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			list, err := libcni.ConfListFromBytes(b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cni := libcni.NewCNIConfigWithCacheDir([]string{binDir, refDir}, filepath.Join(tmp, "cache"), nil)
+			rt := &libcni.RuntimeConf{
+				ContainerID: fmt.Sprintf("shipped%d%d", os.Getpid(), i),
+				NetNS:       podNS.Path(),
+				IfName:      "eth0",
+				Args:        [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "shop"}, {"K8S_POD_NAME", "web-0"}},
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			inNode := func(f func() error) error { return nodeNS.Do(func(ns.NetNS) error { return f() }) }
+			var res *types100.Result
+			if err := inNode(func() error {
+				r, err := cni.AddNetworkList(ctx, list, rt)
+				if err != nil {
+					return err
+				}
+				if v := r.Version(); v != "0.3.1" {
+					return fmt.Errorf("result version %s, want 0.3.1", v)
+				}
+				res, err = types100.NewResultFromResult(r)
+				return err
+			}); err != nil {
+				logs, _ := os.ReadFile(filepath.Join(tmp, "tunmesh-cni.log"))
+				t.Fatalf("AddNetworkList: %v\ntunmesh-cni log:\n%s", err, logs)
+			}
+			t.Cleanup(func() {
+				if err := inNode(func() error { return cni.DelNetworkList(context.Background(), list, rt) }); err != nil {
+					t.Errorf("cleanup DelNetworkList: %v", err)
+				}
+			})
+			last := res.Interfaces[len(res.Interfaces)-1]
+			_, wantNet, _ := net.ParseCIDR(subnet)
+			if *last != (types100.Interface{Name: "tm0", Sandbox: podNS.Path()}) || len(res.IPs) != 1 || !wantNet.Contains(res.IPs[0].Address.IP) {
+				t.Fatalf("result: interfaces %+v, IPs %+v", res.Interfaces, res.IPs)
+			}
+			if adds := agent.Adds(); len(adds) != 1 || len(adds[0].IPs) != 1 || adds[0].IPs[0].String() != res.IPs[0].Address.String() {
+				t.Errorf("agent got adds %+v", adds)
+			}
+			if err := inNode(func() error { return cni.DelNetworkList(ctx, list, rt) }); err != nil {
+				t.Fatalf("DelNetworkList: %v", err)
+			}
+			if dels := agent.Dels(); len(dels) != 1 || dels[0].ContainerID != rt.ContainerID {
+				t.Errorf("agent got dels %+v", dels)
+			}
+			if err := podNS.Do(func(ns.NetNS) error {
+				if _, err := netlink.LinkByName("tm0"); !errors.As(err, &netlink.LinkNotFoundError{}) {
+					return fmt.Errorf("tm0 after DEL: %v", err)
+				}
+				return nil
+			}); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+}
