@@ -295,3 +295,44 @@ func TestUninstallGolden(t *testing.T) {
 		t.Errorf("%d refs for %d installed objects; first %s, last %s", len(refs), len(installed), refs[0].GetKind(), refs[len(refs)-1].GetKind())
 	}
 }
+
+// FuzzParseSettings: any --set value either is refused with ErrBadSetting
+// or renders (with cluster CIDRs given) into manifests that decode again.
+func FuzzParseSettings(f *testing.F) {
+	for _, s := range []string{"clusterCIDRs=10.0.0.0/8", "tunMTU=9000", "cniBinDir=/opt/cni/bin", "trustDomain=example.org",
+		"failOpen=true", "identityReplicas=3", "logLevel=debug", "nokey", "certLifetime=1h30m", "netnsDir=/a//b"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, pair string) {
+		set, err := ParseSettings([]string{pair})
+		if err != nil {
+			if !errors.Is(err, ErrBadSetting) {
+				t.Fatalf("ParseSettings(%q): %v is not ErrBadSetting", pair, err)
+			}
+			return
+		}
+		if set["clusterCIDRs"] == "" {
+			set["clusterCIDRs"] = "10.0.0.0/8"
+		}
+		objs, err := Render(Options{Settings: set, ExternalIssuer: true, TrustAnchorsPEM: fuzzAnchors})
+		if err != nil {
+			t.Fatalf("accepted %q but Render failed: %v", pair, err)
+		}
+		var out bytes.Buffer
+		if err := Write(&out, objs, "yaml"); err != nil {
+			t.Fatal(err)
+		}
+		back, err := deploy.Decode(out.Bytes())
+		if err != nil || len(back) != len(objs) {
+			t.Fatalf("accepted %q: output does not decode (%v, %d of %d objects)", pair, err, len(back), len(objs))
+		}
+	})
+}
+
+var fuzzAnchors = func() []byte {
+	b, err := os.ReadFile(filepath.Join("testdata", "anchors.pem"))
+	if err != nil {
+		panic(err)
+	}
+	return b
+}()
