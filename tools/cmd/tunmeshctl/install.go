@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
+	"github.com/tunmesh/tunmesh/deploy"
 	"github.com/tunmesh/tunmesh/tools/internal/installcli"
 )
 
@@ -59,6 +60,10 @@ Settings (--set key=value, repeatable):
 	})
 	output := addOutputFlag(cmd, "yaml", installcli.Formats...)
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		// The manifests name their namespace; -n cannot move them.
+		if ns := *cf.Namespace; cmd.Flags().Changed("namespace") && ns != deploy.Namespace {
+			return usageError{fmt.Errorf("tunmesh installs into namespace %q; -n %q is not supported", deploy.Namespace, ns)}
+		}
 		set, err := installcli.ParseSettings(sets)
 		if err != nil {
 			return usageError{err}

@@ -243,6 +243,10 @@ func TestInstallCommand(t *testing.T) {
 	if code != 2 || !strings.Contains(stderr, `unknown key "clusterCIDR"`) {
 		t.Errorf("misspelt setting: exit %d, %q", code, stderr)
 	}
+	code, _, stderr = runWith(t, &recorder{}, "install", "-n", "elsewhere", "--set", "clusterCIDRs=10.0.0.0/8")
+	if code != 2 || !strings.Contains(stderr, `installs into namespace "tunmesh"`) {
+		t.Errorf("install -n elsewhere: exit %d, %q", code, stderr)
+	}
 	code, out, _ = runWith(t, &recorder{}, "uninstall")
 	if objs, err := deploy.Decode([]byte(out)); code != 0 || err != nil || len(objs) == 0 || objs[0].GetKind() != "DaemonSet" {
 		t.Errorf("uninstall: exit %d, %v:\n%s", code, err, out)
