@@ -191,6 +191,7 @@ func dumpOnFailure(t *testing.T, c *e2eenv.Cluster) {
 		for _, args := range [][]string{
 			{"get", "pods", "-A", "-o", "wide"},
 			{"get", "events", "-A", "--sort-by=.lastTimestamp"},
+			{"-n", "tunmesh", "logs", "-l", "app=tunmesh-node", "-c", "agent", "--tail=40", "--prefix"},
 		} {
 			out, _ := c.KubectlErr(args...)
 			t.Logf("kubectl %s:\n%s", strings.Join(args, " "), out)

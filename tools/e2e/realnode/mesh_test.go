@@ -233,14 +233,15 @@ func sameJSON(a, b string) bool {
 // callSpec is a pod template whose container's first (and only) act is a
 // call to the meshed echo Service through its ClusterIP (service env vars:
 // the local cluster has no DNS), then exit 0.
-func callSpec(img, sa string) string {
-	return `
-      serviceAccountName: ` + sa + `
-      restartPolicy: Never
-      containers:
-      - name: call
-        image: ` + img + `
-        args: [dial, "$(ECHO_SERVICE_HOST):7", --send, job-call, --expect, job-call, --timeout, 30s]`
+// indent is the pod spec's indentation in the manifest.
+func callSpec(img, sa, indent string) string {
+	return strings.ReplaceAll(`
+serviceAccountName: `+sa+`
+restartPolicy: Never
+containers:
+- name: call
+  image: `+img+`
+  args: [dial, "$(ECHO_SERVICE_HOST):7", --send, job-call, --expect, job-call, --timeout, 30s]`, "\n", "\n"+indent)
 }
 
 // runJobs runs a Job of n completions whose pods call the Service, and
@@ -258,8 +259,8 @@ spec:
   backoffLimit: 0
   template:
     spec:%s
-`, name, ns, n, callSpec(img, sa)))
-	kubectl(t, c, "-n", ns, "wait", "--for=condition=Complete", "job/"+name, "--timeout=180s")
+`, name, ns, n, callSpec(img, sa, "      ")))
+	waitJob(t, c, ns, name, n)
 	pods := c.Pods(t, ns, "job-name="+name)
 	if len(pods) != n {
 		t.Fatalf("job %s: %d pods, want %d", name, len(pods), n)
@@ -291,7 +292,7 @@ spec:
       backoffLimit: 0
       template:
         spec:%s
-`, ns, callSpec(img, "client")))
+`, ns, callSpec(img, "client", "          ")))
 	defer kubectl(t, c, "-n", ns, "delete", "cronjob", "tick", "--wait=false")
 	e2eenv.WaitFor(t, 150*time.Second, "a successful CronJob run", func() error {
 		cj, err := c.Client.BatchV1().CronJobs(ns).Get(context.Background(), "tick", metav1.GetOptions{})
@@ -391,4 +392,33 @@ func checkBounded(t *testing.T, c *e2eenv.Cluster, base map[string]agentStats) {
 		}
 		return nil
 	})
+}
+
+// waitJob waits until the Job has n successful pods, and fails at once
+// (with the failed pods' logs) when one fails.
+func waitJob(t *testing.T, c *e2eenv.Cluster, ns, name string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		j, err := c.Client.BatchV1().Jobs(ns).Get(context.Background(), name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if j.Status.Failed > 0 {
+			for _, p := range c.Pods(t, ns, "job-name="+name) {
+				if p.Status.Phase == corev1.PodFailed {
+					out, _ := c.KubectlErr("-n", ns, "logs", p.Name)
+					t.Logf("failed pod %s on %s:\n%s", p.Name, p.Spec.NodeName, out)
+				}
+			}
+			t.Fatalf("job %s: %d pods failed", name, j.Status.Failed)
+		}
+		if int(j.Status.Succeeded) >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("job %s: %d of %d succeeded after 3m", name, j.Status.Succeeded, n)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 }

@@ -67,7 +67,7 @@ spec:
       backoffLimit: 0
       template:
         spec:%s
-`, ns, callSpec(img, "client")))
+`, ns, callSpec(img, "client", "          ")))
 	time.Sleep(10*time.Minute + 30*time.Second)
 	kubectl(t, c, "-n", ns, "delete", "cronjob", "tick", "--wait=true")
 	jobs, err := c.Client.BatchV1().Jobs(ns).List(context.Background(), metav1.ListOptions{})
