@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -77,6 +79,32 @@ Settings (--set key=value, repeatable):
 		ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
 		defer cancel()
 		client, clientErr := kubeClient(cf)
+		// An upgrade keeps the installed identity material and settings.
+		if clientErr == nil {
+			o.Existing, err = installcli.ReadExisting(ctx, client)
+			switch {
+			case err != nil && set["clusterCIDRs"] != "" && !cmd.Flags().Changed("kubeconfig") && !cmd.Flags().Changed("context"):
+				// Rendering offline: nothing to keep can be seen.
+				fmt.Fprintf(stderr, "tunmeshctl install: cluster not reachable (%v); nothing installed to keep (trust anchor, issuer, settings). On an upgrade run this with cluster access\n", err)
+				o.Existing = nil
+			case err != nil:
+				return fmt.Errorf("install: %w", err)
+			}
+		}
+		if o.Existing != nil && len(o.Existing.Settings) > 0 {
+			var kept []string
+			for k, v := range o.Existing.Settings {
+				if _, overridden := set[k]; !overridden {
+					kept = append(kept, k+"="+v)
+				}
+			}
+			if len(kept) > 0 {
+				sort.Strings(kept)
+				fmt.Fprintf(stderr, "tunmeshctl install: keeping the installed settings %s\n", strings.Join(kept, " "))
+			}
+			set = installcli.MergeSettings(o.Existing.Settings, set)
+		}
+		o.Record = installcli.MergeSettings(nil, set) // explicit only: detection reruns next time
 		if set["clusterCIDRs"] == "" {
 			if clientErr != nil {
 				return fmt.Errorf("install: detect cluster CIDRs (or give --set clusterCIDRs=...): %w", clientErr)
@@ -90,18 +118,8 @@ Settings (--set key=value, repeatable):
 			}
 			set["clusterCIDRs"] = d.String()
 		}
-		// An upgrade keeps the identity material already installed.
-		if clientErr == nil && !o.ExternalIssuer {
-			o.Existing, err = installcli.ReadExisting(ctx, client)
-			switch {
-			case err != nil && set["clusterCIDRs"] != "" && !cmd.Flags().Changed("kubeconfig") && !cmd.Flags().Changed("context"):
-				// Rendering offline: nothing to keep can be seen.
-				fmt.Fprintf(stderr, "tunmeshctl install: cluster not reachable (%v); generating a new trust anchor and issuer. On an upgrade run this with cluster access to keep the installed ones\n", err)
-			case err != nil:
-				return fmt.Errorf("install: %w", err)
-			case o.Existing != nil && o.Existing.Issuer != nil:
-				fmt.Fprintf(stderr, "tunmeshctl install: keeping the installed trust anchors and issuer\n")
-			}
+		if o.Existing != nil && o.Existing.Issuer != nil && !o.ExternalIssuer {
+			fmt.Fprintf(stderr, "tunmeshctl install: keeping the installed trust anchors and issuer\n")
 		}
 		o.Settings = set
 		o.Now = time.Now()

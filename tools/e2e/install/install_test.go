@@ -178,6 +178,10 @@ func TestUninstallDryRun(t *testing.T) {
 	if !strings.Contains(notes, "keeping the installed trust anchors") || !strings.Contains(again, strings.TrimSpace(strings.Split(before, "\n")[1])) {
 		t.Errorf("re-install did not keep the anchors; notes:\n%s", notes)
 	}
+	// ... and the settings given then (imagePullPolicy=Never).
+	if !strings.Contains(notes, "keeping the installed settings imagePullPolicy=Never") || !strings.Contains(again, "imagePullPolicy: Never") {
+		t.Errorf("re-install did not keep the settings; notes:\n%s", notes)
+	}
 }
 
 // parked returns the manifests with the workloads unable to run: the

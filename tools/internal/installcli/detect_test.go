@@ -14,6 +14,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/tunmesh/tunmesh/deploy"
 )
 
 func node(name string, cidrs ...string) *corev1.Node {
@@ -145,4 +147,49 @@ func FuzzMergePrefixes(f *testing.F) {
 			t.Fatalf("not a fixed point: %v -> %v", out, again)
 		}
 	})
+}
+
+// TestReadExisting: an upgrade sees the installed anchors, issuer and the
+// settings recorded by the last install (unknown or now-invalid ones
+// dropped), and Render records the explicit settings again.
+func TestReadExisting(t *testing.T) {
+	ctx := context.Background()
+	if e, err := ReadExisting(ctx, fake.NewClientset()); err != nil || e != nil {
+		t.Fatalf("empty cluster: %+v, %v", e, err)
+	}
+	cm := &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: deploy.ConfigMapName, Namespace: deploy.Namespace, Annotations: map[string]string{
+			SettingsAnnotation: `{"tunMTU":"9000","cniBinDir":"relative","removedKey":"x","imagePullPolicy":"Never"}`,
+		}},
+	}
+	anchors := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: deploy.TrustAnchorsName, Namespace: deploy.Namespace}, Data: map[string]string{"ca.crt": "PEM"}}
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: deploy.IssuerSecretName, Namespace: deploy.Namespace}, Data: map[string][]byte{"tls.crt": []byte("x")}}
+	e, err := ReadExisting(ctx, fake.NewClientset(cm, anchors, sec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(e.AnchorsPEM) != "PEM" || string(e.Issuer["tls.crt"]) != "x" {
+		t.Errorf("existing identity material %+v", e)
+	}
+	if len(e.Settings) != 2 || e.Settings["tunMTU"] != "9000" || e.Settings["imagePullPolicy"] != "Never" {
+		t.Errorf("settings %v, want tunMTU and imagePullPolicy only", e.Settings)
+	}
+	merged := MergeSettings(e.Settings, map[string]string{"tunMTU": "1500", "clusterCIDRs": "10.0.0.0/8"})
+	objs, err := Render(Options{Settings: merged, Record: merged, ExternalIssuer: true, TrustAnchorsPEM: fuzzAnchors})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range objs {
+		if o.GetKind() == "ConfigMap" && o.GetName() == deploy.ConfigMapName {
+			if got := o.GetAnnotations()[SettingsAnnotation]; got != `{"clusterCIDRs":"10.0.0.0/8","imagePullPolicy":"Never","tunMTU":"1500"}` {
+				t.Errorf("recorded settings %s", got)
+			}
+		}
+	}
+
+	bad := cm.DeepCopy()
+	bad.Annotations[SettingsAnnotation] = "{not json"
+	if _, err := ReadExisting(ctx, fake.NewClientset(bad)); err == nil {
+		t.Error("a garbled settings annotation was accepted")
+	}
 }

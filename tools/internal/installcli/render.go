@@ -52,6 +52,9 @@ type Options struct {
 	// ReadExisting): without ExternalIssuer it is kept instead of
 	// generating a new anchor and issuer.
 	Existing *Existing
+	// Record are the settings given explicitly (not detected), written to
+	// the settings ConfigMap's SettingsAnnotation for the next upgrade.
+	Record map[string]string
 }
 
 // timeNow is time.Now, for checks of existing material.
@@ -100,6 +103,18 @@ func Render(o Options) ([]*unstructured.Unstructured, error) {
 						return nil, err
 					}
 				}
+			}
+			if len(o.Record) > 0 {
+				given, err := json.Marshal(o.Record) // sorted keys
+				if err != nil {
+					return nil, err
+				}
+				ann := obj.GetAnnotations()
+				if ann == nil {
+					ann = map[string]string{}
+				}
+				ann[SettingsAnnotation] = string(given)
+				obj.SetAnnotations(ann)
 			}
 		case obj.GetKind() == "Deployment" || obj.GetKind() == "DaemonSet":
 			if len(identityObjs) > 0 {
