@@ -175,7 +175,7 @@ func TestIdentityBootstrapWithBinary(t *testing.T) {
 	if err := os.WriteFile(tokenFile, []byte(e.token(t, controlNS, "tunmesh-node", e.agentPods["node-1"], api.Audience)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	serverName := spiffe.ID{TrustDomain: trustDom, Namespace: controlNS, ServiceAccount: "tunmesh-identity"}.DNSName(controlNS)
+	serverName := spiffe.ControlPlaneDNSName("tunmesh-identity", controlNS, trustDom)
 	client, err := workload.NewClient("https://"+addr, serverName, anchors.Pool(), tokenFile)
 	if err != nil {
 		t.Fatal(err)
