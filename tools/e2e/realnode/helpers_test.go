@@ -199,10 +199,13 @@ func dumpOnFailure(t *testing.T, c *e2eenv.Cluster) {
 	})
 }
 
-// ctl runs tunmeshctl (a kubectl-style command) against the cluster and
-// returns its stdout.
+// ctl runs tunmeshctl and returns its stdout; commands that talk to the
+// cluster (all but uninstall) get its kubeconfig.
 func ctl(c *e2eenv.Cluster, args ...string) (string, error) {
-	cmd := exec.Command(filepath.Join(c.BinDir, "tunmeshctl"), append(args, "--kubeconfig", c.State.Kubeconfig)...)
+	if args[0] != "uninstall" {
+		args = append(args, "--kubeconfig", c.State.Kubeconfig)
+	}
+	cmd := exec.Command(filepath.Join(c.BinDir, "tunmeshctl"), args...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
