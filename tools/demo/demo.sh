@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# demo.sh: the README's main job. Brings up the local cluster, deploys hello
-# and world on different nodes and shows hello calling world through the
-# mesh: the request, the connection with both identities, a capture of the
-# underlay with nothing but TLS, and tunmeshctl check. Re-runnable;
-# `make demo-down` removes it all.
+# demo.sh: the README's main job. Brings up the local cluster on real nodes
+# (every node a real kubelet with containerd and runc, tunmesh's images
+# from `make images` imported), installs tunmesh the way a user does
+# (`tunmeshctl install | kubectl apply -f -`), deploys hello and world on
+# different nodes and shows hello calling world through the mesh: the
+# request, the connection with both identities (from kubectl logs of the
+# agents), a capture of the underlay with nothing but TLS, tunmeshctl check
+# and kubectl logs. Re-runnable; `make demo-down` removes it all.
 #
-# TUNMESH_DEMO_REAL_NODES=1: the nodes are real kubelets with containerd
-# and runc (tunmesh's images imported) and tunmesh is installed the way a
-# user does, `tunmeshctl install | kubectl apply -f -`; kubectl exec and
-# logs work. Default: the kubelet stand-in with the mesh run by the cluster
-# itself (see docs/local-cluster.md).
+# TUNMESH_DEMO_REAL_NODES=0: the kubelet stand-in instead, with the mesh
+# run by the cluster itself (see docs/local-cluster.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ctl=bin/tunmeshctl
 name=${TUNMESH_DEV_NAME:-tmdev}
-real=${TUNMESH_DEMO_REAL_NODES:-0}
+real=${TUNMESH_DEMO_REAL_NODES:-1}
 k() { bin/kubectl --kubeconfig "$kubeconfig" "$@"; }
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
