@@ -140,7 +140,8 @@ func capture(t *testing.T, c *e2eenv.Cluster, filter string, fn func()) string {
 			return pcap
 		}
 		if attempt == 3 {
-			t.Fatalf("no packet matching %q in 3 captures of the underlay", filter)
+			raw, _ := os.ReadFile(pcap)
+			t.Fatalf("no packet matching %q in 3 captures of the underlay (plaintext marker in the last one: %v)", filter, strings.Contains(string(raw), marker))
 		}
 		t.Logf("capture %d missed %q; again", attempt, filter)
 	}

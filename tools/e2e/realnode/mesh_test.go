@@ -23,10 +23,22 @@ import (
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 )
 
-// meshEnv gates the mesh-on-real-nodes test while the data plane it needs
-// (the agent as a DaemonSet container) is being finished: set it to 1 to
-// run it. See docs/local-cluster.md.
-const meshEnv = "TUNMESH_E2E_REALNODE_MESH"
+// blockedEnv runs the steps that cannot pass yet because of known agent
+// bugs the real kubelet exposed (each step's skip message names its bug);
+// without it they skip, loudly. See docs/local-cluster.md.
+const blockedEnv = "TUNMESH_E2E_REALNODE_BLOCKED"
+
+// Known agent bugs that block steps (found by this suite).
+const (
+	// A Job pod's first instruction runs before the kubelet has written
+	// status.podIP to the API; the server-side agent refuses the tunnel
+	// ("source not owned by client identity ... 0 candidates") and the
+	// client sees a reset.
+	bugFirstCallBeforePodIP = "the inbound agent refuses a pod whose IP is not in the API yet (a Job's first call runs before the kubelet reports status.podIP)"
+	// After uninstall the agents are gone but meshed pods keep their tm0
+	// and policy routes, so pod-to-pod traffic is black-holed.
+	bugUninstallLeavesTUN = "after uninstall meshed pods keep routing into tm0 with no agent behind it"
+)
 
 const marker = "TUNMESH-PLAINTEXT-MARKER-0123456789"
 
@@ -38,9 +50,6 @@ const marker = "TUNMESH-PLAINTEXT-MARKER-0123456789"
 // the primary's conflists and working (plaintext) pods. The steps depend
 // on the install only.
 func TestMeshOnRealNodes(t *testing.T) {
-	if os.Getenv(meshEnv) != "1" {
-		t.Skipf("set %s=1 to run tunmesh on real nodes (the agent DaemonSet is not complete yet)", meshEnv)
-	}
 	c := e2eenv.Need(t)
 	dumpOnFailure(t, c)
 	primary := conflists(t, c)
@@ -51,6 +60,14 @@ func TestMeshOnRealNodes(t *testing.T) {
 		t.FailNow()
 	}
 	step := func(name string, fn func(t *testing.T)) { t.Run(name, fn) }
+	blocked := func(name, bug string, fn func(t *testing.T)) {
+		t.Run(name, func(t *testing.T) {
+			if os.Getenv(blockedEnv) != "1" {
+				t.Skipf("BLOCKED by a known agent bug: %s (set %s=1 to run it)", bug, blockedEnv)
+			}
+			fn(t)
+		})
+	}
 
 	ns := c.Namespace(t, "rn-mesh")
 	img := e2eenv.Image(images.Workload)
@@ -110,13 +127,13 @@ spec:
 	}
 	step("meshed transfer across nodes, TLS only on the underlay", meshed)
 
-	step("Job calling a meshed Service completes", func(t *testing.T) { runJobs(t, c, ns, "call", "client", 1) })
-	step("Job whose first instruction is a meshed call (no certificate yet)", func(t *testing.T) {
+	blocked("Job calling a meshed Service completes", bugFirstCallBeforePodIP, func(t *testing.T) { runJobs(t, c, ns, "call", "client", 1) })
+	blocked("Job whose first instruction is a meshed call (no certificate yet)", bugFirstCallBeforePodIP, func(t *testing.T) {
 		apply(t, c, "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: fresh, namespace: "+ns+"}\n")
 		runJobs(t, c, ns, "first", "fresh", 1)
 	})
-	step("CronJob calling a meshed Service completes", func(t *testing.T) { cronJob(t, c, ns) })
-	step("many Job runs leave the agent bounded", func(t *testing.T) { jobLoop(t, c, ns, 12) })
+	blocked("CronJob calling a meshed Service completes", bugFirstCallBeforePodIP, func(t *testing.T) { cronJob(t, c, ns) })
+	blocked("many Job runs leave the agent bounded", bugFirstCallBeforePodIP, func(t *testing.T) { jobLoop(t, c, ns, 12) })
 
 	restarts := func(t *testing.T) map[string]string {
 		ids := map[string]string{}
@@ -152,7 +169,7 @@ spec:
 		}
 		meshed(t)
 	})
-	step("uninstall: conflists back to the primary's, pods still talk", func(t *testing.T) {
+	blocked("uninstall: conflists back to the primary's, pods still talk", bugUninstallLeavesTUN, func(t *testing.T) {
 		out, err := ctl(c, "uninstall") // needs no cluster access
 		if err != nil {
 			t.Fatalf("tunmeshctl uninstall: %v\n%s", err, out)
