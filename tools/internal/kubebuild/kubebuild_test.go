@@ -57,4 +57,3 @@ func TestCommandsIncludeRealNodeBinaries(t *testing.T) {
 		}
 	}
 }
-
