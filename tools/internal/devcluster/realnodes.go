@@ -172,3 +172,9 @@ func sweepRealNodes(cfg Config) error {
 	}
 	return realnode.Sweep(files, cfg.cgroupPrefix(), cfg.realnodeHost())
 }
+
+// ContainerdSocket is, on the host, the containerd socket of a real node.
+func ContainerdSocket(cfg Config, node string) string {
+	cfg, _ = cfg.WithDefaults()
+	return cfg.path("nodes", node, "real", "host", realnode.ContainerdSocket)
+}
