@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -34,6 +35,35 @@ type View struct {
 	nsList  listersv1.NamespaceLister
 	synced  atomic.Bool
 	syncCh  chan struct{} // closed once synced
+
+	changed broadcast // pod events, for callers waiting to learn a pod
+}
+
+// broadcast wakes every waiter at once: C returns a channel that the next
+// Notify closes. Safe for concurrent use.
+type broadcast struct {
+	mu sync.Mutex    // guards ch
+	ch chan struct{} // closed by the next Notify; nil until someone waits
+}
+
+// C returns a channel closed at the next Notify.
+func (b *broadcast) C() <-chan struct{} {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ch == nil {
+		b.ch = make(chan struct{})
+	}
+	return b.ch
+}
+
+// Notify wakes the current waiters.
+func (b *broadcast) Notify() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ch != nil {
+		close(b.ch)
+		b.ch = nil
+	}
 }
 
 // New builds the informers (it starts nothing).
@@ -47,8 +77,21 @@ func New(client kubernetes.Interface) (*View, error) {
 		return nil, fmt.Errorf("cluster view: index pods: %w", err)
 	}
 	ns := f.Core().V1().Namespaces()
-	return &View{factory: f, podInf: inf, nsInf: ns.Informer(), nsList: ns.Lister(), syncCh: make(chan struct{})}, nil
+	v := &View{factory: f, podInf: inf, nsInf: ns.Informer(), nsList: ns.Lister(), syncCh: make(chan struct{})}
+	// Wake waiters on every pod event: the inbound checks wait (bounded)
+	// for a pod whose IP the kubelet has not reported yet.
+	notify := func(any) { v.changed.Notify() }
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: notify, UpdateFunc: func(_, n any) { notify(n) }, DeleteFunc: notify,
+	}); err != nil {
+		return nil, fmt.Errorf("cluster view: watch pods: %w", err)
+	}
+	return v, nil
 }
+
+// Changed returns a channel closed at the next pod event (or at sync):
+// a caller that did not find a pod waits on it, then looks again.
+func (v *View) Changed() <-chan struct{} { return v.changed.C() }
 
 // indexPodIPs indexes pods that may hold their IPs: not hostNetwork (their
 // IP is the node's) and not finished.
@@ -70,6 +113,7 @@ func (v *View) Run(ctx context.Context) error {
 	if cache.WaitForCacheSync(ctx.Done(), v.podInf.HasSynced, v.nsInf.HasSynced) {
 		v.synced.Store(true)
 		close(v.syncCh)
+		v.changed.Notify()
 	}
 	<-ctx.Done()
 	v.factory.Shutdown()

@@ -39,8 +39,13 @@ type Dialer struct {
 	Certs            ClientConfigs
 	MeshPort         int
 	ControlNamespace string
-	// Timeout bounds dial, handshake and header exchange (default 10s).
+	// Timeout bounds dial, handshake and sending the header (default 10s).
 	Timeout time.Duration
+	// ReplyTimeout bounds the wait for the server's reply (default 20s):
+	// the server may wait for its cluster view to learn the source pod
+	// (inbound.Config.SourceWait, 8s) and then dial the destination pod
+	// (10s), so the client must outwait both.
+	ReplyTimeout time.Duration
 	// LocalAddr, when valid, is the source address of tunnels: the node
 	// address the peer agent checks its source pods against.
 	LocalAddr netip.Addr
@@ -80,6 +85,11 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (*tunnel.FramedConn, error)
 		raw.Close()
 		return nil, err
 	}
+	replyTimeout := d.ReplyTimeout
+	if replyTimeout == 0 {
+		replyTimeout = 20 * time.Second
+	}
+	_ = tc.SetReadDeadline(time.Now().Add(replyTimeout))
 	if err := tunnel.ReadReply(tc); err != nil {
 		raw.Close()
 		return nil, err

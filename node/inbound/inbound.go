@@ -33,9 +33,12 @@ type LocalPods interface {
 	Identities() []spiffe.ID
 }
 
-// Cluster finds the pods holding an address, cluster-wide.
+// Cluster finds the pods holding an address, cluster-wide
+// (clusterview.View).
 type Cluster interface {
 	PodsByAddr(netip.Addr) ([]*corev1.Pod, error)
+	// Changed returns a channel closed at the view's next pod event.
+	Changed() <-chan struct{}
 }
 
 // ServerConfigs makes the TLS server configuration of a local identity
@@ -62,6 +65,12 @@ type Config struct {
 	// node-wide (default 256); MaxHandshakesPerPeer from one peer
 	// (default 64).
 	MaxHandshakes, MaxHandshakesPerPeer int
+	// SourceWait bounds how long a tunnel whose claimed source is not
+	// known to the cluster view yet waits for the view to learn it
+	// (default 8s). A pod's first instruction may run before its kubelet
+	// has reported status.podIP (a Job calling a Service at once), and a
+	// peer agent knows its pod from CNI ADD, before the API does.
+	SourceWait time.Duration
 }
 
 func (c *Config) defaults() {
@@ -76,6 +85,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxHandshakesPerPeer == 0 {
 		c.MaxHandshakesPerPeer = 64
+	}
+	if c.SourceWait == 0 {
+		c.SourceWait = 8 * time.Second
 	}
 }
 
@@ -245,24 +257,67 @@ type Request struct {
 // local meshed pod with the identity the client asked for. Check returns
 // the destination pod, or the refusal reason and a detail for the log.
 func (a *Acceptor) Check(r Request) (*pods.Pod, tunnel.Reason, string) {
+	dst, reason, detail, _ := a.check(r)
+	return dst, reason, detail
+}
+
+// check is Check, and also tells whether a refusal is because the view
+// does not know the source yet (so that waiting for the view may change
+// the answer): the lookup failed (not synced), no pod or two live pods
+// hold the address, or its only holder is terminating (its successor's IP
+// not reported yet). A live, sole holder of another identity or on another
+// node is a definite refusal.
+func (a *Acceptor) check(r Request) (dst *pods.Pod, reason tunnel.Reason, detail string, unknown bool) {
 	srcPods, err := a.cluster.PodsByAddr(r.Header.Src)
 	if err != nil {
-		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source lookup: %v", err)
+		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source lookup: %v", err), true
 	}
 	src := clusterview.Holder(srcPods)
 	switch {
 	case src == nil:
-		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("no single live pod holds the source address (%d candidates)", len(srcPods))
+		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("no single live pod holds the source address (%d candidates)", len(srcPods)), true
 	case a.identity(src) != r.ClientID:
-		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source pod %s/%s runs as %s, not as the client identity", src.Namespace, src.Name, a.identity(src))
+		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source pod %s/%s runs as %s, not as the client identity", src.Namespace, src.Name, a.identity(src)), src.DeletionTimestamp != nil
 	case !onNode(src, r.Peer):
-		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source pod %s/%s runs on node %s, the tunnel comes from %s", src.Namespace, src.Name, src.Status.HostIP, r.Peer)
+		return nil, tunnel.ReasonSourceNotOwned, fmt.Sprintf("source pod %s/%s runs on node %s, the tunnel comes from %s", src.Namespace, src.Name, src.Status.HostIP, r.Peer), src.DeletionTimestamp != nil
 	}
-	dst := a.local.ByAddr(r.Header.Dst.Addr())
+	dst = a.local.ByAddr(r.Header.Dst.Addr())
 	if dst == nil || dst.ID.DNSName(a.cfg.ControlNamespace) != r.ServerName {
-		return nil, tunnel.ReasonUnknownDestination, "destination is not a local meshed pod with the requested identity"
+		return nil, tunnel.ReasonUnknownDestination, "destination is not a local meshed pod with the requested identity", false
 	}
-	return dst, tunnel.ReasonNone, ""
+	return dst, tunnel.ReasonNone, "", false
+}
+
+// CheckWait is Check that, while the only trouble is a source the cluster
+// view does not know yet, waits for the view to learn it (woken by its pod
+// events, bounded by SourceWait and ctx) and runs the whole check again.
+// It fails closed: still unknown at the bound is a refusal. waited is how
+// long it waited (zero when the first check decided).
+func (a *Acceptor) CheckWait(ctx context.Context, r Request) (dst *pods.Pod, reason tunnel.Reason, detail string, waited time.Duration) {
+	start := time.Now()
+	var timeout <-chan time.Time
+	for {
+		changed := a.cluster.Changed() // before the check: an event between the two wakes us
+		dst, reason, detail, unknown := a.check(r)
+		if reason == tunnel.ReasonNone || !unknown {
+			if timeout != nil {
+				waited = time.Since(start)
+			}
+			return dst, reason, detail, waited
+		}
+		if timeout == nil {
+			t := time.NewTimer(a.cfg.SourceWait)
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case <-changed:
+		case <-timeout:
+			return dst, reason, detail + fmt.Sprintf(" (still unknown after waiting %s for the cluster view)", a.cfg.SourceWait), time.Since(start)
+		case <-ctx.Done():
+			return dst, reason, detail + " (agent stopping)", time.Since(start)
+		}
+	}
 }
 
 // onNode reports whether the pod's node has address peer.
@@ -330,7 +385,16 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 	}
 	handshaking = false
 	a.handshakes.release(peer)
-	dst, reason, detail := a.Check(Request{ClientID: clientID, ServerName: cs.ServerName, Peer: peer, Header: h})
+	dst, reason, detail, waited := a.CheckWait(ctx, Request{ClientID: clientID, ServerName: cs.ServerName, Peer: peer, Header: h})
+	if waited > 0 {
+		// Counted whatever the outcome: how often sources race the API.
+		a.metrics.Errors.WithLabelValues("source_wait").Inc()
+		a.log.Info("tunnel waited for the cluster view to learn its source", "client_id", clientID.String(), "peer", peer.String(),
+			"src", h.Src.String(), "waited", waited, "accepted", reason == tunnel.ReasonNone)
+	}
+	// The wait may have used the handshake deadline: the rest (reply, dial
+	// into the pod) gets its own.
+	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
 	refuse := func(r tunnel.Reason, msg string) {
 		a.metrics.Errors.WithLabelValues("refused_" + r.String()).Inc()
 		a.log.Warn("tunnel refused", "reason", r.String(), "client_id", clientID.String(), "peer", peer.String(), "src", h.Src.String(), "dst", h.Dst.String(), "detail", msg)

@@ -38,6 +38,36 @@ func (f fakeLocal) Identities() []spiffe.ID {
 type fakeCluster map[netip.Addr][]*corev1.Pod
 
 func (f fakeCluster) PodsByAddr(a netip.Addr) ([]*corev1.Pod, error) { return f[a], nil }
+func (f fakeCluster) Changed() <-chan struct{}                       { return nil } // never changes
+
+// learningCluster is a view that learns pods while a check waits, as the
+// informer does when the kubelet reports a pod's IP.
+type learningCluster struct {
+	mu      sync.Mutex // guards the fields below
+	pods    map[netip.Addr][]*corev1.Pod
+	changed chan struct{}
+}
+
+func (c *learningCluster) PodsByAddr(a netip.Addr) ([]*corev1.Pod, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pods[a], nil
+}
+
+func (c *learningCluster) Changed() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.changed
+}
+
+// learn sets the pods holding a and wakes the waiters.
+func (c *learningCluster) learn(a netip.Addr, ps ...*corev1.Pod) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pods[a] = ps
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
 
 type noCerts struct{}
 
@@ -118,6 +148,78 @@ func TestCheck(t *testing.T) {
 			_, got, detail := newAcceptor(t).Check(tc.req)
 			if got != tc.want {
 				t.Fatalf("Check = %s (%s), want %s", got, detail, tc.want)
+			}
+		})
+	}
+}
+
+// TestCheckWaitForUnknownSource (issue 12, Jobs): a pod's first call can
+// reach the destination agent before the pod's kubelet has reported its IP
+// to the API. A source the view does not know yet waits, bounded, for the
+// view to learn it, and the whole check runs again; still unknown at the
+// bound, or known as someone else, is refused. A source known as another
+// pod is refused at once (no wait).
+func TestCheckWaitForUnknownSource(t *testing.T) {
+	const bound = 300 * time.Millisecond
+	serverName := id("prod", "server").DNSName("tunmesh")
+	job := func(sa, node string) *corev1.Pod { return srcPod("job", sa, srcIP.String(), node, false) }
+	for _, tc := range []struct {
+		name    string
+		start   []*corev1.Pod // holders of srcIP when the tunnel arrives
+		later   []*corev1.Pod // what the view learns after 50ms (nil: nothing)
+		cancel  bool          // the agent stops while waiting
+		want    tunnel.Reason
+		waitMin time.Duration // at least this long waited
+		waitMax time.Duration // at most this long
+	}{
+		{name: "learned while waiting", later: []*corev1.Pod{job("default", nodeA.String())},
+			want: tunnel.ReasonNone, waitMin: 40 * time.Millisecond, waitMax: bound},
+		{name: "never learned: refused at the bound",
+			want: tunnel.ReasonSourceNotOwned, waitMin: bound, waitMax: 3 * bound},
+		{name: "learned as another identity: refused", later: []*corev1.Pod{job("batch", nodeA.String())},
+			want: tunnel.ReasonSourceNotOwned, waitMin: 40 * time.Millisecond, waitMax: bound},
+		{name: "learned on another node: refused", later: []*corev1.Pod{job("default", nodeB.String())},
+			want: tunnel.ReasonSourceNotOwned, waitMin: 40 * time.Millisecond, waitMax: bound},
+		{name: "known as another identity: refused at once", start: []*corev1.Pod{job("batch", nodeA.String())},
+			later: []*corev1.Pod{job("default", nodeA.String())}, want: tunnel.ReasonSourceNotOwned, waitMax: 0},
+		{name: "known, no wait", start: []*corev1.Pod{job("default", nodeA.String())}, want: tunnel.ReasonNone, waitMax: 0},
+		{name: "terminating holder, successor learned",
+			start: []*corev1.Pod{srcPod("old", "batch", srcIP.String(), nodeA.String(), true)},
+			later: []*corev1.Pod{srcPod("old", "batch", srcIP.String(), nodeA.String(), true), job("default", nodeA.String())},
+			want:  tunnel.ReasonNone, waitMin: 40 * time.Millisecond, waitMax: bound},
+		{name: "agent stops while waiting", cancel: true, want: tunnel.ReasonSourceNotOwned, waitMin: 40 * time.Millisecond, waitMax: bound},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cluster := &learningCluster{pods: map[netip.Addr][]*corev1.Pod{srcIP: tc.start}, changed: make(chan struct{})}
+			dst := &pods.Pod{Namespace: "prod", Name: "server", Addrs: []netip.Addr{dstIP}, NIC: 3, ID: id("prod", "server")}
+			m := nodemetrics.ForTest()
+			a, err := New(Config{TrustDomain: "cluster.local", ControlNamespace: "tunmesh", SourceWait: bound},
+				fakeLocal{dstIP: dst}, cluster, noCerts{}, noDial{}, m, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			timer := time.AfterFunc(50*time.Millisecond, func() {
+				if tc.cancel {
+					cancel()
+				}
+				if tc.later != nil {
+					cluster.learn(srcIP, tc.later...)
+				}
+			})
+			defer timer.Stop()
+			r := Request{ClientID: id("prod", "default"), ServerName: serverName, Peer: nodeA,
+				Header: tunnel.Header{Src: srcIP, Dst: netip.AddrPortFrom(dstIP, 8080)}}
+			got, reason, detail, waited := a.CheckWait(ctx, r)
+			if reason != tc.want {
+				t.Fatalf("CheckWait = %s (%s), want %s", reason, detail, tc.want)
+			}
+			if (reason == tunnel.ReasonNone) != (got == dst) {
+				t.Fatalf("destination %v with reason %s", got, reason)
+			}
+			if waited < tc.waitMin || waited > tc.waitMax {
+				t.Fatalf("waited %s, want between %s and %s (%s)", waited, tc.waitMin, tc.waitMax, detail)
 			}
 		})
 	}
