@@ -141,7 +141,8 @@ func capture(t *testing.T, c *e2eenv.Cluster, filter string, fn func()) string {
 		}
 		if attempt == 3 {
 			raw, _ := os.ReadFile(pcap)
-			t.Fatalf("no packet matching %q in 3 captures of the underlay (plaintext marker in the last one: %v)", filter, strings.Contains(string(raw), marker))
+			conv, _ := exec.Command("tshark", "-r", pcap, "-q", "-z", "conv,tcp").Output()
+			t.Fatalf("no packet matching %q in 3 captures of the underlay (plaintext marker in the last one: %v); its TCP conversations:\n%s", filter, strings.Contains(string(raw), marker), conv)
 		}
 		t.Logf("capture %d missed %q; again", attempt, filter)
 	}
