@@ -13,6 +13,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/rbac"
 	"github.com/tunmesh/tunmesh/identity/service"
 	"github.com/tunmesh/tunmesh/node/agent"
+	"github.com/tunmesh/tunmesh/node/release"
 )
 
 // permission is an RBAC grant or need, without object names: a rule
@@ -50,7 +51,7 @@ func fromRBAC(ps ...[]rbac.Permission) []permission {
 func requiredPermissions() map[string][]permission {
 	return map[string][]permission{
 		"tunmesh-identity": fromRBAC(service.RequiredPermissions(Namespace, IssuerSecretName)),
-		"tunmesh-node":     fromRBAC(agent.RequiredPermissions(), keep.RequiredPermissions(Namespace)),
+		"tunmesh-node":     fromRBAC(agent.RequiredPermissions(release.DaemonSetDeleted, Namespace), keep.RequiredPermissions(Namespace)),
 	}
 }
 

@@ -45,6 +45,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/outbound"
 	"github.com/tunmesh/tunmesh/node/pods"
 	"github.com/tunmesh/tunmesh/node/policy"
+	"github.com/tunmesh/tunmesh/node/release"
 	"github.com/tunmesh/tunmesh/node/resolve"
 )
 
@@ -77,6 +78,17 @@ type Config struct {
 	ExcludedNamespaces []string
 	// StateDir keeps what a restarted agent needs (default /var/lib/tunmesh).
 	StateDir string
+	// ReleaseOnExit says when a stopping agent releases the node's pods
+	// from the mesh (tm0 and its routes removed: they talk in plaintext on
+	// the primary CNI's path) instead of keeping them attached for the
+	// next agent: never (default), or daemonset-deleted (uninstall: only
+	// when the API says the agent's DaemonSet is deleted or being
+	// deleted; when it cannot tell, the pods stay attached).
+	ReleaseOnExit release.Mode
+	// PodName and PodNamespace name the agent's own pod (required with
+	// ReleaseOnExit daemonset-deleted; PodNamespace defaults to
+	// ControlNamespace).
+	PodName, PodNamespace string
 }
 
 func (c *Config) defaults() error {
@@ -110,6 +122,18 @@ func (c *Config) defaults() error {
 	if c.StateDir == "" {
 		c.StateDir = "/var/lib/tunmesh"
 	}
+	if c.ReleaseOnExit == "" {
+		c.ReleaseOnExit = release.Never
+	}
+	if _, err := release.ParseMode(string(c.ReleaseOnExit)); err != nil {
+		return fmt.Errorf("agent config: %w", err)
+	}
+	if c.PodNamespace == "" {
+		c.PodNamespace = c.ControlNamespace
+	}
+	if c.ReleaseOnExit == release.DaemonSetDeleted && c.PodName == "" {
+		return errors.New("agent config: release on exit " + string(release.DaemonSetDeleted) + " needs the agent's pod name")
+	}
 	return nil
 }
 
@@ -131,6 +155,7 @@ type Agent struct {
 	cni         *pods.Handler
 	outbound    *outbound.Handler
 	inbound     *inbound.Acceptor
+	release     *release.Watcher // nil with ReleaseOnExit never
 }
 
 // Version is the agent's version, set at build time with
@@ -182,6 +207,12 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	if err != nil {
 		return nil, err
 	}
+	if cfg.ReleaseOnExit == release.DaemonSetDeleted {
+		a.release, err = release.NewWatcher(client, cfg.PodNamespace, cfg.PodName, log.With("component", "release"))
+		if err != nil {
+			return nil, err
+		}
+	}
 	return a, nil
 }
 
@@ -214,8 +245,19 @@ func (r *stackRef) DialTCP(ctx context.Context, id netstack.NICID, src, dst neti
 
 // Run starts everything and blocks until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
-	if err := rbac.Check(ctx, a.client, RequiredPermissions()); err != nil {
+	if err := rbac.Check(ctx, a.client, RequiredPermissions(a.cfg.ReleaseOnExit, a.cfg.PodNamespace)); err != nil {
 		return fmt.Errorf("agent start-up: %w", err)
+	}
+	if a.release != nil {
+		// The watch outlives ctx: the exit decision reads it after the
+		// rest has stopped (a deletion seen at the last moment counts).
+		wctx, wcancel := context.WithCancel(context.Background())
+		wdone := make(chan struct{})
+		go func() { // RoutineReleaseWatch: ends when Run returns
+			defer close(wdone)
+			_ = a.release.Run(wctx)
+		}()
+		defer func() { wcancel(); <-wdone }()
 	}
 	a.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: a.client.CoreV1().Events("")})
 	defer a.broadcaster.Shutdown()
@@ -289,8 +331,37 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	a.log.Info("agent running", "node", a.cfg.NodeName, "mesh", meshLn.Addr().String(), "cni_socket", a.cfg.CNISocket)
 	err = g.Wait()
-	a.cni.ReleaseAll()
+	a.exit()
 	return err
+}
+
+// exit leaves the node's pods for the next agent (restart, rollout), or,
+// when tunmesh is being uninstalled, releases them from the mesh so they
+// keep talking on the primary CNI's path. Only a deletion the API reported
+// releases them: when the agent cannot tell, they stay attached (and fail
+// closed until an agent comes back), never released to plaintext on a
+// guess.
+func (a *Agent) exit() {
+	if a.release == nil {
+		a.cni.ReleaseAll()
+		a.log.Info("agent stopping: pods stay attached for the next agent", "release_on_exit", string(a.cfg.ReleaseOnExit))
+		return
+	}
+	release, why := a.release.Decide(context.Background())
+	if !release {
+		a.cni.ReleaseAll()
+		a.log.Info("agent stopping: pods stay attached for the next agent", "reason", why)
+		return
+	}
+	a.log.Warn("tunmesh is being uninstalled: releasing every pod of the node from the mesh (plaintext from now on)", "reason", why)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	n, err := a.cni.ReleaseFromMesh(ctx)
+	if err != nil {
+		a.log.Error("pods not all released from the mesh", "released", n, "err", err)
+		return
+	}
+	a.log.Info("pods released from the mesh", "released", n)
 }
 
 // certificatesReady fails while a local pod's identity has no certificate

@@ -1,6 +1,9 @@
 package agent
 
-import "github.com/tunmesh/tunmesh/identity/rbac"
+import (
+	"github.com/tunmesh/tunmesh/identity/rbac"
+	"github.com/tunmesh/tunmesh/node/release"
+)
 
 // RequiredPermissions are the API calls tunmesh-node makes, checked at
 // start-up (Run fails naming what is missing): the pod and namespace
@@ -8,9 +11,14 @@ import "github.com/tunmesh/tunmesh/identity/rbac"
 // (pods: Pods().Get, Namespaces().Get); the Service and EndpointSlice
 // informers (resolve, which also finds the identity service's endpoints);
 // events about pods in any namespace (create, and patch for repeats by
-// client-go's correlator).
-func RequiredPermissions() []rbac.Permission {
-	return []rbac.Permission{
+// client-go's correlator). With release on exit daemonset-deleted, also
+// its own pod and its DaemonSet in podNamespace (release.Watcher).
+func RequiredPermissions(releaseOnExit release.Mode, podNamespace string) []rbac.Permission {
+	var extra []rbac.Permission
+	if releaseOnExit == release.DaemonSetDeleted {
+		extra = release.RequiredPermissions(podNamespace)
+	}
+	return append([]rbac.Permission{
 		{Resource: "pods", Verb: "get"},
 		{Resource: "pods", Verb: "list"},
 		{Resource: "pods", Verb: "watch"},
@@ -23,5 +31,5 @@ func RequiredPermissions() []rbac.Permission {
 		{Group: "discovery.k8s.io", Resource: "endpointslices", Verb: "watch"},
 		{Resource: "events", Verb: "create"},
 		{Resource: "events", Verb: "patch"},
-	}
+	}, extra...)
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -12,6 +13,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/tunmesh/tunmesh/identity/rbac"
+	"github.com/tunmesh/tunmesh/node/release"
 )
 
 // TestRequiredPermissionsChecked: every permission is asked for with a
@@ -27,11 +29,18 @@ func TestRequiredPermissionsChecked(t *testing.T) {
 		r.Status.Allowed = !(attr.Resource == "endpointslices" && attr.Verb == "watch")
 		return true, r, nil
 	})
-	err := rbac.Check(context.Background(), client, RequiredPermissions())
+	need := RequiredPermissions(release.DaemonSetDeleted, "tunmesh")
+	err := rbac.Check(context.Background(), client, need)
 	if !errors.Is(err, rbac.ErrMissingPermission) || !strings.Contains(err.Error(), "watch endpointslices.discovery.k8s.io") {
 		t.Fatalf("err = %v, want the missing endpointslices watch named", err)
 	}
-	if len(asked) != len(RequiredPermissions()) {
-		t.Fatalf("asked %d reviews, want %d", len(asked), len(RequiredPermissions()))
+	if len(asked) != len(need) {
+		t.Fatalf("asked %d reviews, want %d", len(asked), len(need))
+	}
+	if !slices.ContainsFunc(asked, func(s string) bool { return strings.Contains(s, "watch daemonsets") }) {
+		t.Fatalf("release on exit: the DaemonSet watch is not checked: %v", asked)
+	}
+	if n := len(RequiredPermissions(release.Never, "tunmesh")); n != len(need)-len(release.RequiredPermissions("tunmesh")) {
+		t.Fatalf("release never: %d permissions, want the base list only", n)
 	}
 }

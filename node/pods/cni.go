@@ -444,6 +444,56 @@ func (h *Handler) reconcileOnce(ctx context.Context) {
 	}
 }
 
+// ReleaseFromMesh releases every pod of the node from the mesh for good,
+// when tunmesh is being uninstalled: each pod's NIC is detached, its tm0
+// and tunmesh's policy routing rules removed from its namespace (so its
+// traffic takes the primary CNI's path again, without a restart), and its
+// state file dropped; state files of pods not attached (a re-attach that
+// failed) are cleaned up too. It returns how many pods it released, and
+// every teardown that failed (those pods may be left routing into a tm0
+// that nothing serves; the error names them).
+func (h *Handler) ReleaseFromMesh(ctx context.Context) (int, error) {
+	var errs []error
+	released := 0
+	for _, p := range h.reg.All() {
+		unlock, err := h.locks.lock(ctx, p.ContainerID)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("release pod %s: %w", p.FullName(), err))
+			continue
+		}
+		if h.reg.Remove(p.ContainerID) == p {
+			if err := h.stack.DetachNIC(p.NIC); err != nil && !errors.Is(err, netstack.ErrUnknownNIC) {
+				h.log.Warn("detach pod", "pod", p.Name, "pod_namespace", p.Namespace, "err", err)
+			}
+			h.certs.Release(p.ID)
+			h.metrics.Pods.Dec()
+			if err := h.net.Teardown(p.Netns, h.podnetConfig(nil)); err != nil && !isGone(err) {
+				errs = append(errs, fmt.Errorf("release pod %s: tear down %s: %w", p.FullName(), p.Netns, err))
+			} else {
+				released++
+				h.log.Info("pod released from the mesh (uninstall)", "pod", p.Name, "pod_namespace", p.Namespace)
+			}
+			if err := h.store.Drop(p.ContainerID); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		unlock()
+	}
+	states, _, err := h.store.LoadAll()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, st := range states {
+		if err := h.net.Teardown(st.Netns, h.podnetConfig(nil)); err != nil && !isGone(err) {
+			errs = append(errs, fmt.Errorf("release pod %s/%s: tear down %s: %w", st.Namespace, st.Name, st.Netns, err))
+		}
+		if err := h.store.Drop(st.ContainerID); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return released, errors.Join(errs...)
+}
+
 // ReleaseAll detaches every pod from the agent's state when the agent
 // stops. The TUNs and state files stay so a restarted agent re-attaches.
 func (h *Handler) ReleaseAll() {

@@ -163,6 +163,69 @@ func TestJobDelTwice(t *testing.T) {
 	}
 }
 
+// TestReleaseFromMesh (issue 12, uninstall): released pods lose tm0 and
+// their rules (Teardown in their netns), their NIC, state file and
+// certificate use; a stale state file of a pod that was never re-attached
+// is cleaned up too. ReleaseAll (a plain restart) by contrast keeps tm0
+// and the state files.
+func TestReleaseFromMesh(t *testing.T) {
+	ctx := context.Background()
+	setup := func(t *testing.T) *env {
+		e := newEnv(t, nil, jobPod("a", "worker"), jobPod("b", "worker"))
+		for _, r := range []cniapi.AddRequest{addReq("ca", "a", "10.244.1.2"), addReq("cb", "b", "10.244.1.3")} {
+			if resp, err := e.h.Add(ctx, r); err != nil || !resp.Meshed {
+				t.Fatalf("ADD %s: %+v %v", r.ContainerID, resp, err)
+			}
+		}
+		// A pod recorded by an earlier agent and never re-attached.
+		if err := e.h.store.Save(State{ContainerID: "cz", Netns: "/var/run/netns/cz", Namespace: "batch", Name: "z"}); err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}
+	worker := spiffe.ID{TrustDomain: "cluster.local", Namespace: "batch", ServiceAccount: "worker"}
+
+	t.Run("restart keeps tm0 and state", func(t *testing.T) {
+		e := setup(t)
+		e.h.ReleaseAll()
+		if len(e.net.teardowns) != 0 {
+			t.Fatalf("restart tore down %v", e.net.teardowns)
+		}
+		if states, _, _ := e.h.store.LoadAll(); len(states) != 3 {
+			t.Fatalf("restart dropped state: %v", states)
+		}
+	})
+	t.Run("uninstall releases every pod", func(t *testing.T) {
+		e := setup(t)
+		n, err := e.h.ReleaseFromMesh(ctx)
+		if err != nil || n != 2 {
+			t.Fatalf("ReleaseFromMesh = %d, %v; want 2 released", n, err)
+		}
+		want := map[string]bool{"/var/run/netns/ca": true, "/var/run/netns/cb": true, "/var/run/netns/cz": true}
+		for _, ns := range e.net.teardowns {
+			delete(want, ns)
+		}
+		if len(want) != 0 {
+			t.Fatalf("not torn down: %v (tore down %v)", want, e.net.teardowns)
+		}
+		if e.reg.Len() != 0 || len(e.stack.attached) != 0 || e.certs.held(worker) {
+			t.Fatalf("still attached: %d pods, nics %v, certificate held %v", e.reg.Len(), e.stack.attached, e.certs.held(worker))
+		}
+		if states, _, err := e.h.store.LoadAll(); err != nil || len(states) != 0 {
+			t.Fatalf("state files left: %v %v", states, err)
+		}
+	})
+	t.Run("a failed teardown is reported", func(t *testing.T) {
+		e := setup(t)
+		if err := e.h.store.Save(State{ContainerID: "cbad", Namespace: "batch", Name: "bad"}); err != nil { // no netns: fakeNet fails
+			t.Fatal(err)
+		}
+		if _, err := e.h.ReleaseFromMesh(ctx); err == nil {
+			t.Fatal("ReleaseFromMesh hid a failed teardown")
+		}
+	})
+}
+
 // TestAddBeforeSyncTriesAgain (item 1): until the cluster view has synced
 // ADD answers "try again later".
 func TestAddBeforeSyncTriesAgain(t *testing.T) {

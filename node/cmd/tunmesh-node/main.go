@@ -24,6 +24,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/workload"
 	"github.com/tunmesh/tunmesh/netstack/tun"
 	"github.com/tunmesh/tunmesh/node/agent"
+	"github.com/tunmesh/tunmesh/node/release"
 	"github.com/tunmesh/tunmesh/node/resolve"
 )
 
@@ -36,6 +37,7 @@ type config struct {
 	anchorsFile string
 	tokenFile   string
 	logLevel    string
+	release     string
 }
 
 func main() {
@@ -59,6 +61,9 @@ func main() {
 	fs.StringVar(&cfg.anchorsFile, "trust-anchors", "/var/run/tunmesh/identity/ca.crt", "trust anchors (PEM)")
 	fs.StringVar(&cfg.tokenFile, "token-file", "/var/run/secrets/tunmesh/tokens/tunmesh-identity", "projected ServiceAccount token, audience tunmesh-identity")
 	fs.StringVar(&cfg.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&cfg.release, "release-on-exit", string(release.Never), "when a stopping agent releases the node's pods from the mesh (tm0 and routes removed; plaintext on the primary CNI's path): never (keep them attached for the next agent), or daemonset-deleted (only when the API says the agent's DaemonSet is deleted or being deleted, i.e. uninstall; when it cannot tell, it keeps them)")
+	fs.StringVar(&cfg.agent.PodName, "pod-name", os.Getenv("POD_NAME"), "the agent's own pod, for --release-on-exit=daemonset-deleted (env POD_NAME)")
+	fs.StringVar(&cfg.agent.PodNamespace, "pod-namespace", os.Getenv("POD_NAMESPACE"), "the agent's own pod's namespace (env POD_NAMESPACE; default --control-namespace)")
 	fs.StringVar(&tun.SysctlDir, "proc-sys-dir", tun.SysctlDir, "sysctl tree for net.* writes (a container's /proc/sys is read-only: the DaemonSet mounts the host's /proc/sys/net elsewhere)")
 	_ = fs.Parse(os.Args[1:])
 
@@ -83,6 +88,9 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 		return fmt.Errorf("--node-ip %q: %w", cfg.nodeIP, err)
 	}
 	cfg.agent.NodeIP = ip
+	if cfg.agent.ReleaseOnExit, err = release.ParseMode(cfg.release); err != nil {
+		return fmt.Errorf("--release-on-exit: %w", err)
+	}
 	for _, s := range strings.Split(cfg.cluster, ",") {
 		p, err := netip.ParsePrefix(strings.TrimSpace(s))
 		if err != nil {
