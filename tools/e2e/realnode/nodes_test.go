@@ -19,7 +19,8 @@ import (
 // real kube-scheduler spreads a Deployment that asks for it, pods talk on
 // one node and across nodes, a Job completes, kubectl logs and exec work,
 // and what the kubelet writes to host paths lands in the node's own
-// directory, not on the host.
+// directory, not on the host. Its pods opt out of the mesh (the suite may
+// have installed it already): this test is about the nodes.
 func TestRealNodes(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "rn-basics")
@@ -33,7 +34,7 @@ spec:
   replicas: 2
   selector: {matchLabels: {app: echo}}
   template:
-    metadata: {labels: {app: echo}}
+    metadata: {labels: {app: echo}, annotations: {tunmesh.io/inject: disabled}}
     spec:
       affinity:
         podAntiAffinity:
@@ -47,7 +48,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: client, namespace: `+ns+`}
+metadata: {name: client, namespace: `+ns+`, annotations: {tunmesh.io/inject: disabled}}
 spec:
   nodeSelector: {kubernetes.io/hostname: node-1}
   containers:
@@ -59,6 +60,7 @@ metadata: {name: once, namespace: `+ns+`}
 spec:
   backoffLimit: 0
   template:
+    metadata: {annotations: {tunmesh.io/inject: disabled}}
     spec:
       restartPolicy: Never
       containers:
