@@ -51,9 +51,10 @@ type FramedConn struct {
 	remain  int        // payload bytes of the current data frame still unread
 	readErr error      // sticky: how the peer's direction ended
 
-	wmu    sync.Mutex // serializes frames
-	wbuf   []byte
-	wended bool // End or Reset sent
+	wmu     sync.Mutex // serializes frames
+	wbuf    []byte
+	wended  bool // End or Reset sent
+	sentEnd bool // the End frame was written: this direction ended cleanly
 }
 
 // NewFramedConn frames the data phase on c.
@@ -139,10 +140,41 @@ func (f *FramedConn) CloseWrite() error {
 	if _, err := f.Conn.Write([]byte{FrameEnd, 0, 0}); err != nil {
 		return fmt.Errorf("write tunnel end: %w", err)
 	}
+	f.sentEnd = true
 	if cw, ok := f.Conn.(closeWriter); ok {
 		return cw.CloseWrite()
 	}
 	return nil
+}
+
+// lingerTimeout bounds how long Close waits for the peer's last bytes
+// after a clean end; maxLinger bounds how many it reads.
+const (
+	lingerTimeout = 2 * time.Second
+	maxLinger     = 64 << 10
+)
+
+// Close closes the tunnel connection. After a clean end both ways (End
+// sent and End received) it first reads what the peer still sends until
+// the peer's end of stream (bounded by lingerTimeout): the peer's TLS
+// close_notify, which CloseWrite writes after the End frame and which may
+// arrive after the End was read. Closing a TCP socket with unread bytes in
+// its receive queue makes Linux answer with a reset and drop whatever it
+// has not sent yet, which is the tail of the other direction: the peer
+// would read a cut stream although both ends finished cleanly (seen as an
+// intermittent reset of long transfers between real nodes).
+func (f *FramedConn) Close() error {
+	if f.rmu.TryLock() {
+		if f.wmu.TryLock() {
+			if f.sentEnd && f.readErr == io.EOF {
+				_ = f.Conn.SetReadDeadline(time.Now().Add(lingerTimeout))
+				_, _ = io.Copy(io.Discard, io.LimitReader(f.Conn, maxLinger))
+			}
+			f.wmu.Unlock()
+		}
+		f.rmu.Unlock()
+	}
+	return f.Conn.Close()
 }
 
 // Abort tells the peer the stream was cut (a Reset frame, if no write is

@@ -151,3 +151,57 @@ func TestSplicePodResetCrossesTunnel(t *testing.T) {
 		t.Fatalf("client pod read ended with %v, want ECONNRESET", err)
 	}
 }
+
+// TestFramedCloseAfterCleanEndKeepsTail: the side that finishes last may
+// still hold bytes of its peer unread when it closes (the peer's TLS
+// close_notify follows its End frame and can arrive after the End was
+// read). Closing a TCP socket with unread bytes makes Linux reset it and
+// drop what it has not sent yet: the tail of the stream would reach the
+// peer as a reset. Close reads the peer's last bytes first, so the peer
+// gets every byte and a clean end.
+func TestFramedCloseAfterCleanEndKeepsTail(t *testing.T) {
+	c, s := tunneltest.TCPPair(t)
+	// A small receive buffer on the reader and a large send buffer on the
+	// writer: most of the payload is still in the writer's kernel when it
+	// closes.
+	if err := c.SetReadBuffer(16 << 10); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetWriteBuffer(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	client, server := tunnel.NewFramedConn(c), tunnel.NewFramedConn(s)
+
+	// The client ends its direction: an End frame, then (as TLS's
+	// close_notify would) more bytes once the server has read the End.
+	if _, err := c.Write([]byte{tunnel.FrameEnd, 0, 0}); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := server.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("server read: %d, %v; want the client's end", n, err)
+	}
+	if _, err := c.Write([]byte("close_notify")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // the bytes reach the server's kernel, unread
+
+	payload := bytes.Repeat([]byte("tail"), 64<<10) // 256 KiB: fits the send buffer (net.core.wmem_max)
+	if _, err := server.Write(payload); err != nil {
+		t.Fatalf("server write: %v", err)
+	}
+	if err := server.CloseWrite(); err != nil {
+		t.Fatalf("server close write: %v", err)
+	}
+	if err := server.Close(); err != nil {
+		t.Fatalf("server close: %v", err)
+	}
+
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(client)
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("client read %d of %d bytes, %v; want all and a clean end", len(got), len(payload), err)
+	}
+}
