@@ -135,6 +135,7 @@ func runWithCluster(m *testing.M, opts Options) (int, error) {
 		code = m.Run()
 	}
 	// Teardown is itself checked: nothing of the cluster may remain.
+	before.recordNodes(c)
 	if err := teardown(ctl, c); err != nil {
 		return code, err
 	}
