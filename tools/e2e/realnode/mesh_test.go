@@ -23,28 +23,6 @@ import (
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 )
 
-// blockedEnv runs the steps that cannot pass yet because of known agent
-// bugs the real kubelet exposed (each step's skip message names its bug);
-// without it they skip, loudly. See docs/local-cluster.md.
-const blockedEnv = "TUNMESH_E2E_REALNODE_BLOCKED"
-
-// Known agent bugs that block steps (found by this suite).
-const (
-	// A Job pod's first instruction runs before the kubelet has written
-	// status.podIP to the API; the server-side agent refuses the tunnel
-	// ("source not owned by client identity ... 0 candidates") and the
-	// client sees a reset.
-	bugFirstCallBeforePodIP = "the inbound agent refuses a pod whose IP is not in the API yet (a Job's first call runs before the kubelet reports status.podIP)"
-	// After uninstall the agents are gone but meshed pods keep their tm0
-	// and policy routes, so pod-to-pod traffic is black-holed.
-	bugUninstallLeavesTUN = "after uninstall meshed pods keep routing into tm0 with no agent behind it"
-	// About one run in two, an 8 MiB meshed echo across nodes is reset
-	// towards the client after 6-8 MB while both agents log the stream
-	// as ended clean with every byte carried (also after an agent
-	// restart or a roll, where a capture may also miss the tunnel).
-	bugMidStreamReset = "an 8 MiB meshed echo across nodes is intermittently reset towards the client although both agents end the stream clean"
-)
-
 const marker = "TUNMESH-PLAINTEXT-MARKER-0123456789"
 
 // TestMeshOnRealNodes installs tunmesh as a user does and walks through
@@ -64,14 +42,7 @@ func TestMeshOnRealNodes(t *testing.T) {
 	if !t.Run("install", func(t *testing.T) { install(t, c) }) {
 		t.FailNow()
 	}
-	blocked := func(name, bug string, fn func(t *testing.T)) {
-		t.Run(name, func(t *testing.T) {
-			if os.Getenv(blockedEnv) != "1" {
-				t.Skipf("BLOCKED by a known agent bug: %s (set %s=1 to run it)", bug, blockedEnv)
-			}
-			fn(t)
-		})
-	}
+	step := func(name string, fn func(t *testing.T)) { t.Run(name, fn) }
 
 	ns := c.Namespace(t, "rn-mesh")
 	img := e2eenv.Image(images.Workload)
@@ -129,15 +100,15 @@ spec:
 			}
 		}
 	}
-	blocked("meshed transfer across nodes, TLS only on the underlay", bugMidStreamReset, meshed)
+	step("meshed transfer across nodes, TLS only on the underlay", meshed)
 
-	blocked("Job calling a meshed Service completes", bugFirstCallBeforePodIP, func(t *testing.T) { runJobs(t, c, ns, "call", "client", 1) })
-	blocked("Job whose first instruction is a meshed call (no certificate yet)", bugFirstCallBeforePodIP, func(t *testing.T) {
+	step("Job calling a meshed Service completes", func(t *testing.T) { runJobs(t, c, ns, "call", "client", 1) })
+	step("Job whose first instruction is a meshed call (no certificate yet)", func(t *testing.T) {
 		apply(t, c, "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: fresh, namespace: "+ns+"}\n")
 		runJobs(t, c, ns, "first", "fresh", 1)
 	})
-	blocked("CronJob calling a meshed Service completes", bugFirstCallBeforePodIP, func(t *testing.T) { cronJob(t, c, ns) })
-	blocked("many Job runs leave the agent bounded", bugFirstCallBeforePodIP, func(t *testing.T) { jobLoop(t, c, ns, 12) })
+	step("CronJob calling a meshed Service completes", func(t *testing.T) { cronJob(t, c, ns) })
+	step("many Job runs leave the agent bounded", func(t *testing.T) { jobLoop(t, c, ns, 12) })
 
 	restarts := func(t *testing.T) map[string]string {
 		ids := map[string]string{}
@@ -148,7 +119,7 @@ spec:
 		return ids
 	}
 	before := restarts(t)
-	blocked("agent pod deleted: recreated, pods untouched, new connections meshed", bugMidStreamReset, func(t *testing.T) {
+	step("agent pod deleted: recreated, pods untouched, new connections meshed", func(t *testing.T) {
 		agents := c.Pods(t, "tunmesh", "app=tunmesh-node")
 		for _, a := range agents {
 			if a.Spec.NodeName == "node-2" {
@@ -161,7 +132,7 @@ spec:
 		}
 		meshed(t)
 	})
-	blocked("DaemonSet rolled to a new tag: pods untouched, new connections meshed", bugMidStreamReset, func(t *testing.T) {
+	step("DaemonSet rolled to a new tag: pods untouched, new connections meshed", func(t *testing.T) {
 		const tag = "e2e-roll"
 		c.TagImage(t, e2eenv.Image(images.Node), images.Ref(e2eenv.ImageRegistry, images.Node, tag))
 		c.TagImage(t, e2eenv.Image(images.CNI), images.Ref(e2eenv.ImageRegistry, images.CNI, tag))
@@ -173,7 +144,7 @@ spec:
 		}
 		meshed(t)
 	})
-	blocked("uninstall: conflists back to the primary's, pods still talk", bugUninstallLeavesTUN, func(t *testing.T) {
+	step("uninstall: conflists back to the primary's, pods still talk", func(t *testing.T) {
 		out, err := ctl(c, "uninstall") // needs no cluster access
 		if err != nil {
 			t.Fatalf("tunmeshctl uninstall: %v\n%s", err, out)

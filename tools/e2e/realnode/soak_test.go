@@ -24,9 +24,6 @@ func TestCronJobSoak(t *testing.T) {
 	}
 	c := e2eenv.Need(t)
 	dumpOnFailure(t, c)
-	if os.Getenv(blockedEnv) != "1" {
-		t.Skipf("BLOCKED by a known agent bug: %s (set %s=1 to run it)", bugFirstCallBeforePodIP, blockedEnv)
-	}
 	if _, err := c.Client.AppsV1().DaemonSets("tunmesh").Get(context.Background(), "tunmesh-node", metav1.GetOptions{}); err != nil {
 		install(t, c)
 	}
