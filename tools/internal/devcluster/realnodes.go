@@ -63,7 +63,10 @@ func newNode(cfg Config, n NodeSpec, client kubernetes.Interface, p pki, host *r
 	}, host)
 }
 
-func (c Config) realnodeHost() *realnode.Host { return realnode.NewHost(c.path("realnode-host.json")) }
+// realnodeHost is the machine-wide host state, with this cluster as user.
+func (c Config) realnodeHost() *realnode.Host {
+	return realnode.NewHost(realnode.DefaultHostDir, c.Dir())
+}
 
 // imageArchives lists the OCI archives in the image dir (make images).
 func imageArchives(cfg Config) ([]string, error) {

@@ -296,11 +296,13 @@ func releaseMountNamespace(file string) error {
 	return nil
 }
 
-// Host state shared by every real node of a cluster: the sysctls before the
-// first kubelet, and the mount points created on the host.
+// Host state shared by every real node on the machine: the sysctls before
+// the first kubelet, the mount points created on the host, the clusters
+// using them.
 type hostState struct {
 	Sysctls     map[string]string `json:"sysctls"`
 	MountPoints []string          `json:"mountPoints"`
+	Users       []string          `json:"users"`
 }
 
 func readHostState(path string) (hostState, error) {

@@ -28,6 +28,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 	"github.com/tunmesh/tunmesh/tools/internal/nsproc"
 )
@@ -317,80 +319,138 @@ func waitFor(ctx context.Context, timeout time.Duration, ok func() bool) error {
 	return nil
 }
 
-// Host is the host-wide state the real nodes of one cluster share: the
-// sysctls the kubelet changes (saved before the first node starts) and the
-// mount points created on the host. Its file lives in the cluster's
-// directory, so a crashed cluster is restored by Sweep.
+// DefaultHostDir holds the machine-wide state of every real-node cluster
+// on this machine (on tmpfs: a reboot resets what it records).
+const DefaultHostDir = "/run/tunmesh-dev-realnodes"
+
+// Host is the host-wide state the real nodes of every cluster on the
+// machine share: the sysctls the kubelet changes (saved before the first
+// node of the first cluster starts), the mount points created on the host,
+// and the clusters using them. Only the last cluster to go restores the
+// sysctls and removes the mount points: removing a directory that is a
+// mount point in another cluster's node mount namespace would detach that
+// node's bind mount (its containerd would lose its content store). A user
+// whose directory no longer exists is dropped (a crashed cluster that was
+// swept).
 type Host struct {
-	file string
-	mu   sync.Mutex // guards the file
+	dir  string // machine-wide state directory
+	user string // this cluster's state directory
+	mu   sync.Mutex
 }
 
-// NewHost keeps the shared state in file.
-func NewHost(file string) *Host { return &Host{file: file} }
+// NewHost keeps the shared state in dir for the cluster whose state
+// directory is user.
+func NewHost(dir, user string) *Host { return &Host{dir: dir, user: user} }
 
-// prepare saves the sysctls once (the first node; a restart keeps the
-// original values).
-func (h *Host) prepare() error {
+func (h *Host) file() string { return filepath.Join(h.dir, "host.json") }
+
+// locked runs fn with the machine-wide lock held and the state loaded; fn
+// reports whether to write the state back.
+func (h *Host) locked(fn func(st *hostState) (write bool, err error)) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	st, err := readHostState(h.file)
+	if err := os.MkdirAll(h.dir, 0o755); err != nil {
+		return fmt.Errorf("create host state dir: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(h.dir, "lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return fmt.Errorf("open host state lock: %w", err)
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("lock host state: %w", err)
+	}
+	st, err := readHostState(h.file())
 	if err != nil {
 		return err
 	}
-	if st.Sysctls != nil {
-		return nil
-	}
-	if st.Sysctls, err = ReadSysctls(HostSysctls); err != nil {
+	write, err := fn(&st)
+	if err != nil || !write {
 		return err
 	}
-	return writeHostState(h.file, st)
+	return writeHostState(h.file(), st)
+}
+
+// prepare registers this cluster and saves the sysctls once (the first
+// node of the first cluster; later ones keep the original values).
+func (h *Host) prepare() error {
+	return h.locked(func(st *hostState) (bool, error) {
+		if st.Sysctls == nil {
+			var err error
+			if st.Sysctls, err = ReadSysctls(HostSysctls); err != nil {
+				return false, err
+			}
+		}
+		for _, u := range st.Users {
+			if u == h.user {
+				return true, nil
+			}
+		}
+		st.Users = append(st.Users, h.user)
+		return true, nil
+	})
 }
 
 func (h *Host) recordMountPoint(dir string) error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	st, err := readHostState(h.file)
-	if err != nil {
-		return err
-	}
-	for _, d := range st.MountPoints {
-		if d == dir {
-			return nil // another node of the cluster made it
+	return h.locked(func(st *hostState) (bool, error) {
+		for _, d := range st.MountPoints {
+			if d == dir {
+				return false, nil // another node made it
+			}
 		}
-	}
-	st.MountPoints = append(st.MountPoints, dir)
-	return writeHostState(h.file, st)
+		st.MountPoints = append(st.MountPoints, dir)
+		return true, nil
+	})
 }
 
-// Restore puts the saved sysctls back and removes the mount points created
-// on the host (innermost first; only if still empty). Call it after every
-// node of the cluster is down.
+// Restore unregisters this cluster (call it once its nodes are down). The
+// last cluster puts the saved sysctls back and removes the mount points
+// created on the host (innermost first; only if still empty).
 func (h *Host) Restore() error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	st, err := readHostState(h.file)
-	if err != nil {
-		return err
-	}
-	var errs []error
-	if st.Sysctls != nil {
-		if err := writeSysctls(st.Sysctls); err != nil {
-			errs = append(errs, err)
+	return h.locked(func(st *hostState) (bool, error) {
+		var users []string
+		for _, u := range st.Users {
+			if _, err := os.Stat(u); u != h.user && err == nil {
+				users = append(users, u)
+			}
 		}
-	}
-	for i := len(st.MountPoints) - 1; i >= 0; i-- {
-		if err := os.Remove(st.MountPoints[i]); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("remove mount point %s: %w", st.MountPoints[i], err))
+		st.Users = users
+		if len(users) > 0 {
+			return true, nil
 		}
-	}
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	if err := os.Remove(h.file); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove host state: %w", err)
-	}
-	return nil
+		var errs []error
+		if st.Sysctls != nil {
+			if err := writeSysctls(st.Sysctls); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		for i := len(st.MountPoints) - 1; i >= 0; i-- {
+			if err := os.Remove(st.MountPoints[i]); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("remove mount point %s: %w", st.MountPoints[i], err))
+			}
+		}
+		if err := errors.Join(errs...); err != nil {
+			return false, err
+		}
+		if err := os.Remove(h.file()); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return false, fmt.Errorf("remove host state: %w", err)
+		}
+		return false, nil
+	})
+}
+
+// Others lists the other clusters currently registered as using the host.
+func (h *Host) Others() ([]string, error) {
+	var others []string
+	err := h.locked(func(st *hostState) (bool, error) {
+		for _, u := range st.Users {
+			if _, err := os.Stat(u); u != h.user && err == nil {
+				others = append(others, u)
+			}
+		}
+		return false, nil
+	})
+	return others, err
 }
 
 // Sweep cleans up real nodes after a crash: the processes of each node

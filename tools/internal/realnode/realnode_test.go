@@ -201,7 +201,7 @@ func TestHostRestore(t *testing.T) {
 		}
 	}
 	root := t.TempDir()
-	h := NewHost(filepath.Join(root, "host.json"))
+	h := NewHost(filepath.Join(root, "state"), root)
 	if err := h.prepare(); err != nil {
 		t.Fatal(err)
 	}
@@ -240,8 +240,64 @@ func TestHostRestore(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(root, "opt")); !os.IsNotExist(err) {
 		t.Errorf("created mount points not removed: %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(root, "host.json")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(root, "state", "host.json")); !os.IsNotExist(err) {
 		t.Errorf("host state file left: %v", err)
+	}
+}
+
+// Two clusters share the host: the first to go leaves the sysctls and the
+// mount points alone (removing a mount point detaches the other cluster's
+// binds); the last restores them. A user whose directory is gone does not
+// count.
+func TestHostSharedByClusters(t *testing.T) {
+	old := ProcSys
+	ProcSys = t.TempDir()
+	t.Cleanup(func() { ProcSys = old })
+	for _, k := range HostSysctls {
+		p := sysctlPath(k)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte("0"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	state, a, b, gone := t.TempDir(), t.TempDir(), t.TempDir(), filepath.Join(t.TempDir(), "gone")
+	ha, hb, hgone := NewHost(state, a), NewHost(state, b), NewHost(state, gone)
+	for _, h := range []*Host{ha, hb, hgone} {
+		if err := h.prepare(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mp := filepath.Join(t.TempDir(), "var-lib-kubelet")
+	if err := mkdirRecorded(mp, ha.recordMountPoint); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range HostSysctls {
+		if err := os.WriteFile(sysctlPath(k), []byte("1"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if others, err := ha.Others(); err != nil || len(others) != 1 || others[0] != b {
+		t.Fatalf("others of a = %v, %v; want [b] (gone does not count)", others, err)
+	}
+	if err := ha.Restore(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(mp); err != nil {
+		t.Errorf("mount point removed while cluster b still uses it: %v", err)
+	}
+	if v, _ := ReadSysctls(HostSysctls); v["kernel.panic"] != "1" {
+		t.Errorf("sysctls restored while cluster b still runs: %v", v)
+	}
+	if err := hb.Restore(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(mp); !os.IsNotExist(err) {
+		t.Errorf("last cluster left the mount point: %v", err)
+	}
+	if v, _ := ReadSysctls(HostSysctls); v["kernel.panic"] != "0" {
+		t.Errorf("last cluster did not restore the sysctls: %v", v)
 	}
 }
 
