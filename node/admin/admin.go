@@ -1,12 +1,13 @@
 // Package admin is the agent's admin HTTP API: Prometheus metrics,
-// readiness, a status report for `tunmeshctl check`, and the identities'
-// certificate chains.
+// readiness, a status report for `tunmeshctl check`, and a check of the
+// workload certificates against trust anchors the caller sends.
 //
 //	GET /metrics       Prometheus text format
 //	GET /ready         200 "ok" when every readiness check passes, else 503
 //	                   naming the first that fails
 //	GET /status        200 application/json Status (see below)
-//	GET <certificates> the identities' chains (workload.CertificatesPath)
+//	POST <verify>      do the certificates chain to the anchors in the body?
+//	                   Counts only, no identity names (workload.VerifyPath)
 package admin
 
 import (
@@ -36,9 +37,11 @@ type Config struct {
 	// CNIConfDir is where the node's CNI configuration lives; its first
 	// file is checked for tunmesh's plugin on every Status request.
 	CNIConfDir string
-	// Certificates serves the identities' chains (nil: not served).
-	Certificates     http.Handler
-	CertificatesPath string
+	// Verify answers whether the workload certificates chain to posted
+	// trust anchors (nil: not served). It must name no identity: the
+	// admin API is unauthenticated.
+	Verify     http.Handler
+	VerifyPath string
 }
 
 // Status is the agent's report to `tunmeshctl check`, served as JSON:
@@ -95,8 +98,8 @@ func Handler(cfg Config) http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(Report(cfg))
 	})
-	if cfg.Certificates != nil {
-		mux.Handle("GET "+cfg.CertificatesPath, cfg.Certificates)
+	if cfg.Verify != nil {
+		mux.Handle("POST "+cfg.VerifyPath, cfg.Verify)
 	}
 	return mux
 }

@@ -309,7 +309,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		}}, {Name: "mesh listener", Fn: a.inbound.Ready}, {Name: "certificates", Fn: a.certificatesReady}},
 		Version: Version, Node: a.cfg.NodeName, CNIConfDir: a.cfg.CNIConfDir,
-		Certificates: a.certs.CertificatesHandler(), CertificatesPath: workload.CertificatesPath,
+		Verify: a.certs.VerifyHandler(), VerifyPath: workload.VerifyPath,
 	})}
 
 	// Pods attached by a previous run come back before new ones are taken.

@@ -24,8 +24,9 @@ import (
 )
 
 // serveAgentCertificates runs a certificate manager for the agent on node,
-// holding ids, and serves its certificates endpoint inside the agent pod's
-// network namespace on the admin port, as the node agent does.
+// holding ids, and serves its certificate check (workload.VerifyPath)
+// inside the agent pod's network namespace on the admin port, as the node
+// agent does.
 func (e *idEnv) serveAgentCertificates(t *testing.T, node string, ids ...spiffe.ID) {
 	t.Helper()
 	client := e.client(t, e.token(t, controlNS, "tunmesh-node", e.agentPods[node], api.Audience))
@@ -49,7 +50,7 @@ func (e *idEnv) serveAgentCertificates(t *testing.T, node string, ids ...spiffe.
 		t.Fatal(err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("GET "+workload.CertificatesPath, mgr.CertificatesHandler())
+	mux.Handle("POST "+workload.VerifyPath, mgr.VerifyHandler())
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	t.Cleanup(func() {
@@ -60,8 +61,8 @@ func (e *idEnv) serveAgentCertificates(t *testing.T, node string, ids ...spiffe.
 }
 
 // TestCheck: `tunmeshctl check` passes on a healthy cluster (anchors and
-// issuer from the issuer Secret, leaves fetched from every agent through
-// the API server's pod proxy) and fails with a hint when the anchor
+// issuer from the issuer Secret, every agent asked through the API server's
+// pod proxy whether its leaves chain to the current anchors) and fails with a hint when the anchor
 // expires within 60 days.
 func TestCheck(t *testing.T) {
 	e := identity(t)

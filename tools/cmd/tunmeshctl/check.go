@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -12,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	utilnet "k8s.io/apimachinery/pkg/util/net"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 	"k8s.io/client-go/kubernetes"
@@ -205,55 +205,44 @@ func runChecks(ctx context.Context, client kubernetes.Interface, ns string, o ch
 	}
 	checks := identitycli.CheckAnchorsAndIssuer(anchors, &ca.Issuer{Certificate: issuerCerts[0], Chain: issuerCerts[1:]}, now, o.minValidity)
 
-	chains, agents, err := agentLeaves(ctx, client, ns, o.agentSelector)
+	reports, err := agentReports(ctx, client, ns, o.agentSelector, anchors.PEM())
 	if err != nil {
-		checks = append(checks, identitycli.Check{Name: "workload certificates chain to the current trust anchors", Hint: err.Error()})
+		checks = append(checks, identitycli.Check{Name: identitycli.LeavesCheckName, Hint: err.Error()})
 	} else {
-		c := identitycli.CheckLeaves(anchors, chains, now)
-		c.Name += fmt.Sprintf(" (%d certificates from %d agents)", len(chains), agents)
-		checks = append(checks, c)
+		checks = append(checks, identitycli.CheckAgentLeaves(reports))
 	}
 	return checks, nil
 }
 
-// agentLeaves fetches the workload certificate chains of every running
-// agent through the API server's pod proxy.
-func agentLeaves(ctx context.Context, client kubernetes.Interface, ns, selector string) ([][]*x509.Certificate, int, error) {
+// agentReports asks every running agent, through the API server's pod
+// proxy (so the caller's RBAC applies), whether its workload certificates
+// chain to anchorsPEM.
+func agentReports(ctx context.Context, client kubernetes.Interface, ns, selector string, anchorsPEM []byte) ([]identitycli.AgentReport, error) {
 	pods, err := client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
 	if err != nil {
-		return nil, 0, fmt.Errorf("list agent pods: %w", err)
+		return nil, fmt.Errorf("list agent pods: %w", err)
 	}
-	var chains [][]*x509.Certificate
-	agents := 0
+	var reports []identitycli.AgentReport
 	for _, p := range pods.Items {
 		if p.Status.Phase != corev1.PodRunning {
 			continue
 		}
-		agents++
 		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		body, err := client.CoreV1().Pods(ns).ProxyGet("http", p.Name, strconv.Itoa(workload.AdminPort), workload.CertificatesPath, nil).DoRaw(pctx)
+		body, err := client.CoreV1().RESTClient().Post().Namespace(ns).Resource("pods").
+			Name(utilnet.JoinSchemeNamePort("http", p.Name, strconv.Itoa(workload.AdminPort))).
+			SubResource("proxy").Suffix(workload.VerifyPath).Body(anchorsPEM).DoRaw(pctx)
 		cancel()
 		if err != nil {
-			return nil, agents, fmt.Errorf("agent %s on %s: fetch certificates: %w", p.Name, p.Spec.NodeName, err)
+			return nil, fmt.Errorf("agent %s on %s: verify certificates: %w", p.Name, p.Spec.NodeName, err)
 		}
-		var list []workload.CertificateChain
-		if err := json.Unmarshal(body, &list); err != nil {
-			return nil, agents, fmt.Errorf("agent %s: decode certificates: %w", p.Name, err)
+		r := identitycli.AgentReport{Agent: p.Name, Node: p.Spec.NodeName}
+		if err := json.Unmarshal(body, &r.VerifyReport); err != nil {
+			return nil, fmt.Errorf("agent %s: decode certificate report: %w", p.Name, err)
 		}
-		for _, cc := range list {
-			var chain []*x509.Certificate
-			for _, pemText := range cc.Chain {
-				certs, err := ca.ParseCertificatesPEM([]byte(pemText))
-				if err != nil {
-					return nil, agents, fmt.Errorf("agent %s, %s: %w", p.Name, cc.Identity, err)
-				}
-				chain = append(chain, certs...)
-			}
-			chains = append(chains, chain)
-		}
+		reports = append(reports, r)
 	}
-	if agents == 0 {
-		return nil, 0, fmt.Errorf("no running agent pods (%s) in namespace %s", selector, ns)
+	if len(reports) == 0 {
+		return nil, fmt.Errorf("no running agent pods (%s) in namespace %s", selector, ns)
 	}
-	return chains, agents, nil
+	return reports, nil
 }

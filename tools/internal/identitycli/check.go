@@ -4,10 +4,11 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/tunmesh/tunmesh/identity/ca"
-	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/identity/workload"
 )
 
 // DefaultMinValidity is how long anchors and issuer must stay valid for
@@ -91,40 +92,45 @@ func CheckAnchorsAndIssuer(anchors *ca.Anchors, issuer *ca.Issuer, now time.Time
 	return checks
 }
 
-// CheckLeaves checks that each chain ([leaf, intermediates...], as
-// workloads present them) verifies against the anchors at now. After a
-// root rotation this says whether every workload has picked up a
-// certificate from the new root. No chains pass.
-func CheckLeaves(anchors *ca.Anchors, chains [][]*x509.Certificate, now time.Time) Check {
-	const name = "workload certificates chain to the current trust anchors"
-	if anchors == nil {
-		return Check{Name: name, Hint: "no trust anchors loaded"}
-	}
-	roots := anchors.Pool()
-	for i, chain := range chains {
-		if len(chain) == 0 || chain[0] == nil {
-			return Check{Name: name, Hint: fmt.Sprintf("workload certificate chain %d is empty", i)}
-		}
-		leaf := chain[0]
-		inter := x509.NewCertPool()
-		for _, c := range chain[1:] {
-			inter.AddCert(c)
-		}
-		_, err := leaf.Verify(x509.VerifyOptions{
-			Roots:         roots,
-			Intermediates: inter,
-			CurrentTime:   now,
-			KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
-		})
-		if err != nil {
-			who := leaf.Subject.String()
-			if id, idErr := spiffe.FromCertificate(leaf); idErr == nil {
-				who = id.String()
-			}
-			return Check{Name: name, Hint: fmt.Sprintf("certificate of %s does not chain to the current trust anchors: %v", who, err)}
+// AgentReport is one agent's answer to "do your workload certificates
+// chain to these anchors?" (workload.VerifyPath).
+type AgentReport struct {
+	Agent, Node string
+	workload.VerifyReport
+}
+
+// LeavesCheckName names the check of the agents' workload certificates.
+const LeavesCheckName = "workload certificates chain to the current trust anchors"
+
+// CheckAgentLeaves checks that every agent's workload certificates verify
+// against the current anchors. After a root rotation this says whether
+// every workload has picked up a certificate from the new root. The agents
+// verify their own leaves against the anchors check sends them and report
+// counts only (their admin port names no identity), so a hint names the
+// agent and node, not the workload.
+func CheckAgentLeaves(reports []AgentReport) Check {
+	c := Check{Name: fmt.Sprintf("%s (%d certificates from %d agents)", LeavesCheckName, totalCertificates(reports), len(reports))}
+	var hints []string
+	for _, r := range reports {
+		if r.Failed > 0 {
+			hints = append(hints, fmt.Sprintf("%d of %d certificates of agent %s on %s do not chain to the current trust anchors: %s",
+				r.Failed, r.Certificates, r.Agent, r.Node, strings.Join(r.Errors, "; ")))
 		}
 	}
-	return Check{Name: name, OK: true}
+	if len(hints) > 0 {
+		c.Hint = strings.Join(hints, "; ")
+		return c
+	}
+	c.OK = true
+	return c
+}
+
+func totalCertificates(reports []AgentReport) int {
+	n := 0
+	for _, r := range reports {
+		n += r.Certificates
+	}
+	return n
 }
 
 // PrintChecks writes one line per check, "√ name" or "× name" followed by

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tunmesh/tunmesh/identity/ca"
+	"github.com/tunmesh/tunmesh/identity/workload"
 )
 
 var checkNames = []string{
@@ -162,42 +163,32 @@ func TestCheckAnchorsAndIssuer(t *testing.T) {
 	}
 }
 
-func TestCheckLeaves(t *testing.T) {
-	old := newHierarchy(t, 365*day, 180*day)
-	current := newHierarchy(t, 365*day, 180*day)
-	now := t0.Add(time.Hour)
-	good := current.leaf(t, "shop", "web", now)
-	good2 := current.leaf(t, "shop", "db", now)
-	stale := old.leaf(t, "billing", "api", now)
-
-	tests := []struct {
+func TestCheckAgentLeaves(t *testing.T) {
+	ok := func(agent, node string, n int) AgentReport {
+		return AgentReport{Agent: agent, Node: node, VerifyReport: workload.VerifyReport{Certificates: n}}
+	}
+	stale := AgentReport{Agent: "tunmesh-node-b", Node: "node-2", VerifyReport: workload.VerifyReport{
+		Certificates: 3, Failed: 2, Errors: []string{"x509: certificate signed by unknown authority"}}}
+	for _, tt := range []struct {
 		name    string
-		anchors *ca.Anchors
-		chains  [][]*x509.Certificate
-		now     time.Time
+		reports []AgentReport
 		ok      bool
+		title   string
 		hint    string
 	}{
-		{name: "all current", anchors: current.anchors, chains: [][]*x509.Certificate{good, good2}, now: now, ok: true},
-		{name: "none", anchors: current.anchors, now: now, ok: true},
-		{name: "leaf from old anchor", anchors: current.anchors, chains: [][]*x509.Certificate{good, stale, good2}, now: now,
-			hint: "certificate of spiffe://cluster.local/ns/billing/sa/api does not chain to the current trust anchors: x509: certificate signed by unknown authority"},
-		{name: "missing intermediate", anchors: current.anchors, chains: [][]*x509.Certificate{good[:1]}, now: now,
-			hint: "spiffe://cluster.local/ns/shop/sa/web"},
-		{name: "expired leaf", anchors: current.anchors, chains: [][]*x509.Certificate{good}, now: now.Add(25 * time.Hour),
-			hint: "expired"},
-		{name: "empty chain", anchors: current.anchors, chains: [][]*x509.Certificate{good, nil}, now: now,
-			hint: "workload certificate chain 1 is empty"},
-		{name: "no anchors", chains: [][]*x509.Certificate{good}, now: now, hint: "no trust anchors loaded"},
-	}
-	for _, tt := range tests {
+		{name: "all current", reports: []AgentReport{ok("tunmesh-node-a", "node-1", 1), ok("tunmesh-node-b", "node-2", 1)}, ok: true,
+			title: "workload certificates chain to the current trust anchors (2 certificates from 2 agents)"},
+		{name: "agents without workloads", reports: []AgentReport{ok("tunmesh-node-a", "node-1", 0)}, ok: true,
+			title: "(0 certificates from 1 agents)"},
+		{name: "leaves from the old anchor", reports: []AgentReport{ok("tunmesh-node-a", "node-1", 2), stale},
+			title: "(5 certificates from 2 agents)",
+			hint:  "2 of 3 certificates of agent tunmesh-node-b on node-2 do not chain to the current trust anchors: x509: certificate signed by unknown authority"},
+	} {
 		t.Run(tt.name, func(t *testing.T) {
-			c := CheckLeaves(tt.anchors, tt.chains, tt.now)
-			if c.Name != "workload certificates chain to the current trust anchors" {
-				t.Errorf("name %q", c.Name)
-			}
-			if c.OK != tt.ok || !strings.Contains(c.Hint, tt.hint) || (!c.OK && c.Hint == "") {
-				t.Errorf("CheckLeaves = %+v, want ok=%v hint containing %q", c, tt.ok, tt.hint)
+			c := CheckAgentLeaves(tt.reports)
+			if c.OK != tt.ok || !strings.Contains(c.Name, tt.title) || !strings.HasPrefix(c.Name, LeavesCheckName) ||
+				!strings.Contains(c.Hint, tt.hint) || (!c.OK && c.Hint == "") {
+				t.Errorf("CheckAgentLeaves = %+v, want ok=%v, name containing %q, hint containing %q", c, tt.ok, tt.title, tt.hint)
 			}
 		})
 	}
