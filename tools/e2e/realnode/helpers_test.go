@@ -131,6 +131,12 @@ func capture(t *testing.T, c *e2eenv.Cluster, filter string, fn func()) string {
 			}
 			return nil
 		})
+		// dumpcap says "Capturing on" before its socket receives packets:
+		// on a loaded machine the first second of a capture went missing
+		// (by hand: 4 of 10 short captures incomplete or empty under load,
+		// 0 of 15 after waiting 2 s), which is how a short transfer was
+		// missed three times in a row in CI.
+		time.Sleep(2 * time.Second)
 		fn()
 		time.Sleep(time.Second)
 		_ = cmd.Process.Signal(os.Interrupt)
