@@ -69,7 +69,7 @@ func TestNoPlaintextThroughAgentRestart(t *testing.T) {
 	serve(t, c, pods["server"], 9960)
 	dst := net.JoinHostPort(pods["server"].Status.PodIP, "9960")
 	payload := []byte(strings.Repeat(marker, 16))
-	pcap := capture(t, c, "tcp.dstport == 4143 && tls.app_data", func() {
+	pcap := e2eenv.CaptureUnderlay(t, c, "tcp.dstport == 4143 && tls.app_data", func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		conn, err := namedns.DialContext(ctx, c.PodNetns(pods["client"]), "tcp", dst)
@@ -137,7 +137,7 @@ func TestClusterIPMixedBackends(t *testing.T) {
 	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
 	payload := []byte(strings.Repeat(marker, 8))
 	const n = 20
-	pcap := capture(t, c, "tcp.dstport == 4143 && tls.app_data", func() {
+	pcap := e2eenv.CaptureUnderlay(t, c, "tcp.dstport == 4143 && tls.app_data", func() {
 		for range n {
 			transfer(t, c, pods["client"], vip, 0, payload)
 		}
@@ -199,7 +199,7 @@ func TestMidStreamAgentKillIsReset(t *testing.T) {
 	}()
 	var readErr error
 	var got int64
-	pcap := capture(t, c, "tcp.srcport == 4143 && tls.app_data", func() {
+	pcap := e2eenv.CaptureUnderlay(t, c, "tcp.srcport == 4143 && tls.app_data", func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		conn, err := namedns.DialContext(ctx, c.PodNetns(pods["client"]), "tcp", net.JoinHostPort(pods["server"].Status.PodIP, "9980"))

@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -109,48 +108,6 @@ func transfer(t testing.TB, netnsPath, dst string, n int64) {
 	}
 	if fmt.Sprintf("%x", sent.Sum(nil)) != fmt.Sprintf("%x", got.Sum(nil)) {
 		t.Fatalf("echo from %s differs from what was sent", dst)
-	}
-}
-
-// capture runs tshark on the underlay bridge while fn runs and returns
-// the pcap once it holds a packet matching the display filter (retried:
-// dumpcap may miss traffic on a loaded machine).
-func capture(t *testing.T, c *e2eenv.Cluster, filter string, fn func()) string {
-	t.Helper()
-	for attempt := 1; ; attempt++ {
-		pcap := filepath.Join(t.TempDir(), "underlay.pcap")
-		cmd := exec.Command("nsenter", "--net=/run/netns/"+c.Name+"-ul", "--", "tshark", "-i", "br0", "-f", "tcp", "-w", pcap)
-		stderr := &strings.Builder{}
-		cmd.Stderr = stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatalf("start tshark: %v", err)
-		}
-		e2eenv.WaitFor(t, 20*time.Second, "tshark capturing", func() error {
-			if !strings.Contains(stderr.String(), "Capturing on") {
-				return fmt.Errorf("tshark: %q", stderr.String())
-			}
-			return nil
-		})
-		// dumpcap says "Capturing on" before its socket receives packets:
-		// on a loaded machine the first second of a capture went missing
-		// (by hand: 4 of 10 short captures incomplete or empty under load,
-		// 0 of 15 after waiting 2 s), which is how a short transfer was
-		// missed three times in a row in CI.
-		time.Sleep(2 * time.Second)
-		fn()
-		time.Sleep(time.Second)
-		_ = cmd.Process.Signal(os.Interrupt)
-		_ = cmd.Wait()
-		out, _ := exec.Command("tshark", "-r", pcap, "-d", "tcp.port==4143,tls", "-Y", filter).Output()
-		if len(strings.TrimSpace(string(out))) > 0 {
-			return pcap
-		}
-		if attempt == 3 {
-			raw, _ := os.ReadFile(pcap)
-			conv, _ := exec.Command("tshark", "-r", pcap, "-q", "-z", "conv,tcp").Output()
-			t.Fatalf("no packet matching %q in 3 captures of the underlay (plaintext marker in the last one: %v); its TCP conversations:\n%s", filter, strings.Contains(string(raw), marker), conv)
-		}
-		t.Logf("capture %d missed %q; again", attempt, filter)
 	}
 }
 

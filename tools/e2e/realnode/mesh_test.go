@@ -94,7 +94,7 @@ spec:
 		netns := podNetns(t, c, c.Pod(t, ns, "client"))
 		for _, dst := range targets {
 			transfer(t, netns, dst, 8<<20)
-			pcap := capture(t, c, "tcp.dstport == 4143 && tls.app_data", func() { transferPayload(t, netns, dst, []byte(strings.Repeat(marker, 256))) })
+			pcap := e2eenv.CaptureUnderlay(t, c, "tcp.dstport == 4143 && tls.app_data", func() { transferPayload(t, netns, dst, []byte(strings.Repeat(marker, 256))) })
 			if raw, _ := os.ReadFile(pcap); strings.Contains(string(raw), marker) {
 				t.Fatalf("-> %s: marker in clear on the underlay", dst)
 			}
