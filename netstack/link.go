@@ -24,8 +24,8 @@ type nic struct {
 	s     *Stack
 	flows *flowTable
 
-	child stack.LinkEndpoint // gVisor's fdbased endpoint
-	link  *linkEndpoint      // the classifying wrapper around child
+	child *tunEndpoint  // reads and writes the TUN
+	link  *linkEndpoint // the classifying wrapper around child
 
 	removing atomic.Bool // set before the reader is stopped
 
@@ -75,7 +75,7 @@ func (n *nic) stats() NICStats {
 	}
 }
 
-// readerStopped is fdbased's ClosedFunc: its reader goroutine ended, either
+// readerStopped is called when the TUN reader goroutine ended, either
 // because the NIC is being removed or because reading the TUN failed (for
 // example the pod's namespace and with it tm0 are gone).
 func (n *nic) readerStopped(tcpipErr tcpip.Error) {
@@ -105,8 +105,15 @@ func newLinkEndpoint(child stack.LinkEndpoint, n *nic) *linkEndpoint {
 	return e
 }
 
-// DeliverNetworkPacket implements stack.NetworkDispatcher; the fdbased
-// reader calls it for every packet read from the TUN.
+// DeliverNetworkPacket implements stack.NetworkDispatcher; the TUN reader
+// calls it for every packet read from the TUN, on its own goroutine.
+//
+// A TCP super-packet (TSO from the pod's kernel) is decided once, as a
+// whole: checkOffload makes sure all its segments share the 4-tuple and
+// carry no SYN or RST, so every step below would decide each segment the
+// same way. Owned ones go into gVisor whole (one large segment); passed
+// through ones go to the host whole when the writer takes offloads, else
+// cut into segments (passthroughOffload).
 func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
 	n := e.nic
 	data := pkt.Data()
@@ -120,12 +127,20 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 		n.counters.otherDrops.Add(1)
 		return
 	}
+	// The reader's offload state is for this classifier only: gVisor
+	// must see an ordinary inbound packet.
+	off, err := checkOffload(pkt.GSOOptions, &info, data.Size())
+	pkt.GSOOptions = stack.GSO{}
+	if err != nil {
+		n.counters.otherDrops.Add(1)
+		return
+	}
 	if !n.ownsAddr(info.src) {
 		n.dropForeignSource(&info)
 		return
 	}
 	if !info.tcp {
-		n.passthrough(pkt, &info)
+		n.passthrough(pkt, &info, off)
 		return
 	}
 	if ep := n.s.endpoint(n.id, &info); ep != nil {
@@ -140,8 +155,16 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 		dst: netip.AddrPortFrom(info.dst, info.dport),
 	}
 	if info.isPureSYN() {
-		if n.flows.syn(k, n.s.now(), func() []byte { return packetBytes(pkt, nil) }) {
-			n.passthrough(pkt, &info)
+		keep := func() []byte {
+			b := packetBytes(pkt, nil)
+			if off.csum {
+				// Kept for a later passthrough as a plain packet.
+				finishChecksum(b, off.csumStart, off.csumOffset)
+			}
+			return b
+		}
+		if n.flows.syn(k, n.s.now(), keep) {
+			n.passthrough(pkt, &info, off)
 			return
 		}
 		// A new flow: the forwarder asks the handler.
@@ -152,7 +175,7 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 		n.counters.failClosedDrops.Add(1)
 		return
 	}
-	n.passthrough(pkt, &info)
+	n.passthrough(pkt, &info, off)
 }
 
 // strayAllowed decides on a segment of a flow the stack neither owns nor
@@ -232,17 +255,66 @@ var passthroughBufs = sync.Pool{New: func() any {
 }}
 
 // passthrough writes the packet to the host unchanged (but for MSS
-// clamping).
-func (n *nic) passthrough(pkt *stack.PacketBuffer, info *packetInfo) {
+// clamping, and completing or segmenting what the host writer cannot take
+// as offloads).
+func (n *nic) passthrough(pkt *stack.PacketBuffer, info *packetInfo, off offload) {
 	if n.s.opts.Passthrough == nil {
 		n.counters.otherDrops.Add(1)
 		return
 	}
 	bp := passthroughBufs.Get().(*[]byte)
 	b := packetBytes(pkt, (*bp)[:0])
-	n.writePassthrough(b, info)
+	if off.csum || off.gso {
+		n.passthroughOffload(b, info, off)
+	} else {
+		n.writePassthrough(b, info)
+	}
 	*bp = b[:0]
 	passthroughBufs.Put(bp)
+}
+
+// passthroughOffload passes on a packet with a partial checksum or a TCP
+// super-packet. A writer that takes offloads (the host TUN in
+// tun.ModeOffload) gets it as it came, and the host kernel finishes the
+// checksum or segments it where it forwards it; otherwise the checksum is
+// completed here and a super-packet is cut into the segments the pod's
+// kernel would have sent. SYNs are never super-packets; a SYN's checksum is
+// completed here before its MSS is clamped (an incremental update of a
+// partial sum would be wrong).
+func (n *nic) passthroughOffload(b []byte, info *packetInfo, off offload) {
+	ow, canOffload := n.s.opts.Passthrough.(OffloadWriter)
+	isSYN := info.tcp && info.flags&tcpFlagSYN != 0
+	if canOffload && !isSYN {
+		n.writeOffload(ow, b, info, off)
+		return
+	}
+	if !off.gso {
+		finishChecksum(b, off.csumStart, off.csumOffset)
+		n.writePassthrough(b, info)
+		return
+	}
+	sp := passthroughBufs.Get().(*[]byte)
+	scratch := *sp
+	_, err := segmentTCP(b, info, off.mss, scratch, func(seg []byte) error {
+		n.writePassthrough(seg, info)
+		scratch = seg
+		return nil
+	})
+	*sp = scratch[:0]
+	passthroughBufs.Put(sp)
+	if err != nil {
+		n.counters.otherDrops.Add(1)
+	}
+}
+
+// writeOffload writes b with its offload state to an OffloadWriter.
+func (n *nic) writeOffload(ow OffloadWriter, b []byte, info *packetInfo, off offload) {
+	if err := ow.WriteOffload(b, off.vnetHdr(b, info)); err != nil {
+		n.writeFailed(info, err)
+		return
+	}
+	n.counters.passthroughPackets.Add(1)
+	n.counters.passthroughBytes.Add(uint64(len(b)))
 }
 
 // writePassthrough clamps the MSS of a SYN or SYN-ACK in b (in place) and
@@ -254,15 +326,19 @@ func (n *nic) writePassthrough(b []byte, info *packetInfo) {
 		}
 	}
 	if err := n.s.opts.Passthrough.WritePacket(b); err != nil {
-		n.counters.passthroughErrors.Add(1)
-		if n.writeLog.allow(n.s.now(), 10*time.Second) {
-			n.s.logger.Warn("passthrough write failed (further failures only counted for 10s)",
-				"nic", n.id, "name", n.name, "src", info.src, "dst", info.dst, "err", err)
-		}
+		n.writeFailed(info, err)
 		return
 	}
 	n.counters.passthroughPackets.Add(1)
 	n.counters.passthroughBytes.Add(uint64(len(b)))
+}
+
+func (n *nic) writeFailed(info *packetInfo, err error) {
+	n.counters.passthroughErrors.Add(1)
+	if n.writeLog.allow(n.s.now(), 10*time.Second) {
+		n.s.logger.Warn("passthrough write failed (further failures only counted for 10s)",
+			"nic", n.id, "name", n.name, "src", info.src, "dst", info.dst, "err", err)
+	}
 }
 
 // packetBytes appends the whole packet (at link level no header has been

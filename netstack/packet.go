@@ -13,7 +13,9 @@ const (
 	tcpFlagFIN  = 0x01
 	tcpFlagSYN  = 0x02
 	tcpFlagRST  = 0x04
+	tcpFlagPSH  = 0x08
 	tcpFlagACK  = 0x10
+	tcpFlagCWR  = 0x80
 	tcpOptEnd   = 0
 	tcpOptNOP   = 1
 	tcpOptMSS   = 2

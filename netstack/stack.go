@@ -14,7 +14,6 @@ import (
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
@@ -111,16 +110,50 @@ type PacketWriter interface {
 	WritePacket(b []byte) error
 }
 
+// OffloadWriter is optionally implemented by a PacketWriter that can take
+// packets with offload state: a partial TCP/UDP checksum or a TCP
+// super-packet, described by h as on a tun.ModeOffload TUN. The stack then
+// passes a pod's offloaded packets on as they came instead of finishing
+// checksums and cutting super-packets itself. Same rules as WritePacket.
+type OffloadWriter interface {
+	PacketWriter
+	WriteOffload(b []byte, h tun.VnetHdr) error
+}
+
 // FDWriter returns a PacketWriter that writes each packet to fd, typically a
 // host-side TUN device made with tun.CreateInNetns in the node's namespace
-// (with rp_filter off on it and forwarding on in that namespace). The caller
-// keeps ownership of fd and closes it after the Stack.
-func FDWriter(fd int) PacketWriter { return fdWriter(fd) }
+// (with rp_filter off on it and forwarding on in that namespace). For a fd
+// in tun.ModeOffload it writes the virtio header too and is an
+// OffloadWriter. The caller keeps ownership of fd and closes it after the
+// Stack.
+func FDWriter(fd int) PacketWriter {
+	if mode, err := tun.FDMode(fd); err == nil && mode == tun.ModeOffload {
+		return vnetFDWriter(fd)
+	}
+	return fdWriter(fd)
+}
 
 type fdWriter int
 
 func (w fdWriter) WritePacket(b []byte) error {
 	_, err := unix.Write(int(w), b)
+	return err
+}
+
+type vnetFDWriter int
+
+// plainVnetHdr is the header of a packet with nothing offloaded.
+var plainVnetHdr [tun.VnetHdrLen]byte
+
+func (w vnetFDWriter) WritePacket(b []byte) error {
+	_, err := unix.Writev(int(w), [][]byte{plainVnetHdr[:], b})
+	return err
+}
+
+func (w vnetFDWriter) WriteOffload(b []byte, h tun.VnetHdr) error {
+	var hdr [tun.VnetHdrLen]byte
+	h.Encode(hdr[:])
+	_, err := unix.Writev(int(w), [][]byte{hdr[:], b})
 	return err
 }
 
@@ -319,7 +352,8 @@ func (s *Stack) Close() error {
 // NICConfig describes a pod TUN device to attach.
 type NICConfig struct {
 	// FD is an fd of an IFF_TUN|IFF_NO_PI device (tun.CreateInNetns or
-	// tun.OpenInNetns). On success the Stack owns it and closes it in
+	// tun.OpenInNetns), in either tun.Mode: with IFF_VNET_HDR the NIC uses
+	// the offloads, without it one packet per read and write. On success the Stack owns it and closes it in
 	// DetachNIC or Close; on error the caller still owns it.
 	FD int
 	// Addrs are the pod's own addresses. Packets from any other source
@@ -410,8 +444,8 @@ func checkNICConfig(cfg NICConfig) ([]netip.Addr, error) {
 	if err != nil {
 		return nil, err
 	}
-	if flags&(unix.IFF_TUN|unix.IFF_TAP) != unix.IFF_TUN || flags&unix.IFF_NO_PI == 0 || flags&unix.IFF_VNET_HDR != 0 {
-		return nil, fmt.Errorf("fd %d: tun flags %#x, want IFF_TUN|IFF_NO_PI without IFF_VNET_HDR", cfg.FD, flags)
+	if flags&(unix.IFF_TUN|unix.IFF_TAP) != unix.IFF_TUN || flags&unix.IFF_NO_PI == 0 {
+		return nil, fmt.Errorf("fd %d: tun flags %#x, want IFF_TUN|IFF_NO_PI", cfg.FD, flags)
 	}
 	addrs := make([]netip.Addr, 0, len(cfg.Addrs))
 	for _, a := range cfg.Addrs {
@@ -433,21 +467,9 @@ func checkNICConfig(cfg NICConfig) ([]netip.Addr, error) {
 // createNIC builds n's gVisor NIC: created disabled, configured
 // (promiscuous, spoofing, routes), then enabled, which starts the reader.
 func (s *Stack) createNIC(n *nic, mtu int) error {
-	child, err := fdbased.New(&fdbased.Options{
-		FDs: []int{n.fd},
-		MTU: uint32(mtu),
-		// The kernel computes full checksums for packets it routes into
-		// a TUN (no offloads negotiated), so gVisor may skip checking;
-		// TX offload must stay off or the pod's kernel drops our segments.
-		RXChecksumOffload: true,
-		TXChecksumOffload: false,
-		// Deliver inline on the reader goroutine: no per-NIC processor
-		// goroutines, in-order classification.
-		ProcessorsPerChannel: 1,
-		ClosedFunc:           n.readerStopped,
-	})
+	child, err := newTUNEndpoint(n.fd, uint32(mtu), n.readerStopped)
 	if err != nil {
-		return fmt.Errorf("fdbased endpoint: %w", err)
+		return fmt.Errorf("tun endpoint: %w", err)
 	}
 	n.child = child
 	n.link = newLinkEndpoint(child, n)
@@ -458,9 +480,7 @@ func (s *Stack) createNIC(n *nic, mtu int) error {
 		if !success {
 			s.stopReader(n)
 			s.stack.RemoveNIC(nicID)
-			if err := closeDispatcherEventFDs(child); err != nil {
-				s.logger.Warn("cannot close fdbased eventfd; one fd leaks", "nic", n.id, "err", err)
-			}
+			child.Close() // RemoveNIC closes it only if the NIC was created
 		}
 	}()
 	if tcpipErr := s.stack.CreateNICWithOptions(nicID, n.link, stack.NICOptions{Disabled: true}); tcpipErr != nil {
@@ -508,16 +528,14 @@ func (s *Stack) DetachNIC(id NICID) error {
 }
 
 // removeNIC removes n from gVisor (which stops and waits for its reader),
-// closes the dispatcher's eventfd and, if closeFD, the TUN fd.
+// closes the endpoint's own fd and, if closeFD, the TUN fd.
 func (s *Stack) removeNIC(n *nic, closeFD bool) {
 	n.removing.Store(true)
 	s.stopReader(n)
 	if tcpipErr := s.stack.RemoveNIC(tcpip.NICID(n.id)); tcpipErr != nil {
 		s.logger.Warn("remove nic", "nic", n.id, "err", tcpipErr)
 	}
-	if err := closeDispatcherEventFDs(n.child); err != nil {
-		s.logger.Warn("cannot close fdbased eventfd; one fd leaks", "nic", n.id, "err", err)
-	}
+	n.child.Close() // RemoveNIC did, unless gVisor had no such NIC
 	if !closeFD {
 		return
 	}
@@ -526,7 +544,7 @@ func (s *Stack) removeNIC(n *nic, closeFD bool) {
 	}
 }
 
-// stopReader stops n's fdbased reader and waits for it, before the NIC is
+// stopReader stops n's TUN reader and waits for it, before the NIC is
 // removed from gVisor. stack.RemoveNIC would do the same, but it does so
 // while holding gVisor's stack lock, and a packet in flight on the reader
 // takes that lock for reading (ipv4's HandlePacket looks up the NIC name

@@ -170,7 +170,8 @@ func TestPassthroughSYN(t *testing.T) {
 	hostFD, err := tun.CreateInNetns(node.Path, "tmh0", 65520)
 	must(t, err)
 	t.Cleanup(func() { unix.Close(hostFD) })
-	capFD, err := tun.CreateInNetns(node.Path, "cap0", 65520)
+	// A capture device: one plain packet per read.
+	capFD, err := tun.CreateInNetnsMode(node.Path, "cap0", 65520, tun.ModePlain)
 	must(t, err)
 	t.Cleanup(func() { unix.Close(capFD) })
 	node.Sysctl(t, "net.ipv4.ip_forward", "1")

@@ -4,8 +4,26 @@
 //
 // Every function returns or takes a raw file descriptor (opened with
 // unix.Open, never wrapped in an *os.File whose finalizer could close it while
-// a reader still uses it). Devices are IFF_TUN|IFF_NO_PI: one read or write is
-// exactly one IP packet.
+// a reader still uses it).
+//
+// Devices are opened in ModeOffload: IFF_TUN|IFF_NO_PI|IFF_VNET_HDR with
+// checksum and TCP segmentation offloads (TUNSETOFFLOAD TUN_F_CSUM|TSO4|TSO6).
+// Every read or write is then a VnetHdr followed by one IP packet, which may
+// be a TCP super-packet of up to 64 KiB that the kernel (or the reader)
+// segments at gso_size, and whose TCP checksum may be left partial
+// (VNET_HDR_F_NEEDS_CSUM). ModePlain (IFF_TUN|IFF_NO_PI: one read or write is
+// exactly one complete IP packet) is what agents before offloads made; Info
+// reports which mode an fd is in.
+//
+// Re-opening a persistent device with other flags is allowed by Linux: for an
+// existing device TUNSETIFF replaces its feature flags (IFF_NO_PI,
+// IFF_VNET_HDR, ...) with the new fd's, and only IFF_MULTI_QUEUE must match
+// (drivers/net/tun.c tun_set_iff). So OpenInNetns migrates a device made by an
+// older agent to ModeOffload in place: same ifindex, addresses and routes; the
+// pod's existing sockets keep the route capabilities they cached (no TSO) and
+// new ones use the offloads. TestOpenMigratesPlainDevice checks this on the
+// running kernel. If the kernel refuses, OpenInNetns re-opens the device in
+// ModePlain, and the netstack serves both modes.
 //
 // Devices are persistent (TUNSETPERSIST): closing the fd keeps the device, its
 // routes and addresses, so a restarted agent re-opens it with OpenInNetns and
@@ -24,8 +42,41 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Flags are the TUN flags of every device this package creates or opens.
+// Flags are the TUN flags every device this package opens has; ModeOffload
+// adds unix.IFF_VNET_HDR.
 const Flags = unix.IFF_TUN | unix.IFF_NO_PI
+
+// Mode is how an fd frames packets.
+type Mode int
+
+const (
+	// ModePlain is IFF_TUN|IFF_NO_PI: one read or write is one complete
+	// IP packet with valid checksums. Devices made by agents before
+	// offloads were opened this way.
+	ModePlain Mode = iota
+	// ModeOffload adds IFF_VNET_HDR and TUNSETOFFLOAD (CSUM, TSO4, TSO6):
+	// every read or write starts with a VnetHdr of VnetHdrLen bytes.
+	ModeOffload
+)
+
+func (m Mode) String() string {
+	if m == ModeOffload {
+		return "offload"
+	}
+	return "plain"
+}
+
+// TUNSETOFFLOAD flags (linux/if_tun.h; not in x/sys/unix).
+const (
+	tunFCSUM = 0x01
+	tunFTSO4 = 0x02
+	tunFTSO6 = 0x04
+	// offloads are what ModeOffload turns on. TSO_ECN is left out (the
+	// reader's segmentation does not carry CWR across segments the way the
+	// kernel's ECN-aware TSO expects), and UDP offloads are useless: the
+	// stack serves TCP only.
+	offloads = tunFCSUM | tunFTSO4 | tunFTSO6
+)
 
 // MinMTU and MaxMTU bound the MTU accepted by CreateInNetns. 1280 is the
 // IPv6 minimum; 65535 is the largest IP packet.
@@ -36,8 +87,8 @@ const (
 
 const cloneDevice = "/dev/net/tun"
 
-// CreateInNetns creates the persistent TUN device name inside the network
-// namespace at nsPath (for example /var/run/netns/x or /proc/<pid>/ns/net),
+// CreateInNetns creates the persistent TUN device name, in ModeOffload,
+// inside the network namespace at nsPath (for example /var/run/netns/x or /proc/<pid>/ns/net),
 // sets its MTU, turns off IPv6 address generation on it (no link-local
 // address, so the kernel sends no router solicitations or MLD reports into
 // it), brings it up and returns an fd attached to it. The caller owns the fd.
@@ -46,6 +97,13 @@ const cloneDevice = "/dev/net/tun"
 // agent made it), CreateInNetns attaches to it and applies the MTU again.
 // On error nothing is left behind that this call created.
 func CreateInNetns(nsPath, name string, mtu int) (fd int, err error) {
+	return CreateInNetnsMode(nsPath, name, mtu, ModeOffload)
+}
+
+// CreateInNetnsMode is CreateInNetns with the mode of the returned fd (and of
+// a device it creates). ModePlain exists for tests of rolling upgrades: it
+// makes devices as agents before offloads did.
+func CreateInNetnsMode(nsPath, name string, mtu int, mode Mode) (fd int, err error) {
 	if err := checkName(name); err != nil {
 		return -1, err
 	}
@@ -57,7 +115,7 @@ func CreateInNetns(nsPath, name string, mtu int) (fd int, err error) {
 		_, existsErr := netlink.LinkByName(name)
 		existed := existsErr == nil
 
-		f, err := openTUN(name)
+		f, err := openTUN(name, mode)
 		if err != nil {
 			return err
 		}
@@ -102,6 +160,11 @@ func CreateInNetns(nsPath, name string, mtu int) (fd int, err error) {
 // namespace at nsPath and returns an fd attached to it; the caller owns the
 // fd. It creates nothing: if the device does not exist the error wraps
 // fs.ErrNotExist.
+//
+// The fd is in ModeOffload, also for a device an older agent made in
+// ModePlain (migrated in place, see the package comment); if the kernel
+// refuses the new flags (EINVAL) it is re-opened in ModePlain. Info tells
+// the caller which.
 func OpenInNetns(nsPath, name string) (fd int, err error) {
 	if err := checkName(name); err != nil {
 		return -1, err
@@ -119,7 +182,10 @@ func OpenInNetns(nsPath, name string) (fd int, err error) {
 		if link.Type() != "tuntap" {
 			return fmt.Errorf("device is a %q, not a tun", link.Type())
 		}
-		f, err := openTUN(name)
+		f, err := openTUN(name, ModeOffload)
+		if errors.Is(err, unix.EINVAL) {
+			f, err = openTUN(name, ModePlain)
+		}
 		if err != nil {
 			return err
 		}
@@ -161,8 +227,9 @@ func Delete(nsPath, name string) error {
 	return nil
 }
 
-// Info reports the name and flags of the TUN device that fd is attached to.
-// It fails if fd is not a TUN/TAP fd.
+// Info reports the name and flags (IFF_*) of the TUN device that fd is
+// attached to. It fails if fd is not a TUN/TAP fd. Flags with
+// unix.IFF_VNET_HDR mean ModeOffload framing (see FDMode).
 func Info(fd int) (name string, flags uint16, err error) {
 	ifr, err := unix.NewIfreq("")
 	if err != nil {
@@ -174,10 +241,31 @@ func Info(fd int) (name string, flags uint16, err error) {
 	return ifr.Name(), ifr.Uint16(), nil
 }
 
-// openTUN opens the clone device and attaches the fd to name, creating the
-// device if it does not exist. The device lands in the network namespace of
-// the calling thread.
-func openTUN(name string) (int, error) {
+// FDMode reports the framing of a TUN fd: ModeOffload when it was attached
+// with IFF_VNET_HDR and a header of VnetHdrLen bytes, else ModePlain. Any
+// other header size is an error: nothing here reads it.
+func FDMode(fd int) (Mode, error) {
+	_, flags, err := Info(fd)
+	if err != nil {
+		return ModePlain, err
+	}
+	if flags&unix.IFF_VNET_HDR == 0 {
+		return ModePlain, nil
+	}
+	sz, err := unix.IoctlGetInt(fd, unix.TUNGETVNETHDRSZ)
+	if err != nil {
+		return ModePlain, fmt.Errorf("tun vnet header size fd %d: %w", fd, err)
+	}
+	if sz != VnetHdrLen {
+		return ModePlain, fmt.Errorf("tun fd %d: vnet header of %d bytes, want %d", fd, sz, VnetHdrLen)
+	}
+	return ModeOffload, nil
+}
+
+// openTUN opens the clone device and attaches the fd to name in mode,
+// creating the device if it does not exist. The device lands in the network
+// namespace of the calling thread.
+func openTUN(name string, mode Mode) (int, error) {
 	fd, err := unix.Open(cloneDevice, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("open %s: %w", cloneDevice, err)
@@ -187,10 +275,30 @@ func openTUN(name string) (int, error) {
 		unix.Close(fd)
 		return -1, err
 	}
-	ifr.SetUint16(Flags)
+	flags := uint16(Flags)
+	if mode == ModeOffload {
+		flags |= unix.IFF_VNET_HDR
+	}
+	ifr.SetUint16(flags)
 	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
 		unix.Close(fd)
-		return -1, fmt.Errorf("attach (TUNSETIFF): %w", err)
+		return -1, fmt.Errorf("attach (TUNSETIFF %s): %w", mode, err)
+	}
+	// The offloads are a property of the device, not of the fd: set them
+	// either way, so a device re-opened in ModePlain (the fallback) never
+	// hands partial checksums or super-packets to a reader without
+	// headers.
+	off := 0
+	if mode == ModeOffload {
+		if err := unix.IoctlSetPointerInt(fd, unix.TUNSETVNETHDRSZ, VnetHdrLen); err != nil {
+			unix.Close(fd)
+			return -1, fmt.Errorf("set vnet header size: %w", err)
+		}
+		off = offloads
+	}
+	if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, off); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("set offloads %#x: %w", off, err)
 	}
 	return fd, nil
 }
