@@ -14,6 +14,7 @@ packages=(
 	containerd runc             # the container runtime of the local cluster's real nodes
 	iproute2 util-linux         # ip, nsenter
 	tshark iperf3 openssl curl python3 # checks and tools used inside pods/nodes
+	haproxy sockperf hey        # make bench: the sidecar pair, ping-pong latency, HTTP load
 	ca-certificates
 )
 missing=()

@@ -1,0 +1,297 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"strings"
+)
+
+// The paths compared, in table order.
+const (
+	Kernel  = "kernel"  // pods opted out of the mesh: veth, bridge, route
+	HAProxy = "haproxy" // opted-out pods, each with an HAProxy mTLS sidecar
+	Tunmesh = "tunmesh" // meshed pods
+)
+
+// Sample is one repetition of the three measurements on one path. A
+// figure that was not measured is NaN.
+type Sample struct {
+	MBps             float64 // iperf3 receiver throughput, 10^6 bytes/s
+	RRP50, RRP99     float64 // sockperf ping-pong round trip, µs
+	ConnPerSec       float64 // new connections (requests without keep-alive) per second
+	ConnP50, ConnP99 float64 // latency of those requests, ms
+	// ProxyCPUPerGB is the CPU seconds the path's proxies (both agents, or
+	// both HAProxy processes) spent per GB (10^9 bytes) during the
+	// throughput test; NaN for the kernel path, which has none.
+	ProxyCPUPerGB float64
+}
+
+// NaNSample has every figure unmeasured.
+func NaNSample() Sample {
+	n := math.NaN()
+	return Sample{n, n, n, n, n, n, n}
+}
+
+// Summary is the median of every figure over a path's repetitions.
+type Summary struct {
+	Path string
+	Runs int
+	Sample
+	// ProxyRSSMB is the largest resident set of one proxy process (an
+	// agent, or an HAProxy) at the end of the run, MiB; NaN if none.
+	ProxyRSSMB float64
+}
+
+// Summarize takes medians over samples.
+func Summarize(path string, samples []Sample, proxyRSSMB float64) Summary {
+	col := func(get func(Sample) float64) float64 {
+		xs := make([]float64, len(samples))
+		for i, s := range samples {
+			xs[i] = get(s)
+		}
+		return Median(xs)
+	}
+	return Summary{
+		Path: path,
+		Runs: len(samples),
+		Sample: Sample{
+			MBps:          col(func(s Sample) float64 { return s.MBps }),
+			RRP50:         col(func(s Sample) float64 { return s.RRP50 }),
+			RRP99:         col(func(s Sample) float64 { return s.RRP99 }),
+			ConnPerSec:    col(func(s Sample) float64 { return s.ConnPerSec }),
+			ConnP50:       col(func(s Sample) float64 { return s.ConnP50 }),
+			ConnP99:       col(func(s Sample) float64 { return s.ConnP99 }),
+			ProxyCPUPerGB: col(func(s Sample) float64 { return s.ProxyCPUPerGB }),
+		},
+		ProxyRSSMB: proxyRSSMB,
+	}
+}
+
+// Verdict is one target of issue #8 checked against a run.
+type Verdict struct {
+	Target string  // e.g. "throughput >= 1.5x haproxy"
+	Ratio  float64 // tunmesh / reference; NaN when a figure is missing
+	Pass   bool
+}
+
+// Status is PASS, MISS, or n/a when a figure is missing.
+func (v Verdict) Status() string {
+	switch {
+	case math.IsNaN(v.Ratio):
+		return "n/a"
+	case v.Pass:
+		return "PASS"
+	}
+	return "MISS"
+}
+
+// target is a ratio tunmesh/reference with a bound.
+type target struct {
+	name    string
+	ref     string // Kernel or HAProxy
+	get     func(Summary) float64
+	bound   float64
+	atLeast bool // ratio >= bound, else ratio <= bound
+}
+
+var targets = []target{
+	{name: "throughput", ref: HAProxy, get: func(s Summary) float64 { return s.MBps }, bound: 1.5, atLeast: true},
+	{name: "throughput", ref: Kernel, get: func(s Summary) float64 { return s.MBps }, bound: 0.5, atLeast: true},
+	{name: "RR p50", ref: HAProxy, get: func(s Summary) float64 { return s.RRP50 }, bound: 1, atLeast: false},
+	{name: "RR p99", ref: HAProxy, get: func(s Summary) float64 { return s.RRP99 }, bound: 1, atLeast: false},
+	{name: "new conn/s", ref: HAProxy, get: func(s Summary) float64 { return s.ConnPerSec }, bound: 3, atLeast: true},
+	{name: "CPU per GB", ref: HAProxy, get: func(s Summary) float64 { return s.ProxyCPUPerGB }, bound: 1, atLeast: false},
+}
+
+// Evaluate checks tunmesh against the references for the targets of
+// issue #8. Summaries are looked up by Path; a missing path or figure
+// gives a NaN ratio (n/a), never a PASS.
+func Evaluate(sums []Summary) []Verdict {
+	by := map[string]Summary{}
+	for _, s := range sums {
+		by[s.Path] = s
+	}
+	var out []Verdict
+	for _, t := range targets {
+		op := "<="
+		if t.atLeast {
+			op = ">="
+		}
+		v := Verdict{Target: fmt.Sprintf("%s %s %gx %s", t.name, op, t.bound, t.ref), Ratio: math.NaN()}
+		tm, ok1 := by[Tunmesh]
+		ref, ok2 := by[t.ref]
+		if ok1 && ok2 {
+			a, b := t.get(tm), t.get(ref)
+			if !math.IsNaN(a) && !math.IsNaN(b) && b != 0 {
+				v.Ratio = a / b
+				if t.atLeast {
+					v.Pass = v.Ratio >= t.bound
+				} else {
+					v.Pass = v.Ratio <= t.bound
+				}
+			}
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
+// num formats x with prec decimals, or "-" when it was not measured.
+func num(x float64, prec int) string {
+	if math.IsNaN(x) || math.IsInf(x, 0) {
+		return "-"
+	}
+	return fmt.Sprintf("%.*f", prec, x)
+}
+
+// WriteTable prints the comparison table and the verdicts as Markdown
+// (readable in a terminal, pasteable into docs/performance.md).
+func WriteTable(w io.Writer, sums []Summary, verdicts []Verdict) error {
+	var b strings.Builder
+	b.WriteString("| path | runs | MB/s | RR p50 / p99 µs | new conn/s | conn p50 / p99 ms | proxy CPU s/GB | proxy RSS MiB |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|\n")
+	for _, s := range sums {
+		fmt.Fprintf(&b, "| %s | %d | %s | %s / %s | %s | %s / %s | %s | %s |\n", s.Path, s.Runs,
+			num(s.MBps, 0), num(s.RRP50, 0), num(s.RRP99, 0), num(s.ConnPerSec, 0),
+			num(s.ConnP50, 1), num(s.ConnP99, 1), num(s.ProxyCPUPerGB, 2), num(s.ProxyRSSMB, 1))
+	}
+	b.WriteString("\n| target (tunmesh vs) | ratio | result |\n|---|---|---|\n")
+	for _, v := range verdicts {
+		fmt.Fprintf(&b, "| %s | %s | %s |\n", v.Target, num(v.Ratio, 2), v.Status())
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// MemoryPoint is the agents' memory at one load.
+type MemoryPoint struct {
+	Pods, Conns int
+	// RSSMB is each node's agent VmRSS, MiB, by node name.
+	RSSMB map[string]float64
+	// MetricRSSMB is each agent's process_resident_memory_bytes in MiB,
+	// when its /metrics exports it.
+	MetricRSSMB map[string]float64
+}
+
+// MaxRSS is the largest agent RSS of the point, MiB.
+func (p MemoryPoint) MaxRSS() float64 {
+	m := math.NaN()
+	for _, v := range p.RSSMB {
+		if math.IsNaN(m) || v > m {
+			m = v
+		}
+	}
+	return m
+}
+
+// MemoryReport is the result of the memory mode.
+type MemoryReport struct {
+	Points []MemoryPoint
+	// PerPodKB and PerConnKB are the fitted growth of one agent's RSS, KiB
+	// per pod on its node and per connection through it (NaN when the
+	// points do not allow a fit).
+	PerPodKB, PerConnKB float64
+	LimitMB             float64
+	Pass                bool // every node's RSS at the last point <= LimitMB
+}
+
+// EvaluateMemory fits the growth per pod (points without connections,
+// per node: pods/2 on each of two nodes) and per connection (points at the
+// largest pod count; each connection crosses two agents, one end each), and
+// checks the last point against limitMB per node. nodes is the number of
+// nodes the pods are spread over.
+func EvaluateMemory(points []MemoryPoint, nodes int, limitMB float64) MemoryReport {
+	r := MemoryReport{Points: points, LimitMB: limitMB, PerPodKB: math.NaN(), PerConnKB: math.NaN()}
+	if nodes < 1 || len(points) == 0 {
+		return r
+	}
+	maxPods := 0
+	for _, p := range points {
+		maxPods = max(maxPods, p.Pods)
+	}
+	// Mean agent RSS per node against the load one agent carries.
+	mean := func(p MemoryPoint) float64 {
+		var s float64
+		for _, v := range p.RSSMB {
+			s += v
+		}
+		return s / float64(len(p.RSSMB))
+	}
+	var px, py, cx, cy []float64
+	for _, p := range points {
+		if len(p.RSSMB) == 0 {
+			continue
+		}
+		if p.Conns == 0 {
+			px = append(px, float64(p.Pods)/float64(nodes))
+			py = append(py, mean(p)*1024)
+		}
+		if p.Pods == maxPods {
+			// each connection has its client end on one agent and its
+			// server end on the other: 2 ends per connection over nodes.
+			cx = append(cx, float64(p.Conns)*2/float64(nodes))
+			cy = append(cy, mean(p)*1024)
+		}
+	}
+	if f, ok := Fit(px, py); ok {
+		r.PerPodKB = f.Slope
+	}
+	if f, ok := Fit(cx, cy); ok {
+		r.PerConnKB = f.Slope
+	}
+	last := points[len(points)-1]
+	r.Pass = len(last.RSSMB) > 0 && last.MaxRSS() <= limitMB
+	return r
+}
+
+// WriteMemory prints the memory table and the fit as Markdown.
+func WriteMemory(w io.Writer, r MemoryReport) error {
+	var tw strings.Builder
+	nodes := map[string]bool{}
+	for _, p := range r.Points {
+		for n := range p.RSSMB {
+			nodes[n] = true
+		}
+	}
+	names := make([]string, 0, len(nodes))
+	for n := range nodes {
+		names = append(names, n)
+	}
+	sortStrings(names)
+	fmt.Fprint(&tw, "| pods | idle conns |")
+	for _, n := range names {
+		fmt.Fprintf(&tw, " %s agent RSS MiB | %s metrics RSS MiB |", n, n)
+	}
+	fmt.Fprint(&tw, "\n|---|---|")
+	for range names {
+		fmt.Fprint(&tw, "---|---|")
+	}
+	fmt.Fprintln(&tw)
+	for _, p := range r.Points {
+		fmt.Fprintf(&tw, "| %d | %d |", p.Pods, p.Conns)
+		for _, n := range names {
+			v, ok := p.RSSMB[n]
+			if !ok {
+				v = math.NaN()
+			}
+			m, ok := p.MetricRSSMB[n]
+			if !ok {
+				m = math.NaN()
+			}
+			fmt.Fprintf(&tw, " %s | %s |", num(v, 1), num(m, 1))
+		}
+		fmt.Fprintln(&tw)
+	}
+	if _, err := io.WriteString(w, tw.String()); err != nil {
+		return err
+	}
+	status := "MISS"
+	if r.Pass {
+		status = "PASS"
+	}
+	_, err := fmt.Fprintf(w, "\ngrowth per agent: %s KiB per pod on its node, %s KiB per connection end\n"+
+		"target: agent RSS <= %.0f MiB per node at the last point: %s\n",
+		num(r.PerPodKB, 1), num(r.PerConnKB, 2), r.LimitMB, status)
+	return err
+}
