@@ -39,6 +39,9 @@ const (
 	// version it does not speak), so a client can tell a protocol mismatch
 	// during a rollout from a policy decision.
 	ReasonBadHeader Reason = 5
+	// ReasonBusy: the server is at a limit (streams per connection or
+	// per peer); the client may try again, on another connection.
+	ReasonBusy Reason = 6
 )
 
 // ErrInvalidReply means the server's first byte is no reply status, or it
@@ -61,6 +64,8 @@ func (r Reason) String() string {
 		return "denied by policy"
 	case ReasonBadHeader:
 		return "bad header"
+	case ReasonBusy:
+		return "busy"
 	default:
 		return "reason(" + strconv.Itoa(int(r)) + ")"
 	}

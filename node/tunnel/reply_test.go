@@ -98,6 +98,7 @@ func TestReasonString(t *testing.T) {
 		tunnel.ReasonDialFailed:         "dial failed",
 		tunnel.ReasonPolicy:             "denied by policy",
 		tunnel.ReasonBadHeader:          "bad header",
+		tunnel.ReasonBusy:               "busy",
 		77:                              "reason(77)",
 	} {
 		if got := r.String(); got != want {

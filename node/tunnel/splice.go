@@ -12,8 +12,8 @@ import (
 )
 
 // DefaultBufferSize is the copy buffer per direction when
-// SpliceOptions.BufferSize is zero. A splice holds two of them for its whole
-// life, idle or not, so it is the main per-connection memory cost.
+// SpliceOptions.BufferSize is zero, taken from a pool only while data
+// moves (see IdleBufferSize).
 const DefaultBufferSize = 64 << 10
 
 // ErrIdleTimeout is returned by Splice when no byte moved in either direction
@@ -23,8 +23,9 @@ var ErrIdleTimeout = errors.New("tunnel: splice idle timeout")
 // SpliceOptions tunes Splice. The zero value is ready to use.
 type SpliceOptions struct {
 	// BufferSize is the size of each direction's copy buffer. Zero means
-	// DefaultBufferSize, whose buffers are shared through a sync.Pool; other
-	// sizes are allocated per call.
+	// DefaultBufferSize, whose buffers are shared through a sync.Pool and
+	// held only while data moves (IdleBufferSize otherwise); other sizes
+	// are allocated per call and held throughout.
 	BufferSize int
 	// IdleTimeout ends the splice with ErrIdleTimeout once no byte has been
 	// read or written in either direction for this long. Zero means none.
@@ -205,19 +206,84 @@ func (s *splice) run(ctx context.Context) (SpliceStats, error) {
 // routineCopy copies one direction and reports how it ended on done. It is
 // started and waited for by run.
 func (s *splice) routineCopy(dir string, dst, src net.Conn, n *atomic.Int64, done chan<- copyResult) {
-	var buf []byte
-	if s.bufSize == DefaultBufferSize {
-		p := bufPool.Get().(*[]byte)
-		defer bufPool.Put(p)
-		buf = *p
-	} else {
-		buf = make([]byte, s.bufSize)
+	var (
+		closeAll bool
+		err      error
+	)
+	switch d, ok := src.(Drainer); {
+	case ok:
+		closeAll, err = s.drain(dst, d, n)
+	case s.bufSize == DefaultBufferSize:
+		closeAll, err = s.copyAdaptive(dst, src, n)
+	default:
+		closeAll, err = s.copy(dst, src, make([]byte, s.bufSize), n)
 	}
-	closeAll, err := s.copy(dst, src, buf, n)
 	if err != nil {
 		err = fmt.Errorf("splice %s: %w", dir, err)
 	}
 	done <- copyResult{err: err, closeAll: closeAll}
+}
+
+// Drainer is a connection that holds what it receives in buffers of its
+// own (a mux.Stream) and writes them out itself: Splice drains it with no
+// copy buffer. DrainTo returns nil at the peer's clean end and an error
+// for every other end, and calls moved after each write to w.
+type Drainer interface {
+	DrainTo(w io.Writer, moved func(n int)) error
+}
+
+// drain is copy for a Drainer source.
+func (s *splice) drain(dst net.Conn, src Drainer, n *atomic.Int64) (closeAll bool, err error) {
+	if err := src.DrainTo(dst, func(k int) { n.Add(int64(k)); s.touch() }); err != nil {
+		return false, err
+	}
+	return s.passEOF(dst)
+}
+
+// IdleBufferSize is the buffer a default Splice reads into while a
+// direction is quiet. Only when a read fills it (more data is likely
+// waiting) does the direction take a DefaultBufferSize buffer from the
+// pool, and it gives it back at the first short read, before the read that
+// may block: an idle connection holds 2 x IdleBufferSize, not
+// 2 x DefaultBufferSize, and a busy one still moves large chunks.
+const IdleBufferSize = 2 << 10
+
+// copyAdaptive is copy with the idle/busy buffer switch described at
+// IdleBufferSize.
+func (s *splice) copyAdaptive(dst, src net.Conn, n *atomic.Int64) (closeAll bool, err error) {
+	small := make([]byte, IdleBufferSize)
+	var big *[]byte
+	defer func() {
+		if big != nil {
+			bufPool.Put(big)
+		}
+	}()
+	for {
+		buf := small
+		if big != nil {
+			buf = *big
+		}
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			if err := s.write(dst, buf[:nr], n); err != nil {
+				return false, err
+			}
+		}
+		switch {
+		case rerr == nil:
+		case errors.Is(rerr, io.EOF):
+			return s.passEOF(dst)
+		default:
+			return false, fmt.Errorf("read: %w", rerr)
+		}
+		switch {
+		case big == nil && nr == len(small):
+			big = bufPool.Get().(*[]byte)
+		case big != nil && nr < len(*big):
+			bufPool.Put(big)
+			big = nil
+		}
+	}
 }
 
 // copy moves bytes from src to dst until src ends. Unlike io.CopyBuffer it
@@ -227,34 +293,48 @@ func (s *splice) copy(dst, src net.Conn, buf []byte, n *atomic.Int64) (closeAll 
 	for {
 		nr, rerr := src.Read(buf)
 		if nr > 0 {
-			s.touch()
-			nw, werr := dst.Write(buf[:nr])
-			if nw > 0 {
-				n.Add(int64(nw))
-				s.touch()
-			}
-			if werr != nil {
-				return false, fmt.Errorf("write: %w", werr)
-			}
-			if nw != nr {
-				return false, fmt.Errorf("write: %w", io.ErrShortWrite)
+			if err := s.write(dst, buf[:nr], n); err != nil {
+				return false, err
 			}
 		}
 		switch {
 		case rerr == nil:
 		case errors.Is(rerr, io.EOF):
-			cw, ok := dst.(closeWriter)
-			if !ok {
-				return true, nil
-			}
-			if err := cw.CloseWrite(); err != nil {
-				return false, fmt.Errorf("close write: %w", err)
-			}
-			return false, nil
+			return s.passEOF(dst)
 		default:
 			return false, fmt.Errorf("read: %w", rerr)
 		}
 	}
+}
+
+// write writes b to dst, counting and touching the idle clock.
+func (s *splice) write(dst net.Conn, b []byte, n *atomic.Int64) error {
+	s.touch()
+	nw, werr := dst.Write(b)
+	if nw > 0 {
+		n.Add(int64(nw))
+		s.touch()
+	}
+	if werr != nil {
+		return fmt.Errorf("write: %w", werr)
+	}
+	if nw != len(b) {
+		return fmt.Errorf("write: %w", io.ErrShortWrite)
+	}
+	return nil
+}
+
+// passEOF passes a direction's end on to dst: a half-close, or, when dst
+// cannot half-close, the signal to close everything.
+func (s *splice) passEOF(dst net.Conn) (closeAll bool, err error) {
+	cw, ok := dst.(closeWriter)
+	if !ok {
+		return true, nil
+	}
+	if err := cw.CloseWrite(); err != nil {
+		return false, fmt.Errorf("close write: %w", err)
+	}
+	return false, nil
 }
 
 // touch records that bytes moved, for the idle timeout.

@@ -1,0 +1,480 @@
+package mux_test
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"runtime"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/tunnel/mux"
+	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
+)
+
+// leakCheck fails the test if it leaves goroutines behind.
+func leakCheck(t *testing.T) {
+	t.Helper()
+	base := runtime.NumGoroutine()
+	t.Cleanup(func() {
+		deadline := time.Now().Add(5 * time.Second)
+		for runtime.NumGoroutine() > base {
+			if time.Now().After(deadline) {
+				buf := make([]byte, 1<<20)
+				buf = buf[:runtime.Stack(buf, true)]
+				t.Errorf("%d goroutines left, %d before:\n%s", runtime.NumGoroutine(), base, buf)
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	})
+}
+
+// pair starts a client and a server session over loopback TLS 1.3; handle
+// runs the server's streams. Both end with the test.
+func pair(t testing.TB, cfg mux.Config, handle func(*mux.Stream)) (client, server *mux.Session) {
+	t.Helper()
+	c, s := tunneltest.TLSPair(t)
+	client = mux.Client(c, cfg)
+	server = mux.Server(s, cfg, handle)
+	t.Cleanup(func() {
+		client.Close()
+		server.Close()
+		client.Wait()
+		server.Wait()
+	})
+	return client, server
+}
+
+// echo accepts a stream and sends back what it reads, then ends cleanly.
+func echo(st *mux.Stream) {
+	if err := st.Accept(); err != nil {
+		st.Abort()
+		return
+	}
+	if _, err := io.Copy(st, st); err != nil {
+		st.Abort()
+		return
+	}
+	st.CloseWrite()
+	st.Close()
+}
+
+var hdr = []byte("header")
+
+func TestStreamsEchoConcurrently(t *testing.T) {
+	leakCheck(t)
+	client, server := pair(t, mux.Config{}, echo)
+	defer func() { t.Logf("server %v client %v", server.Err(), client.Err()) }()
+	var wg sync.WaitGroup
+	errs := make(chan error, 32)
+	for i := range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, err := client.OpenStream(hdr, false)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer st.Close()
+			size := 1<<20 + i*777
+			data := make([]byte, size)
+			for j := range data {
+				data[j] = byte(i + j)
+			}
+			go func() {
+				st.Write(data)
+				st.CloseWrite()
+			}()
+			got, err := io.ReadAll(st)
+			if err != nil {
+				errs <- fmt.Errorf("stream %d: %w", i, err)
+				return
+			}
+			if sha256.Sum256(got) != sha256.Sum256(data) {
+				errs <- fmt.Errorf("stream %d: got %d bytes, sent %d, checksums differ", i, len(got), len(data))
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n, _, _ := client.Load(); n != 0 {
+		t.Errorf("%d streams left open after clean ends", n)
+	}
+}
+
+func TestRefusalIsTheFirstRead(t *testing.T) {
+	leakCheck(t)
+	refused := make(chan []byte, 1)
+	client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+		refused <- st.Payload()
+		st.Refuse(tunnel.ReasonPolicy)
+	})
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Data goes out before the reply (no round trip); the server drops it.
+	if _, err := st.Write([]byte("early bytes")); err != nil {
+		t.Fatalf("write before the reply: %v", err)
+	}
+	_, err = st.Read(make([]byte, 10))
+	var re *tunnel.RefusedError
+	if !errors.As(err, &re) || re.Reason != tunnel.ReasonPolicy {
+		t.Fatalf("read = %v, want a policy refusal", err)
+	}
+	if got := <-refused; !bytes.Equal(got, hdr) {
+		t.Errorf("server saw payload %q, want %q", got, hdr)
+	}
+	if err := st.WaitReply(t.Context()); !errors.As(err, &re) {
+		t.Errorf("WaitReply = %v, want the refusal", err)
+	}
+	// The session goes on.
+	client2 := client
+	st2, err := client2.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st2.Read(make([]byte, 1)); !errors.As(err, &re) {
+		t.Fatalf("second stream: %v", err)
+	}
+}
+
+func TestResetBothWays(t *testing.T) {
+	leakCheck(t)
+	serverErr := make(chan error, 1)
+	client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+		st.Accept()
+		_, err := io.Copy(io.Discard, st)
+		serverErr <- err
+		st.Abort()
+	})
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Write([]byte("some"))
+	if err := st.WaitReply(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	st.Abort()
+	if err := <-serverErr; !errors.Is(err, tunnel.ErrPeerReset) {
+		t.Fatalf("server read after client abort = %v, want ErrPeerReset", err)
+	}
+	if tunnel.EndOf(fmt.Errorf("x: %w", tunnel.ErrPeerReset)) != "reset" {
+		t.Fatal("EndOf")
+	}
+
+	// Server aborts: the client's read is a reset, not an EOF.
+	client2, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+		st.Accept()
+		st.Write([]byte("partial"))
+		st.Abort()
+	})
+	st, err = client2.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = io.ReadAll(st)
+	if !errors.Is(err, tunnel.ErrPeerReset) {
+		t.Fatalf("client read after server abort = %v, want ErrPeerReset", err)
+	}
+}
+
+func TestCutConnectionCutsEveryStream(t *testing.T) {
+	leakCheck(t)
+	c, s := tunneltest.TLSPair(t)
+	client := mux.Client(c, mux.Config{})
+	server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
+		st.Accept()
+		io.Copy(io.Discard, st)
+	})
+	defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
+	var streams []*mux.Stream
+	for range 5 {
+		st, err := client.OpenStream(hdr, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.WaitReply(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		streams = append(streams, st)
+	}
+	s.NetConn().Close() // the server agent dies
+	for i, st := range streams {
+		_, err := st.Read(make([]byte, 1))
+		if err == nil || errors.Is(err, io.EOF) || !errors.Is(err, io.ErrUnexpectedEOF) || !errors.Is(err, mux.ErrConnLost) {
+			t.Errorf("stream %d read after the cut = %v, want ErrConnLost (never EOF)", i, err)
+		}
+		if got := tunnel.EndOf(err); got != "truncated" {
+			t.Errorf("EndOf = %q, want truncated", got)
+		}
+		if _, err := st.Write([]byte("x")); err == nil {
+			t.Errorf("stream %d write after the cut succeeded", i)
+		}
+	}
+	if _, err := client.OpenStream(hdr, false); err == nil {
+		t.Error("open on a dead session succeeded")
+	}
+}
+
+// TestNoHeadOfLineBlocking: a stream whose reader stalls (its pod does not
+// read) fills its own window and no more; another stream on the same
+// connection keeps its round trips.
+func TestNoHeadOfLineBlocking(t *testing.T) {
+	leakCheck(t)
+	stall := make(chan struct{})
+	client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+		st.Accept()
+		if bytes.Equal(st.Payload(), []byte("stall")) {
+			<-stall
+			io.Copy(io.Discard, st)
+			st.Close()
+			return
+		}
+		echo2(st)
+	})
+	defer close(stall)
+	slow, err := client.OpenStream([]byte("stall"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrote := make(chan int, 1)
+	go func() {
+		slow.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		n, _ := slow.Write(make([]byte, 2*mux.StreamWindow))
+		wrote <- n
+	}()
+	fast, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1024)
+	start := time.Now()
+	for range 100 {
+		if _, err := fast.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(fast, buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("100 round trips took %v next to a stalled stream", d)
+	}
+	if n := <-wrote; n != mux.StreamWindow {
+		t.Errorf("stalled stream took %d bytes, want exactly its window %d", n, mux.StreamWindow)
+	}
+	fast.CloseWrite()
+	io.Copy(io.Discard, fast)
+	fast.Close()
+	slow.Abort()
+}
+
+// echo2 echoes without ending the write side first (a ping-pong server).
+func echo2(st *mux.Stream) {
+	io.Copy(st, st)
+	st.CloseWrite()
+	st.Close()
+}
+
+func TestMaxStreamsRefusesBusy(t *testing.T) {
+	leakCheck(t)
+	hold := make(chan struct{})
+	client, _ := pair(t, mux.Config{MaxStreams: 2}, func(st *mux.Stream) {
+		st.Accept()
+		<-hold
+		st.Abort()
+	})
+	var open []*mux.Stream
+	for range 2 {
+		st, err := client.OpenStream(hdr, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.WaitReply(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, st)
+	}
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var re *tunnel.RefusedError
+	if err := st.WaitReply(t.Context()); !errors.As(err, &re) || re.Reason != tunnel.ReasonBusy {
+		t.Fatalf("third stream: %v, want refused busy", err)
+	}
+	close(hold)
+	for _, st := range open {
+		st.Abort()
+	}
+}
+
+// rawServer runs a server session on one end of a pipe and returns the
+// other end to write raw frames into.
+func rawServer(t *testing.T, handle func(*mux.Stream)) (net.Conn, *mux.Session) {
+	t.Helper()
+	a, b := net.Pipe()
+	s := mux.Server(b, mux.Config{}, handle)
+	t.Cleanup(func() { a.Close(); s.Close(); s.Wait() })
+	return a, s
+}
+
+func frame(typ byte, flags byte, stream uint32, payload []byte) []byte {
+	b := []byte{typ, flags}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(payload)))
+	b = binary.BigEndian.AppendUint32(b, stream)
+	return append(b, payload...)
+}
+
+func win(n uint32) []byte { return binary.BigEndian.AppendUint32(nil, n) }
+
+func TestProtocolErrorsCloseTheConnection(t *testing.T) {
+	open1 := frame(mux.FrameOpen, 0, 1, hdr)
+	big := make([]byte, mux.MaxPayload)
+	for _, tc := range []struct {
+		name   string
+		frames [][]byte
+	}{
+		{"unknown type", [][]byte{frame(0x7f, 0, 1, nil)}},
+		{"flags set", [][]byte{frame(mux.FrameData, 1, 1, []byte("x"))}},
+		{"oversized", [][]byte{append(frame(mux.FrameData, 0, 1, nil)[:2], 0xff, 0xff, 0, 0, 0, 1)}},
+		{"data for a stream never opened", [][]byte{frame(mux.FrameData, 0, 3, []byte("x"))}},
+		{"empty data", [][]byte{open1, frame(mux.FrameData, 0, 1, nil)}},
+		{"end with payload", [][]byte{open1, frame(mux.FrameEnd, 0, 1, []byte("x"))}},
+		{"even stream id", [][]byte{frame(mux.FrameOpen, 0, 2, hdr)}},
+		{"stream id reused", [][]byte{open1, frame(mux.FrameOpen, 0, 1, hdr)}},
+		{"reply from a client", [][]byte{open1, frame(mux.FrameReply, 0, 1, []byte{tunnel.ReplyOK})}},
+		{"zero window update", [][]byte{frame(mux.FrameWindow, 0, 0, win(0))}},
+		{"window overflow", [][]byte{frame(mux.FrameWindow, 0, 0, win(1<<31 - 1))}},
+		{"data after end", [][]byte{open1, frame(mux.FrameEnd, 0, 1, nil), frame(mux.FrameData, 0, 1, []byte("x"))}},
+		{"past the stream window", append([][]byte{open1}, slices.Repeat([][]byte{frame(mux.FrameData, 0, 1, big)}, mux.StreamWindow/mux.MaxPayload+1)...)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			leakCheck(t)
+			conn, s := rawServer(t, func(st *mux.Stream) { <-st.Session().Done() })
+			go func() {
+				for _, f := range tc.frames {
+					if _, err := conn.Write(f); err != nil {
+						return
+					}
+				}
+			}()
+			select {
+			case <-s.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("session still up after a protocol error")
+			}
+			if err := s.Err(); !errors.Is(err, mux.ErrProtocol) {
+				t.Errorf("session ended with %v, want ErrProtocol", err)
+			}
+			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.Copy(io.Discard, conn); err != nil && !errors.Is(err, io.ErrClosedPipe) {
+				t.Errorf("connection not closed: %v", err)
+			}
+		})
+	}
+}
+
+// TestLateFramesAreIgnored: frames for a stream that ended here (the
+// client had not seen the refusal yet) are not protocol errors.
+func TestLateFramesAreIgnored(t *testing.T) {
+	leakCheck(t)
+	conn, s := rawServer(t, func(st *mux.Stream) { st.Refuse(tunnel.ReasonPolicy) })
+	go io.Copy(io.Discard, conn)
+	for _, f := range [][]byte{
+		frame(mux.FrameOpen, 0, 1, hdr),
+		frame(mux.FrameData, 0, 1, []byte("early")),
+	} {
+		conn.Write(f)
+	}
+	time.Sleep(50 * time.Millisecond) // the refusal happened
+	for _, f := range [][]byte{
+		frame(mux.FrameData, 0, 1, []byte("late")),
+		frame(mux.FrameEnd, 0, 1, nil),
+		frame(mux.FrameReset, 0, 1, nil),
+		frame(mux.FrameWindow, 0, 1, win(10)),
+	} {
+		if _, err := conn.Write(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(50 * time.Millisecond)
+	if err := s.Err(); err != nil {
+		t.Fatalf("session ended on late frames: %v", err)
+	}
+}
+
+// TestFlowControlRefills: far more than both windows crosses one stream
+// (the receiver's updates keep the sender going) and many streams at once.
+func TestFlowControlRefills(t *testing.T) {
+	leakCheck(t)
+	client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+		st.Accept()
+		n, err := io.Copy(io.Discard, st)
+		if err == nil {
+			st.Write(binary.BigEndian.AppendUint64(nil, uint64(n)))
+		}
+		st.CloseWrite()
+		st.Close()
+	})
+	const size = 3 * mux.ConnWindow
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 100_000)
+	rand.Shuffle(len(chunk), func(i, j int) { chunk[i], chunk[j] = chunk[j], chunk[i] })
+	for sent := 0; sent < size; sent += len(chunk) {
+		if _, err := st.Write(chunk); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st.CloseWrite()
+	got, err := io.ReadAll(st)
+	if err != nil || len(got) != 8 {
+		t.Fatalf("reply %x, %v", got, err)
+	}
+	if n := binary.BigEndian.Uint64(got); n < size {
+		t.Fatalf("server read %d bytes, want %d", n, size)
+	}
+	st.Close()
+}
+
+func TestDeadlines(t *testing.T) {
+	leakCheck(t)
+	client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+		st.Accept()
+		io.Copy(io.Discard, st)
+		st.Close()
+	})
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	start := time.Now()
+	if _, err := st.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read = %v, want a deadline error", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("deadline took %v", d)
+	}
+	st.Abort()
+}
+

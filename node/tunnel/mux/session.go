@@ -1,0 +1,670 @@
+package mux
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/tunmesh/tunmesh/node/tunnel"
+)
+
+// ALPN is the protocol name a version 3 client offers and a version 3
+// server selects. A server that selects nothing speaks version 2: one pod
+// connection per TLS connection (tunnel.Header, tunnel.FramedConn).
+const ALPN = "tunmesh/3"
+
+// Windows of the flow control. They are part of the protocol: both sides
+// start from them, and a receiver grants more with Window frames as its
+// reader consumes. Sized for throughput as Istio's ztunnel does (4 MiB per
+// stream, 16 MiB per connection): one stream can fill a fast link, and no
+// connection buffers more than ConnWindow on the receiving side.
+const (
+	StreamWindow = 4 << 20
+	ConnWindow   = 16 << 20
+)
+
+// DefaultMaxStreams is the default number of concurrent streams a server
+// session lets its peer open; past it an Open is refused (ReasonBusy).
+const DefaultMaxStreams = 1024
+
+// ErrConnLost means the stream's connection broke (or was closed) before
+// the stream ended: the stream is cut. It wraps io.ErrUnexpectedEOF, so
+// tunnel.EndOf names it "truncated" and it is never taken for a clean end.
+var ErrConnLost = fmt.Errorf("mux: tunnel connection lost: %w", io.ErrUnexpectedEOF)
+
+// ErrSessionClosed is returned by OpenStream on a session that is closed,
+// closing, or out of stream ids.
+var ErrSessionClosed = errors.New("mux: session closed")
+
+// Config tunes a session. The zero value is ready to use.
+type Config struct {
+	// MaxStreams caps the streams the peer may have open at once on a
+	// server session (default DefaultMaxStreams). Unused by clients.
+	MaxStreams int
+	// WriteTimeout bounds one write to the connection; a peer that stops
+	// reading for longer is declared dead (default 30s). Flow control
+	// means a live peer always reads.
+	WriteTimeout time.Duration
+	// OnReply, if set on a client session, is called from the reader
+	// when a stream's reply arrives (err nil: accepted), for set-up
+	// latency metrics. It must not block.
+	OnReply func(st *Stream, err error)
+}
+
+// Session is one multiplexed tunnel connection (protocol version 3). A
+// client session opens streams; a server session accepts them and hands
+// each to its handler in a goroutine of its own.
+//
+// Goroutines: routineRead (one per session) parses frames and fills the
+// streams' receive queues; routineWrite (one per session) takes over
+// flushing when a writer has flushed for others long enough. Writers
+// otherwise flush inline, so a small write costs no goroutine hand-off.
+type Session struct {
+	conn   net.Conn
+	client bool
+	cfg    Config
+	br     *bufio.Reader
+	handle func(*Stream) // server: runs each accepted stream
+
+	handlers sync.WaitGroup // server: running handlers
+	loops    sync.WaitGroup // routineRead, routineWrite
+	done     chan struct{}  // closed when the session ends
+	kick     chan struct{}  // hands flushing to routineWrite
+
+	mu          sync.Mutex // guards the fields below and every Stream's state
+	streams     map[uint32]*Stream
+	nextID      uint32 // client: the next stream id to open
+	lastID      uint32 // server: the highest stream id the peer opened
+	reserved    int    // client: streams promised by Reserve, not opened yet
+	draining    bool   // no new streams (CloseIfIdle, out of ids)
+	err         error  // why the session ended; set once
+	sendWin     int64  // connection send window left
+	winCh       chan struct{}
+	recvWin     int64 // connection receive window left
+	recvUnacked int64 // consumed but not yet granted back
+	idleSince   time.Time
+
+	wmu      sync.Mutex // guards the write state below
+	wbuf     []byte     // frames waiting for the connection
+	wspare   []byte
+	flushing bool // someone owns the flush
+	werr     error
+}
+
+// Client starts a client session on conn (a *tls.Conn that negotiated
+// ALPN).
+func Client(conn net.Conn, cfg Config) *Session {
+	s := newSession(conn, true, cfg, nil)
+	s.nextID = 1
+	s.start()
+	return s
+}
+
+// Server starts a server session on conn. handle runs once per stream the
+// peer opens, in its own goroutine; it must Accept or Refuse the stream
+// (Close refuses it too) and own it until it ends.
+func Server(conn net.Conn, cfg Config, handle func(*Stream)) *Session {
+	s := newSession(conn, false, cfg, handle)
+	s.start()
+	return s
+}
+
+func newSession(conn net.Conn, client bool, cfg Config, handle func(*Stream)) *Session {
+	if cfg.MaxStreams <= 0 {
+		cfg.MaxStreams = DefaultMaxStreams
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = 30 * time.Second
+	}
+	return &Session{
+		conn: conn, client: client, cfg: cfg, handle: handle,
+		br:      bufio.NewReaderSize(conn, 32<<10),
+		done:    make(chan struct{}),
+		kick:    make(chan struct{}, 1),
+		streams: map[uint32]*Stream{},
+		sendWin: ConnWindow, recvWin: ConnWindow,
+		winCh:     make(chan struct{}),
+		idleSince: time.Now(),
+	}
+}
+
+func (s *Session) start() {
+	s.loops.Add(2)
+	go s.routineRead()
+	go s.routineWrite()
+}
+
+// Done is closed when the session has ended.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Err is why the session ended (nil while it runs).
+func (s *Session) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// Close ends the session: every open stream is cut.
+func (s *Session) Close() error {
+	s.fail(ErrSessionClosed)
+	return nil
+}
+
+// Wait waits for the session's goroutines and, on a server, its stream
+// handlers. Call it after Close (or once Done is closed).
+func (s *Session) Wait() {
+	s.loops.Wait()
+	s.handlers.Wait()
+}
+
+// Load reports the session's open (and reserved) streams and how much of
+// the connection's send window is in use, for a pool choosing where to
+// open a stream. closed is true once it takes no new streams.
+func (s *Session) Load() (streams int, inFlight int64, closed bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.streams) + s.reserved, ConnWindow - s.sendWin, s.err != nil || s.draining
+}
+
+// Reserve promises one OpenStream on a client session, so that
+// CloseIfIdle does not close it in between; false if it takes no new
+// streams. Every true is followed by OpenStream or Unreserve.
+func (s *Session) Reserve() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil || s.draining {
+		return false
+	}
+	s.reserved++
+	return true
+}
+
+// Unreserve gives back a reservation without opening a stream.
+func (s *Session) Unreserve() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reserved--
+	if len(s.streams)+s.reserved == 0 {
+		s.idleSince = time.Now()
+	}
+}
+
+// CloseIfIdle closes the session if it has had no stream for at least
+// idle, and reports whether it did (or it had ended already).
+func (s *Session) CloseIfIdle(idle time.Duration) bool {
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
+		return true
+	}
+	if len(s.streams)+s.reserved > 0 || time.Since(s.idleSince) < idle {
+		s.mu.Unlock()
+		return false
+	}
+	s.draining = true
+	s.mu.Unlock()
+	s.fail(ErrSessionClosed)
+	return true
+}
+
+// OpenStream opens a stream on a client session, consuming a reservation
+// if the caller holds one (reserved). payload (the tunnel header) travels
+// in the Open frame; the stream can be written at once, and its first
+// Read returns the server's refusal if there is one.
+func (s *Session) OpenStream(payload []byte, reserved bool) (*Stream, error) {
+	if !s.client {
+		return nil, errors.New("mux: only a client session opens streams")
+	}
+	if len(payload) == 0 || len(payload) > MaxOpenPayload {
+		if reserved {
+			s.Unreserve()
+		}
+		return nil, fmt.Errorf("mux: open payload of %d bytes", len(payload))
+	}
+	s.mu.Lock()
+	if reserved {
+		s.reserved--
+	}
+	if s.err != nil || (s.draining && !reserved) {
+		err := s.err
+		s.mu.Unlock()
+		if err == nil {
+			err = ErrSessionClosed
+		}
+		return nil, fmt.Errorf("open stream: %w", err)
+	}
+	id := s.nextID
+	s.nextID += 2
+	if s.nextID >= 1<<31 {
+		s.draining = true // out of ids: the pool opens another session
+	}
+	st := newStream(s, id)
+	st.opened = time.Now()
+	s.streams[id] = st
+	// Queue the Open before anyone can open a later id: the server
+	// requires ids in order. (Lock order: mu, then wmu.)
+	s.wmu.Lock()
+	s.mu.Unlock()
+	if s.werr != nil {
+		err := s.werr
+		s.wmu.Unlock()
+		return nil, fmt.Errorf("open stream: %w", err)
+	}
+	s.wbuf = appendHeader(s.wbuf, FrameOpen, id, len(payload))
+	s.wbuf = append(s.wbuf, payload...)
+	if err := s.flushLocked(); err != nil {
+		return nil, fmt.Errorf("open stream: %w", err)
+	}
+	return st, nil
+}
+
+// routineRead reads and dispatches frames until the connection fails.
+func (s *Session) routineRead() {
+	defer s.loops.Done()
+	var buf []byte
+	for {
+		var h [HeaderLen]byte
+		if _, err := io.ReadFull(s.br, h[:]); err != nil {
+			s.fail(err)
+			return
+		}
+		f, err := ParseHeader(h)
+		if err == nil {
+			if f.Type == FrameData {
+				err = s.onData(f)
+			} else {
+				if cap(buf) < f.Len {
+					buf = make([]byte, MaxOpenPayload)
+				}
+				buf = buf[:f.Len]
+				if _, err = io.ReadFull(s.br, buf); err == nil {
+					var out []byte
+					if out, err = s.onControl(f, buf); err == nil && out != nil {
+						err = s.writeRaw(out)
+					}
+				}
+			}
+		}
+		if err != nil {
+			s.fail(err)
+			return
+		}
+	}
+}
+
+// knownLocked reports whether id is a stream that was opened on this
+// session (so a frame for it after it ended is late, not invented).
+func (s *Session) knownLocked(id uint32) bool {
+	if id%2 == 0 {
+		return false
+	}
+	if s.client {
+		return id < s.nextID
+	}
+	return id <= s.lastID
+}
+
+// onData receives a Data frame's payload into its stream's queue. The
+// payload is read without the lock held (only this goroutine reads the
+// connection), into a pooled chunk the stream's reader gives back.
+func (s *Session) onData(f Frame) error {
+	s.mu.Lock()
+	if int64(f.Len) > s.recvWin {
+		s.mu.Unlock()
+		return fmt.Errorf("%w: %d bytes past the connection window", ErrProtocol, f.Len)
+	}
+	s.recvWin -= int64(f.Len)
+	st := s.streams[f.Stream]
+	if st == nil {
+		known := s.knownLocked(f.Stream)
+		s.mu.Unlock()
+		if !known {
+			return fmt.Errorf("%w: data for stream %d that was never opened", ErrProtocol, f.Stream)
+		}
+		// Late data for a stream we already ended: discard and credit.
+		if _, err := s.br.Discard(f.Len); err != nil {
+			return err
+		}
+		s.credit(nil, f.Len)
+		return nil
+	}
+	switch {
+	case st.gotEnd:
+		s.mu.Unlock()
+		return fmt.Errorf("%w: data on stream %d after its end", ErrProtocol, f.Stream)
+	case s.client && !st.replied:
+		s.mu.Unlock()
+		return fmt.Errorf("%w: data on stream %d before its reply", ErrProtocol, f.Stream)
+	case int64(f.Len) > st.recvWin:
+		s.mu.Unlock()
+		return fmt.Errorf("%w: %d bytes past stream %d's window", ErrProtocol, f.Len, f.Stream)
+	}
+	st.recvWin -= int64(f.Len)
+	s.mu.Unlock()
+
+	c := getChunk(f.Len)
+	if _, err := io.ReadFull(s.br, c.b); err != nil {
+		putChunk(c)
+		return err
+	}
+	s.mu.Lock()
+	if s.streams[f.Stream] != st || st.readErr != nil {
+		// Ended (reset, closed) while we read: discard.
+		s.mu.Unlock()
+		putChunk(c)
+		s.credit(nil, f.Len)
+		return nil
+	}
+	st.queue = append(st.queue, c)
+	st.queued += f.Len
+	s.mu.Unlock()
+	st.signalReadable()
+	return nil
+}
+
+// onControl handles every frame but Data. out is a frame to send back.
+func (s *Session) onControl(f Frame, p []byte) (out []byte, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if f.Type == FrameOpen {
+		return s.onOpenLocked(f, p)
+	}
+	return nil, s.onStreamFrameLocked(f, p)
+}
+
+func (s *Session) onStreamFrameLocked(f Frame, p []byte) error {
+	if f.Type == FrameWindow {
+		inc := int64(binary.BigEndian.Uint32(p))
+		if inc == 0 {
+			return fmt.Errorf("%w: zero window update on stream %d", ErrProtocol, f.Stream)
+		}
+		if f.Stream == 0 {
+			if s.sendWin += inc; s.sendWin > maxWindow {
+				return fmt.Errorf("%w: connection window above %d", ErrProtocol, maxWindow)
+			}
+			close(s.winCh)
+			s.winCh = make(chan struct{})
+			return nil
+		}
+	} else if f.Type == FrameReply && !s.client {
+		return fmt.Errorf("%w: reply from a client", ErrProtocol)
+	}
+	st := s.streams[f.Stream]
+	if st == nil {
+		if !s.knownLocked(f.Stream) {
+			return fmt.Errorf("%w: frame type %#02x for stream %d that was never opened", ErrProtocol, f.Type, f.Stream)
+		}
+		return nil // late frame for a stream that ended here
+	}
+	switch f.Type {
+	case FrameWindow:
+		if st.sendWin += int64(binary.BigEndian.Uint32(p)); st.sendWin > maxWindow {
+			return fmt.Errorf("%w: stream %d window above %d", ErrProtocol, f.Stream, maxWindow)
+		}
+		st.signalWindowLocked()
+	case FrameEnd:
+		if st.gotEnd || (s.client && !st.replied) {
+			return fmt.Errorf("%w: unexpected end on stream %d", ErrProtocol, f.Stream)
+		}
+		st.gotEnd = true
+		st.readErr = io.EOF
+		st.signalReadable()
+		s.maybeRemoveLocked(st)
+	case FrameReset:
+		st.failLocked(fmt.Errorf("read tunnel stream: %w", tunnel.ErrPeerReset), true)
+	case FrameReply:
+		if st.replied {
+			return fmt.Errorf("%w: second reply on stream %d", ErrProtocol, f.Stream)
+		}
+		var rerr error
+		switch {
+		case len(p) == 1 && p[0] == tunnel.ReplyOK:
+			st.replied = true
+		case len(p) == 2 && p[0] == tunnel.ReplyRefused && p[1] != 0:
+			st.replied = true
+			rerr = &tunnel.RefusedError{Reason: tunnel.Reason(p[1])}
+			// The server forgot the stream when it refused it.
+			st.failLocked(fmt.Errorf("open tunnel stream: %w", rerr), true)
+		default:
+			return fmt.Errorf("%w: reply % x on stream %d", ErrProtocol, p, f.Stream)
+		}
+		st.closeReplyLocked()
+		st.signalReadable()
+		if s.cfg.OnReply != nil {
+			s.cfg.OnReply(st, rerr)
+		}
+	}
+	return nil
+}
+
+func (s *Session) onOpenLocked(f Frame, p []byte) ([]byte, error) {
+	if s.client {
+		return nil, fmt.Errorf("%w: open from a server", ErrProtocol)
+	}
+	if f.Stream <= s.lastID {
+		return nil, fmt.Errorf("%w: stream id %d not above %d", ErrProtocol, f.Stream, s.lastID)
+	}
+	s.lastID = f.Stream
+	if s.err != nil {
+		return nil, nil
+	}
+	if len(s.streams) >= s.cfg.MaxStreams {
+		out := appendHeader(nil, FrameReply, f.Stream, 2)
+		return append(out, tunnel.ReplyRefused, byte(tunnel.ReasonBusy)), nil
+	}
+	st := newStream(s, f.Stream)
+	st.payload = append([]byte(nil), p...)
+	st.opened = time.Now()
+	s.streams[f.Stream] = st
+	s.handlers.Add(1)
+	go func() { // RoutineStream: one per accepted stream, owned by the session
+		defer s.handlers.Done()
+		s.handle(st)
+	}()
+	return nil, nil
+}
+
+// maybeRemoveLocked forgets st once both directions are over.
+func (s *Session) maybeRemoveLocked(st *Stream) {
+	if (st.sentEnd || st.sentReset) && st.readErr != nil {
+		s.removeLocked(st)
+	}
+}
+
+// removeLocked forgets st. Bytes it still holds stay readable (after a
+// clean end both ways, the tail before the peer's End); Close drops them.
+func (s *Session) removeLocked(st *Stream) {
+	if s.streams[st.id] != st {
+		return
+	}
+	delete(s.streams, st.id)
+	if len(s.streams)+s.reserved == 0 {
+		s.idleSince = time.Now()
+	}
+}
+
+// credit gives n consumed bytes back to the peer's windows (st nil: the
+// connection's only), with a Window frame once a quarter of a window is
+// due, so window updates stay rare and off the round trip of small
+// exchanges.
+func (s *Session) credit(st *Stream, n int) {
+	var frames []byte
+	s.mu.Lock()
+	s.recvUnacked += int64(n)
+	if st != nil {
+		st.recvUnacked += int64(n)
+		if st.recvUnacked >= StreamWindow/4 && !st.gotEnd && s.streams[st.id] == st {
+			frames = appendWindow(frames, st.id, st.recvUnacked)
+			st.recvWin += st.recvUnacked
+			st.recvUnacked = 0
+		}
+	}
+	if s.recvUnacked >= ConnWindow/4 {
+		frames = appendWindow(frames, 0, s.recvUnacked)
+		s.recvWin += s.recvUnacked
+		s.recvUnacked = 0
+	}
+	s.mu.Unlock()
+	if frames != nil {
+		_ = s.writeRaw(frames) // a failed write fails the session
+	}
+}
+
+func appendWindow(b []byte, id uint32, n int64) []byte {
+	b = appendHeader(b, FrameWindow, id, 4)
+	return binary.BigEndian.AppendUint32(b, uint32(n))
+}
+
+// fail ends the session once: the connection is closed underneath (no
+// close_notify: the peer must see a cut, not an end) and every stream
+// still open is cut.
+func (s *Session) fail(cause error) {
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
+		return
+	}
+	if cause == nil || errors.Is(cause, io.EOF) {
+		cause = io.ErrUnexpectedEOF
+	}
+	s.err = fmt.Errorf("%w: %w", ErrConnLost, cause)
+	if errors.Is(cause, ErrSessionClosed) {
+		s.err = ErrSessionClosed
+	}
+	for _, st := range s.streams {
+		st.failLocked(fmt.Errorf("tunnel stream %d: %w: %w", st.id, ErrConnLost, cause), false)
+	}
+	close(s.winCh)
+	s.winCh = make(chan struct{})
+	close(s.done)
+	s.mu.Unlock()
+	abortConn(s.conn)
+}
+
+// abortConn closes c so that its peer sees a cut: underneath a TLS
+// connection, with the TCP linger at zero.
+func abortConn(c net.Conn) {
+	if u, ok := c.(interface{ NetConn() net.Conn }); ok {
+		if inner := u.NetConn(); inner != nil {
+			c = inner
+		}
+	}
+	if l, ok := c.(interface{ SetLinger(int) error }); ok {
+		_ = l.SetLinger(0)
+	}
+	_ = c.Close()
+}
+
+// writeFrame queues one frame and flushes (see flush).
+func (s *Session) writeFrame(typ byte, id uint32, payload []byte) error {
+	s.wmu.Lock()
+	if s.werr != nil {
+		err := s.werr
+		s.wmu.Unlock()
+		return err
+	}
+	s.wbuf = appendHeader(s.wbuf, typ, id, len(payload))
+	s.wbuf = append(s.wbuf, payload...)
+	return s.flushLocked()
+}
+
+// writeRaw queues encoded frames and flushes.
+func (s *Session) writeRaw(frames []byte) error {
+	s.wmu.Lock()
+	if s.werr != nil {
+		err := s.werr
+		s.wmu.Unlock()
+		return err
+	}
+	s.wbuf = append(s.wbuf, frames...)
+	return s.flushLocked()
+}
+
+// flushBudget is how many connection writes an inline flusher makes for
+// others before it hands flushing to routineWrite and gets back to its
+// own stream.
+const flushBudget = 4
+
+// flushLocked writes the queued frames, called with wmu held; it unlocks.
+// Whoever queues frames while nobody flushes flushes them itself, and
+// frames queued meanwhile by others ride along in its next write: small
+// frames of many streams (headers, window updates, small messages)
+// coalesce into one write and one TLS record, and bulk data goes out in
+// writes as large as what has piled up. After flushBudget rounds the
+// flusher hands over to routineWrite, so no stream's goroutine is kept
+// writing for the others indefinitely.
+func (s *Session) flushLocked() error {
+	if s.flushing {
+		s.wmu.Unlock()
+		return nil // the current flusher takes our frames
+	}
+	s.flushing = true
+	for round := 0; len(s.wbuf) > 0; round++ {
+		if round == flushBudget {
+			s.wmu.Unlock()
+			select {
+			case s.kick <- struct{}{}: // routineWrite owns the flush now
+			default:
+			}
+			return nil
+		}
+		err := s.writeOnceLocked()
+		if err != nil {
+			s.flushing = false
+			s.wmu.Unlock()
+			s.fail(err)
+			return err
+		}
+	}
+	s.flushing = false
+	s.wmu.Unlock()
+	return nil
+}
+
+// writeOnceLocked writes what is queued, with wmu released during the
+// write; it returns with wmu held.
+func (s *Session) writeOnceLocked() error {
+	b := s.wbuf
+	s.wbuf = s.wspare[:0]
+	s.wmu.Unlock()
+	_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+	_, err := s.conn.Write(b)
+	s.wmu.Lock()
+	if cap(b) <= 256<<10 { // keep a normal buffer; let a burst's go
+		s.wspare = b[:0]
+	} else {
+		s.wspare = nil
+	}
+	if err != nil {
+		s.werr = fmt.Errorf("write tunnel connection: %w", err)
+		return s.werr
+	}
+	return nil
+}
+
+// routineWrite flushes when a writer hands flushing over (see flushLocked).
+func (s *Session) routineWrite() {
+	defer s.loops.Done()
+	for {
+		select {
+		case <-s.kick:
+		case <-s.done:
+			return
+		}
+		s.wmu.Lock()
+		var err error
+		for len(s.wbuf) > 0 && err == nil {
+			err = s.writeOnceLocked()
+		}
+		s.flushing = false
+		s.wmu.Unlock()
+		if err != nil {
+			s.fail(err)
+		}
+	}
+}

@@ -1,0 +1,431 @@
+package mux
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/tunmesh/tunmesh/node/tunnel"
+)
+
+// Stream is one pod connection carried by a Session. It is a net.Conn
+// with CloseWrite (sends End: a clean end of this direction) and Abort
+// (sends Reset: the stream was cut), like tunnel.FramedConn, so the same
+// Splice carries it. An idle stream holds no buffer: received bytes wait
+// in pooled chunks only until they are read.
+//
+// One goroutine may Read (or DrainTo) while another Writes; Abort and
+// Close may be called at any time.
+type Stream struct {
+	s       *Session
+	id      uint32
+	payload []byte    // server: the Open frame's payload
+	opened  time.Time // when it was opened (client) or received (server)
+
+	readable chan struct{} // signalled when queue or readErr change
+	replyCh  chan struct{} // client: closed when the reply arrived
+	rd, wd   deadline
+
+	// Guarded by s.mu.
+	queue       []*chunk // received, unread bytes
+	off         int      // bytes of queue[0] already read
+	queued      int      // unread bytes in queue
+	readErr     error    // how the read side ended (io.EOF: the peer's End)
+	writeErr    error    // why writes fail (reset, cut, refused)
+	replied     bool     // the reply was received (client) or sent (server)
+	gotEnd      bool
+	sentEnd     bool
+	sentReset   bool
+	recvWin     int64
+	recvUnacked int64
+	sendWin     int64
+	winCh       chan struct{} // made by a writer waiting for window; closed on growth
+}
+
+func newStream(s *Session, id uint32) *Stream {
+	st := &Stream{s: s, id: id, readable: make(chan struct{}, 1), recvWin: StreamWindow, sendWin: StreamWindow}
+	if s.client {
+		st.replyCh = make(chan struct{})
+	}
+	return st
+}
+
+// ID is the stream's id on its session.
+func (st *Stream) ID() uint32 { return st.id }
+
+// Payload is what the client sent in the Open frame (the tunnel header).
+func (st *Stream) Payload() []byte { return st.payload }
+
+// Opened is when the stream was opened (client) or its Open arrived
+// (server).
+func (st *Stream) Opened() time.Time { return st.opened }
+
+// Session is the session carrying the stream.
+func (st *Stream) Session() *Session { return st.s }
+
+func (st *Stream) signalReadable() {
+	select {
+	case st.readable <- struct{}{}:
+	default:
+	}
+}
+
+func (st *Stream) signalWindowLocked() {
+	if st.winCh != nil {
+		close(st.winCh)
+		st.winCh = nil
+	}
+}
+
+// failLocked ends both directions with err, dropping unread bytes.
+// peerGone: the peer has forgotten the stream (it reset or refused it),
+// so nothing more is sent for it and it is removed.
+func (st *Stream) failLocked(err error, peerGone bool) {
+	if st.readErr == nil || st.readErr == io.EOF {
+		st.readErr = err
+	}
+	if st.writeErr == nil {
+		st.writeErr = err
+	}
+	st.dropQueueLocked()
+	st.signalReadable()
+	st.signalWindowLocked()
+	st.closeReplyLocked()
+	if peerGone {
+		st.sentReset = true
+		st.s.removeLocked(st)
+	}
+}
+
+// closeReplyLocked wakes WaitReply: the reply came, or never will.
+func (st *Stream) closeReplyLocked() {
+	if st.replyCh != nil && !isClosed(st.replyCh) {
+		close(st.replyCh)
+	}
+}
+
+func (st *Stream) dropQueueLocked() {
+	if st.queued > 0 {
+		st.s.recvUnacked += int64(st.queued)
+	}
+	for _, c := range st.queue {
+		putChunk(c)
+	}
+	st.queue, st.off, st.queued = nil, 0, 0
+}
+
+// WaitReply waits for the server's answer to a client stream: nil if it
+// accepted, an error wrapping *tunnel.RefusedError if it refused, or the
+// error that ended the stream or session first.
+func (st *Stream) WaitReply(ctx context.Context) error {
+	if st.replyCh == nil {
+		return errors.New("mux: only client streams have a reply")
+	}
+	select {
+	case <-st.replyCh:
+	case <-st.s.done:
+	case <-ctx.Done():
+		return fmt.Errorf("wait for tunnel reply: %w", ctx.Err())
+	}
+	st.s.mu.Lock()
+	defer st.s.mu.Unlock()
+	if st.replied && st.writeErr == nil {
+		return nil
+	}
+	if st.writeErr != nil {
+		return st.writeErr
+	}
+	return st.s.err
+}
+
+// Accept answers a server stream's Open with ReplyOK.
+func (st *Stream) Accept() error {
+	st.s.mu.Lock()
+	if st.s.client || st.replied {
+		st.s.mu.Unlock()
+		return errors.New("mux: accept: not an unanswered server stream")
+	}
+	st.replied = true
+	st.s.mu.Unlock()
+	return st.s.writeFrame(FrameReply, st.id, []byte{tunnel.ReplyOK})
+}
+
+// Refuse answers a server stream's Open with a refusal and forgets the
+// stream (and any bytes the client sent ahead).
+func (st *Stream) Refuse(reason tunnel.Reason) error {
+	if reason == tunnel.ReasonNone {
+		return errors.New("mux: refuse without a reason")
+	}
+	st.s.mu.Lock()
+	if st.s.client || st.replied {
+		st.s.mu.Unlock()
+		return errors.New("mux: refuse: not an unanswered server stream")
+	}
+	st.replied = true
+	st.failLocked(fmt.Errorf("tunnel stream refused: %w", net.ErrClosed), true)
+	st.s.mu.Unlock()
+	return st.s.writeFrame(FrameReply, st.id, []byte{tunnel.ReplyRefused, byte(reason)})
+}
+
+// Read returns received bytes; io.EOF after the peer's End, an error
+// wrapping tunnel.ErrPeerReset after its Reset, one wrapping
+// *tunnel.RefusedError if the server refused the stream, and one wrapping
+// ErrConnLost (and io.ErrUnexpectedEOF) if the connection broke.
+func (st *Stream) Read(p []byte) (int, error) {
+	s := st.s
+	for {
+		s.mu.Lock()
+		if st.queued > 0 {
+			n := 0
+			for n < len(p) && len(st.queue) > 0 {
+				c := st.queue[0]
+				k := copy(p[n:], c.b[st.off:])
+				n += k
+				st.off += k
+				if st.off == len(c.b) {
+					st.queue[0] = nil
+					st.queue = st.queue[1:]
+					st.off = 0
+					putChunk(c)
+				}
+			}
+			st.queued -= n
+			if len(st.queue) == 0 {
+				st.queue = nil // let go of the slice's array while idle
+			}
+			s.mu.Unlock()
+			s.credit(st, n)
+			return n, nil
+		}
+		if err := st.readErr; err != nil {
+			s.mu.Unlock()
+			return 0, err
+		}
+		s.mu.Unlock()
+		if len(p) == 0 {
+			return 0, nil
+		}
+		select {
+		case <-st.readable:
+		case <-st.rd.wait():
+			return 0, os.ErrDeadlineExceeded
+		}
+	}
+}
+
+// DrainTo writes what the stream receives to w until the peer's End
+// (returning nil) or another end of the read side (returning it), calling
+// moved after each write. It needs no copy buffer: the received chunks
+// are written as they are, and given back to the pool.
+func (st *Stream) DrainTo(w io.Writer, moved func(int)) error {
+	s := st.s
+	for {
+		s.mu.Lock()
+		if st.queued > 0 {
+			c := st.queue[0]
+			b := c.b[st.off:]
+			st.queue[0] = nil
+			st.queue = st.queue[1:]
+			if len(st.queue) == 0 {
+				st.queue = nil
+			}
+			st.off = 0
+			st.queued -= len(b)
+			s.mu.Unlock()
+			n, err := w.Write(b)
+			putChunk(c)
+			s.credit(st, len(b))
+			if n > 0 {
+				moved(n)
+			}
+			if err != nil {
+				return fmt.Errorf("write: %w", err)
+			}
+			continue
+		}
+		err := st.readErr
+		s.mu.Unlock()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read: %w", err)
+		}
+		select {
+		case <-st.readable:
+		case <-st.rd.wait():
+			return fmt.Errorf("read: %w", os.ErrDeadlineExceeded)
+		}
+	}
+}
+
+// Write sends p as Data frames as the windows allow.
+func (st *Stream) Write(p []byte) (int, error) {
+	s := st.s
+	written := 0
+	for len(p) > 0 {
+		s.mu.Lock()
+		var n int
+		for {
+			if st.writeErr != nil {
+				err := st.writeErr
+				s.mu.Unlock()
+				return written, err
+			}
+			if st.sentEnd || st.sentReset {
+				s.mu.Unlock()
+				return written, fmt.Errorf("write tunnel stream: %w", net.ErrClosed)
+			}
+			n = int(min(int64(len(p)), st.sendWin, s.sendWin))
+			if n > 0 {
+				break
+			}
+			var wait <-chan struct{}
+			if st.sendWin <= 0 {
+				if st.winCh == nil {
+					st.winCh = make(chan struct{})
+				}
+				wait = st.winCh
+			} else {
+				wait = s.winCh
+			}
+			s.mu.Unlock()
+			select {
+			case <-wait:
+			case <-st.wd.wait():
+				return written, os.ErrDeadlineExceeded
+			}
+			s.mu.Lock()
+		}
+		st.sendWin -= int64(n)
+		s.sendWin -= int64(n)
+		s.mu.Unlock()
+		if err := s.writeData(st.id, p[:n]); err != nil {
+			return written, err
+		}
+		written += n
+		p = p[n:]
+	}
+	return written, nil
+}
+
+// writeData queues p as Data frames of at most MaxPayload and flushes
+// once: a large write leaves in one connection write.
+func (s *Session) writeData(id uint32, p []byte) error {
+	s.wmu.Lock()
+	if s.werr != nil {
+		err := s.werr
+		s.wmu.Unlock()
+		return err
+	}
+	for len(p) > 0 {
+		n := min(len(p), MaxPayload)
+		s.wbuf = appendHeader(s.wbuf, FrameData, id, n)
+		s.wbuf = append(s.wbuf, p[:n]...)
+		p = p[n:]
+	}
+	return s.flushLocked()
+}
+
+// CloseWrite ends this direction cleanly (an End frame).
+func (st *Stream) CloseWrite() error {
+	s := st.s
+	s.mu.Lock()
+	if st.sentEnd || st.sentReset {
+		s.mu.Unlock()
+		return nil
+	}
+	if err := st.writeErr; err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	st.sentEnd = true
+	s.maybeRemoveLocked(st)
+	s.mu.Unlock()
+	return s.writeFrame(FrameEnd, st.id, nil)
+}
+
+// Abort cuts the stream: a Reset frame tells the peer, and local reads
+// and writes fail. The session goes on.
+func (st *Stream) Abort() {
+	s := st.s
+	s.mu.Lock()
+	if s.streams[st.id] != st {
+		s.mu.Unlock()
+		return
+	}
+	send := !st.sentReset && s.err == nil
+	st.sentReset = true
+	st.failLocked(fmt.Errorf("tunnel stream aborted: %w", net.ErrClosed), false)
+	s.removeLocked(st)
+	s.mu.Unlock()
+	if send {
+		_ = s.writeFrame(FrameReset, st.id, nil) // a failed write fails the session
+	}
+}
+
+// Close ends the stream: after a clean end both ways it only forgets it,
+// otherwise it is an Abort.
+func (st *Stream) Close() error {
+	s := st.s
+	s.mu.Lock()
+	if s.streams[st.id] != st {
+		if st.readErr == nil || st.readErr == io.EOF {
+			st.readErr = fmt.Errorf("read tunnel stream: %w", net.ErrClosed)
+		}
+		st.dropQueueLocked()
+		s.mu.Unlock()
+		return nil
+	}
+	s.mu.Unlock()
+	st.Abort()
+	return nil
+}
+
+func (st *Stream) LocalAddr() net.Addr  { return st.s.conn.LocalAddr() }
+func (st *Stream) RemoteAddr() net.Addr { return st.s.conn.RemoteAddr() }
+
+func (st *Stream) SetDeadline(t time.Time) error {
+	st.rd.set(t)
+	st.wd.set(t)
+	return nil
+}
+
+func (st *Stream) SetReadDeadline(t time.Time) error  { st.rd.set(t); return nil }
+func (st *Stream) SetWriteDeadline(t time.Time) error { st.wd.set(t); return nil }
+
+// chunk is a pooled receive buffer holding one Data frame's payload.
+type chunk struct{ b []byte }
+
+const smallChunk = 2 << 10
+
+var (
+	smallChunks = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, smallChunk)} }}
+	bigChunks   = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, MaxPayload)} }}
+)
+
+// getChunk returns a chunk of length n (at most MaxPayload).
+func getChunk(n int) *chunk {
+	var c *chunk
+	if n <= smallChunk {
+		c = smallChunks.Get().(*chunk)
+	} else {
+		c = bigChunks.Get().(*chunk)
+	}
+	c.b = c.b[:n]
+	return c
+}
+
+func putChunk(c *chunk) {
+	switch cap(c.b) {
+	case smallChunk:
+		smallChunks.Put(c)
+	case MaxPayload:
+		bigChunks.Put(c)
+	}
+}
