@@ -131,6 +131,13 @@ type pod struct {
 // device's fd without attaching it.
 func newPodNS(t testing.TB, i, mtu int) (pod, int) {
 	t.Helper()
+	return newPodNSMode(t, i, mtu, tun.ModeOffload)
+}
+
+// newPodNSMode is newPodNS with tm0 made in mode (tun.ModePlain: as an agent
+// before offloads made it).
+func newPodNSMode(t testing.TB, i, mtu int, mode tun.Mode) (pod, int) {
+	t.Helper()
 	ns := nstest.NewNS(t, fmt.Sprintf("pod%d", i))
 	a4, a6 := podAddrs(i)
 	ns.Do(t, func() error {
@@ -155,7 +162,7 @@ func newPodNS(t testing.TB, i, mtu int) (pod, int) {
 		}
 		return netlink.LinkSetUp(eth)
 	})
-	fd, err := tun.CreateInNetns(ns.Path, "tm0", mtu)
+	fd, err := tun.CreateInNetnsMode(ns.Path, "tm0", mtu, mode)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -44,6 +44,7 @@ type nic struct {
 		failClosedDrops    atomic.Uint64
 		flowTableFull      atomic.Uint64
 		timeWaitReused     atomic.Uint64
+		superPackets       atomic.Uint64
 	}
 	spoofLog, writeLog rateLimit
 }
@@ -70,6 +71,7 @@ func (n *nic) stats() NICStats {
 		FailClosedDrops:    c.failClosedDrops.Load(),
 		FlowTableFull:      c.flowTableFull.Load(),
 		TimeWaitReused:     c.timeWaitReused.Load(),
+		SuperPackets:       c.superPackets.Load(),
 		TrackedFlows:       tracked,
 		PendingSYNs:        pending,
 	}
@@ -134,6 +136,9 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 	if err != nil {
 		n.counters.otherDrops.Add(1)
 		return
+	}
+	if off.gso {
+		n.counters.superPackets.Add(1)
 	}
 	if !n.ownsAddr(info.src) {
 		n.dropForeignSource(&info)

@@ -539,6 +539,14 @@ func (s *Stack) removeNIC(n *nic, closeFD bool) {
 	if !closeFD {
 		return
 	}
+	// Leave the persistent device as an agent without offloads expects
+	// it (a rollback): the next agent of this version turns them on again.
+	if n.child.offload {
+		// EBADFD: the device is gone with the pod's namespace.
+		if err := tun.ClearOffloads(n.fd); err != nil && !errors.Is(err, unix.EBADFD) {
+			s.logger.Warn("tun offloads left on", "nic", n.id, "err", err)
+		}
+	}
 	if err := unix.Close(n.fd); err != nil {
 		s.logger.Warn("close tun fd", "nic", n.id, "err", err)
 	}
@@ -660,6 +668,9 @@ type NICStats struct {
 	// TimeWaitReused counts new flows from the pod on a tuple the stack
 	// still held in TIME_WAIT (freed for the new flow).
 	TimeWaitReused uint64
+	// SuperPackets counts TCP super-packets (TSO) read from the pod, each
+	// counted once however many segments it stands for.
+	SuperPackets uint64
 	// TrackedFlows and PendingSYNs are the current sizes of the flow
 	// table: remembered passthrough flows and SYNs awaiting a decision.
 	TrackedFlows int

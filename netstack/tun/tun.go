@@ -262,6 +262,19 @@ func FDMode(fd int) (Mode, error) {
 	return ModeOffload, nil
 }
 
+// ClearOffloads turns the device's offloads off (TUNSETOFFLOAD 0), so that a
+// reader opening it next in ModePlain (an older agent, after a rollback) gets
+// complete packets with complete checksums: the offloads are a property of
+// the device and survive the fd, and an older agent does not reset them.
+// Call it before closing an fd a reader no longer serves. The pod's sockets
+// that cached TSO are then segmented and checksummed by its kernel.
+func ClearOffloads(fd int) error {
+	if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, 0); err != nil {
+		return fmt.Errorf("clear tun offloads fd %d: %w", fd, err)
+	}
+	return nil
+}
+
 // openTUN opens the clone device and attaches the fd to name in mode,
 // creating the device if it does not exist. The device lands in the network
 // namespace of the calling thread.

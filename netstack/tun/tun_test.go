@@ -111,3 +111,75 @@ func TestCreateRejects(t *testing.T) {
 		t.Error("CreateInNetns in a missing netns succeeded")
 	}
 }
+
+// TestOpenMigratesPlainDevice: a persistent device made without
+// IFF_VNET_HDR (by an agent before offloads) is re-opened by OpenInNetns in
+// ModeOffload in place: the kernel accepts the new flags on the existing
+// device, which keeps its ifindex, MTU, state, addresses and routes. A
+// device re-opened in ModePlain after ClearOffloads has no offloads left.
+func TestOpenMigratesPlainDevice(t *testing.T) {
+	nstest.SkipUnlessRoot(t)
+	ns := nstest.NewNS(t, "tunmig")
+	const name = "tm0"
+	fd, err := tun.CreateInNetnsMode(ns.Path, name, 9000, tun.ModePlain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mode, err := tun.FDMode(fd); err != nil || mode != tun.ModePlain {
+		t.Fatalf("FDMode = %v, %v; want plain", mode, err)
+	}
+	type state struct {
+		index, mtu int
+		up         bool
+		routes     int
+	}
+	dst := &net.IPNet{IP: net.IPv4(10, 201, 0, 0), Mask: net.CIDRMask(16, 32)}
+	read := func() state {
+		var st state
+		ns.Do(t, func() error {
+			link, err := netlink.LinkByName(name)
+			if err != nil {
+				return err
+			}
+			routes, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_DST)
+			if err != nil {
+				return err
+			}
+			st = state{link.Attrs().Index, link.Attrs().MTU, link.Attrs().Flags&net.FlagUp != 0, len(routes)}
+			return nil
+		})
+		return st
+	}
+	ns.Do(t, func() error {
+		link, err := netlink.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		return netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst})
+	})
+	before := read()
+	unix.Close(fd) // the old agent stops
+
+	fd, err = tun.OpenInNetns(ns.Path, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mode, err := tun.FDMode(fd); err != nil || mode != tun.ModeOffload {
+		t.Fatalf("re-opened FDMode = %v, %v; want offload", mode, err)
+	}
+	if after := read(); after != before || before.routes != 1 || !before.up {
+		t.Fatalf("device before %+v, after %+v: want it unchanged, up, with its route", before, after)
+	}
+	if err := tun.ClearOffloads(fd); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(fd)
+	fd, err = tun.CreateInNetnsMode(ns.Path, name, 9000, tun.ModePlain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if mode, err := tun.FDMode(fd); err != nil || mode != tun.ModePlain {
+		t.Fatalf("rolled back FDMode = %v, %v; want plain", mode, err)
+	}
+}
