@@ -53,12 +53,17 @@ type tunEndpoint struct {
 
 	// mu guards the reader's lifecycle: Attach starts and stops it.
 	mu         sync.Mutex
+	closed     bool // set by Close: no reader starts again
 	dispatcher stack.NetworkDispatcher
 	stopping   atomic.Bool   // set by Attach(nil) before it interrupts the read
 	done       chan struct{} // closed when the running reader returns; nil if none
 
 	closeOnce sync.Once
 }
+
+// State, drawn: new (no reader) -> reading (Attach(d)) -> new (Attach(nil))
+// ... -> closed (Close; Attach starts nothing any more). A read error moves
+// reading to a stopped reader that the next Attach restarts.
 
 // gsoMaxSize bounds the super-packets gVisor hands the endpoint: an IPv4
 // total length must fit in 16 bits, and the pod's kernel takes no more than
@@ -173,6 +178,9 @@ func (e *tunEndpoint) Attach(d stack.NetworkDispatcher) {
 	// A new dispatcher replaces the old one: the reader is handed its
 	// dispatcher when started, so restart it.
 	e.stopReaderLocked()
+	if e.closed {
+		return
+	}
 	e.dispatcher = d
 	e.stopping.Store(false)
 	done := make(chan struct{})
@@ -207,7 +215,11 @@ func (e *tunEndpoint) Wait() {
 // endpoint's fd. Idempotent.
 func (e *tunEndpoint) Close() {
 	e.closeOnce.Do(func() {
-		e.Attach(nil)
+		e.mu.Lock()
+		e.closed = true
+		e.stopReaderLocked()
+		e.dispatcher = nil
+		e.mu.Unlock()
 		e.file.Close()
 	})
 }
