@@ -86,4 +86,3 @@ func TestTUNEndpointLifecycle(t *testing.T) {
 }
 
 var errNotYet = errors.New("not yet")
-
