@@ -10,6 +10,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/tunmesh/tunmesh/netstack/tun"
 )
 
 // newPodNS makes a namespace shaped like a pod after the bridge plugin:
@@ -84,6 +86,9 @@ func TestSetupRoutesClusterIntoTUN(t *testing.T) {
 	fd, err := Setup(pod.Path(), cfg)
 	if err != nil {
 		t.Fatalf("Setup: %v", err)
+	}
+	if mode, err := tun.FDMode(fd); err != nil || mode != tun.ModeOffload {
+		t.Errorf("tm0 fd in mode %v (%v), want offload", mode, err)
 	}
 	for dst, want := range map[string]string{
 		"10.244.1.7": "tm0",  // same node: beats the connected /24 on eth0
@@ -182,5 +187,48 @@ func TestTeardownAfterNamespaceGone(t *testing.T) {
 func TestSetupRejectsEmptyCluster(t *testing.T) {
 	if _, err := Setup("/nonexistent", Config{}); err == nil {
 		t.Fatal("Setup without cluster CIDRs succeeded")
+	}
+}
+
+// TestSetupAdoptsPlainTUN: a tm0 that an agent before offloads made (no
+// IFF_VNET_HDR) is adopted by Setup in place, in offload mode, with the
+// routing done.
+func TestSetupAdoptsPlainTUN(t *testing.T) {
+	pod := newPodNS(t)
+	old, err := tun.CreateInNetnsMode(pod.Path(), "tm0", 65520, tun.ModePlain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var index int
+	indexOf := func() int {
+		var idx int
+		if err := pod.Do(func(ns.NetNS) error {
+			l, err := netlink.LinkByName("tm0")
+			if err == nil {
+				idx = l.Attrs().Index
+			}
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return idx
+	}
+	index = indexOf()
+	unix.Close(old)
+
+	cfg := Config{Cluster: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}
+	fd, err := Setup(pod.Path(), cfg)
+	if err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	defer unix.Close(fd)
+	if mode, err := tun.FDMode(fd); err != nil || mode != tun.ModeOffload {
+		t.Errorf("adopted tm0 fd in mode %v (%v), want offload", mode, err)
+	}
+	if got := indexOf(); got != index {
+		t.Errorf("tm0 re-created (ifindex %d -> %d), want adopted", index, got)
+	}
+	if got := routeDev(t, pod, "10.244.2.9"); got != "tm0" {
+		t.Errorf("route to 10.244.2.9 via %s, want tm0", got)
 	}
 }
