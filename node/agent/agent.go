@@ -153,6 +153,7 @@ type Agent struct {
 	broadcaster record.EventBroadcaster
 	stackRef    *stackRef
 	cni         *pods.Handler
+	dialer      *dialer.Dialer // pooled tunnel connections; reaped by Run
 	outbound    *outbound.Handler
 	inbound     *inbound.Acceptor
 	release     *release.Watcher // nil with ReleaseOnExit never
@@ -197,7 +198,9 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 		return nil, err
 	}
 	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Synced: a.gate.Synced, Policy: pol, TrustDomain: cfg.TrustDomain}
-	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace, LocalAddr: cfg.NodeIP}
+	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace, LocalAddr: cfg.NodeIP,
+		Metrics: m, Log: log.With("component", "dialer")}
+	a.dialer = dl
 	a.outbound, err = outbound.NewHandler(decider, dl, res, certs, outbound.Options{}, m, log.With("component", "outbound"))
 	if err != nil {
 		return nil, err
@@ -321,6 +324,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return a.view.Run(gctx) })
 	g.Go(func() error { return a.cni.Reconcile(gctx, time.Second) })
 	g.Go(func() error { return a.inbound.Serve(gctx, meshLn) })
+	g.Go(func() error { return a.dialer.Run(gctx) })
 	g.Go(func() error { return serveHTTP(gctx, cniSrv, cniLn) })
 	g.Go(func() error {
 		ln, err := net.Listen("tcp", a.cfg.AdminAddr)

@@ -1,8 +1,16 @@
-// Package dialer opens the mesh tunnel to a destination node's agent: TCP to
-// its mesh port, mTLS with the SOURCE pod's certificate and the destination
-// pod's identity expected (and asked for by SNI), then the tunnel header and
-// the server's reply. It decides nothing: the outbound decision hands it a
-// complete target.
+// Package dialer opens mesh tunnels to destination nodes' agents: TCP to
+// the mesh port, mTLS with the SOURCE pod's certificate and the destination
+// pod's identity expected (and asked for by SNI). It decides nothing: the
+// outbound decision hands it a complete target.
+//
+// Tunnels are streams of pooled version 3 connections (package
+// tunnel/mux): one TLS connection per (source identity, destination node,
+// destination identity) carries up to MaxStreamsPerConn pod connections,
+// more connections are opened for a key when its connections are
+// saturated, and idle ones are closed after IdleTimeout. A peer that does
+// not select ALPN "tunmesh/3" speaks version 2; the dialer then uses that
+// handshake as a one-stream tunnel and keeps dialing that peer per stream
+// (re-probing every v2Recheck) until it is upgraded.
 package dialer
 
 import (
@@ -10,13 +18,17 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/node/nodemetrics"
 	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/tunnel/mux"
 )
 
 // ClientConfigs makes the TLS client configuration for a local identity
@@ -34,7 +46,19 @@ type Target struct {
 	DstNode netip.Addr     // the node agent to dial
 }
 
-// Dialer opens tunnels. The zero value is not usable; fill every field.
+// Defaults of the pool.
+const (
+	DefaultMaxStreamsPerConn = 100
+	DefaultMaxConnsPerKey    = 8
+	DefaultIdleTimeout       = time.Minute
+	// v2Recheck is how long a peer that answered without ALPN is dialed
+	// as version 2 before the dialer offers version 3 to it again (by
+	// then it may have been upgraded).
+	v2Recheck = 30 * time.Second
+)
+
+// Dialer opens tunnels. Fill the exported fields before the first Dial;
+// the pool itself needs no set-up. Run reaps idle connections.
 type Dialer struct {
 	Certs            ClientConfigs
 	MeshPort         int
@@ -44,45 +68,313 @@ type Dialer struct {
 	// ReplyTimeout bounds the wait for the server's reply (default 20s):
 	// the server may wait for its cluster view to learn the source pod
 	// (inbound.Config.SourceWait, 8s) and then dial the destination pod
-	// (10s), so the client must outwait both.
+	// (10s), so the client must outwait both. Version 3 streams do not
+	// wait for the reply before data; their wait is the stream's first
+	// read, bounded by the same timeout.
 	ReplyTimeout time.Duration
 	// LocalAddr, when valid, is the source address of tunnels: the node
 	// address the peer agent checks its source pods against.
 	LocalAddr netip.Addr
+	// MaxStreamsPerConn is how many streams a pooled connection carries
+	// before another connection is opened for its key (default 100);
+	// MaxConnsPerKey caps the connections of one key (default 8), past
+	// which streams go to the least loaded one anyway. IdleTimeout closes
+	// connections without streams (default 1 minute).
+	MaxStreamsPerConn, MaxConnsPerKey int
+	IdleTimeout                       time.Duration
+	// DisableV3, set before the first Dial, makes this dialer speak
+	// version 2 only (no ALPN offered): for tests of mixed versions and
+	// as an escape hatch.
+	DisableV3 bool
+	// Metrics, if set, counts handshakes, pooled connections and stream
+	// set-up latency.
+	Metrics *nodemetrics.Metrics
+	// Log, if set, logs pooled connections opening and ending.
+	Log *slog.Logger
+
+	mu     sync.Mutex // guards the fields below
+	pools  map[poolKey]*keyPool
+	v2     map[netip.Addr]time.Time // peers that answered as version 2, until
+	closed bool
 }
 
-// Dial opens the tunnel for t and returns it ready for data, framed (so
-// that a cut is told from a clean end). A refusal by the server is a
-// *tunnel.RefusedError (wrapped).
-func (d *Dialer) Dial(ctx context.Context, t Target) (*tunnel.FramedConn, error) {
+// ErrClosed is returned by Dial after Close.
+var ErrClosed = errors.New("dialer: closed")
+
+type poolKey struct {
+	src, dst spiffe.ID
+	node     netip.Addr
+}
+
+// keyPool is the connections of one key.
+type keyPool struct {
+	sessions []*mux.Session
+	dialing  chan struct{} // closed when the dial in progress ends; nil if none
+}
+
+// Dial opens the tunnel for t and returns it ready for data: a stream of
+// a pooled version 3 connection (whose first Read reports a refusal), or
+// a version 2 tunnel after its reply, framed. Either way a cut is told
+// from a clean end, and a refusal is a *tunnel.RefusedError (wrapped).
+func (d *Dialer) Dial(ctx context.Context, t Target) (net.Conn, error) {
 	if d.Certs == nil || d.MeshPort == 0 {
 		return nil, errors.New("dialer: not configured")
 	}
-	timeout := d.Timeout
-	if timeout == 0 {
-		timeout = 10 * time.Second
+	hdr, err := tunnel.Header{Dst: t.Dst, Src: t.Src.Addr()}.MarshalBinary()
+	if err != nil {
+		return nil, err
 	}
-	dctx, cancel := context.WithTimeout(ctx, timeout)
+	dctx, cancel := context.WithTimeout(ctx, d.timeout())
 	defer cancel()
+	if d.DisableV3 || d.isV2(t.DstNode) {
+		tc, err := d.handshake(dctx, t, !d.DisableV3)
+		if err != nil {
+			return nil, err
+		}
+		if tc.ConnectionState().NegotiatedProtocol == mux.ALPN {
+			// Upgraded since: pool it.
+			s, err := d.addSession(t, tc)
+			if err != nil {
+				return nil, err
+			}
+			return s.OpenStream(hdr, true)
+		}
+		return d.v2Tunnel(tc, t)
+	}
+	key := poolKey{src: t.SrcID, dst: t.DstID, node: t.DstNode}
+	for attempt := 0; ; attempt++ {
+		s, wait, dialHere := d.pick(key)
+		switch {
+		case s == nil && wait == nil && !dialHere:
+			return nil, ErrClosed
+		case s != nil:
+			st, err := s.OpenStream(hdr, true)
+			if err == nil || attempt >= 3 {
+				return st, err
+			}
+			continue // the session died meanwhile: pick again
+		case wait != nil:
+			select {
+			case <-wait:
+				continue
+			case <-dctx.Done():
+				return nil, fmt.Errorf("wait for a tunnel connection to %s: %w", t.DstNode, dctx.Err())
+			}
+		case dialHere:
+		}
+		tc, err := d.handshake(dctx, t, true)
+		if err != nil {
+			d.dialDone(key, nil)
+			return nil, err
+		}
+		if tc.ConnectionState().NegotiatedProtocol != mux.ALPN {
+			d.markV2(t.DstNode)
+			d.dialDone(key, nil)
+			return d.v2Tunnel(tc, t)
+		}
+		s = d.newSession(tc, t)
+		if !d.dialDone(key, s) {
+			s.Close()
+			return nil, ErrClosed
+		}
+		return s.OpenStream(hdr, true)
+	}
+}
+
+func (d *Dialer) timeout() time.Duration {
+	if d.Timeout == 0 {
+		return 10 * time.Second
+	}
+	return d.Timeout
+}
+
+func (d *Dialer) isV2(node netip.Addr) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	until, ok := d.v2[node]
+	return ok && time.Now().Before(until)
+}
+
+func (d *Dialer) markV2(node netip.Addr) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.v2 == nil {
+		d.v2 = map[netip.Addr]time.Time{}
+	}
+	d.v2[node] = time.Now().Add(v2Recheck)
+	if d.Log != nil {
+		d.Log.Info("mesh peer speaks tunnel version 2: one connection per stream", "peer", node.String())
+	}
+}
+
+// pick chooses a connection for key with a stream reserved on it; or the
+// dial in progress to wait for; or tells the caller to dial (dialHere,
+// the key's dial is then marked in progress until dialDone).
+func (d *Dialer) pick(key poolKey) (s *mux.Session, wait <-chan struct{}, dialHere bool) {
+	maxStreams, maxConns := d.MaxStreamsPerConn, d.MaxConnsPerKey
+	if maxStreams <= 0 {
+		maxStreams = DefaultMaxStreamsPerConn
+	}
+	if maxConns <= 0 {
+		maxConns = DefaultMaxConnsPerKey
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, nil, false
+	}
+	kp := d.keyPoolLocked(key)
+	var best, any *mux.Session
+	bestLoad, anyLoad := 0, 0
+	live := kp.sessions[:0]
+	for _, cand := range kp.sessions {
+		n, inFlight, closed := cand.Load()
+		if closed {
+			continue
+		}
+		live = append(live, cand)
+		if any == nil || n < anyLoad {
+			any, anyLoad = cand, n
+		}
+		// Saturated: at its stream target, or most of its connection
+		// window in flight (a bulk transfer fills it).
+		if n >= maxStreams || inFlight > mux.ConnWindow*3/4 {
+			continue
+		}
+		if best == nil || n < bestLoad {
+			best, bestLoad = cand, n
+		}
+	}
+	clear(kp.sessions[len(live):])
+	kp.sessions = live
+	switch {
+	case best != nil && best.Reserve():
+		return best, nil, false
+	case kp.dialing != nil:
+		return nil, kp.dialing, false
+	case len(kp.sessions) >= maxConns && any != nil && any.Reserve():
+		return any, nil, false
+	}
+	kp.dialing = make(chan struct{})
+	return nil, nil, true
+}
+
+func (d *Dialer) keyPoolLocked(key poolKey) *keyPool {
+	if d.pools == nil {
+		d.pools = map[poolKey]*keyPool{}
+	}
+	kp := d.pools[key]
+	if kp == nil {
+		kp = &keyPool{}
+		d.pools[key] = kp
+	}
+	return kp
+}
+
+// dialDone ends the key's dial in progress, adding s (with a stream
+// reserved on it) to the pool; false if the dialer was closed meanwhile.
+func (d *Dialer) dialDone(key poolKey, s *mux.Session) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	kp := d.keyPoolLocked(key)
+	if kp.dialing != nil {
+		close(kp.dialing)
+		kp.dialing = nil
+	}
+	if d.closed {
+		return false
+	}
+	if s != nil {
+		kp.sessions = append(kp.sessions, s)
+	}
+	return true
+}
+
+// newSession starts a client session on tc with one stream reserved.
+func (d *Dialer) newSession(tc *tls.Conn, t Target) *mux.Session {
+	cfg := mux.Config{}
+	if m := d.Metrics; m != nil {
+		cfg.OnReply = func(st *mux.Stream, err error) {
+			m.Handshake.Observe(time.Since(st.Opened()).Seconds())
+		}
+		m.PoolConns.WithLabelValues("outbound").Inc()
+	}
+	s := mux.Client(tc, cfg)
+	s.Reserve()
+	if d.Log != nil || d.Metrics != nil {
+		go func() { // RoutineSessionEnd: ends with the session
+			<-s.Done()
+			if d.Metrics != nil {
+				d.Metrics.PoolConns.WithLabelValues("outbound").Dec()
+			}
+			if d.Log != nil {
+				d.Log.Debug("tunnel connection ended", "peer", t.DstNode.String(), "client_id", t.SrcID.String(), "server_id", t.DstID.String(), "err", s.Err())
+			}
+		}()
+	}
+	return s
+}
+
+// addSession adds a session for a connection that was dialed outside the
+// pool (a peer thought to speak version 2 answered version 3).
+func (d *Dialer) addSession(t Target, tc *tls.Conn) (*mux.Session, error) {
+	s := d.newSession(tc, t)
+	key := poolKey{src: t.SrcID, dst: t.DstID, node: t.DstNode}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		s.Close()
+		return nil, ErrClosed
+	}
+	delete(d.v2, t.DstNode)
+	kp := d.keyPoolLocked(key)
+	kp.sessions = append(kp.sessions, s)
+	return s, nil
+}
+
+// handshake dials the peer agent and completes mTLS, offering version 3
+// by ALPN when v3.
+func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (*tls.Conn, error) {
 	var nd net.Dialer
 	if d.LocalAddr.IsValid() {
 		nd.LocalAddr = &net.TCPAddr{IP: d.LocalAddr.AsSlice()}
 	}
-	raw, err := nd.DialContext(dctx, "tcp", net.JoinHostPort(t.DstNode.String(), strconv.Itoa(d.MeshPort)))
+	raw, err := nd.DialContext(ctx, "tcp", net.JoinHostPort(t.DstNode.String(), strconv.Itoa(d.MeshPort)))
 	if err != nil {
 		return nil, fmt.Errorf("dial mesh peer %s: %w", t.DstNode, err)
 	}
 	cfg := d.Certs.ClientConfig(t.SrcID, t.DstID)
 	cfg.ServerName = t.DstID.DNSName(d.ControlNamespace)
+	if v3 {
+		cfg.NextProtos = []string{mux.ALPN}
+	}
 	tc := tls.Client(raw, cfg)
-	if err := tc.HandshakeContext(dctx); err != nil {
+	start := time.Now()
+	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
+		if d.Metrics != nil {
+			d.Metrics.Errors.WithLabelValues("handshake_client").Inc()
+		}
 		return nil, fmt.Errorf("handshake with %s: %w", t.DstNode, err)
 	}
-	deadline, _ := dctx.Deadline()
-	_ = tc.SetDeadline(deadline)
+	if d.Metrics != nil {
+		proto := "v2"
+		if tc.ConnectionState().NegotiatedProtocol == mux.ALPN {
+			proto = "v3"
+		}
+		d.Metrics.Handshakes.WithLabelValues("outbound", proto).Inc()
+		d.Metrics.HandshakeSeconds.Observe(time.Since(start).Seconds())
+	}
+	return tc, nil
+}
+
+// v2Tunnel runs the version 2 exchange on a fresh connection: header,
+// then the server's reply, before any data.
+func (d *Dialer) v2Tunnel(tc *tls.Conn, t Target) (net.Conn, error) {
+	start := time.Now()
+	_ = tc.SetDeadline(time.Now().Add(d.timeout()))
 	if err := tunnel.WriteHeader(tc, tunnel.Header{Dst: t.Dst, Src: t.Src.Addr()}); err != nil {
-		raw.Close()
+		tc.NetConn().Close()
 		return nil, err
 	}
 	replyTimeout := d.ReplyTimeout
@@ -91,9 +383,89 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (*tunnel.FramedConn, error)
 	}
 	_ = tc.SetReadDeadline(time.Now().Add(replyTimeout))
 	if err := tunnel.ReadReply(tc); err != nil {
-		raw.Close()
+		tc.NetConn().Close()
 		return nil, err
 	}
 	_ = tc.SetDeadline(time.Time{})
+	if d.Metrics != nil {
+		d.Metrics.Handshake.Observe(time.Since(start).Seconds())
+	}
 	return tunnel.NewFramedConn(tc), nil
+}
+
+// Run closes pooled connections that have been idle for IdleTimeout until
+// ctx ends, then closes every pooled connection (their streams are cut).
+func (d *Dialer) Run(ctx context.Context) error {
+	idle := d.IdleTimeout
+	if idle <= 0 {
+		idle = DefaultIdleTimeout
+	}
+	tick := time.NewTicker(max(idle/4, 10*time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			d.Close()
+			return nil
+		case <-tick.C:
+			d.reap(idle)
+		}
+	}
+}
+
+// reap closes and forgets idle or ended connections.
+func (d *Dialer) reap(idle time.Duration) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for key, kp := range d.pools {
+		live := kp.sessions[:0]
+		for _, s := range kp.sessions {
+			if !s.CloseIfIdle(idle) {
+				live = append(live, s)
+			}
+		}
+		clear(kp.sessions[len(live):])
+		kp.sessions = live
+		if len(live) == 0 && kp.dialing == nil {
+			delete(d.pools, key)
+		}
+	}
+	for node, until := range d.v2 {
+		if time.Now().After(until) {
+			delete(d.v2, node)
+		}
+	}
+}
+
+// Conns reports the pooled connections open, for tests and the admin API.
+func (d *Dialer) Conns() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for _, kp := range d.pools {
+		for _, s := range kp.sessions {
+			if _, _, closed := s.Load(); !closed {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// Close closes every pooled connection; their streams are cut.
+func (d *Dialer) Close() {
+	d.mu.Lock()
+	var all []*mux.Session
+	for _, kp := range d.pools {
+		all = append(all, kp.sessions...)
+	}
+	d.pools = nil
+	d.closed = true
+	d.mu.Unlock()
+	for _, s := range all {
+		s.Close()
+	}
+	for _, s := range all {
+		s.Wait()
+	}
 }

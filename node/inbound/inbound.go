@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -25,6 +26,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/nodemetrics"
 	"github.com/tunmesh/tunmesh/node/pods"
 	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/tunnel/mux"
 )
 
 // LocalPods finds local meshed pods.
@@ -58,13 +60,20 @@ type PodDialer interface {
 type Config struct {
 	TrustDomain      string
 	ControlNamespace string
-	// MaxConns caps open tunnels node-wide (default 16384);
+	// MaxConns caps open tunnel connections node-wide (default 16384);
 	// MaxConnsPerPeer those from one peer address (default 4096).
 	MaxConns, MaxConnsPerPeer int
 	// MaxHandshakes caps connections between accept and a checked header
 	// node-wide (default 256); MaxHandshakesPerPeer from one peer
 	// (default 64).
 	MaxHandshakes, MaxHandshakesPerPeer int
+	// MaxStreams caps meshed connections delivered at once node-wide
+	// (default 65536), MaxStreamsPerPeer those from one peer address
+	// (default 16384): a version 3 connection carries many, a version 2
+	// connection one. MaxStreamsPerConn caps one version 3 connection's
+	// (default mux.DefaultMaxStreams). Past a cap a stream is refused
+	// (ReasonBusy) and counted; its connection goes on.
+	MaxStreams, MaxStreamsPerPeer, MaxStreamsPerConn int
 	// SourceWait bounds how long a tunnel whose claimed source is not
 	// known to the cluster view yet waits for the view to learn it
 	// (default 8s). A pod's first instruction may run before its kubelet
@@ -86,6 +95,15 @@ func (c *Config) defaults() {
 	if c.MaxHandshakesPerPeer == 0 {
 		c.MaxHandshakesPerPeer = 64
 	}
+	if c.MaxStreams == 0 {
+		c.MaxStreams = 65536
+	}
+	if c.MaxStreamsPerPeer == 0 {
+		c.MaxStreamsPerPeer = 16384
+	}
+	if c.MaxStreamsPerConn == 0 {
+		c.MaxStreamsPerConn = mux.DefaultMaxStreams
+	}
 	if c.SourceWait == 0 {
 		c.SourceWait = 8 * time.Second
 	}
@@ -104,8 +122,9 @@ type Acceptor struct {
 	serving atomic.Bool
 	failed  atomic.Pointer[error]
 
-	conns      counters // open tunnels
-	handshakes counters // tunnels not past their checks yet
+	conns      counters // open tunnel connections
+	handshakes counters // connections not past their handshake (v3) or header (v2) yet
+	streams    counters // meshed connections being checked or delivered
 }
 
 // counters counts per peer and in total. Safe for concurrent use.
@@ -231,7 +250,11 @@ func (a *Acceptor) serverConfig() *tls.Config {
 		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 			for _, id := range a.local.Identities() {
 				if id.DNSName(a.cfg.ControlNamespace) == hello.ServerName {
-					return a.certs.ServerConfig(id, nil), nil
+					cfg := a.certs.ServerConfig(id, nil)
+					// A version 3 client offers mux.ALPN; a version 2
+					// client offers nothing and gets version 2.
+					cfg.NextProtos = []string{mux.ALPN}
+					return cfg, nil
 				}
 			}
 			a.metrics.Errors.WithLabelValues("unknown_server_name").Inc()
@@ -376,6 +399,15 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 		a.metrics.Errors.WithLabelValues("handshake").Inc()
 		return
 	}
+	if cs.NegotiatedProtocol == mux.ALPN {
+		handshaking = false
+		a.handshakes.release(peer)
+		_ = raw.SetDeadline(time.Time{})
+		a.metrics.Handshakes.WithLabelValues("inbound", "v3").Inc()
+		a.ServeSession(ctx, tc, clientID, cs.ServerName, peer)
+		return
+	}
+	a.metrics.Handshakes.WithLabelValues("inbound", "v2").Inc()
 	h, err := tunnel.ReadHeader(tc)
 	if err != nil {
 		a.metrics.Errors.WithLabelValues("bad_header").Inc()
@@ -385,7 +417,90 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 	}
 	handshaking = false
 	a.handshakes.release(peer)
-	dst, reason, detail, waited := a.CheckWait(ctx, Request{ClientID: clientID, ServerName: cs.ServerName, Peer: peer, Header: h})
+	req := Request{ClientID: clientID, ServerName: cs.ServerName, Peer: peer, Header: h}
+	if which := a.streams.acquire(peer, a.cfg.MaxStreams, a.cfg.MaxStreamsPerPeer); which != "" {
+		a.metrics.Errors.WithLabelValues("limit_streams_" + which).Inc()
+		_ = tunnel.WriteReply(tc, tunnel.ReasonBusy)
+		return
+	}
+	defer a.streams.release(peer)
+	a.deliver(ctx, req, v2Tunnel{tc: tc, raw: raw})
+}
+
+// ServeSession serves a version 3 connection (after its handshake, with
+// the identities it proved) until it ends or ctx does: every stream is
+// checked and delivered as a version 2 tunnel is.
+func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spiffe.ID, serverName string, peer netip.Addr) {
+	a.metrics.PoolConns.WithLabelValues("inbound").Inc()
+	defer a.metrics.PoolConns.WithLabelValues("inbound").Dec()
+	sess := mux.Server(conn, mux.Config{MaxStreams: a.cfg.MaxStreamsPerConn}, func(st *mux.Stream) {
+		if which := a.streams.acquire(peer, a.cfg.MaxStreams, a.cfg.MaxStreamsPerPeer); which != "" {
+			a.metrics.Errors.WithLabelValues("limit_streams_" + which).Inc()
+			_ = st.Refuse(tunnel.ReasonBusy)
+			return
+		}
+		defer a.streams.release(peer)
+		var h tunnel.Header
+		if err := h.UnmarshalBinary(st.Payload()); err != nil {
+			a.metrics.Errors.WithLabelValues("bad_header").Inc()
+			_ = st.Refuse(tunnel.ReasonBadHeader)
+			a.log.Info("tunnel header refused", "peer", peer.String(), "client_id", clientID.String(), "err", err)
+			return
+		}
+		a.deliver(ctx, Request{ClientID: clientID, ServerName: serverName, Peer: peer, Header: h}, v3Stream{st})
+	})
+	select {
+	case <-ctx.Done():
+		sess.Close()
+	case <-sess.Done():
+	}
+	sess.Wait()
+	if err := sess.Err(); err != nil && !errors.Is(err, mux.ErrSessionClosed) && !errors.Is(err, io.ErrUnexpectedEOF) {
+		a.metrics.Errors.WithLabelValues("session").Inc()
+		a.log.Info("tunnel connection ended", "peer", peer.String(), "client_id", clientID.String(), "err", err)
+	}
+}
+
+// answerer is how deliver answers a tunnel of either version.
+type answerer interface {
+	// accept answers ReplyOK and returns the connection to splice.
+	accept() (net.Conn, error)
+	refuse(tunnel.Reason)
+	// setDeadline bounds the answer (version 2's connection); zero clears.
+	setDeadline(time.Time)
+}
+
+type v2Tunnel struct {
+	tc  *tls.Conn
+	raw net.Conn
+}
+
+func (t v2Tunnel) accept() (net.Conn, error) {
+	if err := tunnel.WriteReply(t.tc, tunnel.ReasonNone); err != nil {
+		return nil, err
+	}
+	_ = t.raw.SetDeadline(time.Time{})
+	return tunnel.NewFramedConn(t.tc), nil
+}
+func (t v2Tunnel) refuse(r tunnel.Reason)   { _ = tunnel.WriteReply(t.tc, r) }
+func (t v2Tunnel) setDeadline(tm time.Time) { _ = t.raw.SetDeadline(tm) }
+
+type v3Stream struct{ st *mux.Stream }
+
+func (s v3Stream) accept() (net.Conn, error) {
+	if err := s.st.Accept(); err != nil {
+		return nil, err
+	}
+	return s.st, nil
+}
+func (s v3Stream) refuse(r tunnel.Reason) { _ = s.st.Refuse(r) }
+func (s v3Stream) setDeadline(time.Time)  {}
+
+// deliver checks a tunnel's request, dials the destination pod, answers,
+// and splices until the connection ends.
+func (a *Acceptor) deliver(ctx context.Context, req Request, t answerer) {
+	clientID, peer, h := req.ClientID, req.Peer, req.Header
+	dst, reason, detail, waited := a.CheckWait(ctx, req)
 	if waited > 0 {
 		// Counted whatever the outcome: how often sources race the API.
 		a.metrics.Errors.WithLabelValues("source_wait").Inc()
@@ -394,11 +509,11 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 	}
 	// The wait may have used the handshake deadline: the rest (reply, dial
 	// into the pod) gets its own.
-	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
+	t.setDeadline(time.Now().Add(10 * time.Second))
 	refuse := func(r tunnel.Reason, msg string) {
 		a.metrics.Errors.WithLabelValues("refused_" + r.String()).Inc()
 		a.log.Warn("tunnel refused", "reason", r.String(), "client_id", clientID.String(), "peer", peer.String(), "src", h.Src.String(), "dst", h.Dst.String(), "detail", msg)
-		_ = tunnel.WriteReply(tc, r)
+		t.refuse(r)
 	}
 	if reason != tunnel.ReasonNone {
 		refuse(reason, detail)
@@ -411,14 +526,16 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 		refuse(tunnel.ReasonDialFailed, err.Error())
 		return
 	}
-	if err := tunnel.WriteReply(tc, tunnel.ReasonNone); err != nil {
+	tun, err := t.accept()
+	if err != nil {
 		abort(podConn)
 		return
 	}
-	_ = raw.SetDeadline(time.Time{})
 	a.metrics.Opened.WithLabelValues("inbound").Inc()
+	a.metrics.Active.WithLabelValues("inbound").Inc()
 	start := time.Now()
-	stats, err := tunnel.Splice(ctx, tunnel.NewFramedConn(tc), podConn, tunnel.SpliceOptions{IdleTimeout: time.Hour})
+	stats, err := tunnel.Splice(ctx, tun, podConn, tunnel.SpliceOptions{IdleTimeout: time.Hour})
+	a.metrics.Active.WithLabelValues("inbound").Dec()
 	a.metrics.Closed.WithLabelValues("inbound").Inc()
 	a.metrics.Ends.WithLabelValues("inbound", tunnel.EndOf(err)).Inc()
 	a.metrics.Bytes.WithLabelValues("inbound", "received").Add(float64(stats.AToB))

@@ -18,9 +18,11 @@ import (
 	"github.com/tunmesh/tunmesh/node/tunnel"
 )
 
-// Dialer opens tunnels (dialer.Dialer).
+// Dialer opens tunnels (dialer.Dialer): a pooled stream, or a version 2
+// tunnel. A refusal arrives from Dial (version 2) or as the tunnel's first
+// Read (a stream: no round trip before data).
 type Dialer interface {
-	Dial(ctx context.Context, t dialer.Target) (*tunnel.FramedConn, error)
+	Dial(ctx context.Context, t dialer.Target) (net.Conn, error)
 }
 
 // Tracker counts active streams per endpoint (resolve.Resolver).
@@ -44,9 +46,9 @@ type Options struct {
 	// certificate is not issued yet waits for it before it is refused.
 	// Default 3s.
 	CertWait time.Duration
-	// MaxConnsPerPod caps one pod's concurrent meshed connections (each
-	// holds two splice buffers and a TLS connection); past it new ones are
-	// refused. Default 4096.
+	// MaxConnsPerPod caps one pod's concurrent meshed connections (each a
+	// tunnel stream, its splice and its netstack endpoint); past it new
+	// ones are refused. Default 4096.
 	MaxConnsPerPod int
 }
 
@@ -191,24 +193,38 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 	tc, err := h.dialer.Dial(ctx, dialer.Target{SrcID: t.Src.ID, Src: f.Src, Dst: t.Dst, DstID: t.DstID, DstNode: t.DstNode})
 	if err != nil {
 		abort(conn)
-		var refused *tunnel.RefusedError
-		if errors.As(err, &refused) {
-			h.metrics.Errors.WithLabelValues("refused_" + refused.Reason.String()).Inc()
-		}
-		h.metrics.Errors.WithLabelValues("dial").Inc()
-		h.log.Warn("mesh dial failed", "src", f.Src.String(), "dst", t.Dst.String(), "identity", t.DstID.String(), "err", err)
+		h.dialFailed(f, t, err)
 		return
 	}
-	h.metrics.Handshake.Observe(time.Since(start).Seconds())
 	h.metrics.Opened.WithLabelValues("outbound").Inc()
+	h.metrics.Active.WithLabelValues("outbound").Inc()
 	stats, err := tunnel.Splice(ctx, conn, tc, tunnel.SpliceOptions{IdleTimeout: time.Hour})
+	h.metrics.Active.WithLabelValues("outbound").Dec()
 	h.metrics.Closed.WithLabelValues("outbound").Inc()
-	h.metrics.Ends.WithLabelValues("outbound", tunnel.EndOf(err)).Inc()
+	end := tunnel.EndOf(err)
+	var refused *tunnel.RefusedError
+	if errors.As(err, &refused) {
+		// A stream's refusal arrives as its first read.
+		end = "refused"
+		h.dialFailed(f, t, err)
+	}
+	h.metrics.Ends.WithLabelValues("outbound", end).Inc()
 	h.metrics.Bytes.WithLabelValues("outbound", "sent").Add(float64(stats.AToB))
 	h.metrics.Bytes.WithLabelValues("outbound", "received").Add(float64(stats.BToA))
 	h.log.Info("connection closed", "direction", "outbound", "src_pod", t.Src.FullName(),
 		"client_id", t.Src.ID.String(), "server_id", t.DstID.String(), "dst", t.Dst.String(), "tls", true,
-		"bytes_sent", stats.AToB, "bytes_received", stats.BToA, "duration", time.Since(start), "err", err)
+		"bytes_sent", stats.AToB, "bytes_received", stats.BToA, "duration", time.Since(start), "end", end, "err", err)
+}
+
+// dialFailed counts and logs a tunnel that could not be opened, or that
+// the server refused.
+func (h *Handler) dialFailed(f netstack.Flow, t Target, err error) {
+	var refused *tunnel.RefusedError
+	if errors.As(err, &refused) {
+		h.metrics.Errors.WithLabelValues("refused_" + refused.Reason.String()).Inc()
+	}
+	h.metrics.Errors.WithLabelValues("dial").Inc()
+	h.log.Warn("mesh dial failed", "src", f.Src.String(), "dst", t.Dst.String(), "identity", t.DstID.String(), "err", err)
 }
 
 func (h *Handler) activeConns(nic netstack.NICID) int {

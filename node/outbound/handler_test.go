@@ -40,7 +40,7 @@ type fakeDialer struct {
 	seen chan dialer.Target // when set, receives every target
 }
 
-func (f fakeDialer) Dial(_ context.Context, t dialer.Target) (*tunnel.FramedConn, error) {
+func (f fakeDialer) Dial(_ context.Context, t dialer.Target) (net.Conn, error) {
 	if f.seen != nil {
 		f.seen <- t
 	}

@@ -361,7 +361,7 @@ func TestProtocolErrorsCloseTheConnection(t *testing.T) {
 		{"stream id reused", [][]byte{open1, frame(mux.FrameOpen, 0, 1, hdr)}},
 		{"reply from a client", [][]byte{open1, frame(mux.FrameReply, 0, 1, []byte{tunnel.ReplyOK})}},
 		{"zero window update", [][]byte{frame(mux.FrameWindow, 0, 0, win(0))}},
-		{"window overflow", [][]byte{frame(mux.FrameWindow, 0, 0, win(1<<31 - 1))}},
+		{"window overflow", [][]byte{frame(mux.FrameWindow, 0, 0, win(1<<31-1))}},
 		{"data after end", [][]byte{open1, frame(mux.FrameEnd, 0, 1, nil), frame(mux.FrameData, 0, 1, []byte("x"))}},
 		{"past the stream window", append([][]byte{open1}, slices.Repeat([][]byte{frame(mux.FrameData, 0, 1, big)}, mux.StreamWindow/mux.MaxPayload+1)...)},
 	} {
@@ -477,4 +477,3 @@ func TestDeadlines(t *testing.T) {
 	}
 	st.Abort()
 }
-

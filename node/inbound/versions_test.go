@@ -1,0 +1,255 @@
+package inbound
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/netip"
+	neturl "net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/netstack"
+	"github.com/tunmesh/tunmesh/node/dialer"
+	"github.com/tunmesh/tunmesh/node/nodemetrics"
+	"github.com/tunmesh/tunmesh/node/pods"
+	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
+)
+
+// spiffeCerts issues a self-signed certificate per identity (SPIFFE URI
+// and the identity's DNS name) and serves both sides' TLS configurations,
+// as workload.Manager does, trusting any presented chain: these tests are
+// about the tunnel, not about chain verification.
+type spiffeCerts struct {
+	mu    sync.Mutex
+	certs map[spiffe.ID]tls.Certificate
+}
+
+func (c *spiffeCerts) cert(t testing.TB, id spiffe.ID) tls.Certificate {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cert, ok := c.certs[id]; ok {
+		return cert
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		NotBefore:    time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		URIs:        []*neturl.URL{id.URL()},
+		DNSNames:    []string{id.DNSName("tunmesh")},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.certs == nil {
+		c.certs = map[spiffe.ID]tls.Certificate{}
+	}
+	cert := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	c.certs[id] = cert
+	return cert
+}
+
+type testCerts struct {
+	t testing.TB
+	c *spiffeCerts
+}
+
+func (tc testCerts) ServerConfig(local spiffe.ID, _ func(spiffe.ID) error) *tls.Config {
+	return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{tc.c.cert(tc.t, local)}, ClientAuth: tls.RequireAnyClientCert}
+}
+
+func (tc testCerts) ClientConfig(local, _ spiffe.ID) *tls.Config {
+	return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{tc.c.cert(tc.t, local)}, InsecureSkipVerify: true} //nolint:gosec // test
+}
+
+// pipeDialer delivers into an echo "pod": what the tunnel sends comes back.
+type pipeDialer struct{ wg *sync.WaitGroup }
+
+func (d pipeDialer) DialTCP(_ context.Context, _ netstack.NICID, _, _ netip.AddrPort) (net.Conn, error) {
+	mine, pod := tunneltest.Pipe()
+	d.wg.Add(1)
+	go func() { // the pod: echoes until the tunnel's end
+		defer d.wg.Done()
+		io.Copy(pod, pod)
+		pod.CloseWrite()
+		io.Copy(io.Discard, pod)
+		pod.Close()
+	}()
+	return mine, nil
+}
+
+var loopback = netip.MustParseAddr("127.0.0.1")
+
+// serveVersions runs an Acceptor (version 3, still accepting version 2)
+// on loopback, with a meshed destination pod and a source pod on
+// "node" 127.0.0.1.
+func serveVersions(t *testing.T, cfg Config) (*Acceptor, *nodemetrics.Metrics, int, testCerts) {
+	t.Helper()
+	certs := testCerts{t, &spiffeCerts{}}
+	dst := &pods.Pod{Namespace: "prod", Name: "server", Addrs: []netip.Addr{dstIP}, NIC: 3, ID: id("prod", "server")}
+	cluster := fakeCluster{srcIP: {srcPod("client", "default", srcIP.String(), loopback.String(), false)}}
+	m := nodemetrics.ForTest()
+	var pods sync.WaitGroup
+	cfg.TrustDomain, cfg.ControlNamespace = "cluster.local", "tunmesh"
+	a, err := New(cfg, fakeLocal{dstIP: dst}, cluster, certs, pipeDialer{&pods}, m, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); <-done; pods.Wait() })
+	return a, m, ln.Addr().(*net.TCPAddr).Port, certs
+}
+
+func target(src netip.Addr) dialer.Target {
+	return dialer.Target{SrcID: id("prod", "default"), Src: netip.AddrPortFrom(src, 40000),
+		Dst: netip.AddrPortFrom(dstIP, 8080), DstID: id("prod", "server"), DstNode: loopback}
+}
+
+func echoOnce(t *testing.T, c net.Conn, msg string) {
+	t.Helper()
+	defer c.Close()
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	c.(interface{ CloseWrite() error }).CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != msg {
+		t.Fatalf("echo = %q, %v; want %q", got, err, msg)
+	}
+}
+
+func counter(t *testing.T, c prometheus.Collector) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.(prometheus.Metric).Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	if m.Counter != nil {
+		return m.GetCounter().GetValue()
+	}
+	return m.GetGauge().GetValue()
+}
+
+// TestVersionsInterop: a version 3 agent serves version 3 clients over
+// pooled connections (one handshake for many streams) and version 2
+// clients (no ALPN) on the same port, one handshake each; the checks are
+// the same for both.
+func TestVersionsInterop(t *testing.T) {
+	_, m, port, certs := serveVersions(t, Config{SourceWait: 100 * time.Millisecond})
+	v2 := &dialer.Dialer{Certs: certs, MeshPort: port, ControlNamespace: "tunmesh", DisableV3: true}
+	v3 := &dialer.Dialer{Certs: certs, MeshPort: port, ControlNamespace: "tunmesh"}
+	t.Cleanup(v3.Close)
+	ctx := t.Context()
+	for i := range 3 {
+		c, err := v2.Dial(ctx, target(srcIP))
+		if err != nil {
+			t.Fatalf("v2 dial %d: %v", i, err)
+		}
+		if _, ok := c.(*tunnel.FramedConn); !ok {
+			t.Fatalf("v2 dial returned %T", c)
+		}
+		echoOnce(t, c, "hello over v2")
+	}
+	for i := range 5 {
+		c, err := v3.Dial(ctx, target(srcIP))
+		if err != nil {
+			t.Fatalf("v3 dial %d: %v", i, err)
+		}
+		echoOnce(t, c, "hello over v3")
+	}
+	if got := counter(t, m.Handshakes.WithLabelValues("inbound", "v2")); got != 3 {
+		t.Errorf("v2 handshakes = %v, want 3", got)
+	}
+	if got := counter(t, m.Handshakes.WithLabelValues("inbound", "v3")); got != 1 {
+		t.Errorf("v3 handshakes = %v, want 1 (pooled)", got)
+	}
+	if got := counter(t, m.Opened.WithLabelValues("inbound")); got != 8 {
+		t.Errorf("inbound opened = %v, want 8", got)
+	}
+	if got := counter(t, m.PoolConns.WithLabelValues("inbound")); got != 1 {
+		t.Errorf("pooled connections = %v, want 1", got)
+	}
+
+	// The same checks on a stream: a source the client identity does not
+	// own is refused, and the refusal is the stream's first read.
+	c, err := v3.Dial(ctx, target(netip.MustParseAddr("10.244.9.9")))
+	if err != nil {
+		t.Fatalf("v3 dial: %v", err)
+	}
+	c.Write([]byte("sent before the verdict"))
+	_, err = c.Read(make([]byte, 1))
+	var refused *tunnel.RefusedError
+	if !errors.As(err, &refused) || refused.Reason != tunnel.ReasonSourceNotOwned {
+		t.Fatalf("stream with a foreign source: read %v, want refused (source not owned)", err)
+	}
+	c.Close()
+	// And over version 2 the refusal comes from Dial.
+	if _, err := v2.Dial(ctx, target(netip.MustParseAddr("10.244.9.9"))); !errors.As(err, &refused) {
+		t.Fatalf("v2 dial with a foreign source: %v, want refused", err)
+	}
+}
+
+// TestStreamLimitPerPeer: the per-peer cap counts streams, not
+// connections: past it a stream is refused (busy) and counted, and the
+// connection carries on.
+func TestStreamLimitPerPeer(t *testing.T) {
+	_, m, port, certs := serveVersions(t, Config{MaxStreamsPerPeer: 2})
+	v3 := &dialer.Dialer{Certs: certs, MeshPort: port, ControlNamespace: "tunmesh"}
+	t.Cleanup(v3.Close)
+	var held []net.Conn
+	for range 2 {
+		c, err := v3.Dial(t.Context(), target(srcIP))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte("x"))
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			t.Fatalf("held stream: %v", err)
+		}
+		held = append(held, c)
+	}
+	c, err := v3.Dial(t.Context(), target(srcIP))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var refused *tunnel.RefusedError
+	if _, err := c.Read(make([]byte, 1)); !errors.As(err, &refused) || refused.Reason != tunnel.ReasonBusy {
+		t.Fatalf("third stream: %v, want refused busy", err)
+	}
+	if got := counter(t, m.Errors.WithLabelValues("limit_streams_peer")); got != 1 {
+		t.Errorf("limit_streams_peer = %v, want 1", got)
+	}
+	held[0].Close()
+	time.Sleep(50 * time.Millisecond) // the server counts the reset stream out
+	c, err = v3.Dial(t.Context(), target(srcIP))
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoOnce(t, c, "room again")
+	held[1].Close()
+}
