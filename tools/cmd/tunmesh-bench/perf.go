@@ -225,7 +225,7 @@ func warmUp(ctx context.Context, c *cluster, p benchPath, cfg Config) error {
 	deadline := time.Now().Add(2 * time.Minute)
 	tries := []func() error{
 		func() error {
-			_, err := heyRun(ctx, c, p, cfg, "-n", "32", "-c", "2")
+			_, err := heyRun(ctx, c, p, cfg, "-n", "400", "-c", "2") // enough for a p99
 			return err
 		},
 		func() error {

@@ -109,7 +109,7 @@ const haproxyGlobal = `global
 	# no chroot, user or daemon: the stand-in kubelet runs it as a container
 	ssl-default-bind-options ssl-min-ver TLSv1.3
 	ssl-default-server-options ssl-min-ver TLSv1.3
-	maxconn 20000
+	maxconn 4096 # the stand-in kubelet gives containers 20000 fds; HAProxy needs 2 per connection
 
 defaults
 	mode tcp

@@ -139,6 +139,15 @@ func TestParseHeyAllFailed(t *testing.T) {
 	}
 }
 
+// With few requests hey prints no 99th percentile; a run too short to
+// have one is an error rather than a p99 of zero.
+func TestParseHeyTooFewRequests(t *testing.T) {
+	_, err := ParseHey(readTestdata(t, "hey-n32.txt"))
+	if !errors.Is(err, ErrToolFailed) {
+		t.Fatalf("err = %v, want ErrToolFailed", err)
+	}
+}
+
 func TestParseHeyCountsErrorsAndStatuses(t *testing.T) {
 	in := `
 Summary:
