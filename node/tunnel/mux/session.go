@@ -89,11 +89,12 @@ type Session struct {
 	recvUnacked int64 // consumed but not yet granted back
 	idleSince   time.Time
 
-	wmu      sync.Mutex // guards the write state below
-	wbuf     []byte     // frames waiting for the connection
-	wspare   []byte
-	flushing bool // someone owns the flush
-	werr     error
+	wmu         sync.Mutex // guards the write state below
+	wbuf        []byte     // frames waiting for the connection
+	wspare      []byte
+	flushing    bool // someone owns the flush
+	werr        error
+	deadlineSet time.Time // when the write deadline was last moved
 }
 
 // Client starts a client session on conn (a *tls.Conn that negotiated
@@ -123,7 +124,10 @@ func newSession(conn net.Conn, client bool, cfg Config, handle func(*Stream)) *S
 	}
 	return &Session{
 		conn: conn, client: client, cfg: cfg, handle: handle,
-		br:      bufio.NewReaderSize(conn, 32<<10),
+		// Small: header reads go through it, and the rest of a large
+		// payload is read straight into the stream's chunk (bufio skips its
+		// buffer for reads larger than it).
+		br:      bufio.NewReaderSize(conn, 4<<10),
 		done:    make(chan struct{}),
 		kick:    make(chan struct{}, 1),
 		streams: map[uint32]*Stream{},
@@ -631,20 +635,58 @@ func (s *Session) flushLocked() error {
 func (s *Session) writeOnceLocked() error {
 	b := s.wbuf
 	s.wbuf = s.wspare[:0]
+	s.wspare = nil
+	now := time.Now()
+	refresh := now.Sub(s.deadlineSet) > s.cfg.WriteTimeout/8
+	if refresh {
+		// Moving the deadline costs a timer update: do it only now and then.
+		s.deadlineSet = now
+	}
 	s.wmu.Unlock()
-	_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+	if refresh {
+		_ = s.conn.SetWriteDeadline(now.Add(s.cfg.WriteTimeout))
+	}
 	_, err := s.conn.Write(b)
 	s.wmu.Lock()
-	if cap(b) <= 256<<10 { // keep a normal buffer; let a burst's go
-		s.wspare = b[:0]
-	} else {
-		s.wspare = nil
+	s.wspare = b[:0]
+	if len(s.wbuf) == 0 {
+		// Idle again: large buffers go back to the pool (a connection
+		// holds them only while it is busy).
+		s.wbuf = releaseWbuf(s.wbuf)
+		s.wspare = releaseWbuf(s.wspare)
 	}
 	if err != nil {
 		s.werr = fmt.Errorf("write tunnel connection: %w", err)
 		return s.werr
 	}
 	return nil
+}
+
+// Write buffers above keepWbuf go back to wbufPool when a connection's
+// queue drains, so idle connections hold only small ones.
+const keepWbuf = 16 << 10
+
+var wbufPool = sync.Pool{New: func() any { b := make([]byte, 0, 512<<10); return &b }}
+
+func releaseWbuf(b []byte) []byte {
+	if cap(b) <= keepWbuf {
+		return b
+	}
+	if cap(b) <= 4<<20 {
+		b = b[:0]
+		wbufPool.Put(&b)
+	}
+	return nil
+}
+
+// reserveLocked makes room for n more bytes in wbuf, from the pool when
+// the queue is empty and its buffer small.
+func (s *Session) reserveLocked(n int) {
+	if cap(s.wbuf)-len(s.wbuf) >= n || len(s.wbuf) > 0 || n <= keepWbuf {
+		return
+	}
+	p := wbufPool.Get().(*[]byte)
+	s.wbuf = (*p)[:0]
 }
 
 // routineWrite flushes when a writer hands flushing over (see flushLocked).
