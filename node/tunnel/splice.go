@@ -106,9 +106,12 @@ func Splice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (SpliceStats
 	return s.run(ctx)
 }
 
-// splice is one call of Splice. The calling goroutine owns it: it starts the
-// two copy routines, is the only one to close the connections, and waits for
-// both routines before returning.
+// splice is one call of Splice. The calling goroutine owns it: it copies
+// a to b itself and starts one routine for b to a (an idle spliced
+// connection costs two goroutines, not three), and returns only after
+// that routine has ended. Whoever sees the end first (either copy, the
+// context, the idle timer) ends the splice through end, the only place
+// that closes the connections.
 type splice struct {
 	a, b    net.Conn
 	bufSize int
@@ -119,9 +122,15 @@ type splice struct {
 	// Only kept when idle > 0.
 	last       atomic.Int64
 	aToB, bToA atomic.Int64
+
+	mu        sync.Mutex // guards the fields below
+	ended     bool       // the connections were closed (by end)
+	firstErr  error      // why it ended; nil for a clean end
+	finished  bool       // run is returning: the idle timer must not re-arm
+	idleTimer *time.Timer
 }
 
-// copyResult is how a copy routine reports the end of its direction.
+// copyResult is how a copy reports the end of its direction.
 type copyResult struct {
 	// err is the direction's error; nil when it ended with EOF.
 	err error
@@ -130,82 +139,97 @@ type copyResult struct {
 	closeAll bool
 }
 
+// State: running -> ended (closed by end) -> returned. Once ended, whatever
+// the copies report is a consequence of that close and not an error of its
+// own.
 func (s *splice) run(ctx context.Context) (SpliceStats, error) {
 	if err := ctx.Err(); err != nil {
 		abort(s.a)
 		abort(s.b)
 		return SpliceStats{}, err
 	}
-
-	done := make(chan copyResult, 2) // buffered: routines never block on it
-	go s.routineCopy("a->b", s.b, s.a, &s.aToB, done)
+	done := make(chan copyResult, 1) // buffered: the routine never blocks on it
 	go s.routineCopy("b->a", s.a, s.b, &s.bToA, done)
-
-	var (
-		idleTimer *time.Timer
-		idleC     <-chan time.Time
-	)
+	stopCtx := context.AfterFunc(ctx, func() { s.end(ctx.Err()) })
 	if s.idle > 0 {
-		idleTimer = time.NewTimer(s.idle)
-		defer idleTimer.Stop()
-		idleC = idleTimer.C
+		s.mu.Lock()
+		s.idleTimer = time.AfterFunc(s.idle, s.checkIdle)
+		s.mu.Unlock()
 	}
-	ctxDone := ctx.Done()
-
-	// State: running -> ended (closed by us) -> returned. Only this loop
-	// closes connections; once it has, whatever the routines report is a
-	// consequence of that close and not an error of its own.
-	var (
-		firstErr error
-		ended    bool
-	)
-	end := func(err error) {
-		ended = true
-		firstErr = err
-		idleC, ctxDone = nil, nil
-		if err != nil {
-			abort(s.a)
-			abort(s.b)
-		} else {
-			s.a.Close()
-			s.b.Close()
-		}
+	s.settle(s.copyDir("a->b", s.b, s.a, &s.aToB))
+	<-done
+	stopCtx()
+	s.mu.Lock()
+	s.finished = true
+	if s.idleTimer != nil {
+		s.idleTimer.Stop()
 	}
-	for running := 2; running > 0; {
-		select {
-		case res := <-done:
-			running--
-			switch {
-			case ended:
-			case res.err != nil && errors.Is(res.err, net.ErrClosed):
-				// Someone on our side closed a connection: a deliberate end.
-				end(nil)
-			case res.err != nil:
-				end(res.err)
-			case res.closeAll:
-				end(nil)
-			}
-		case <-ctxDone:
-			end(ctx.Err())
-		case <-idleC:
-			idleFor := time.Since(s.start) - time.Duration(s.last.Load())
-			if idleFor >= s.idle {
-				end(ErrIdleTimeout)
-			} else {
-				idleTimer.Reset(s.idle - idleFor)
-			}
-		}
-	}
-	if !ended {
-		// Both directions ended with EOF and were passed on as half-closes.
-		end(nil)
-	}
-	return SpliceStats{AToB: s.aToB.Load(), BToA: s.bToA.Load()}, firstErr
+	s.mu.Unlock()
+	// Both directions ended with EOF and were passed on as half-closes
+	// (or end already ran, and this does nothing).
+	s.end(nil)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return SpliceStats{AToB: s.aToB.Load(), BToA: s.bToA.Load()}, s.firstErr
 }
 
-// routineCopy copies one direction and reports how it ended on done. It is
-// started and waited for by run.
+// settle ends the splice if a direction's end calls for it.
+func (s *splice) settle(res copyResult) {
+	switch {
+	case res.err != nil && errors.Is(res.err, net.ErrClosed):
+		// Someone on our side closed a connection: a deliberate end.
+		s.end(nil)
+	case res.err != nil:
+		s.end(res.err)
+	case res.closeAll:
+		s.end(nil)
+	}
+}
+
+// end closes both connections once: aborted when err is not nil, closed
+// otherwise.
+func (s *splice) end(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended {
+		return
+	}
+	s.ended = true
+	s.firstErr = err
+	if err != nil {
+		abort(s.a)
+		abort(s.b)
+	} else {
+		s.a.Close()
+		s.b.Close()
+	}
+}
+
+// checkIdle runs on the idle timer: it ends the splice once nothing has
+// moved for the idle timeout, and otherwise re-arms.
+func (s *splice) checkIdle() {
+	idleFor := time.Since(s.start) - time.Duration(s.last.Load())
+	if idleFor >= s.idle {
+		s.end(ErrIdleTimeout)
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.finished {
+		s.idleTimer.Reset(s.idle - idleFor)
+	}
+}
+
+// routineCopy copies one direction, settles its end and reports it on
+// done. It is started and waited for by run.
 func (s *splice) routineCopy(dir string, dst, src net.Conn, n *atomic.Int64, done chan<- copyResult) {
+	res := s.copyDir(dir, dst, src, n)
+	s.settle(res) // now: the caller may be blocked in the other direction
+	done <- res
+}
+
+// copyDir copies one direction until it ends.
+func (s *splice) copyDir(dir string, dst, src net.Conn, n *atomic.Int64) copyResult {
 	var (
 		closeAll bool
 		err      error
@@ -221,7 +245,7 @@ func (s *splice) routineCopy(dir string, dst, src net.Conn, n *atomic.Int64, don
 	if err != nil {
 		err = fmt.Errorf("splice %s: %w", dir, err)
 	}
-	done <- copyResult{err: err, closeAll: closeAll}
+	return copyResult{err: err, closeAll: closeAll}
 }
 
 // Drainer is a connection that holds what it receives in buffers of its
