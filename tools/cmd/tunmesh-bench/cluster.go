@@ -303,9 +303,9 @@ func rssMB(pid int) (float64, error) {
 	return float64(n) / (1 << 20), nil
 }
 
-// metricRSSMB reads process_resident_memory_bytes from a node's agent
-// /metrics, in MiB; ok is false when the agent does not export it.
-func (c *cluster) metricRSSMB(ctx context.Context, node string) (float64, bool) {
+// agentMetrics reads a node's agent /metrics; ok is false when it does
+// not answer.
+func (c *cluster) agentMetrics(ctx context.Context, node string) (bench.AgentMetrics, bool) {
 	for _, n := range c.state.Nodes {
 		if n.Name != node {
 			continue
@@ -314,19 +314,18 @@ func (c *cluster) metricRSSMB(ctx context.Context, node string) (float64, bool) 
 		defer client.CloseIdleConnections()
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(n.IP, strconv.Itoa(agentAdminPort))+"/metrics", nil)
 		if err != nil {
-			return 0, false
+			return bench.AgentMetrics{}, false
 		}
 		resp, err := client.Do(req)
 		if err != nil {
-			return 0, false
+			return bench.AgentMetrics{}, false
 		}
 		defer resp.Body.Close()
 		var buf bytes.Buffer
 		if _, err := buf.ReadFrom(resp.Body); err != nil || resp.StatusCode != http.StatusOK {
-			return 0, false
+			return bench.AgentMetrics{}, false
 		}
-		v, ok := bench.PromValue(buf.Bytes(), "process_resident_memory_bytes")
-		return v / (1 << 20), ok
+		return bench.ParseAgentMetrics(buf.Bytes()), true
 	}
-	return 0, false
+	return bench.AgentMetrics{}, false
 }

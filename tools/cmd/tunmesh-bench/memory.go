@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"net"
 	"strconv"
 	"sync"
@@ -42,7 +41,7 @@ func runMemory(ctx context.Context, c *cluster, cfg Config, report io.Writer, lo
 		if err != nil {
 			return err
 		}
-		log.Info("memory", "pods", pods, "conns", conns, "agent_rss_mib", pt.RSSMB, "metrics_rss_mib", pt.MetricRSSMB)
+		log.Info("memory", "pods", pods, "conns", conns, "agent_rss_mib", pt.RSSMB)
 		points = append(points, pt)
 		return nil
 	}
@@ -136,7 +135,7 @@ func runMemory(ctx context.Context, c *cluster, cfg Config, report io.Writer, lo
 // memoryPoint reads every agent's VmRSS and, when exported, its
 // process_resident_memory_bytes.
 func (c *cluster) memoryPoint(ctx context.Context, pods, conns int) (bench.MemoryPoint, error) {
-	pt := bench.MemoryPoint{Pods: pods, Conns: conns, RSSMB: map[string]float64{}, MetricRSSMB: map[string]float64{}}
+	pt := bench.MemoryPoint{Pods: pods, Conns: conns, RSSMB: map[string]float64{}, Metrics: map[string]bench.AgentMetrics{}}
 	agents, err := c.agentPids()
 	if err != nil {
 		return pt, err
@@ -147,8 +146,8 @@ func (c *cluster) memoryPoint(ctx context.Context, pods, conns int) (bench.Memor
 			return pt, err
 		}
 		pt.RSSMB[node] = v
-		if m, ok := c.metricRSSMB(ctx, node); ok && !math.IsNaN(m) {
-			pt.MetricRSSMB[node] = m
+		if m, ok := c.agentMetrics(ctx, node); ok {
+			pt.Metrics[node] = m
 		}
 	}
 	return pt, nil

@@ -127,7 +127,8 @@ func TestEvaluateMemory(t *testing.T) {
 	// 0.01 MiB per connection end.
 	pt := func(pods, conns int) MemoryPoint {
 		perNode := 20 + 0.2*float64(pods)/2 + 0.01*float64(conns)*2/2
-		return MemoryPoint{Pods: pods, Conns: conns, RSSMB: map[string]float64{"node-1": perNode, "node-2": perNode + 1}}
+		return MemoryPoint{Pods: pods, Conns: conns, RSSMB: map[string]float64{"node-1": perNode, "node-2": perNode + 1},
+			Metrics: map[string]AgentMetrics{"node-1": {RSSMB: perNode, HeapMB: 10, StackMB: 2, Goroutines: 300}}}
 	}
 	pts := []MemoryPoint{pt(0, 0), pt(50, 0), pt(100, 0), pt(100, 500), pt(100, 1000)}
 	r := EvaluateMemory(pts, 2, 64)
@@ -145,9 +146,27 @@ func TestEvaluateMemory(t *testing.T) {
 	if err := WriteMemory(&b, r); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"| 100 | 1000 | 40.0 | - | 41.0 | - |", "204.8 KiB per pod", "10.24 KiB per connection end", "PASS"} {
+	for _, want := range []string{
+		"| 100 | 1000 | node-1 | 40.0 | 40.0 | 10.0 | 2.0 | 300 |",
+		"| 100 | 1000 | node-2 | 41.0 | - | - | - | - |",
+		"204.8 KiB per pod", "10.2 KiB per connection end", "(largest: 41.0 MiB): PASS",
+	} {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("memory report lacks %q:\n%s", want, b.String())
 		}
+	}
+}
+
+func TestParseAgentMetrics(t *testing.T) {
+	m := ParseAgentMetrics([]byte(`go_goroutines 412
+go_memstats_heap_inuse_bytes 1.048576e+07
+go_memstats_stack_inuse_bytes 2.097152e+06
+process_resident_memory_bytes 4.194304e+07
+`))
+	if m.Goroutines != 412 || m.HeapMB != 10 || m.StackMB != 2 || m.RSSMB != 40 {
+		t.Errorf("got %+v", m)
+	}
+	if m := ParseAgentMetrics([]byte("go_goroutines 3\n")); !math.IsNaN(m.RSSMB) || m.Goroutines != 3 {
+		t.Errorf("missing figures: %+v", m)
 	}
 }
