@@ -63,6 +63,9 @@ type Config struct {
 	// identity certificates). Default: the node address, port 4191; the
 	// admin API is not for every interface of the node.
 	AdminAddr string
+	// DebugAddr, if set, serves net/http/pprof there; it must be a
+	// loopback address (default: off).
+	DebugAddr string
 	// CNIConfDir holds the node's CNI configuration, checked (read only)
 	// for tunmesh's plugin in the admin status (default /etc/cni/net.d).
 	CNIConfDir string
@@ -100,6 +103,11 @@ func (c *Config) defaults() error {
 	}
 	if c.AdminAddr == "" {
 		c.AdminAddr = net.JoinHostPort(c.NodeIP.String(), strconv.Itoa(workload.AdminPort))
+	}
+	if c.DebugAddr != "" {
+		if err := checkDebugAddr(c.DebugAddr); err != nil {
+			return fmt.Errorf("agent config: %w", err)
+		}
 	}
 	if c.CNIConfDir == "" {
 		c.CNIConfDir = "/etc/cni/net.d"
@@ -333,6 +341,16 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		return serveHTTP(gctx, adminSrv, ln)
 	})
+	if a.cfg.DebugAddr != "" {
+		debugSrv := &http.Server{Handler: debugHandler(), ReadHeaderTimeout: 10 * time.Second}
+		g.Go(func() error {
+			ln, err := net.Listen("tcp", a.cfg.DebugAddr)
+			if err != nil {
+				return fmt.Errorf("listen debug: %w", err)
+			}
+			return serveHTTP(gctx, debugSrv, ln)
+		})
+	}
 	a.log.Info("agent running", "node", a.cfg.NodeName, "mesh", meshLn.Addr().String(), "cni_socket", a.cfg.CNISocket)
 	err = g.Wait()
 	a.exit()
