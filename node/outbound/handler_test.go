@@ -20,6 +20,8 @@ import (
 	"github.com/tunmesh/tunmesh/node/nodemetrics"
 	"github.com/tunmesh/tunmesh/node/resolve"
 	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/tunnel/mux"
+	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
 )
 
 type fakeCerts struct{ ready atomic.Bool }
@@ -203,4 +205,52 @@ func TestDualStackHeaderSource(t *testing.T) {
 	if tg := <-seen; tg.Src.Addr() != src6 {
 		t.Fatalf("header source %s, want the flow's %s", tg.Src, src6)
 	}
+}
+
+// streamDialer opens streams of a real version 3 session whose server
+// refuses every stream with reason.
+type streamDialer struct{ client *mux.Session }
+
+func (d streamDialer) Dial(context.Context, dialer.Target) (net.Conn, error) {
+	return d.client.OpenStream([]byte("header"), false)
+}
+
+// podConn is the pod's side: a working connection that records a reset.
+type podConn struct {
+	net.Conn
+	aborted atomic.Bool
+}
+
+func (c *podConn) Abort() { c.aborted.Store(true); c.Conn.Close() }
+
+// TestServeConnStreamRefusalResetsPod: over version 3 the refusal is the
+// stream's first read (no round trip before data); it still resets the
+// pod's connection and is counted like a refused dial.
+func TestServeConnStreamRefusalResetsPod(t *testing.T) {
+	d, _ := fixture()
+	certs := &fakeCerts{}
+	certs.ready.Store(true)
+	a, b := tunneltest.Pipe()
+	client := mux.Client(a, mux.Config{})
+	server := mux.Server(b, mux.Config{}, func(st *mux.Stream) { st.Refuse(tunnel.ReasonPolicy) })
+	t.Cleanup(func() { client.Close(); server.Close(); client.Wait(); server.Wait() })
+	h, m := newTestHandler(t, d, certs, streamDialer{client})
+	f := fl(1, netip.AddrPortFrom(meshedIP, 8080))
+	if got := h.HandleFlow(f); got != netstack.Terminate {
+		t.Fatalf("HandleFlow = %s", got)
+	}
+	agentSide, pod := tunneltest.Pipe()
+	c := &podConn{Conn: agentSide}
+	go pod.Write([]byte("request sent before the verdict"))
+	h.ServeConn(context.Background(), c, f)
+	if !c.aborted.Load() {
+		t.Fatal("pod connection not reset after a refused stream")
+	}
+	if got := counterValue(m.Errors.WithLabelValues("refused_" + tunnel.ReasonPolicy.String())); got != 1 {
+		t.Errorf("refused counter = %v, want 1", got)
+	}
+	if got := counterValue(m.Ends.WithLabelValues("outbound", "refused")); got != 1 {
+		t.Errorf("ends{refused} = %v, want 1", got)
+	}
+	pod.Close()
 }
