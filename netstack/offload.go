@@ -10,6 +10,12 @@ import (
 	"github.com/tunmesh/tunmesh/netstack/tun"
 )
 
+// minGSOSize is the smallest segment size Linux's TCP uses (TCP_MIN_SND_MSS,
+// the floor of net.ipv4.tcp_min_snd_mss). A smaller one is not the pod's
+// kernel, and would make cutting a 64 KiB super-packet cost up to 64 Ki
+// writes.
+const minGSOSize = 48
+
 // offload is what a packet read from a ModeOffload TUN carries besides its
 // bytes, once checkOffload has validated it against the packet.
 type offload struct {
@@ -38,7 +44,8 @@ var (
 // version, neither SYN nor RST (Linux segments neither; so every segment of
 // a super-packet carries the same 4-tuple and the flags that matter to the
 // classifier, and deciding the super-packet decides each segment), with a
-// partial TCP checksum where TCP's is and a segment size greater than zero.
+// partial TCP checksum where TCP's is and a segment size the kernel could
+// use (minGSOSize).
 func checkOffload(g stack.GSO, info *packetInfo, size int) (offload, error) {
 	var o offload
 	if g.NeedsCsum {
@@ -60,7 +67,7 @@ func checkOffload(g stack.GSO, info *packetInfo, size int) (offload, error) {
 		wantVersion = 6
 	}
 	if !info.tcp || info.version != wantVersion || info.flags&(tcpFlagSYN|tcpFlagRST) != 0 ||
-		!o.csum || o.csumStart != info.ipHdrLen || o.csumOffset != 16 || g.MSS == 0 {
+		!o.csum || o.csumStart != info.ipHdrLen || o.csumOffset != 16 || g.MSS < minGSOSize {
 		return offload{}, errOffloadShape
 	}
 	o.gso = true

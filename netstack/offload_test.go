@@ -93,6 +93,8 @@ func TestCheckOffload(t *testing.T) {
 		{"tso without partial csum", b4, with(h4, func(h *tun.VnetHdr) { h.Flags = 0 }), offload{}, errOffloadShape},
 		{"tso csum not tcp's", b4, with(h4, func(h *tun.VnetHdr) { h.CsumOffset = 6 }), offload{}, errOffloadShape},
 		{"tso zero segment size", b4, with(h4, func(h *tun.VnetHdr) { h.GSOSize = 0 }), offload{}, errOffloadShape},
+		{"tso segment size below linux's minimum", b4, with(h4, func(h *tun.VnetHdr) { h.GSOSize = 47 }), offload{}, errOffloadShape},
+		{"tso segment size at linux's minimum", b4, with(h4, func(h *tun.VnetHdr) { h.GSOSize = 48 }), offload{csum: true, csumStart: 20, csumOffset: 16, gso: true, mss: 48}, nil},
 		{"tso syn", synB, synH, offload{}, errOffloadShape},
 		{"tso rst", rstB, rstH, offload{}, errOffloadShape},
 	} {
@@ -214,6 +216,9 @@ func FuzzSegmentTCP(f *testing.F) {
 			return
 		}
 		b := in[tun.VnetHdrLen:]
+		if len(b) > 0xffff {
+			return // a TUN read is at most 64 KiB
+		}
 		info, err := parseIP(b[:min(len(b), maxHeaderPullUp)])
 		if err != nil {
 			return
