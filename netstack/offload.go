@@ -109,8 +109,13 @@ func tcpDataOffset(b []byte, ipHdrLen int) int {
 // caller has checked the location (checkOffload).
 func finishChecksum(b []byte, start, offset int) {
 	at := start + offset
-	sum := checksum.Checksum(b[start:], 0)
-	binary.BigEndian.PutUint16(b[at:], ^sum)
+	c := ^checksum.Checksum(b[start:], 0)
+	if c == 0 {
+		// As the kernel does (CSUM_MANGLED_0): a zero UDP checksum
+		// means "none"; 0xffff is the same sum for TCP.
+		c = 0xffff
+	}
+	binary.BigEndian.PutUint16(b[at:], c)
 }
 
 // segmentTCP cuts the TCP super-packet b (validated by checkOffload: IP

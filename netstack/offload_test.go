@@ -305,3 +305,21 @@ func TestVnetHdrRoundTrip(t *testing.T) {
 		t.Fatalf("short header: err %v, want ErrVnetHdr", err)
 	}
 }
+
+// TestFinishChecksumZeroIsMangled: a completed checksum of zero is written as
+// 0xffff, as the kernel does: for UDP zero would mean "no checksum".
+func TestFinishChecksumZeroIsMangled(t *testing.T) {
+	payload := []byte("abcdefgh\x00\x00")
+	udp := testPacket{src: pod4, dst: dst4, proto: 17, payload: payload}
+	c0 := binary.BigEndian.Uint16(udp.bytes()[26:])
+	// Adding the checksum itself as a payload word makes the sum 0xffff.
+	binary.BigEndian.PutUint16(payload[8:], c0)
+	b := partial(udp.bytes(), 6)
+	finishChecksum(b, 20, 6)
+	if got := binary.BigEndian.Uint16(b[26:]); got != 0xffff {
+		t.Fatalf("checksum %#04x, want 0xffff", got)
+	}
+	if csum(pseudoHeader(b, 20, 17, len(b)-20), b[20:]) != 0 {
+		t.Fatal("mangled checksum does not verify")
+	}
+}
