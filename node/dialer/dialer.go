@@ -348,6 +348,10 @@ func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (*tls.Conn, e
 	if v3 {
 		cfg.NextProtos = []string{mux.ALPN}
 	}
+	// crypto/tls starts a connection with ~1 KiB records, growing until
+	// 128 KiB are sent; a pooled connection carrying bulk data gains
+	// nothing from that: full 16 KiB records from the first byte.
+	cfg.DynamicRecordSizingDisabled = true
 	tc := tls.Client(raw, cfg)
 	start := time.Now()
 	if err := tc.HandshakeContext(ctx); err != nil {

@@ -254,6 +254,9 @@ func (a *Acceptor) serverConfig() *tls.Config {
 					// A version 3 client offers mux.ALPN; a version 2
 					// client offers nothing and gets version 2.
 					cfg.NextProtos = []string{mux.ALPN}
+					// Full-size records from the first byte (crypto/tls
+					// would start small and grow until 128 KiB are sent).
+					cfg.DynamicRecordSizingDisabled = true
 					return cfg, nil
 				}
 			}
