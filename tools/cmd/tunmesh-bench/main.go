@@ -168,13 +168,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) (err error) {
 	var report strings.Builder
 	fmt.Fprintf(&report, "tunmesh-bench --mode %s on main at commit %s, %s UTC, %s\n\n",
 		cfg.Mode, commit(), time.Now().UTC().Format("2006-01-02 15:04"), machine())
+	headerLen := report.Len()
 	switch cfg.Mode {
 	case "perf":
 		err = runPerf(ctx, c, cfg, &report, log)
 	case "memory":
 		err = runMemory(ctx, c, cfg, &report, log)
 	}
-	if report.Len() > 0 {
+	if report.Len() > headerLen { // something measured, also on error
 		fmt.Print(report.String())
 		if cfg.Out != "" {
 			if werr := os.WriteFile(cfg.Out, []byte(report.String()), 0o644); werr != nil {

@@ -33,29 +33,29 @@ func NaNSample() Sample {
 	return Sample{n, n, n, n, n, n, n}
 }
 
-// Summary is the median of every figure over a path's repetitions.
+// Summary is the median of every figure over a path's repetitions, and
+// their range.
 type Summary struct {
 	Path string
 	Runs int
 	Sample
+	Min, Max Sample
 	// ProxyRSSMB is the largest resident set of one proxy process (an
 	// agent, or an HAProxy) at the end of the run, MiB; NaN if none.
 	ProxyRSSMB float64
 }
 
-// Summarize takes medians over samples.
+// Summarize takes medians (and minima and maxima) over samples.
 func Summarize(path string, samples []Sample, proxyRSSMB float64) Summary {
-	col := func(get func(Sample) float64) float64 {
-		xs := make([]float64, len(samples))
-		for i, s := range samples {
-			xs[i] = get(s)
+	over := func(p float64) Sample {
+		col := func(get func(Sample) float64) float64 {
+			xs := make([]float64, len(samples))
+			for i, s := range samples {
+				xs[i] = get(s)
+			}
+			return Percentile(xs, p)
 		}
-		return Median(xs)
-	}
-	return Summary{
-		Path: path,
-		Runs: len(samples),
-		Sample: Sample{
+		return Sample{
 			MBps:          col(func(s Sample) float64 { return s.MBps }),
 			RRP50:         col(func(s Sample) float64 { return s.RRP50 }),
 			RRP99:         col(func(s Sample) float64 { return s.RRP99 }),
@@ -63,9 +63,9 @@ func Summarize(path string, samples []Sample, proxyRSSMB float64) Summary {
 			ConnP50:       col(func(s Sample) float64 { return s.ConnP50 }),
 			ConnP99:       col(func(s Sample) float64 { return s.ConnP99 }),
 			ProxyCPUPerGB: col(func(s Sample) float64 { return s.ProxyCPUPerGB }),
-		},
-		ProxyRSSMB: proxyRSSMB,
+		}
 	}
+	return Summary{Path: path, Runs: len(samples), Sample: over(50), Min: over(0), Max: over(100), ProxyRSSMB: proxyRSSMB}
 }
 
 // Verdict is one target of issue #8 checked against a run.
@@ -155,6 +155,23 @@ func WriteTable(w io.Writer, sums []Summary, verdicts []Verdict) error {
 		fmt.Fprintf(&b, "| %s | %d | %s | %s / %s | %s | %s / %s | %s | %s |\n", s.Path, s.Runs,
 			num(s.MBps, 0), num(s.RRP50, 0), num(s.RRP99, 0), num(s.ConnPerSec, 0),
 			num(s.ConnP50, 1), num(s.ConnP99, 1), num(s.ProxyCPUPerGB, 2), num(s.ProxyRSSMB, 1))
+	}
+	// The range shows how noisy the machine was: a target whose ratio
+	// sits inside the ranges' overlap needs a quieter machine or more
+	// repetitions.
+	b.WriteString("\nrange over the repetitions (min–max):\n\n| path | MB/s | RR p50 µs | RR p99 µs | new conn/s | proxy CPU s/GB |\n|---|---|---|---|---|---|\n")
+	for _, s := range sums {
+		rng := func(get func(Sample) float64, prec int) string {
+			lo, hi := get(s.Min), get(s.Max)
+			if math.IsNaN(lo) && math.IsNaN(hi) {
+				return "-"
+			}
+			return num(lo, prec) + "–" + num(hi, prec)
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", s.Path,
+			rng(func(x Sample) float64 { return x.MBps }, 0), rng(func(x Sample) float64 { return x.RRP50 }, 0),
+			rng(func(x Sample) float64 { return x.RRP99 }, 0), rng(func(x Sample) float64 { return x.ConnPerSec }, 0),
+			rng(func(x Sample) float64 { return x.ProxyCPUPerGB }, 2))
 	}
 	b.WriteString("\n| target (tunmesh vs) | ratio | result |\n|---|---|---|\n")
 	for _, v := range verdicts {

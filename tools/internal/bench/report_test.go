@@ -55,7 +55,7 @@ func issueTable() []Summary {
 
 func TestEvaluate(t *testing.T) {
 	sums := issueTable()
-	if sums[1].MBps != 490 || sums[1].Runs != 2 {
+	if sums[1].MBps != 490 || sums[1].Runs != 2 || sums[1].Min.MBps != 420 || sums[1].Max.MBps != 560 {
 		t.Fatalf("haproxy summary %+v", sums[1])
 	}
 	got := Evaluate(sums)
@@ -115,6 +115,8 @@ func TestWriteTable(t *testing.T) {
 		"| haproxy | 2 | 490 | 68 / 122 | 850 | 8.0 / 20.0 | 2.00 | 12.0 |",
 		"| throughput >= 1.5x haproxy | 0.73 | MISS |",
 		"| new conn/s >= 3x haproxy | 0.76 | MISS |",
+		"| haproxy | 420–560 | 68–68 | 122–122 | 850–850 | 2.00–2.00 |",
+		"| kernel | 1900–1900 | 30–30 | 50–50 | 5500–5500 | - |",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
