@@ -69,8 +69,8 @@ type Dialer struct {
 	// the server may wait for its cluster view to learn the source pod
 	// (inbound.Config.SourceWait, 8s) and then dial the destination pod
 	// (10s), so the client must outwait both. Version 3 streams do not
-	// wait for the reply before data; their wait is the stream's first
-	// read, bounded by the same timeout.
+	// wait for the reply before data: a stream without a reply within
+	// this timeout is cut (mux.Config.ReplyTimeout), the pod reset.
 	ReplyTimeout time.Duration
 	// LocalAddr, when valid, is the source address of tunnels: the node
 	// address the peer agent checks its source pods against.
@@ -137,7 +137,7 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (net.Conn, error) {
 			if err != nil {
 				return nil, err
 			}
-			return s.OpenStream(hdr, true)
+			return openStream(s, hdr)
 		}
 		return d.v2Tunnel(tc, t)
 	}
@@ -149,8 +149,11 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (net.Conn, error) {
 			return nil, ErrClosed
 		case s != nil:
 			st, err := s.OpenStream(hdr, true)
-			if err == nil || attempt >= 3 {
-				return st, err
+			if err == nil {
+				return st, nil
+			}
+			if attempt >= 3 {
+				return nil, err
 			}
 			continue // the session died meanwhile: pick again
 		case wait != nil:
@@ -177,8 +180,25 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (net.Conn, error) {
 			s.Close()
 			return nil, ErrClosed
 		}
-		return s.OpenStream(hdr, true)
+		return openStream(s, hdr)
 	}
+}
+
+// openStream opens a stream on a session holding a reservation for it,
+// returning a nil interface (not a nil *mux.Stream) on error.
+func openStream(s *mux.Session, hdr []byte) (net.Conn, error) {
+	st, err := s.OpenStream(hdr, true)
+	if err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+func (d *Dialer) replyTimeout() time.Duration {
+	if d.ReplyTimeout == 0 {
+		return 20 * time.Second
+	}
+	return d.ReplyTimeout
 }
 
 func (d *Dialer) timeout() time.Duration {
@@ -292,7 +312,7 @@ func (d *Dialer) dialDone(key poolKey, s *mux.Session) bool {
 
 // newSession starts a client session on tc with one stream reserved.
 func (d *Dialer) newSession(tc *tls.Conn, t Target) *mux.Session {
-	cfg := mux.Config{}
+	cfg := mux.Config{ReplyTimeout: d.replyTimeout()}
 	if m := d.Metrics; m != nil {
 		cfg.OnReply = func(st *mux.Stream, err error) {
 			m.Handshake.Observe(time.Since(st.Opened()).Seconds())
@@ -381,11 +401,7 @@ func (d *Dialer) v2Tunnel(tc *tls.Conn, t Target) (net.Conn, error) {
 		tc.NetConn().Close()
 		return nil, err
 	}
-	replyTimeout := d.ReplyTimeout
-	if replyTimeout == 0 {
-		replyTimeout = 20 * time.Second
-	}
-	_ = tc.SetReadDeadline(time.Now().Add(replyTimeout))
+	_ = tc.SetReadDeadline(time.Now().Add(d.replyTimeout()))
 	if err := tunnel.ReadReply(tc); err != nil {
 		tc.NetConn().Close()
 		return nil, err

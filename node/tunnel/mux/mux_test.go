@@ -477,3 +477,40 @@ func TestDeadlines(t *testing.T) {
 	}
 	st.Abort()
 }
+
+// TestReplyTimeoutCutsTheStream: a server that never answers a stream
+// gets it cut (an error, not a clean end) after ReplyTimeout; answered
+// streams are not affected by the timer.
+func TestReplyTimeoutCutsTheStream(t *testing.T) {
+	leakCheck(t)
+	c, s := tunneltest.TLSPair(t)
+	client := mux.Client(c, mux.Config{ReplyTimeout: 100 * time.Millisecond})
+	server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
+		if bytes.Equal(st.Payload(), []byte("silent")) {
+			<-st.Session().Done()
+			return
+		}
+		echo(st)
+	})
+	defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
+	silent, err := client.OpenStream([]byte("silent"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	answered, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = silent.Read(make([]byte, 1))
+	if !errors.Is(err, mux.ErrReplyTimeout) || errors.Is(err, net.ErrClosed) {
+		t.Fatalf("read of an unanswered stream = %v, want ErrReplyTimeout", err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	answered.Write([]byte("still here"))
+	answered.CloseWrite()
+	got, err := io.ReadAll(answered)
+	if err != nil || string(got) != "still here" {
+		t.Fatalf("answered stream: %q, %v", got, err)
+	}
+	answered.Close()
+}

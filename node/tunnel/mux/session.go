@@ -37,6 +37,10 @@ const DefaultMaxStreams = 1024
 // tunnel.EndOf names it "truncated" and it is never taken for a clean end.
 var ErrConnLost = fmt.Errorf("mux: tunnel connection lost: %w", io.ErrUnexpectedEOF)
 
+// ErrReplyTimeout cuts a client stream whose reply did not come within
+// Config.ReplyTimeout.
+var ErrReplyTimeout = errors.New("mux: no reply from the server in time")
+
 // ErrSessionClosed is returned by OpenStream on a session that is closed,
 // closing, or out of stream ids.
 var ErrSessionClosed = errors.New("mux: session closed")
@@ -50,6 +54,11 @@ type Config struct {
 	// reading for longer is declared dead (default 30s). Flow control
 	// means a live peer always reads.
 	WriteTimeout time.Duration
+	// ReplyTimeout, if set on a client session, cuts a stream whose
+	// reply has not come within it (ErrReplyTimeout; the pod is reset):
+	// the server's checks and its dial into the pod are bounded, so a
+	// stream without a verdict is a server in trouble.
+	ReplyTimeout time.Duration
 	// OnReply, if set on a client session, is called from the reader
 	// when a stream's reply arrives (err nil: accepted), for set-up
 	// latency metrics. It must not block.
@@ -250,6 +259,11 @@ func (s *Session) OpenStream(payload []byte, reserved bool) (*Stream, error) {
 	st := newStream(s, id)
 	st.opened = time.Now()
 	s.streams[id] = st
+	if s.cfg.ReplyTimeout > 0 {
+		st.replyTimer = time.AfterFunc(s.cfg.ReplyTimeout, func() {
+			st.abortWith(fmt.Errorf("open tunnel stream: %w", ErrReplyTimeout), true)
+		})
+	}
 	// Queue the Open before anyone can open a later id: the server
 	// requires ids in order. (Lock order: mu, then wmu.)
 	s.wmu.Lock()

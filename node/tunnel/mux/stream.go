@@ -27,9 +27,10 @@ type Stream struct {
 	payload []byte    // server: the Open frame's payload
 	opened  time.Time // when it was opened (client) or received (server)
 
-	readable chan struct{} // signalled when queue or readErr change
-	replyCh  chan struct{} // client: closed when the reply arrived
-	rd, wd   deadline
+	readable   chan struct{} // signalled when queue or readErr change
+	replyCh    chan struct{} // client: closed when the reply arrived
+	replyTimer *time.Timer   // client: cuts the stream if no reply comes
+	rd, wd     deadline
 
 	// Guarded by s.mu.
 	queue       []*chunk // received, unread bytes
@@ -106,6 +107,10 @@ func (st *Stream) failLocked(err error, peerGone bool) {
 func (st *Stream) closeReplyLocked() {
 	if st.replyCh != nil && !isClosed(st.replyCh) {
 		close(st.replyCh)
+	}
+	if st.replyTimer != nil {
+		st.replyTimer.Stop()
+		st.replyTimer = nil
 	}
 }
 
@@ -354,15 +359,21 @@ func (st *Stream) CloseWrite() error {
 // Abort cuts the stream: a Reset frame tells the peer, and local reads
 // and writes fail. The session goes on.
 func (st *Stream) Abort() {
+	st.abortWith(fmt.Errorf("tunnel stream aborted: %w", net.ErrClosed), false)
+}
+
+// abortWith is Abort with the error local reads and writes return; with
+// unreplied, only if the stream's reply has not come.
+func (st *Stream) abortWith(err error, unreplied bool) {
 	s := st.s
 	s.mu.Lock()
-	if s.streams[st.id] != st {
+	if s.streams[st.id] != st || (unreplied && st.replied) {
 		s.mu.Unlock()
 		return
 	}
 	send := !st.sentReset && s.err == nil
 	st.sentReset = true
-	st.failLocked(fmt.Errorf("tunnel stream aborted: %w", net.ErrClosed), false)
+	st.failLocked(err, false)
 	s.removeLocked(st)
 	s.mu.Unlock()
 	if send {
