@@ -9,7 +9,10 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tunmesh/tunmesh/netstack/internal/nstest"
+	"github.com/tunmesh/tunmesh/netstack/tun"
 )
 
 // BenchmarkTerminatedThroughput measures bulk TCP from a process in a pod
@@ -18,15 +21,35 @@ import (
 // the throughput. The MTU of tm0 is the main lever (notes/go-deps.md).
 //
 //	go test -run '^$' -bench TerminatedThroughput -benchtime 2000x ./netstack/
+//
+// Sub-benchmarks with mode=plain open tm0 without offloads (as agents before
+// them did), to tell what the offloads bring from what the endpoint does.
 func BenchmarkTerminatedThroughput(b *testing.B) {
 	for _, mtu := range []int{1500, 9000, 65520} {
 		b.Run(fmt.Sprintf("mtu=%d", mtu), func(b *testing.B) {
-			benchTerminated(b, mtu)
+			benchTerminated(b, mtu, tun.ModeOffload)
+		})
+	}
+	for _, mtu := range []int{1500, 65520} {
+		b.Run(fmt.Sprintf("mtu=%d/mode=plain", mtu), func(b *testing.B) {
+			benchTerminated(b, mtu, tun.ModePlain)
 		})
 	}
 }
 
-func benchTerminated(b *testing.B, mtu int) {
+// benchPod is newPod with tm0 in mode.
+func benchPod(b *testing.B, s *Stack, i, mtu int, mode tun.Mode) pod {
+	p, fd := newPodNSMode(b, i, mtu, mode)
+	id, err := s.AttachTUN(NICConfig{FD: fd, Addrs: []netip.Addr{p.addr4, p.addr6}, MTU: mtu, Name: fmt.Sprintf("bench/pod%d", i)})
+	if err != nil {
+		unix.Close(fd)
+		b.Fatal(err)
+	}
+	p.nic = id
+	return p
+}
+
+func benchTerminated(b *testing.B, mtu int, mode tun.Mode) {
 	nstest.SkipUnlessRoot(b)
 	type result struct {
 		n   int64
@@ -41,7 +64,7 @@ func benchTerminated(b *testing.B, mtu int) {
 		},
 	}
 	s := newStack(b, Options{Handler: h, Passthrough: &recorder{}})
-	p := newPod(b, s, 20, mtu)
+	p := benchPod(b, s, 20, mtu, mode)
 	conn := p.dial(b, "tcp", netip.AddrPort{}, netip.MustParseAddrPort("10.201.0.5:9999"))
 
 	const chunk = 1 << 20
@@ -73,17 +96,23 @@ func benchTerminated(b *testing.B, mtu int) {
 //
 //	go test -run '^$' -bench DialedThroughput -benchtime 2000x ./netstack/
 func BenchmarkDialedThroughput(b *testing.B) {
-	for _, mtu := range []int{1500, 65520} {
-		b.Run(fmt.Sprintf("mtu=%d", mtu), func(b *testing.B) {
-			benchDialed(b, mtu)
-		})
+	for _, mode := range []tun.Mode{tun.ModeOffload, tun.ModePlain} {
+		for _, mtu := range []int{1500, 65520} {
+			name := fmt.Sprintf("mtu=%d", mtu)
+			if mode == tun.ModePlain {
+				name += "/mode=plain"
+			}
+			b.Run(name, func(b *testing.B) {
+				benchDialed(b, mtu, mode)
+			})
+		}
 	}
 }
 
-func benchDialed(b *testing.B, mtu int) {
+func benchDialed(b *testing.B, mtu int, mode tun.Mode) {
 	nstest.SkipUnlessRoot(b)
 	s := newStack(b, Options{Handler: &testHandler{}, Passthrough: &recorder{}})
-	p := newPod(b, s, 21, mtu)
+	p := benchPod(b, s, 21, mtu, mode)
 	l := p.listen(b, "10.200.0.21:7000")
 	type result struct {
 		n   int64
