@@ -436,6 +436,9 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spiffe.ID, serverName string, peer netip.Addr) {
 	a.metrics.PoolConns.WithLabelValues("inbound").Inc()
 	defer a.metrics.PoolConns.WithLabelValues("inbound").Dec()
+	// Streams still being checked or dialled stop with their connection.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	sess := mux.Server(conn, mux.Config{MaxStreams: a.cfg.MaxStreamsPerConn}, func(st *mux.Stream) {
 		if which := a.streams.acquire(peer, a.cfg.MaxStreams, a.cfg.MaxStreamsPerPeer); which != "" {
 			a.metrics.Errors.WithLabelValues("limit_streams_" + which).Inc()
@@ -457,6 +460,7 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 		sess.Close()
 	case <-sess.Done():
 	}
+	cancel()
 	sess.Wait()
 	if err := sess.Err(); err != nil && !errors.Is(err, mux.ErrSessionClosed) && !errors.Is(err, io.ErrUnexpectedEOF) {
 		a.metrics.Errors.WithLabelValues("session").Inc()

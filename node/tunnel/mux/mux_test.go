@@ -119,8 +119,10 @@ func TestStreamsEchoConcurrently(t *testing.T) {
 func TestRefusalIsTheFirstRead(t *testing.T) {
 	leakCheck(t)
 	refused := make(chan []byte, 1)
+	wrote := make(chan struct{})
 	client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
 		refused <- st.Payload()
+		<-wrote // the server's checks take a while
 		st.Refuse(tunnel.ReasonPolicy)
 	})
 	st, err := client.OpenStream(hdr, false)
@@ -131,6 +133,7 @@ func TestRefusalIsTheFirstRead(t *testing.T) {
 	if _, err := st.Write([]byte("early bytes")); err != nil {
 		t.Fatalf("write before the reply: %v", err)
 	}
+	close(wrote)
 	_, err = st.Read(make([]byte, 10))
 	var re *tunnel.RefusedError
 	if !errors.As(err, &re) || re.Reason != tunnel.ReasonPolicy {
@@ -513,4 +516,47 @@ func TestReplyTimeoutCutsTheStream(t *testing.T) {
 		t.Fatalf("answered stream: %q, %v", got, err)
 	}
 	answered.Close()
+}
+
+// TestAbortWakesWriterWaitingForConnectionWindow: a writer blocked on the
+// connection's window (not its stream's) returns when its stream is
+// aborted, so a splice never hangs on a cut stream.
+func TestAbortWakesWriterWaitingForConnectionWindow(t *testing.T) {
+	leakCheck(t)
+	stall := make(chan struct{})
+	client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+		st.Accept()
+		<-stall
+		st.Abort()
+	})
+	defer close(stall)
+	// Four streams fill the connection window (4 x 4 MiB = 16 MiB).
+	for range mux.ConnWindow / mux.StreamWindow {
+		st, err := client.OpenStream(hdr, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n, err := st.Write(make([]byte, mux.StreamWindow)); err != nil || n != mux.StreamWindow {
+			t.Fatalf("filling write: %d, %v", n, err)
+		}
+	}
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := st.Write(make([]byte, 1))
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	st.Abort()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("write on an aborted stream succeeded")
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("writer still blocked on the connection window after Abort")
+	}
 }

@@ -290,18 +290,16 @@ func (st *Stream) Write(p []byte) (int, error) {
 			if n > 0 {
 				break
 			}
-			var wait <-chan struct{}
-			if st.sendWin <= 0 {
-				if st.winCh == nil {
-					st.winCh = make(chan struct{})
-				}
-				wait = st.winCh
-			} else {
-				wait = s.winCh
+			// Woken by the stream's window, or its end (st.winCh), or
+			// the connection's window, or its end (s.winCh).
+			if st.winCh == nil {
+				st.winCh = make(chan struct{})
 			}
+			streamCh, connCh := st.winCh, s.winCh
 			s.mu.Unlock()
 			select {
-			case <-wait:
+			case <-streamCh:
+			case <-connCh:
 			case <-st.wd.wait():
 				return written, os.ErrDeadlineExceeded
 			}
