@@ -303,7 +303,7 @@ func (s *Session) routineRead() {
 				if _, err = io.ReadFull(s.br, buf); err == nil {
 					var out []byte
 					if out, err = s.onControl(f, buf); err == nil && out != nil {
-						err = s.writeRaw(out)
+						err = s.queueRaw(out)
 					}
 				}
 			}
@@ -348,7 +348,7 @@ func (s *Session) onData(f Frame) error {
 		if _, err := s.br.Discard(f.Len); err != nil {
 			return err
 		}
-		s.credit(nil, f.Len)
+		s.creditFromReader(f.Len)
 		return nil
 	}
 	switch {
@@ -375,7 +375,7 @@ func (s *Session) onData(f Frame) error {
 		// Ended (reset, closed) while we read: discard.
 		s.mu.Unlock()
 		putChunk(c)
-		s.credit(nil, f.Len)
+		s.creditFromReader(f.Len)
 		return nil
 	}
 	st.queue = append(st.queue, c)
@@ -531,6 +531,43 @@ func (s *Session) credit(st *Stream, n int) {
 	if frames != nil {
 		_ = s.writeRaw(frames) // a failed write fails the session
 	}
+}
+
+// creditFromReader is credit for bytes routineRead dropped (late data
+// for an ended stream). It never blocks: routineRead must keep reading,
+// or two agents each blocked writing to the other would deadlock.
+func (s *Session) creditFromReader(n int) {
+	var frames []byte
+	s.mu.Lock()
+	s.recvUnacked += int64(n)
+	if s.recvUnacked >= ConnWindow/4 {
+		frames = appendWindow(frames, 0, s.recvUnacked)
+		s.recvWin += s.recvUnacked
+		s.recvUnacked = 0
+	}
+	s.mu.Unlock()
+	if frames != nil {
+		_ = s.queueRaw(frames)
+	}
+}
+
+// queueRaw queues encoded frames and leaves the flush to whoever flushes,
+// or to routineWrite: for routineRead, which must never block on a write.
+func (s *Session) queueRaw(frames []byte) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.werr != nil {
+		return s.werr
+	}
+	s.wbuf = append(s.wbuf, frames...)
+	if !s.flushing {
+		s.flushing = true
+		select {
+		case s.kick <- struct{}{}: // routineWrite owns the flush now
+		default:
+		}
+	}
+	return nil
 }
 
 func appendWindow(b []byte, id uint32, n int64) []byte {
