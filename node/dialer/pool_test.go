@@ -39,7 +39,11 @@ func (p *peer) cutAll() {
 	p.open = nil
 }
 
-func startPeer(t *testing.T, v3 bool) *peer {
+func startPeer(t *testing.T, v3 bool) *peer { return startPeerStalling(t, v3, nil) }
+
+// startPeerStalling is startPeer whose streams, while stall is open,
+// accept and then read nothing (pods that do not read).
+func startPeerStalling(t *testing.T, v3 bool, stall chan struct{}) *peer {
 	t.Helper()
 	_, server := tunneltest.TLSConfigs(t)
 	server = server.Clone()
@@ -77,6 +81,12 @@ func startPeer(t *testing.T, v3 bool) *peer {
 				if tc.ConnectionState().NegotiatedProtocol == mux.ALPN {
 					s := mux.Server(tc, mux.Config{}, func(st *mux.Stream) {
 						st.Accept()
+						if stall != nil {
+							select {
+							case <-stall:
+							case <-st.Session().Done():
+							}
+						}
 						io.Copy(st, st)
 						st.CloseWrite()
 						st.Close()
@@ -276,5 +286,40 @@ func TestV2PeerFallback(t *testing.T) {
 	}
 	if got := d.Conns(); got != 0 {
 		t.Errorf("%d pooled connections to a v2 peer", got)
+	}
+}
+
+// TestPoolSpreadsBytesInFlight: a connection with most of its window in
+// flight (bulk transfers to pods that do not keep up) is saturated: the
+// next stream of the key opens another connection.
+func TestPoolSpreadsBytesInFlight(t *testing.T) {
+	stall := make(chan struct{})
+	p := startPeerStalling(t, true, stall)
+	defer close(stall)
+	d := newTestDialer(t, p)
+	var open []net.Conn
+	for _, n := range []int{mux.StreamWindow, mux.StreamWindow, mux.StreamWindow, 1} {
+		c, err := d.Dial(t.Context(), tgt(p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write(make([]byte, n)); err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, c)
+	}
+	if got := p.conns.Load(); got != 1 {
+		t.Fatalf("peer saw %d connections before the window filled, want 1", got)
+	}
+	c, err := d.Dial(t.Context(), tgt(p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	open = append(open, c)
+	if got := p.conns.Load(); got != 2 {
+		t.Errorf("peer saw %d connections with 12 MiB + 1 in flight on the first, want 2", got)
+	}
+	for _, c := range open {
+		c.Close()
 	}
 }
