@@ -15,6 +15,7 @@ packages=(
 	iproute2 util-linux         # ip, nsenter
 	tshark iperf3 openssl curl python3 # checks and tools used inside pods/nodes
 	haproxy sockperf hey        # make bench: the sidecar pair, ping-pong latency, HTTP load
+	linux-perf                  # make bench: where the proxies' CPU goes
 	ca-certificates
 )
 missing=()

@@ -44,6 +44,7 @@ type Config struct {
 	Parallel     int           // iperf3 -P
 	Clients      int           // hey -c
 	MsgSize      int           // sockperf -m
+	Profile      bool          // perf profile of the proxies
 
 	// memory mode
 	Pods    int
@@ -69,6 +70,7 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.IntVar(&c.Parallel, "parallel", 1, "iperf3 parallel streams (-P)")
 	fs.IntVar(&c.Clients, "clients", 8, "hey concurrent clients (-c), each request a new connection")
 	fs.IntVar(&c.MsgSize, "msg-size", 1024, "sockperf ping-pong message size, bytes")
+	fs.BoolVar(&c.Profile, "profile", true, "perf mode: also profile the proxies (both agents, both HAProxys) during one more throughput run (needs perf)")
 	fs.IntVar(&c.Pods, "pods", 100, "memory mode: meshed pods, spread over the two nodes")
 	fs.IntVar(&c.Idle, "idle-conns", 1000, "memory mode: idle meshed connections held open, all cross-node")
 	fs.Float64Var(&c.LimitMB, "limit-mb", 64, "memory mode: target agent RSS per node, MiB")
@@ -142,6 +144,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) (err error) {
 	tools := []string{"nsenter", "tunmesh-workload"}
 	if cfg.Mode == "perf" {
 		tools = append(tools, "iperf3", "sockperf", "hey", "haproxy")
+		if cfg.Profile {
+			tools = append(tools, "perf")
+		}
 	}
 	// The stand-in kubelet finds tunmesh-workload next to tunmeshctl; the
 	// check looks there too.

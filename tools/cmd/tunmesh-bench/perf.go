@@ -46,6 +46,9 @@ func serverApps(addr string) [][]string {
 	}
 }
 
+// profileTop is how many symbols of each profile the report lists.
+const profileTop = 15
+
 var sleeper = []string{"tunmesh-workload", "sleep"}
 
 func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log *slog.Logger) error {
@@ -175,6 +178,24 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 		cfg.Reps, secs(cfg.Duration), cfg.Parallel, cfg.MsgSize, secs(cfg.RRDuration), cfg.Clients, secs(cfg.ConnDuration))
 	if err := bench.WriteTable(report, sums, bench.Evaluate(sums)); err != nil {
 		return err
+	}
+	if cfg.Profile {
+		fmt.Fprintf(report, "\nwhere the proxies' CPU goes during one more iperf3 run (perf record -e cpu-clock -F 999 -p <proxy pids>, perf report --sort dso,symbol; top %d):\n", profileTop)
+		for _, p := range paths {
+			if p.procs == nil {
+				continue
+			}
+			log.Info("profiling", "path", p.name)
+			es, err := profileThroughput(ctx, c, p, cfg, dir)
+			if err != nil {
+				failures = append(failures, fmt.Errorf("%s profile: %w", p.name, err))
+				continue
+			}
+			fmt.Fprintln(report)
+			if err := bench.WriteProfile(report, p.name, es, profileTop); err != nil {
+				return err
+			}
+		}
 	}
 	if len(failures) > 0 {
 		fmt.Fprintf(report, "\n%d measurement(s) failed (their cells are left out of the medians):\n", len(failures))

@@ -5,6 +5,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -210,6 +211,57 @@ func FuzzParseHey(f *testing.F) {
 		got, err := ParseHey(in)
 		if err == nil && (got.OK == 0 || got.Total <= 0) {
 			t.Fatalf("accepted %+v", got)
+		}
+	})
+}
+
+func TestParsePerfReport(t *testing.T) {
+	es, err := ParsePerfReport(readTestdata(t, "perf-report.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) < 10 {
+		t.Fatalf("%d entries", len(es))
+	}
+	first := PerfEntry{Percent: 22.53, DSO: "[kernel.kallsyms]", Symbol: "_raw_spin_unlock_irqrestore", Kernel: true}
+	if es[0] != first {
+		t.Errorf("first = %+v, want %+v", es[0], first)
+	}
+	var user *PerfEntry
+	for i := range es {
+		if !es[i].Kernel {
+			user = &es[i]
+			break
+		}
+	}
+	if user == nil || user.DSO != "tunmesh-workload" || user.Symbol != "internal/runtime/syscall/linux.Syscall6" || user.Percent != 1.33 {
+		t.Errorf("first user-space entry = %+v", user)
+	}
+	if s := KernelShare(es); s <= 50 || s >= 100 {
+		t.Errorf("kernel share %v", s)
+	}
+	var b strings.Builder
+	if err := WriteProfile(&b, "agents", es, 3); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.String(), "| 22.5 | [kernel.kallsyms] | `_raw_spin_unlock_irqrestore` |") || strings.Count(b.String(), "\n| ") != 4 {
+		t.Errorf("profile table:\n%s", b.String())
+	}
+}
+
+func TestParsePerfReportEmpty(t *testing.T) {
+	in := "# Samples: 0 of event 'cpu-clock'\n#\n# Overhead  Shared Object  Symbol\n"
+	if _, err := ParsePerfReport([]byte(in)); !errors.Is(err, ErrToolFailed) {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func FuzzParsePerfReport(f *testing.F) {
+	f.Add(readTestdata(f, "perf-report.txt"))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		es, err := ParsePerfReport(in)
+		if err == nil && len(es) == 0 {
+			t.Fatal("no entries and no error")
 		}
 	})
 }
