@@ -349,8 +349,15 @@ func (n *nic) writeFailed(info *packetInfo, err error) {
 // packetBytes appends the whole packet (at link level no header has been
 // consumed yet) to dst.
 func packetBytes(pkt *stack.PacketBuffer, dst []byte) []byte {
-	for _, s := range pkt.AsSlices() {
-		dst = append(dst, s...)
+	vl, off := pkt.AsViewList()
+	for v := vl.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if off >= len(b) {
+			off -= len(b)
+			continue
+		}
+		dst = append(dst, b[off:]...)
+		off = 0
 	}
 	return dst
 }

@@ -58,6 +58,8 @@ type tunEndpoint struct {
 	stopping   atomic.Bool   // set by Attach(nil) before it interrupts the read
 	done       chan struct{} // closed when the running reader returns; nil if none
 
+	w tunWriter
+
 	closeOnce sync.Once
 }
 
@@ -237,8 +239,10 @@ var readBufs = sync.Pool{New: func() any {
 // Attach(nil) (hence by RemoveNIC and Close).
 func (e *tunEndpoint) routineReadTUN(d stack.NetworkDispatcher, done chan struct{}) {
 	defer close(done)
+	r := &tunReader{}
+	r.read = r.readFD
 	for {
-		bp, n, err := e.read()
+		bp, n, err := r.next(e.rc)
 		if err != nil {
 			if !e.stopping.Load() && e.stopped != nil {
 				e.stopped(tcpipError(err))
@@ -258,43 +262,57 @@ func (e *tunEndpoint) routineReadTUN(d stack.NetworkDispatcher, done chan struct
 	}
 }
 
-// read reads one packet (with its header in offload mode) into a buffer from
+// tunReader is the reader goroutine's state, kept across reads so that a
+// read allocates nothing (the RawConn callback is bound once).
+type tunReader struct {
+	bp   *[]byte
+	n    int
+	err  error
+	read func(fd uintptr) bool // r.readFD
+}
+
+// next reads one packet (with its header in offload mode) into a buffer from
 // readBufs, through the netpoller: a goroutine parked on an idle TUN holds
 // neither an OS thread nor a buffer. The caller returns the buffer.
-func (e *tunEndpoint) read() (*[]byte, int, error) {
-	var bp *[]byte
-	var n int
-	var rerr error
-	err := e.rc.Read(func(fd uintptr) bool {
-		if bp == nil {
-			bp = readBufs.Get().(*[]byte)
-		}
-		for {
-			n, rerr = unix.Read(int(fd), *bp)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
-		if rerr == unix.EAGAIN {
-			readBufs.Put(bp)
-			bp = nil
-			return false
-		}
-		return true
-	})
-	if err == nil && rerr == nil && n == 0 {
+func (r *tunReader) next(rc syscall.RawConn) (*[]byte, int, error) {
+	r.bp, r.n, r.err = nil, 0, nil
+	err := rc.Read(r.read)
+	if err == nil && r.err == nil && r.n == 0 {
 		err = errors.New("tun read: end of file")
 	}
 	if err == nil {
-		err = rerr
+		err = r.err
 	}
+	bp := r.bp
+	r.bp = nil
 	if err != nil {
 		if bp != nil {
 			readBufs.Put(bp)
 		}
 		return nil, 0, err
 	}
-	return bp, n, nil
+	return bp, r.n, nil
+}
+
+// readFD is the raw read, called by the RawConn when the fd may be readable;
+// it reports false (park until readable) on EAGAIN, handing the buffer back
+// first.
+func (r *tunReader) readFD(fd uintptr) bool {
+	if r.bp == nil {
+		r.bp = readBufs.Get().(*[]byte)
+	}
+	for {
+		r.n, r.err = unix.Read(int(fd), *r.bp)
+		if r.err != unix.EINTR {
+			break
+		}
+	}
+	if r.err == unix.EAGAIN {
+		readBufs.Put(r.bp)
+		r.bp = nil
+		return false
+	}
+	return true
 }
 
 // deliver copies one packet into a PacketBuffer (exactly sized, from
@@ -317,19 +335,33 @@ func (e *tunEndpoint) deliver(d stack.NetworkDispatcher, b []byte, vh tun.VnetHd
 	pkt.DecRef()
 }
 
-// WritePackets implements stack.LinkEndpoint.
+// WritePackets implements stack.LinkEndpoint. Packets are written one per
+// syscall (a TUN takes no more), under w.mu: the fd's write lock serializes
+// writers anyway, and holding the per-endpoint state lets every write reuse
+// its header, iovec slice and callback instead of allocating them (this runs
+// for every segment and ACK).
 func (e *tunEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
-	var iovs [][]byte
-	var hdr [tun.VnetHdrLen]byte
+	w := &e.w
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.write == nil {
+		w.write = w.writev
+	}
 	n := 0
 	for _, pkt := range pkts.AsSlice() {
-		iovs = iovs[:0]
+		w.iovs = w.iovs[:0]
 		if e.offload {
-			gsoToVnet(pkt).Encode(hdr[:])
-			iovs = append(iovs, hdr[:])
+			gsoToVnet(pkt).Encode(w.hdr[:])
+			w.iovs = append(w.iovs, w.hdr[:])
 		}
-		iovs = append(iovs, pkt.AsSlices()...)
-		if err := e.writev(iovs); err != nil {
+		w.iovs = appendSlices(w.iovs, pkt)
+		w.err = nil
+		err := e.rc.Write(w.write)
+		if err == nil {
+			err = w.err
+		}
+		clear(w.iovs) // drop references to the packet's views
+		if err != nil {
 			if n == 0 {
 				return 0, tcpipError(err)
 			}
@@ -340,22 +372,41 @@ func (e *tunEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Erro
 	return n, nil
 }
 
-// writev writes one packet (its slices) in one syscall.
-func (e *tunEndpoint) writev(iovs [][]byte) error {
-	var werr error
-	err := e.rc.Write(func(fd uintptr) bool {
-		for {
-			_, werr = unix.Writev(int(fd), iovs)
-			if werr != unix.EINTR {
-				break
-			}
+// tunWriter is a tunEndpoint's reusable write state.
+type tunWriter struct {
+	mu    sync.Mutex
+	hdr   [tun.VnetHdrLen]byte
+	iovs  [][]byte
+	err   error
+	write func(fd uintptr) bool // w.writev, bound once
+}
+
+// writev is the raw write of w.iovs, called by the fd's RawConn with its
+// write lock held; it reports false (wait for writability) on EAGAIN.
+func (w *tunWriter) writev(fd uintptr) bool {
+	for {
+		_, w.err = unix.Writev(int(fd), w.iovs)
+		if w.err != unix.EINTR {
+			break
 		}
-		return werr != unix.EAGAIN
-	})
-	if err != nil {
-		return err
 	}
-	return werr
+	return w.err != unix.EAGAIN
+}
+
+// appendSlices appends the packet's bytes (headers and data, as views of its
+// storage, not copies) to dst without allocating more than dst's growth.
+func appendSlices(dst [][]byte, pkt *stack.PacketBuffer) [][]byte {
+	vl, off := pkt.AsViewList()
+	for v := vl.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if off >= len(b) {
+			off -= len(b)
+			continue
+		}
+		dst = append(dst, b[off:])
+		off = 0
+	}
+	return dst
 }
 
 // gsoToVnet is the virtio header for a packet gVisor writes. With host GSO
