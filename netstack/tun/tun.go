@@ -71,10 +71,11 @@ const (
 	tunFCSUM = 0x01
 	tunFTSO4 = 0x02
 	tunFTSO6 = 0x04
-	// offloads are what ModeOffload turns on. TSO_ECN is left out (the
-	// reader's segmentation does not carry CWR across segments the way the
-	// kernel's ECN-aware TSO expects), and UDP offloads are useless: the
-	// stack serves TCP only.
+	// offloads are what ModeOffload turns on. TSO_ECN is left out: only
+	// connections that negotiated ECN send super-packets with CWR, pods
+	// do not start ECN by default (net.ipv4.tcp_ecn=2), and without it the
+	// pod's kernel segments those few itself. UDP offloads are useless:
+	// the stack serves TCP only and passes UDP through.
 	offloads = tunFCSUM | tunFTSO4 | tunFTSO6
 )
 
