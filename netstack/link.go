@@ -87,15 +87,16 @@ func (n *nic) readerStopped(tcpipErr tcpip.Error) {
 	n.s.logger.Warn("nic reader stopped; detach the nic", "nic", n.id, "name", n.name, "err", tcpipErr)
 }
 
-// linkEndpoint wraps the NIC's fdbased endpoint and decides, for every
-// inbound packet, whether gVisor sees it or the host does.
+// linkEndpoint wraps the NIC's TUN endpoint and decides, for every inbound
+// packet, whether gVisor sees it or the host does.
 //
 // Why a LinkEndpoint wrapper and not a custom dispatcher or a packet hook:
 // it sits exactly where the decision belongs, before gVisor's IP layer
 // (which, promiscuous, would answer anything with a RST), it sees whole
-// packets as the pod sent them (so passthrough is byte-exact), it keeps
-// gVisor's tested fdbased reader and writer, and nested.Endpoint already
-// handles the attach/detach locking. Outbound packets pass untouched.
+// packets as the pod sent them (so passthrough is byte-exact), it keeps the
+// decision apart from reading and writing the TUN (tunEndpoint), and
+// nested.Endpoint already handles the attach/detach locking. Outbound
+// packets pass untouched.
 type linkEndpoint struct {
 	nested.Endpoint
 	nic *nic

@@ -450,8 +450,8 @@ func TestDetachAndReattach(t *testing.T) {
 }
 
 // (f) Close stops every goroutine the stack (and gVisor under it) started
-// and closes every fd it owns, including gVisor's dispatcher eventfds, even
-// with a ServeConn blocked on its connection and a dialed connection open.
+// and closes every fd it owns, including the TUN endpoints' own duplicates,
+// even with a ServeConn blocked on its connection and a dialed connection open.
 func TestCloseReleasesGoroutinesAndFDs(t *testing.T) {
 	nstest.SkipUnlessRoot(t)
 	// Warm up lazily created runtime fds (netpoll) before the baseline.

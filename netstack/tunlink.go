@@ -47,7 +47,7 @@ type tunEndpoint struct {
 	rc      syscall.RawConn
 	offload bool // the fd is in tun.ModeOffload
 	mtu     atomic.Uint32
-	// stopped is fdbased's ClosedFunc: called when the reader ends because
+	// stopped is called when the reader ends because
 	// reading failed (not when Attach(nil) stopped it).
 	stopped func(tcpip.Error)
 
