@@ -315,7 +315,7 @@ func (n *nic) passthroughOffload(b []byte, info *packetInfo, off offload) {
 
 // writeOffload writes b with its offload state to an OffloadWriter.
 func (n *nic) writeOffload(ow OffloadWriter, b []byte, info *packetInfo, off offload) {
-	if err := ow.WriteOffload(b, off.vnetHdr(b, info)); err != nil {
+	if err := ow.WriteOffload(b, off.vnetHdr(info)); err != nil {
 		n.writeFailed(info, err)
 		return
 	}

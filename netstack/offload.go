@@ -44,8 +44,8 @@ var (
 // version, neither SYN nor RST (Linux segments neither; so every segment of
 // a super-packet carries the same 4-tuple and the flags that matter to the
 // classifier, and deciding the super-packet decides each segment), with a
-// partial TCP checksum where TCP's is and a segment size the kernel could
-// use (minGSOSize).
+// partial TCP checksum where TCP's is, a TCP header inside the packet and a
+// segment size the kernel could use (minGSOSize).
 func checkOffload(g stack.GSO, info *packetInfo, size int) (offload, error) {
 	var o offload
 	if g.NeedsCsum {
@@ -67,7 +67,8 @@ func checkOffload(g stack.GSO, info *packetInfo, size int) (offload, error) {
 		wantVersion = 6
 	}
 	if !info.tcp || info.version != wantVersion || info.flags&(tcpFlagSYN|tcpFlagRST) != 0 ||
-		!o.csum || o.csumStart != info.ipHdrLen || o.csumOffset != 16 || g.MSS < minGSOSize {
+		!o.csum || o.csumStart != info.ipHdrLen || o.csumOffset != 16 || g.MSS < minGSOSize ||
+		info.tcpHdrLen < tcpHdrMin || info.ipHdrLen+info.tcpHdrLen > size {
 		return offload{}, errOffloadShape
 	}
 	o.gso = true
@@ -76,8 +77,9 @@ func checkOffload(g stack.GSO, info *packetInfo, size int) (offload, error) {
 }
 
 // vnetHdr is the virtio header that hands a packet with offload state o on
-// to another ModeOffload TUN unchanged (the host TUN).
-func (o offload) vnetHdr(b []byte, info *packetInfo) tun.VnetHdr {
+// to another ModeOffload TUN unchanged (the host TUN). It is built from the
+// validated state, never copied from the pod's header.
+func (o offload) vnetHdr(info *packetInfo) tun.VnetHdr {
 	var h tun.VnetHdr
 	if o.csum {
 		h.Flags = tun.VnetFlagNeedsCsum
@@ -90,7 +92,7 @@ func (o offload) vnetHdr(b []byte, info *packetInfo) tun.VnetHdr {
 			h.GSOType = tun.VnetGSOTCPv6
 		}
 		h.GSOSize = uint16(o.mss)
-		h.HdrLen = uint16(info.ipHdrLen + tcpDataOffset(b, info.ipHdrLen))
+		h.HdrLen = uint16(info.ipHdrLen + info.tcpHdrLen)
 	}
 	return h
 }

@@ -97,6 +97,8 @@ func TestCheckOffload(t *testing.T) {
 		{"tso segment size at linux's minimum", b4, with(h4, func(h *tun.VnetHdr) { h.GSOSize = 48 }), offload{csum: true, csumStart: 20, csumOffset: 16, gso: true, mss: 48}, nil},
 		{"tso syn", synB, synH, offload{}, errOffloadShape},
 		{"tso rst", rstB, rstH, offload{}, errOffloadShape},
+		{"tso tcp header too short", shortDoff(b4), h4, offload{}, errOffloadShape},
+		{"tso tcp header past the end", b4[:39], h4, offload{}, errOffloadShape},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			info := infoOf(t, tc.b)
@@ -322,4 +324,11 @@ func TestFinishChecksumZeroIsMangled(t *testing.T) {
 	if csum(pseudoHeader(b, 20, 17, len(b)-20), b[20:]) != 0 {
 		t.Fatal("mangled checksum does not verify")
 	}
+}
+
+// shortDoff is a copy of the IPv4 packet b with a TCP data offset of 16 bytes.
+func shortDoff(b []byte) []byte {
+	b = append([]byte(nil), b...)
+	b[20+12] = 4 << 4
+	return b
 }

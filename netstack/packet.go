@@ -55,6 +55,9 @@ type packetInfo struct {
 	tcp          bool
 	sport, dport uint16
 	flags        uint8
+	// tcpHdrLen is the TCP header length from its data offset (not
+	// checked against the packet's length here).
+	tcpHdrLen int
 }
 
 // isPureSYN reports a TCP SYN without ACK: the first packet of a new flow.
@@ -110,6 +113,7 @@ func parseIP(b []byte) (packetInfo, error) {
 		p.sport = binary.BigEndian.Uint16(t[0:2])
 		p.dport = binary.BigEndian.Uint16(t[2:4])
 		p.flags = t[tcpFlagsOff]
+		p.tcpHdrLen = int(t[12]>>4) * 4
 	}
 	return p, nil
 }

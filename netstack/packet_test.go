@@ -156,13 +156,13 @@ func TestParseIP(t *testing.T) {
 			name: "v4 syn",
 			pkt:  synV4.bytes(),
 			want: packetInfo{version: 4, proto: protoTCP, ipHdrLen: 20, src: pod4.Addr(), dst: dst4.Addr(),
-				tcp: true, sport: pod4.Port(), dport: dst4.Port(), flags: tcpFlagSYN},
+				tcp: true, sport: pod4.Port(), dport: dst4.Port(), flags: tcpFlagSYN, tcpHdrLen: 24},
 		},
 		{
 			name: "v6 syn-ack",
 			pkt:  testPacket{src: pod6, dst: dst6, flags: tcpFlagSYN | tcpFlagACK}.bytes(),
 			want: packetInfo{version: 6, proto: protoTCP, ipHdrLen: 40, src: pod6.Addr(), dst: dst6.Addr(),
-				tcp: true, sport: pod6.Port(), dport: dst6.Port(), flags: tcpFlagSYN | tcpFlagACK},
+				tcp: true, sport: pod6.Port(), dport: dst6.Port(), flags: tcpFlagSYN | tcpFlagACK, tcpHdrLen: 20},
 		},
 		{
 			name: "v4 udp",
