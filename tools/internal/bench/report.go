@@ -314,8 +314,8 @@ func WriteMemory(w io.Writer, r MemoryReport) error {
 	if r.Pass {
 		status = "PASS"
 	}
-	fmt.Fprintf(&b, "\ngrowth per agent (least squares over the points): %s KiB per pod on its node, %s KiB per connection end\n"+
-		"target: agent RSS <= %.0f MiB per node at the last point (largest: %s MiB): %s\n",
+	fmt.Fprintf(&b, "\n- growth per agent (least squares over the points): %s KiB per pod on its node, %s KiB per connection end\n"+
+		"- target: agent RSS <= %.0f MiB per node at the last point (largest: %s MiB): %s\n",
 		num(r.PerPodKB, 1), num(r.PerConnKB, 1), r.LimitMB, num(r.Points[len(r.Points)-1].MaxRSS(), 1), status)
 	_, err := io.WriteString(w, b.String())
 	return err
