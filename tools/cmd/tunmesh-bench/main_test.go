@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -131,5 +132,25 @@ func TestSidecarConfigsValid(t *testing.T) {
 		if !strings.Contains(serverSidecarConfig(dir)+clientSidecarConfig(dir, "10.244.2.7"), want) {
 			t.Errorf("configs lack %q", want)
 		}
+	}
+}
+
+func TestRotate(t *testing.T) {
+	paths := []string{"kernel", "haproxy", "tunmesh"}
+	for rep, want := range [][]string{
+		{"kernel", "haproxy", "tunmesh"},
+		{"haproxy", "tunmesh", "kernel"},
+		{"tunmesh", "kernel", "haproxy"},
+		{"kernel", "haproxy", "tunmesh"},
+	} {
+		if got := rotate(paths, rep); !slices.Equal(got, want) {
+			t.Errorf("rep %d: %v, want %v", rep, got, want)
+		}
+	}
+	if !slices.Equal(paths, []string{"kernel", "haproxy", "tunmesh"}) {
+		t.Error("rotate changed its input")
+	}
+	if rotate([]string(nil), 3) != nil {
+		t.Error("rotate of nothing")
 	}
 }

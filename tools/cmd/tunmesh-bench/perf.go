@@ -138,7 +138,7 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 		}
 		// Interleaved, order rotated every repetition, so that drift of
 		// the machine's load hits every path alike.
-		order := append(slices.Clone(paths[rep%len(paths):]), paths[:rep%len(paths)]...)
+		order := rotate(paths, rep)
 		for _, m := range measures {
 			for _, p := range order {
 				if err := ctx.Err(); err != nil {
@@ -205,6 +205,16 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 		return fmt.Errorf("%d measurement(s) failed", len(failures))
 	}
 	return nil
+}
+
+// rotate returns xs started at index n (mod len): repetition n runs the
+// paths in this order, so that each path is first, second and last alike.
+func rotate[T any](xs []T, n int) []T {
+	if len(xs) == 0 {
+		return nil
+	}
+	n %= len(xs)
+	return append(slices.Clone(xs[n:]), xs[:n]...)
 }
 
 func round(x float64) float64 { return math.Round(x*100) / 100 }
