@@ -36,7 +36,9 @@
 //	             ReplyRefused and a tunnel.Reason; a refused stream is over
 //
 // A client sends Open and then Data at once, without waiting for the
-// Reply: the header travels with the first bytes and costs no round trip.
+// Reply: the header travels with the first bytes (the Open is corked until
+// the stream's first write, or its first read for a protocol where the
+// server speaks first) and costs no round trip.
 // The server holds those bytes (within the stream window) until its checks
 // pass and the destination pod is dialled, then replies; a refusal drops
 // them and reaches the client's reader as a *tunnel.RefusedError, which the

@@ -560,3 +560,64 @@ func TestAbortWakesWriterWaitingForConnectionWindow(t *testing.T) {
 		t.Fatal("writer still blocked on the connection window after Abort")
 	}
 }
+
+// countingConn counts the writes to a connection.
+type countingConn struct {
+	net.Conn
+	mu     sync.Mutex
+	writes [][]byte
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	c.writes = append(c.writes, append([]byte(nil), p...))
+	c.mu.Unlock()
+	return c.Conn.Write(p)
+}
+
+// TestOpenLeavesWithTheFirstBytes: the Open frame (the tunnel header) and
+// the stream's first bytes leave in one write (one TLS record); a stream
+// that only reads (a server-first protocol) sends its Open when it starts
+// waiting.
+func TestOpenLeavesWithTheFirstBytes(t *testing.T) {
+	leakCheck(t)
+	a, b := net.Pipe()
+	cc := &countingConn{Conn: a}
+	client := mux.Client(cc, mux.Config{})
+	server := mux.Server(b, mux.Config{}, func(st *mux.Stream) {
+		st.Accept()
+		if bytes.Equal(st.Payload(), []byte("server-first")) {
+			st.Write([]byte("banner"))
+		}
+		io.Copy(io.Discard, st)
+		st.CloseWrite()
+		st.Close()
+	})
+	defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Write([]byte("GET / HTTP/1.1\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	cc.mu.Lock()
+	first := cc.writes[0]
+	cc.mu.Unlock()
+	if len(first) != 2*mux.HeaderLen+len(hdr)+18 || first[0] != mux.FrameOpen || first[mux.HeaderLen+len(hdr)] != mux.FrameData {
+		t.Errorf("first connection write = % x, want the Open and the first Data frame together", first)
+	}
+	st.Abort()
+
+	// Server-first: nothing to write; reading sends the Open.
+	st, err = client.OpenStream([]byte("server-first"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 6)
+	if _, err := io.ReadFull(st, buf); err != nil || string(buf) != "banner" {
+		t.Fatalf("server-first stream read %q, %v", buf, err)
+	}
+	st.Abort()
+}

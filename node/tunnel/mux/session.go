@@ -227,8 +227,9 @@ func (s *Session) CloseIfIdle(idle time.Duration) bool {
 
 // OpenStream opens a stream on a client session, consuming a reservation
 // if the caller holds one (reserved). payload (the tunnel header) travels
-// in the Open frame; the stream can be written at once, and its first
-// Read returns the server's refusal if there is one.
+// in the Open frame, together with the stream's first bytes; the stream
+// can be written at once, and its first Read returns the server's refusal
+// if there is one.
 func (s *Session) OpenStream(payload []byte, reserved bool) (*Stream, error) {
 	if !s.client {
 		return nil, errors.New("mux: only a client session opens streams")
@@ -258,6 +259,7 @@ func (s *Session) OpenStream(payload []byte, reserved bool) (*Stream, error) {
 	}
 	st := newStream(s, id)
 	st.opened = time.Now()
+	st.corked = true
 	s.streams[id] = st
 	if s.cfg.ReplyTimeout > 0 {
 		st.replyTimer = time.AfterFunc(s.cfg.ReplyTimeout, func() {
@@ -275,10 +277,29 @@ func (s *Session) OpenStream(payload []byte, reserved bool) (*Stream, error) {
 	}
 	s.wbuf = appendHeader(s.wbuf, FrameOpen, id, len(payload))
 	s.wbuf = append(s.wbuf, payload...)
-	if err := s.flushLocked(); err != nil {
-		return nil, fmt.Errorf("open stream: %w", err)
-	}
+	// Corked: the Open leaves with the stream's first write (one record
+	// for the header and the pod's first bytes), or when the stream is
+	// first read, closed or waited on (a server-first protocol: nothing
+	// to write), whichever comes first — or with anyone's flush.
+	s.wmu.Unlock()
 	return st, nil
+}
+
+// uncork sends the stream's Open if it is still queued (see OpenStream).
+func (st *Stream) uncork() {
+	s := st.s
+	s.mu.Lock()
+	corked := st.corked
+	st.corked = false
+	s.mu.Unlock()
+	if corked {
+		s.wmu.Lock()
+		if s.werr != nil {
+			s.wmu.Unlock()
+			return
+		}
+		_ = s.flushLocked() // a failed write fails the session
+	}
 }
 
 // routineRead reads and dispatches frames until the connection fails.

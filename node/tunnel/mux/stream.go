@@ -39,6 +39,7 @@ type Stream struct {
 	readErr     error    // how the read side ended (io.EOF: the peer's End)
 	writeErr    error    // why writes fail (reset, cut, refused)
 	replied     bool     // the reply was received (client) or sent (server)
+	corked      bool     // client: the Open is queued but not flushed yet
 	gotEnd      bool
 	sentEnd     bool
 	sentReset   bool
@@ -131,6 +132,7 @@ func (st *Stream) WaitReply(ctx context.Context) error {
 	if st.replyCh == nil {
 		return errors.New("mux: only client streams have a reply")
 	}
+	st.uncork()
 	select {
 	case <-st.replyCh:
 	case <-st.s.done:
@@ -211,9 +213,13 @@ func (st *Stream) Read(p []byte) (int, error) {
 			s.mu.Unlock()
 			return 0, err
 		}
+		corked := st.corked
 		s.mu.Unlock()
 		if len(p) == 0 {
 			return 0, nil
+		}
+		if corked {
+			st.uncork()
 		}
 		select {
 		case <-st.readable:
@@ -253,13 +259,16 @@ func (st *Stream) DrainTo(w io.Writer, moved func(int)) error {
 			}
 			continue
 		}
-		err := st.readErr
+		err, corked := st.readErr, st.corked
 		s.mu.Unlock()
 		if err == io.EOF {
 			return nil
 		}
 		if err != nil {
 			return fmt.Errorf("read: %w", err)
+		}
+		if corked {
+			st.uncork()
 		}
 		select {
 		case <-st.readable:
@@ -307,6 +316,7 @@ func (st *Stream) Write(p []byte) (int, error) {
 		}
 		st.sendWin -= int64(n)
 		s.sendWin -= int64(n)
+		st.corked = false // this write flushes the Open with it
 		s.mu.Unlock()
 		if err := s.writeData(st.id, p[:n]); err != nil {
 			return written, err
