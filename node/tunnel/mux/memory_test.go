@@ -108,3 +108,54 @@ func BenchmarkIdleStreamCost(b *testing.B) {
 		b.ReportMetric(gr, "goroutines/stream")
 	}
 }
+
+// BenchmarkIdleConnectionCost reports what one idle pooled connection
+// costs, both agents together (client and server session, their TLS
+// connections and goroutines), after one stream came and went:
+// go test -run '^$' -bench IdleConnectionCost -benchtime 1x ./node/tunnel/mux/
+func BenchmarkIdleConnectionCost(b *testing.B) {
+	for range b.N {
+		const n = 100
+		measure := func() (uint64, uint64, int) {
+			runtime.GC()
+			runtime.GC()
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			return ms.HeapInuse, ms.StackInuse, runtime.NumGoroutine()
+		}
+		// The certificates and listeners of TLSPair are made first so
+		// that only the sessions are measured.
+		type tlsPair struct{ c, s net.Conn }
+		pairs := make([]tlsPair, n)
+		for i := range pairs {
+			c, s := tunneltest.TLSPair(b)
+			pairs[i] = tlsPair{c, s}
+		}
+		heap0, stack0, g0 := measure()
+		var sessions []*mux.Session
+		for _, p := range pairs {
+			client := mux.Client(p.c, mux.Config{})
+			server := mux.Server(p.s, mux.Config{}, echo)
+			sessions = append(sessions, client, server)
+			st, err := client.OpenStream(hdr, false)
+			if err != nil {
+				b.Fatal(err)
+			}
+			st.Write([]byte("hello"))
+			st.CloseWrite()
+			io.Copy(io.Discard, st)
+			st.Close()
+		}
+		time.Sleep(100 * time.Millisecond)
+		heap1, stack1, g1 := measure()
+		b.ReportMetric(float64(heap1-heap0)/n, "heap-B/conn")
+		b.ReportMetric(float64(stack1-stack0)/n, "stack-B/conn")
+		b.ReportMetric(float64(g1-g0)/n, "goroutines/conn")
+		for _, s := range sessions {
+			s.Close()
+		}
+		for _, s := range sessions {
+			s.Wait()
+		}
+	}
+}
