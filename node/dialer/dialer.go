@@ -319,19 +319,16 @@ func (d *Dialer) newSession(tc *tls.Conn, t Target) *mux.Session {
 		}
 		m.PoolConns.WithLabelValues("outbound").Inc()
 	}
+	cfg.OnClose = func(err error) {
+		if d.Metrics != nil {
+			d.Metrics.PoolConns.WithLabelValues("outbound").Dec()
+		}
+		if d.Log != nil {
+			d.Log.Debug("tunnel connection ended", "peer", t.DstNode.String(), "client_id", t.SrcID.String(), "server_id", t.DstID.String(), "err", err)
+		}
+	}
 	s := mux.Client(tc, cfg)
 	s.Reserve()
-	if d.Log != nil || d.Metrics != nil {
-		go func() { // RoutineSessionEnd: ends with the session
-			<-s.Done()
-			if d.Metrics != nil {
-				d.Metrics.PoolConns.WithLabelValues("outbound").Dec()
-			}
-			if d.Log != nil {
-				d.Log.Debug("tunnel connection ended", "peer", t.DstNode.String(), "client_id", t.SrcID.String(), "server_id", t.DstID.String(), "err", s.Err())
-			}
-		}()
-	}
 	return s
 }
 

@@ -12,7 +12,10 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/node/nodemetrics"
 	"github.com/tunmesh/tunmesh/node/tunnel"
 	"github.com/tunmesh/tunmesh/node/tunnel/mux"
 	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
@@ -113,7 +116,7 @@ func startPeerStalling(t *testing.T, v3 bool, stall chan struct{}) *peer {
 
 func newTestDialer(t *testing.T, p *peer) *Dialer {
 	client, _ := tunneltest.TLSConfigs(t)
-	d := &Dialer{Certs: testCerts{client}, MeshPort: p.port, ControlNamespace: "tunmesh"}
+	d := &Dialer{Certs: testCerts{client}, MeshPort: p.port, ControlNamespace: "tunmesh", Metrics: nodemetrics.ForTest()}
 	t.Cleanup(d.Close)
 	return d
 }
@@ -260,6 +263,13 @@ func TestPoolIdleConnectionsClose(t *testing.T) {
 			t.Fatalf("idle connection still open after %v", 2*time.Second)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	var m dto.Metric
+	if err := d.Metrics.PoolConns.WithLabelValues("outbound").Write(&m); err != nil || m.GetGauge().GetValue() != 0 {
+		t.Errorf("pooled connections gauge = %v (%v), want 0 after the idle close", m.GetGauge().GetValue(), err)
+	}
+	if err := d.Metrics.Handshakes.WithLabelValues("outbound", "v3").Write(&m); err != nil || m.GetCounter().GetValue() != 1 {
+		t.Errorf("v3 handshakes = %v (%v), want 1", m.GetCounter().GetValue(), err)
 	}
 }
 

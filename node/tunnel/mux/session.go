@@ -59,6 +59,9 @@ type Config struct {
 	// the server's checks and its dial into the pod are bounded, so a
 	// stream without a verdict is a server in trouble.
 	ReplyTimeout time.Duration
+	// OnClose, if set, is called once when the session has ended, with
+	// why (Err). It must not block.
+	OnClose func(err error)
 	// OnReply, if set on a client session, is called from the reader
 	// when a stream's reply arrives (err nil: accepted), for set-up
 	// latency metrics. It must not block.
@@ -618,8 +621,12 @@ func (s *Session) fail(cause error) {
 	close(s.winCh)
 	s.winCh = make(chan struct{})
 	close(s.done)
+	err := s.err
 	s.mu.Unlock()
 	abortConn(s.conn)
+	if s.cfg.OnClose != nil {
+		s.cfg.OnClose(err)
+	}
 }
 
 // abortConn closes c so that its peer sees a cut: underneath a TLS
