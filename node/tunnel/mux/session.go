@@ -102,9 +102,10 @@ type Session struct {
 	idleSince   time.Time
 
 	wmu         sync.Mutex // guards the write state below
-	wbuf        []byte     // frames waiting for the connection
-	wspare      []byte
-	flushing    bool // someone owns the flush
+	wbuf        []byte     // frames waiting for the connection: the segment being filled
+	wfull       [][]byte   // full segments queued before wbuf, in order
+	wspare      []byte     // a small segment kept for the next frames
+	flushing    bool       // someone owns the flush
 	werr        error
 	deadlineSet time.Time // when the write deadline was last moved
 }
@@ -278,6 +279,7 @@ func (s *Session) OpenStream(payload []byte, reserved bool) (*Stream, error) {
 		s.wmu.Unlock()
 		return nil, fmt.Errorf("open stream: %w", err)
 	}
+	s.reserveLocked(HeaderLen + len(payload))
 	s.wbuf = appendHeader(s.wbuf, FrameOpen, id, len(payload))
 	s.wbuf = append(s.wbuf, payload...)
 	// Corked: the Open leaves with the stream's first write (one record
@@ -583,6 +585,7 @@ func (s *Session) queueRaw(frames []byte) error {
 	if s.werr != nil {
 		return s.werr
 	}
+	s.reserveLocked(len(frames))
 	s.wbuf = append(s.wbuf, frames...)
 	if !s.flushing {
 		s.flushing = true
@@ -651,6 +654,7 @@ func (s *Session) writeFrame(typ byte, id uint32, payload []byte) error {
 		s.wmu.Unlock()
 		return err
 	}
+	s.reserveLocked(HeaderLen + len(payload))
 	s.wbuf = appendHeader(s.wbuf, typ, id, len(payload))
 	s.wbuf = append(s.wbuf, payload...)
 	return s.flushLocked()
@@ -664,6 +668,7 @@ func (s *Session) writeRaw(frames []byte) error {
 		s.wmu.Unlock()
 		return err
 	}
+	s.reserveLocked(len(frames))
 	s.wbuf = append(s.wbuf, frames...)
 	return s.flushLocked()
 }
@@ -687,7 +692,7 @@ func (s *Session) flushLocked() error {
 		return nil // the current flusher takes our frames
 	}
 	s.flushing = true
-	for round := 0; len(s.wbuf) > 0; round++ {
+	for round := 0; s.queuedLocked(); round++ {
 		if round == flushBudget {
 			s.wmu.Unlock()
 			select {
@@ -712,9 +717,11 @@ func (s *Session) flushLocked() error {
 // writeOnceLocked writes what is queued, with wmu released during the
 // write; it returns with wmu held.
 func (s *Session) writeOnceLocked() error {
-	b := s.wbuf
-	s.wbuf = s.wspare[:0]
-	s.wspare = nil
+	segs := s.wfull
+	if len(s.wbuf) > 0 {
+		segs = append(segs, s.wbuf)
+	}
+	s.wfull, s.wbuf = nil, nil
 	now := time.Now()
 	refresh := now.Sub(s.deadlineSet) > s.cfg.WriteTimeout/8
 	if refresh {
@@ -725,14 +732,15 @@ func (s *Session) writeOnceLocked() error {
 	if refresh {
 		_ = s.conn.SetWriteDeadline(now.Add(s.cfg.WriteTimeout))
 	}
-	_, err := s.conn.Write(b)
+	var err error
+	for _, b := range segs {
+		if _, err = s.conn.Write(b); err != nil {
+			break
+		}
+	}
 	s.wmu.Lock()
-	s.wspare = b[:0]
-	if len(s.wbuf) == 0 {
-		// Idle again: large buffers go back to the pool (a connection
-		// holds them only while it is busy).
-		s.wbuf = releaseWbuf(s.wbuf)
-		s.wspare = releaseWbuf(s.wspare)
+	for _, b := range segs {
+		s.recycleLocked(b)
 	}
 	if err != nil {
 		s.werr = fmt.Errorf("write tunnel connection: %w", err)
@@ -741,31 +749,55 @@ func (s *Session) writeOnceLocked() error {
 	return nil
 }
 
-// Write buffers above keepWbuf go back to wbufPool when a connection's
-// queue drains, so idle connections hold only small ones.
-const keepWbuf = 16 << 10
+func (s *Session) queuedLocked() bool { return len(s.wbuf) > 0 || len(s.wfull) > 0 }
 
-var wbufPool = sync.Pool{New: func() any { b := make([]byte, 0, 512<<10); return &b }}
+// Write segments: a small one (keepWbuf) while traffic is light, pooled
+// large ones (wbufPool) while it is heavy. Frames queued during a flush go
+// into further segments instead of growing one buffer (which copied
+// everything queued each time it grew), and an idle connection keeps only
+// a small segment.
+const (
+	keepWbuf = 4 << 10
+	bigWbuf  = 512 << 10
+)
 
-func releaseWbuf(b []byte) []byte {
-	if cap(b) <= keepWbuf {
-		return b
-	}
-	if cap(b) <= 4<<20 {
+var wbufPool = sync.Pool{New: func() any { b := make([]byte, 0, bigWbuf); return &b }}
+
+// recycleLocked takes back a written segment.
+func (s *Session) recycleLocked(b []byte) {
+	switch {
+	case cap(b) <= keepWbuf:
+		if s.wspare == nil {
+			s.wspare = b[:0]
+		}
+	case cap(b) == bigWbuf:
 		b = b[:0]
 		wbufPool.Put(&b)
 	}
-	return nil
 }
 
-// reserveLocked makes room for n more bytes in wbuf, from the pool when
-// the queue is empty and its buffer small.
+// reserveLocked makes room for n more bytes in wbuf: a frame never
+// straddles two segments.
 func (s *Session) reserveLocked(n int) {
-	if cap(s.wbuf)-len(s.wbuf) >= n || len(s.wbuf) > 0 || n <= keepWbuf {
+	if cap(s.wbuf)-len(s.wbuf) >= n {
 		return
 	}
-	p := wbufPool.Get().(*[]byte)
-	s.wbuf = (*p)[:0]
+	if len(s.wbuf) > 0 {
+		s.wfull = append(s.wfull, s.wbuf)
+	} else if s.wbuf != nil {
+		s.recycleLocked(s.wbuf)
+	}
+	s.wbuf = nil
+	switch {
+	case len(s.wfull) == 0 && n <= keepWbuf && s.wspare != nil:
+		s.wbuf, s.wspare = s.wspare, nil
+	case len(s.wfull) == 0 && n <= keepWbuf/2:
+		s.wbuf = make([]byte, 0, keepWbuf)
+	case n <= bigWbuf:
+		s.wbuf = (*wbufPool.Get().(*[]byte))[:0]
+	default:
+		s.wbuf = make([]byte, 0, n)
+	}
 }
 
 // routineWrite flushes when a writer hands flushing over (see flushLocked).
@@ -779,7 +811,7 @@ func (s *Session) routineWrite() {
 		}
 		s.wmu.Lock()
 		var err error
-		for len(s.wbuf) > 0 && err == nil {
+		for s.queuedLocked() && err == nil {
 			err = s.writeOnceLocked()
 		}
 		s.flushing = false

@@ -336,9 +336,9 @@ func (s *Session) writeData(id uint32, p []byte) error {
 		s.wmu.Unlock()
 		return err
 	}
-	s.reserveLocked(len(p) + (len(p)/MaxPayload+1)*HeaderLen)
 	for len(p) > 0 {
 		n := min(len(p), MaxPayload)
+		s.reserveLocked(HeaderLen + n)
 		s.wbuf = appendHeader(s.wbuf, FrameData, id, n)
 		s.wbuf = append(s.wbuf, p[:n]...)
 		p = p[n:]
