@@ -67,10 +67,11 @@
 //
 // # Writes
 //
-// Writers queue frames in one buffer per connection; whoever finds no
-// flush in progress writes the buffer, and frames queued meanwhile ride in
-// its next write. Small frames of many streams (opens, replies, window
-// updates, small messages) thus share TLS records, and bulk data leaves in
-// writes of up to everything queued (crypto/tls cuts them into full 16 KiB
-// records; it has no dynamic record sizing to disable).
+// Writers queue frames in one queue per connection (segments of up to
+// 512 KiB); whoever finds no flush in progress writes the queue, and
+// frames queued meanwhile ride in its next write. Small frames of many
+// streams (opens, replies, window updates, small messages) thus share TLS
+// records, and bulk data leaves in writes as large as a segment (crypto/tls
+// cuts them into full 16 KiB records; the agents set
+// DynamicRecordSizingDisabled, so it does not start with small ones).
 package mux
