@@ -27,10 +27,9 @@ type Stream struct {
 	payload []byte    // server: the Open frame's payload
 	opened  time.Time // when it was opened (client) or received (server)
 
-	readable   chan struct{} // signalled when queue or readErr change
-	replyCh    chan struct{} // client: closed when the reply arrived
-	replyTimer *time.Timer   // client: cuts the stream if no reply comes
-	rd, wd     deadline
+	readable chan struct{} // signalled when queue or readErr change
+	replyCh  chan struct{} // client: closed when the reply arrived
+	rd, wd   deadline
 
 	// Guarded by s.mu.
 	queue       []*chunk // received, unread bytes
@@ -47,6 +46,7 @@ type Stream struct {
 	recvUnacked int64
 	sendWin     int64
 	winCh       chan struct{} // made by a writer waiting for window; closed on growth
+	replyTimer  *time.Timer   // client: cuts the stream if no reply comes
 }
 
 func newStream(s *Session, id uint32) *Stream {
