@@ -79,7 +79,9 @@ type Dialer struct {
 	// before another connection is opened for its key (default 100);
 	// MaxConnsPerKey caps the connections of one key (default 8), past
 	// which streams go to the least loaded one anyway. IdleTimeout closes
-	// connections without streams (default 1 minute).
+	// connections without streams (default 1 minute). A key opens more
+	// connections than MaxConnsPerKey only when all of its connections are
+	// at the server's per-connection cap (mux.DefaultMaxStreams).
 	MaxStreamsPerConn, MaxConnsPerKey int
 	IdleTimeout                       time.Duration
 	// DisableV3, set before the first Dial, makes this dialer speak
@@ -272,7 +274,9 @@ func (d *Dialer) pick(key poolKey) (s *mux.Session, wait <-chan struct{}, dialHe
 		return best, nil, false
 	case kp.dialing != nil:
 		return nil, kp.dialing, false
-	case len(kp.sessions) >= maxConns && any != nil && any.Reserve():
+	case len(kp.sessions) >= maxConns && any != nil && anyLoad < mux.DefaultMaxStreams && any.Reserve():
+		// Past MaxConnsPerKey streams go to the least loaded connection,
+		// up to what a server takes per connection; then a new one opens.
 		return any, nil, false
 	}
 	kp.dialing = make(chan struct{})

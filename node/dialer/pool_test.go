@@ -333,3 +333,35 @@ func TestPoolSpreadsBytesInFlight(t *testing.T) {
 		c.Close()
 	}
 }
+
+// TestPoolPastMaxConnsPerKey: past MaxConnsPerKey streams share the least
+// loaded connection, but never more than a server takes per connection
+// (mux.DefaultMaxStreams): then another connection opens.
+func TestPoolPastMaxConnsPerKey(t *testing.T) {
+	p := startPeer(t, true)
+	d := newTestDialer(t, p)
+	d.MaxStreamsPerConn, d.MaxConnsPerKey = 1, 1
+	var open []net.Conn
+	for i := range mux.DefaultMaxStreams {
+		c, err := d.Dial(t.Context(), tgt(p))
+		if err != nil {
+			t.Fatalf("dial %d: %v", i, err)
+		}
+		open = append(open, c)
+	}
+	if got := p.conns.Load(); got != 1 {
+		t.Fatalf("peer saw %d connections for %d streams with MaxConnsPerKey 1, want 1", got, mux.DefaultMaxStreams)
+	}
+	c, err := d.Dial(t.Context(), tgt(p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	open = append(open, c)
+	if got := p.conns.Load(); got != 2 {
+		t.Errorf("peer saw %d connections once the first was at the server's cap, want 2", got)
+	}
+	roundTrip(t, c)
+	for _, c := range open {
+		c.Close()
+	}
+}
