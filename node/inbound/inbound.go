@@ -9,7 +9,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -462,9 +461,14 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 	}
 	cancel()
 	sess.Wait()
-	if err := sess.Err(); err != nil && !errors.Is(err, mux.ErrSessionClosed) && !errors.Is(err, io.ErrUnexpectedEOF) {
-		a.metrics.Errors.WithLabelValues("session").Inc()
-		a.log.Info("tunnel connection ended", "peer", peer.String(), "client_id", clientID.String(), "err", err)
+	switch err := sess.Err(); {
+	case errors.Is(err, mux.ErrProtocol):
+		// A peer agent that breaks the framing: a bug or an attack.
+		a.metrics.Errors.WithLabelValues("protocol").Inc()
+		a.log.Warn("tunnel connection closed on a protocol error", "peer", peer.String(), "client_id", clientID.String(), "err", err)
+	case err != nil && !errors.Is(err, mux.ErrSessionClosed):
+		// The peer closed it (idle) or its agent went away.
+		a.log.Debug("tunnel connection ended", "peer", peer.String(), "client_id", clientID.String(), "err", err)
 	}
 }
 

@@ -253,3 +253,26 @@ func TestStreamLimitPerPeer(t *testing.T) {
 	echoOnce(t, c, "room again")
 	held[1].Close()
 }
+
+// TestSessionProtocolErrorCounted: a peer that breaks the v3 framing has
+// its connection closed, and it is counted.
+func TestSessionProtocolErrorCounted(t *testing.T) {
+	a := newAcceptor(t)
+	client, server := net.Pipe()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.ServeSession(t.Context(), server, id("prod", "default"), id("prod", "server").DNSName("tunmesh"), nodeA)
+	}()
+	go io.Copy(io.Discard, client)
+	client.Write([]byte{0x7f, 0, 0, 0, 0, 0, 0, 1}) // an unknown frame type
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("session still served after a protocol error")
+	}
+	client.Close()
+	if got := counter(t, a.metrics.Errors.WithLabelValues("protocol")); got != 1 {
+		t.Errorf("protocol errors = %v, want 1", got)
+	}
+}
