@@ -324,11 +324,19 @@ func (d *Dialer) newSession(tc *tls.Conn, t Target) *mux.Session {
 		m.PoolConns.WithLabelValues("outbound").Inc()
 	}
 	cfg.OnClose = func(err error) {
+		protocol := errors.Is(err, mux.ErrProtocol)
 		if d.Metrics != nil {
 			d.Metrics.PoolConns.WithLabelValues("outbound").Dec()
+			if protocol {
+				d.Metrics.Errors.WithLabelValues("protocol").Inc()
+			}
 		}
 		if d.Log != nil {
-			d.Log.Debug("tunnel connection ended", "peer", t.DstNode.String(), "client_id", t.SrcID.String(), "server_id", t.DstID.String(), "err", err)
+			level := slog.LevelDebug
+			if protocol {
+				level = slog.LevelWarn // a peer agent that breaks the framing
+			}
+			d.Log.Log(context.Background(), level, "tunnel connection ended", "peer", t.DstNode.String(), "client_id", t.SrcID.String(), "server_id", t.DstID.String(), "err", err)
 		}
 	}
 	s := mux.Client(tc, cfg)
