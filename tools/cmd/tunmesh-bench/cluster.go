@@ -303,6 +303,64 @@ func rssMB(pid int) (float64, error) {
 	return float64(n) / (1 << 20), nil
 }
 
+// smaps is a process's smaps_rollup: its RSS split into anonymous memory
+// and mapped files.
+func smaps(pid int) (bench.Smaps, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return bench.Smaps{}, fmt.Errorf("read smaps_rollup of pid %d: %w", pid, err)
+	}
+	s, err := bench.ParseSmapsRollup(b)
+	if err != nil {
+		return bench.Smaps{}, fmt.Errorf("pid %d: %w", pid, err)
+	}
+	return s, nil
+}
+
+// agentProfiles reads every agent's goroutine and heap profiles from its
+// debug address (devcluster.AgentDebugAddr, loopback inside the node's
+// network namespace), in node order. A profile that cannot be read is
+// reported as such, not as an error: the memory figures stand without it.
+func (c *cluster) agentProfiles(ctx context.Context) []bench.AgentProfile {
+	var out []bench.AgentProfile
+	for _, n := range c.state.Nodes {
+		p := bench.AgentProfile{Node: n.Name}
+		get := func(path string) ([]byte, error) {
+			client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DialContext: namedns.Dialer(n.Netns)}}
+			defer client.CloseIdleConnections()
+			req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+devcluster.AgentDebugAddr+path, nil)
+			if err != nil {
+				return nil, err
+			}
+			resp, err := client.Do(req)
+			if err != nil {
+				return nil, err
+			}
+			defer resp.Body.Close()
+			var buf bytes.Buffer
+			if _, err := buf.ReadFrom(resp.Body); err != nil {
+				return nil, fmt.Errorf("read %s: %w", path, err)
+			}
+			if resp.StatusCode != http.StatusOK {
+				return nil, fmt.Errorf("%s: %s", path, resp.Status)
+			}
+			return buf.Bytes(), nil
+		}
+		if b, err := get("/debug/pprof/goroutine?debug=1"); err != nil {
+			p.GoroutineErr = err
+		} else {
+			p.Goroutines, p.GoroutineTotal, p.GoroutineErr = bench.ParseGoroutineProfile(b)
+		}
+		if b, err := get("/debug/pprof/heap?debug=1"); err != nil {
+			p.HeapErr = err
+		} else {
+			p.Heap, p.HeapTotal, p.HeapErr = bench.ParseHeapProfile(b)
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
 // agentMetrics reads a node's agent /metrics; ok is false when it does
 // not answer.
 func (c *cluster) agentMetrics(ctx context.Context, node string) (bench.AgentMetrics, bool) {

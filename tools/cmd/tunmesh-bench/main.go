@@ -70,7 +70,7 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.IntVar(&c.Parallel, "parallel", 1, "iperf3 parallel streams (-P)")
 	fs.IntVar(&c.Clients, "clients", 8, "hey concurrent clients (-c), each request a new connection")
 	fs.IntVar(&c.MsgSize, "msg-size", 1024, "sockperf ping-pong message size, bytes")
-	fs.BoolVar(&c.Profile, "profile", true, "perf mode: also profile the proxies (both agents, both HAProxys) during one more throughput run (needs perf)")
+	fs.BoolVar(&c.Profile, "profile", true, "perf mode: also profile the proxies (both agents, both HAProxys) during one more throughput run (needs perf); memory mode: list where the agents' goroutines and heap are at the last point (their /debug/pprof)")
 	fs.IntVar(&c.Pods, "pods", 100, "memory mode: meshed pods, spread over the two nodes")
 	fs.IntVar(&c.Idle, "idle-conns", 1000, "memory mode: idle meshed connections held open, all cross-node")
 	fs.Float64Var(&c.LimitMB, "limit-mb", 64, "memory mode: target agent RSS per node, MiB")

@@ -22,6 +22,10 @@ const echoPort = 7
 // read (pod set-up and connection set-up garbage is collected by then).
 const settle = 10 * time.Second
 
+// memProfileTop is how many entries of each agent profile the memory report
+// lists.
+const memProfileTop = 8
+
 // runMemory measures the agents' RSS at 0, half and all of cfg.Pods meshed
 // pods (half on each node), then with all pods at half and all of cfg.Idle
 // idle cross-node connections, and fits the growth per pod and per
@@ -126,16 +130,26 @@ func runMemory(ctx context.Context, c *cluster, cfg Config, report io.Writer, lo
 			return err
 		}
 	}
+	// At the last point, still under load: where the goroutines and the
+	// heap are.
+	var profiles []bench.AgentProfile
+	if cfg.Profile {
+		profiles = c.agentProfiles(ctx)
+	}
 	r := bench.EvaluateMemory(points, len(c.state.Nodes), cfg.LimitMB)
 	fmt.Fprintf(report, "settings: %d meshed pods (tunmesh-workload echo) spread over %d nodes, %d idle cross-node meshed connections (one echo each, then held open), agent RSS read %s after each step\n\n",
 		cfg.Pods, len(c.state.Nodes), cfg.Idle, settle)
-	return bench.WriteMemory(report, r)
+	if err := bench.WriteMemory(report, r); err != nil {
+		return err
+	}
+	return bench.WriteProfiles(report, profiles, memProfileTop)
 }
 
-// memoryPoint reads every agent's VmRSS and, when exported, its
-// process_resident_memory_bytes.
+// memoryPoint reads every agent's VmRSS, its smaps_rollup and, when
+// exported, its memory metrics.
 func (c *cluster) memoryPoint(ctx context.Context, pods, conns int) (bench.MemoryPoint, error) {
-	pt := bench.MemoryPoint{Pods: pods, Conns: conns, RSSMB: map[string]float64{}, Metrics: map[string]bench.AgentMetrics{}}
+	pt := bench.MemoryPoint{Pods: pods, Conns: conns, RSSMB: map[string]float64{}, Metrics: map[string]bench.AgentMetrics{},
+		Smaps: map[string]bench.Smaps{}}
 	agents, err := c.agentPids()
 	if err != nil {
 		return pt, err
@@ -146,6 +160,11 @@ func (c *cluster) memoryPoint(ctx context.Context, pods, conns int) (bench.Memor
 			return pt, err
 		}
 		pt.RSSMB[node] = v
+		s, err := smaps(pid)
+		if err != nil {
+			return pt, err
+		}
+		pt.Smaps[node] = s
 		if m, ok := c.agentMetrics(ctx, node); ok {
 			pt.Metrics[node] = m
 		}

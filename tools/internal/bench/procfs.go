@@ -75,3 +75,64 @@ func PromValue(text []byte, name string) (v float64, ok bool) {
 	}
 	return 0, false
 }
+
+// Smaps is a process's resident memory by kind, from
+// /proc/<pid>/smaps_rollup, in bytes.
+type Smaps struct {
+	RSS  int64 // Rss: every resident page mapped
+	Anon int64 // Anonymous: heap, stacks, runtime metadata, bss touched
+	// File is Rss - Anonymous: resident pages of mapped files (the binary's
+	// text and read-only data, libc) and shared memory. They are clean and
+	// can be dropped and re-read, but VmRSS counts them.
+	File int64
+	// PSSFile is Pss_File plus Pss_Shmem: the file pages with each page
+	// divided among the processes mapping it (two agents running one
+	// binary file share its pages).
+	PSSFile int64
+}
+
+// ParseSmapsRollup reads the content of /proc/<pid>/smaps_rollup. Rss and
+// Anonymous are required; Pss_File and Pss_Shmem are summed when present
+// (kernels before 5.10 lack them: PSSFile is then -1).
+func ParseSmapsRollup(b []byte) (Smaps, error) {
+	var (
+		s                 Smaps
+		haveRSS, haveAnon bool
+		havePSS           bool
+	)
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		key, rest, ok := strings.Cut(sc.Text(), ":")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) != 2 || f[1] != "kB" {
+			continue // the header line: "00400000-7ffc... ---p ... [rollup]"
+		}
+		kb, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return Smaps{}, fmt.Errorf("smaps_rollup: %s %q: %w", key, f[0], err)
+		}
+		switch key {
+		case "Rss":
+			s.RSS, haveRSS = kb<<10, true
+		case "Anonymous":
+			s.Anon, haveAnon = kb<<10, true
+		case "Pss_File", "Pss_Shmem":
+			s.PSSFile += kb << 10
+			havePSS = true
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return Smaps{}, fmt.Errorf("smaps_rollup: %w", err)
+	}
+	if !haveRSS || !haveAnon {
+		return Smaps{}, fmt.Errorf("smaps_rollup: no Rss or Anonymous line")
+	}
+	if !havePSS {
+		s.PSSFile = -1
+	}
+	s.File = s.RSS - s.Anon
+	return s, nil
+}

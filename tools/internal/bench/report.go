@@ -189,6 +189,9 @@ type MemoryPoint struct {
 	// Metrics is what each agent's /metrics says about its memory, by node
 	// name, when it answers.
 	Metrics map[string]AgentMetrics
+	// Smaps is each agent's smaps_rollup, by node name, when readable:
+	// how much of the RSS is anonymous memory and how much mapped files.
+	Smaps map[string]Smaps
 }
 
 // AgentMetrics are an agent's own memory figures from its /metrics (Go
@@ -236,8 +239,11 @@ type MemoryReport struct {
 	// per pod on its node and per connection through it (NaN when the
 	// points do not allow a fit).
 	PerPodKB, PerConnKB float64
-	LimitMB             float64
-	Pass                bool // every node's RSS at the last point <= LimitMB
+	// AnonPerPodKB and AnonPerConnKB are the same fits of the anonymous
+	// part of the RSS alone (NaN without smaps_rollup).
+	AnonPerPodKB, AnonPerConnKB float64
+	LimitMB                     float64
+	Pass                        bool // every node's RSS at the last point <= LimitMB
 }
 
 // EvaluateMemory fits the growth per pod (points without connections,
@@ -246,7 +252,8 @@ type MemoryReport struct {
 // checks the last point against limitMB per node. nodes is the number of
 // nodes the pods are spread over.
 func EvaluateMemory(points []MemoryPoint, nodes int, limitMB float64) MemoryReport {
-	r := MemoryReport{Points: points, LimitMB: limitMB, PerPodKB: math.NaN(), PerConnKB: math.NaN()}
+	r := MemoryReport{Points: points, LimitMB: limitMB, PerPodKB: math.NaN(), PerConnKB: math.NaN(),
+		AnonPerPodKB: math.NaN(), AnonPerConnKB: math.NaN()}
 	if nodes < 1 || len(points) == 0 {
 		return r
 	}
@@ -254,36 +261,51 @@ func EvaluateMemory(points []MemoryPoint, nodes int, limitMB float64) MemoryRepo
 	for _, p := range points {
 		maxPods = max(maxPods, p.Pods)
 	}
-	// Mean agent RSS per node against the load one agent carries.
-	mean := func(p MemoryPoint) float64 {
+	// Mean agent RSS (or anonymous RSS) per node, KiB, against the load
+	// one agent carries; ok is false when a node lacks the figure.
+	mean := func(p MemoryPoint, anon bool) (float64, bool) {
 		var s float64
-		for _, v := range p.RSSMB {
+		for n, v := range p.RSSMB {
+			if anon {
+				sm, ok := p.Smaps[n]
+				if !ok {
+					return 0, false
+				}
+				v = float64(sm.Anon) / (1 << 20)
+			}
 			s += v
 		}
-		return s / float64(len(p.RSSMB))
+		return s / float64(len(p.RSSMB)) * 1024, len(p.RSSMB) > 0
 	}
-	var px, py, cx, cy []float64
-	for _, p := range points {
-		if len(p.RSSMB) == 0 {
-			continue
+	fit := func(anon bool) (perPod, perConn float64) {
+		perPod, perConn = math.NaN(), math.NaN()
+		var px, py, cx, cy []float64
+		for _, p := range points {
+			y, ok := mean(p, anon)
+			if !ok {
+				continue
+			}
+			if p.Conns == 0 {
+				px = append(px, float64(p.Pods)/float64(nodes))
+				py = append(py, y)
+			}
+			if p.Pods == maxPods {
+				// each connection has its client end on one agent and its
+				// server end on the other: 2 ends per connection over nodes.
+				cx = append(cx, float64(p.Conns)*2/float64(nodes))
+				cy = append(cy, y)
+			}
 		}
-		if p.Conns == 0 {
-			px = append(px, float64(p.Pods)/float64(nodes))
-			py = append(py, mean(p)*1024)
+		if f, ok := Fit(px, py); ok {
+			perPod = f.Slope
 		}
-		if p.Pods == maxPods {
-			// each connection has its client end on one agent and its
-			// server end on the other: 2 ends per connection over nodes.
-			cx = append(cx, float64(p.Conns)*2/float64(nodes))
-			cy = append(cy, mean(p)*1024)
+		if f, ok := Fit(cx, cy); ok {
+			perConn = f.Slope
 		}
+		return perPod, perConn
 	}
-	if f, ok := Fit(px, py); ok {
-		r.PerPodKB = f.Slope
-	}
-	if f, ok := Fit(cx, cy); ok {
-		r.PerConnKB = f.Slope
-	}
+	r.PerPodKB, r.PerConnKB = fit(false)
+	r.AnonPerPodKB, r.AnonPerConnKB = fit(true)
 	last := points[len(points)-1]
 	r.Pass = len(last.RSSMB) > 0 && last.MaxRSS() <= limitMB
 	return r
@@ -293,8 +315,8 @@ func EvaluateMemory(points []MemoryPoint, nodes int, limitMB float64) MemoryRepo
 // fit as Markdown.
 func WriteMemory(w io.Writer, r MemoryReport) error {
 	var b strings.Builder
-	b.WriteString("| pods | idle conns | node | agent VmRSS MiB | metrics RSS MiB | Go heap in use MiB | Go stacks MiB | goroutines |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| pods | idle conns | node | agent VmRSS MiB | anon MiB | file MiB (PSS) | metrics RSS MiB | Go heap in use MiB | Go stacks MiB | goroutines |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, p := range r.Points {
 		names := make([]string, 0, len(p.RSSMB))
 		for n := range p.RSSMB {
@@ -306,8 +328,16 @@ func WriteMemory(w io.Writer, r MemoryReport) error {
 			if !ok {
 				m = AgentMetrics{math.NaN(), math.NaN(), math.NaN(), math.NaN()}
 			}
-			fmt.Fprintf(&b, "| %d | %d | %s | %s | %s | %s | %s | %s |\n", p.Pods, p.Conns, n,
-				num(p.RSSMB[n], 1), num(m.RSSMB, 1), num(m.HeapMB, 1), num(m.StackMB, 1), num(m.Goroutines, 0))
+			anon, file := "-", "-"
+			if sm, ok := p.Smaps[n]; ok {
+				anon = num(float64(sm.Anon)/(1<<20), 1)
+				file = num(float64(sm.File)/(1<<20), 1)
+				if sm.PSSFile >= 0 {
+					file += " (" + num(float64(sm.PSSFile)/(1<<20), 1) + ")"
+				}
+			}
+			fmt.Fprintf(&b, "| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s |\n", p.Pods, p.Conns, n,
+				num(p.RSSMB[n], 1), anon, file, num(m.RSSMB, 1), num(m.HeapMB, 1), num(m.StackMB, 1), num(m.Goroutines, 0))
 		}
 	}
 	status := "MISS"
@@ -315,8 +345,54 @@ func WriteMemory(w io.Writer, r MemoryReport) error {
 		status = "PASS"
 	}
 	fmt.Fprintf(&b, "\n- growth per agent (least squares over the points): %s KiB per pod on its node, %s KiB per connection end\n"+
+		"- of which anonymous memory (smaps_rollup): %s KiB per pod, %s KiB per connection end\n"+
 		"- target: agent RSS <= %.0f MiB per node at the last point (largest: %s MiB): %s\n",
-		num(r.PerPodKB, 1), num(r.PerConnKB, 1), r.LimitMB, num(r.Points[len(r.Points)-1].MaxRSS(), 1), status)
+		num(r.PerPodKB, 1), num(r.PerConnKB, 1), num(r.AnonPerPodKB, 1), num(r.AnonPerConnKB, 1), r.LimitMB, num(r.Points[len(r.Points)-1].MaxRSS(), 1), status)
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// AgentProfile is where one agent's goroutines and heap were at one point,
+// from its /debug/pprof (see ParseGoroutineProfile, ParseHeapProfile).
+type AgentProfile struct {
+	Node                  string
+	Goroutines            []ProfileEntry
+	GoroutineTotal        float64
+	Heap                  []ProfileEntry
+	HeapTotal             float64 // bytes, scaled estimate
+	HeapErr, GoroutineErr error   // why a profile is missing
+}
+
+// WriteProfiles prints the top n entries of each agent's profiles as
+// Markdown lists.
+func WriteProfiles(w io.Writer, ps []AgentProfile, n int) error {
+	var b strings.Builder
+	for _, p := range ps {
+		fmt.Fprintf(&b, "\nGoroutines of the agent on %s by innermost tunmesh function (/debug/pprof/goroutine):", p.Node)
+		if p.GoroutineErr != nil {
+			fmt.Fprintf(&b, " not read: %v\n", p.GoroutineErr)
+		} else {
+			fmt.Fprintf(&b, " %.0f in all\n\n", p.GoroutineTotal)
+			for i, e := range p.Goroutines {
+				if i == n {
+					break
+				}
+				fmt.Fprintf(&b, "- %.0f `%s`\n", e.Count, e.Func)
+			}
+		}
+		fmt.Fprintf(&b, "\nHeap in use on %s by where it was allocated (/debug/pprof/heap, sampled every 512 KiB: estimates):", p.Node)
+		if p.HeapErr != nil {
+			fmt.Fprintf(&b, " not read: %v\n", p.HeapErr)
+			continue
+		}
+		fmt.Fprintf(&b, " %.1f MiB in all\n\n", p.HeapTotal/(1<<20))
+		for i, e := range p.Heap {
+			if i == n {
+				break
+			}
+			fmt.Fprintf(&b, "- %.0f KiB `%s`\n", e.Bytes/1024, e.Func)
+		}
+	}
 	_, err := io.WriteString(w, b.String())
 	return err
 }

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"errors"
 	"math"
 	"strings"
 	"testing"
@@ -129,13 +130,24 @@ func TestEvaluateMemory(t *testing.T) {
 	// 0.01 MiB per connection end.
 	pt := func(pods, conns int) MemoryPoint {
 		perNode := 20 + 0.2*float64(pods)/2 + 0.01*float64(conns)*2/2
+		// 15 MiB of it is the binary's pages; the rest anonymous.
+		anon := int64((perNode - 15) * (1 << 20))
 		return MemoryPoint{Pods: pods, Conns: conns, RSSMB: map[string]float64{"node-1": perNode, "node-2": perNode + 1},
-			Metrics: map[string]AgentMetrics{"node-1": {RSSMB: perNode, HeapMB: 10, StackMB: 2, Goroutines: 300}}}
+			Metrics: map[string]AgentMetrics{"node-1": {RSSMB: perNode, HeapMB: 10, StackMB: 2, Goroutines: 300}},
+			Smaps: map[string]Smaps{
+				"node-1": {RSS: int64(perNode * (1 << 20)), Anon: anon, File: 15 << 20, PSSFile: 15 << 19},
+				"node-2": {RSS: int64((perNode + 1) * (1 << 20)), Anon: anon + 1<<20, File: 15 << 20, PSSFile: -1},
+			}}
 	}
 	pts := []MemoryPoint{pt(0, 0), pt(50, 0), pt(100, 0), pt(100, 500), pt(100, 1000)}
 	r := EvaluateMemory(pts, 2, 64)
 	if !near(r.PerPodKB, 0.2*1024, 1e-6) || !near(r.PerConnKB, 0.01*1024, 1e-6) {
 		t.Errorf("fit %v KiB/pod %v KiB/conn", r.PerPodKB, r.PerConnKB)
+	}
+	// The file part is constant: anonymous memory grows alike (to the
+	// rounding of bytes).
+	if !near(r.AnonPerPodKB, 0.2*1024, 1e-3) || !near(r.AnonPerConnKB, 0.01*1024, 1e-3) {
+		t.Errorf("anon fit %v KiB/pod %v KiB/conn", r.AnonPerPodKB, r.AnonPerConnKB)
 	}
 	// last point: 20 + 10 + 10 + 1 = 41 MiB
 	if !r.Pass {
@@ -149,9 +161,10 @@ func TestEvaluateMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{
-		"| 100 | 1000 | node-1 | 40.0 | 40.0 | 10.0 | 2.0 | 300 |",
-		"| 100 | 1000 | node-2 | 41.0 | - | - | - | - |",
+		"| 100 | 1000 | node-1 | 40.0 | 25.0 | 15.0 (7.5) | 40.0 | 10.0 | 2.0 | 300 |",
+		"| 100 | 1000 | node-2 | 41.0 | 26.0 | 15.0 | - | - | - | - |",
 		"204.8 KiB per pod", "10.2 KiB per connection end", "(largest: 41.0 MiB): PASS",
+		"of which anonymous memory (smaps_rollup): 204.8 KiB per pod, 10.2 KiB per connection end",
 	} {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("memory report lacks %q:\n%s", want, b.String())
@@ -170,5 +183,46 @@ process_resident_memory_bytes 4.194304e+07
 	}
 	if m := ParseAgentMetrics([]byte("go_goroutines 3\n")); !math.IsNaN(m.RSSMB) || m.Goroutines != 3 {
 		t.Errorf("missing figures: %+v", m)
+	}
+}
+
+func TestEvaluateMemoryWithoutSmaps(t *testing.T) {
+	pts := []MemoryPoint{
+		{Pods: 0, RSSMB: map[string]float64{"node-1": 30}},
+		{Pods: 100, RSSMB: map[string]float64{"node-1": 40}},
+	}
+	r := EvaluateMemory(pts, 1, 64)
+	if !near(r.PerPodKB, 10*1024/100.0, 1e-9) || !math.IsNaN(r.AnonPerPodKB) {
+		t.Errorf("per pod %v, anon %v (want NaN without smaps)", r.PerPodKB, r.AnonPerPodKB)
+	}
+	var b strings.Builder
+	if err := WriteMemory(&b, r); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.String(), "| 100 | 0 | node-1 | 40.0 | - | - |") || !strings.Contains(b.String(), "anonymous memory (smaps_rollup): - KiB per pod") {
+		t.Errorf("report:\n%s", b.String())
+	}
+}
+
+func TestWriteProfiles(t *testing.T) {
+	var b strings.Builder
+	err := WriteProfiles(&b, []AgentProfile{
+		{Node: "node-1", GoroutineTotal: 3, Goroutines: []ProfileEntry{{Func: "a", Count: 2}, {Func: "b", Count: 1}},
+			HeapTotal: 3 << 20, Heap: []ProfileEntry{{Func: "h", Count: 1, Bytes: 2 << 20}, {Func: "i", Count: 1, Bytes: 1 << 20}}},
+		{Node: "node-2", GoroutineErr: errors.New("refused"), HeapErr: errors.New("refused")},
+	}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"node-1 by innermost tunmesh function (/debug/pprof/goroutine): 3 in all", "- 2 `a`", "3.0 MiB in all", "- 2048 KiB `h`", "node-2 by innermost tunmesh function (/debug/pprof/goroutine): not read: refused"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("lacks %q:\n%s", want, out)
+		}
+	}
+	for _, unwanted := range []string{"`b`", "`i`"} {
+		if strings.Contains(out, unwanted) {
+			t.Errorf("top 1 lists %s:\n%s", unwanted, out)
+		}
 	}
 }

@@ -35,7 +35,11 @@ import (
 const (
 	identityPort = 8443
 	agentAdmin   = 4191
-	meshNS       = "tunmesh"
+	// AgentDebugAddr is where every agent serves net/http/pprof, inside
+	// its node's network namespace (loopback: reachable only from there),
+	// so that benchmarks and people can profile a stand-in cluster's agents.
+	AgentDebugAddr = "127.0.0.1:6060"
+	meshNS         = "tunmesh"
 )
 
 type mesh struct {
@@ -273,6 +277,7 @@ func (m *mesh) startAgent(n NodeSpec) error {
 			"--trust-anchors", m.dir("identity", "ca.crt"),
 			"--token-file", m.dir(n.Name, "token"),
 			"--state-dir", m.dir(n.Name, "state"),
+			"--debug-addr", AgentDebugAddr,
 		},
 		Log: m.cfg.path("logs", "tunmesh-node-"+n.Name+".log"),
 	})
