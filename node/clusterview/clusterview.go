@@ -71,7 +71,8 @@ func New(client kubernetes.Interface) (*View, error) {
 	if client == nil {
 		return nil, errors.New("cluster view: nil client")
 	}
-	f := informers.NewSharedInformerFactory(client, 0)
+	// The transform runs before objects enter the caches (see slim.go).
+	f := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(slim))
 	inf := f.Core().V1().Pods().Informer()
 	if err := inf.AddIndexers(cache.Indexers{byIP: indexPodIPs}); err != nil {
 		return nil, fmt.Errorf("cluster view: index pods: %w", err)

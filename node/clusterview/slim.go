@@ -1,0 +1,89 @@
+package clusterview
+
+import (
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// Every agent caches every pod of the cluster, so a cached pod's size is
+// multiplied by the cluster's pod count on every node. The informers
+// therefore keep only what the agent reads (slimPod, slimNamespace): a
+// decoded pod as the API server sends it carries managedFields, container
+// specs, volumes and conditions, several KiB the agent never looks at.
+//
+// A field that is not copied here reads as its zero value from the view:
+// code that starts reading another pod field must add it to slimPod (and
+// to TestSlimPodKeepsWhatTheAgentReads).
+
+// lastApplied is kubectl's copy of the whole object in an annotation; the
+// mesh's own annotations are short and stay.
+const lastApplied = "kubectl.kubernetes.io/last-applied-configuration"
+
+// slimMeta keeps the object metadata the agent reads or the informer
+// needs (ResourceVersion for the watch, UID for identity).
+func slimMeta(m *metav1.ObjectMeta) metav1.ObjectMeta {
+	return metav1.ObjectMeta{
+		Name:              m.Name,
+		Namespace:         m.Namespace,
+		UID:               m.UID,
+		ResourceVersion:   m.ResourceVersion,
+		Labels:            m.Labels,
+		Annotations:       withoutLastApplied(m.Annotations),
+		OwnerReferences:   m.OwnerReferences,
+		DeletionTimestamp: m.DeletionTimestamp,
+	}
+}
+
+func withoutLastApplied(a map[string]string) map[string]string {
+	if _, ok := a[lastApplied]; !ok {
+		return a
+	}
+	out := make(map[string]string, len(a)-1)
+	for k, v := range a {
+		if k != lastApplied {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// slimPod is the part of a pod the agent reads: identity (namespace,
+// ServiceAccount), placement (node, host IPs, hostNetwork), addresses,
+// phase and deletion, and annotations (the mesh's per-pod settings).
+func slimPod(p *corev1.Pod) *corev1.Pod {
+	return &corev1.Pod{
+		TypeMeta:   p.TypeMeta,
+		ObjectMeta: slimMeta(&p.ObjectMeta),
+		Spec: corev1.PodSpec{
+			NodeName:           p.Spec.NodeName,
+			ServiceAccountName: p.Spec.ServiceAccountName,
+			HostNetwork:        p.Spec.HostNetwork,
+		},
+		Status: corev1.PodStatus{
+			Phase:   p.Status.Phase,
+			HostIP:  p.Status.HostIP,
+			HostIPs: p.Status.HostIPs,
+			PodIP:   p.Status.PodIP,
+			PodIPs:  p.Status.PodIPs,
+		},
+	}
+}
+
+// slimNamespace keeps a namespace's metadata (its annotations carry the
+// mesh's namespace-wide settings) and drops spec, status and managedFields.
+func slimNamespace(ns *corev1.Namespace) *corev1.Namespace {
+	return &corev1.Namespace{TypeMeta: ns.TypeMeta, ObjectMeta: slimMeta(&ns.ObjectMeta)}
+}
+
+// slim is the informers' cache.TransformFunc. It also sees the tombstones
+// of deletions (cache.DeletedFinalStateUnknown) and anything else
+// unexpected: those pass unchanged.
+func slim(obj any) (any, error) {
+	switch o := obj.(type) {
+	case *corev1.Pod:
+		return slimPod(o), nil
+	case *corev1.Namespace:
+		return slimNamespace(o), nil
+	}
+	return obj, nil
+}
