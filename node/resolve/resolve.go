@@ -69,7 +69,8 @@ func New(client kubernetes.Interface, log *slog.Logger) (*Resolver, error) {
 
 // Run watches Services and EndpointSlices until ctx ends.
 func (r *Resolver) Run(ctx context.Context) error {
-	factory := informers.NewSharedInformerFactory(r.client, 0)
+	// The transform runs before objects enter the caches (see slim.go).
+	factory := informers.NewSharedInformerFactoryWithOptions(r.client, 0, informers.WithTransform(slim))
 	svcInf := factory.Core().V1().Services().Informer()
 	epsInf := factory.Discovery().V1().EndpointSlices().Informer()
 	if _, err := svcInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
