@@ -372,6 +372,13 @@ func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (*tls.Conn, e
 	if err != nil {
 		return nil, fmt.Errorf("dial mesh peer %s: %w", t.DstNode, err)
 	}
+	if tcp, ok := raw.(*net.TCPConn); ok {
+		// A pooled connection must notice a peer that vanished.
+		if err := tunnel.DetectDeadPeer(tcp); err != nil {
+			raw.Close()
+			return nil, err
+		}
+	}
 	cfg := d.Certs.ClientConfig(t.SrcID, t.DstID)
 	cfg.ServerName = t.DstID.DNSName(d.ControlNamespace)
 	if v3 {

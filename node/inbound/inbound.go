@@ -402,6 +402,12 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 		return
 	}
 	if cs.NegotiatedProtocol == mux.ALPN {
+		if tcp, ok := raw.(*net.TCPConn); ok {
+			// A pooled connection must notice a client agent that vanished.
+			if err := tunnel.DetectDeadPeer(tcp); err != nil {
+				a.log.Warn("tunnel connection: dead-peer detection not set", "peer", peer.String(), "err", err)
+			}
+		}
 		handshaking = false
 		a.handshakes.release(peer)
 		_ = raw.SetDeadline(time.Time{})
