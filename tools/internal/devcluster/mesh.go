@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,6 +40,13 @@ const (
 	// its node's network namespace (loopback: reachable only from there),
 	// so that benchmarks and people can profile a stand-in cluster's agents.
 	AgentDebugAddr = "127.0.0.1:6060"
+	// AgentEnvPrefix: TUNMESH_AGENT_GODEBUG, TUNMESH_AGENT_GOGC and
+	// TUNMESH_AGENT_GOMEMLIMIT, when set in the environment of whoever
+	// boots the cluster, become the agents' GODEBUG, GOGC and GOMEMLIMIT
+	// (and only theirs, not the control plane's): for example
+	// TUNMESH_AGENT_GODEBUG=memprofilerate=4096 for heap profiles finer
+	// than the default one sample per 512 KiB, or a GOMEMLIMIT to measure.
+	AgentEnvPrefix = "TUNMESH_AGENT_"
 	meshNS         = "tunmesh"
 )
 
@@ -263,8 +271,10 @@ func (m *mesh) startAgent(n NodeSpec) error {
 	if err := m.saKubeconfig(kc, "tunmesh-node"); err != nil {
 		return err
 	}
+	env := agentEnv(os.Environ())
 	p, err := nsproc.Start(nsproc.Spec{
 		Netns: n.Netns,
+		Env:   env,
 		Path:  filepath.Join(m.cfg.BinDir, "tunmesh-node"),
 		Args: []string{
 			"--node-name", n.Name,
@@ -288,6 +298,22 @@ func (m *mesh) startAgent(n NodeSpec) error {
 	m.procs[n.Name] = p
 	m.mu.Unlock()
 	return nil
+}
+
+// agentEnv is the agents' environment: the caller's (nil) unless it sets
+// one of the AgentEnvPrefix variables, which are then added without it.
+func agentEnv(caller []string) []string {
+	var extra []string
+	for _, kv := range caller {
+		k, v, _ := strings.Cut(kv, "=")
+		if name, ok := strings.CutPrefix(k, AgentEnvPrefix); ok && slices.Contains([]string{"GODEBUG", "GOGC", "GOMEMLIMIT"}, name) {
+			extra = append(extra, name+"="+v)
+		}
+	}
+	if extra == nil {
+		return nil
+	}
+	return append(slices.Clip(caller), extra...)
 }
 
 // startInstaller runs tunmesh-cni-install for a node, with the node's own
