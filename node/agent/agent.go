@@ -63,6 +63,10 @@ type Config struct {
 	// identity certificates). Default: the node address, port 4191; the
 	// admin API is not for every interface of the node.
 	AdminAddr string
+	// TunnelV2Only makes this agent dial tunnels with protocol v2 only
+	// (one TLS connection per pod connection, no ALPN offered): an escape
+	// hatch during a rollout. The agent still accepts v2 and v3.
+	TunnelV2Only bool
 	// DebugAddr, if set, serves net/http/pprof there; it must be a
 	// loopback address (default: off).
 	DebugAddr string
@@ -207,7 +211,7 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	}
 	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Synced: a.gate.Synced, Policy: pol, TrustDomain: cfg.TrustDomain}
 	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace, LocalAddr: cfg.NodeIP,
-		Metrics: m, Log: log.With("component", "dialer")}
+		DisableV3: cfg.TunnelV2Only, Metrics: m, Log: log.With("component", "dialer")}
 	a.dialer = dl
 	a.outbound, err = outbound.NewHandler(decider, dl, res, certs, outbound.Options{}, m, log.With("component", "outbound"))
 	if err != nil {

@@ -49,6 +49,7 @@ func main() {
 	fs.StringVar(&cfg.agent.CNISocket, "cni-socket", "/var/run/tunmesh/cni.sock", "unix socket for the CNI plugin")
 	fs.IntVar(&cfg.agent.MeshPort, "mesh-port", 4143, "mTLS tunnel port")
 	fs.StringVar(&cfg.agent.AdminAddr, "admin-addr", "", "admin API: metrics, readiness, status, certificates (default <node-ip>:4191)")
+	fs.BoolVar(&cfg.agent.TunnelV2Only, "tunnel-v2-only", false, "dial mesh tunnels with protocol v2 only (one TLS connection per pod connection; rollout escape hatch; the agent still accepts v2 and v3)")
 	fs.StringVar(&cfg.agent.DebugAddr, "debug-addr", "", "serve net/http/pprof here (e.g. 127.0.0.1:6060; loopback addresses only; default off)")
 	fs.StringVar(&cfg.agent.CNIConfDir, "cni-conf-dir", "/etc/cni/net.d", "the node's CNI configuration directory, checked (read only) for tunmesh-cni in /status")
 	fs.StringVar(&cfg.agent.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain")
