@@ -380,7 +380,9 @@ func WriteProfiles(w io.Writer, ps []AgentProfile, n int) error {
 				fmt.Fprintf(&b, "- %.0f `%s`\n", e.Count, e.Func)
 			}
 		}
-		fmt.Fprintf(&b, "\nHeap in use on %s by where it was allocated (/debug/pprof/heap, sampled every 512 KiB: estimates):", p.Node)
+		// The heap profile is of the last GC: what was live then. "Go heap
+		// in use" in the table also counts garbage not yet collected.
+		fmt.Fprintf(&b, "\nLive heap at the last GC on %s by where it was allocated (/debug/pprof/heap; sampled, so estimates):", p.Node)
 		if p.HeapErr != nil {
 			fmt.Fprintf(&b, " not read: %v\n", p.HeapErr)
 			continue
