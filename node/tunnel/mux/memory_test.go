@@ -159,3 +159,50 @@ func BenchmarkIdleConnectionCost(b *testing.B) {
 		}
 	}
 }
+
+// TestTinyFramesCostTheirBytes: a peer sending one-byte Data frames on a
+// stream nobody reads (its handler has not accepted it yet) makes the
+// receiver hold about those bytes, not a receive buffer per frame (each
+// frame used to pin a 2 KiB chunk: 64 Ki frames held 128 MiB).
+func TestTinyFramesCostTheirBytes(t *testing.T) {
+	const frames = 64 << 10
+	conn, s := rawServer(t, func(st *mux.Stream) { <-st.Session().Done() })
+	go io.Copy(io.Discard, conn)
+	wire := frame(mux.FrameOpen, 0, 1, hdr)
+	one := frame(mux.FrameData, 0, 1, []byte("x"))
+	for range frames {
+		wire = append(wire, one...)
+	}
+	// The marker stream's Open proves every frame before it was parsed.
+	wire = append(wire, frame(mux.FrameOpen, 0, 3, hdr)...)
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	if _, err := conn.Write(wire); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { n, _, _ := s.Load(); return n == 2 })
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	runtime.KeepAlive(wire)
+	grown := int64(after.HeapInuse) - int64(before.HeapInuse)
+	t.Logf("%d one-byte frames held: heap grew by %d bytes", frames, grown)
+	if s.Err() != nil {
+		t.Fatalf("session ended: %v", s.Err())
+	}
+	// The payload is 64 KiB; allow chunk slack and the wire buffer's noise.
+	if grown > 2<<20 {
+		t.Errorf("heap grew by %d bytes for %d bytes of payload", grown, frames)
+	}
+}
+
+// waitFor polls cond until it holds, failing the test after 5s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in 5s")
+		}
+	}
+}

@@ -101,6 +101,8 @@ type Session struct {
 	recvUnacked int64 // consumed but not yet granted back
 	idleSince   time.Time
 
+	scratch []byte // routineRead's, made at the first small Data frame; see onData
+
 	wmu         sync.Mutex // guards the write state below
 	wbuf        []byte     // frames waiting for the connection: the segment being filled
 	wfull       [][]byte   // full segments queued before wbuf, in order
@@ -391,20 +393,52 @@ func (s *Session) onData(f Frame) error {
 	st.recvWin -= int64(f.Len)
 	s.mu.Unlock()
 
-	c := getChunk(f.Len)
-	if _, err := io.ReadFull(s.br, c.b); err != nil {
-		putChunk(c)
-		return err
+	// The windows count payload bytes, so what the queue holds must cost
+	// about as much memory as it carries: a frame of up to coalesceMax
+	// bytes is read into the reader's scratch buffer and copied onto the
+	// tail chunk while it has room (a peer sending one-byte frames would
+	// otherwise pin a 2 KiB chunk per byte of window). A larger frame is
+	// read straight into a chunk of its own, at least half full.
+	var c *chunk
+	if f.Len <= coalesceMax {
+		if s.scratch == nil {
+			s.scratch = make([]byte, coalesceMax)
+		}
+		if _, err := io.ReadFull(s.br, s.scratch[:f.Len]); err != nil {
+			return err
+		}
+	} else {
+		c = getChunk(f.Len)
+		if _, err := io.ReadFull(s.br, c.b); err != nil {
+			putChunk(c)
+			return err
+		}
 	}
 	s.mu.Lock()
 	if s.streams[f.Stream] != st || st.readErr != nil {
 		// Ended (reset, closed) while we read: discard.
 		s.mu.Unlock()
-		putChunk(c)
+		if c != nil {
+			putChunk(c)
+		}
 		s.creditFromReader(f.Len)
 		return nil
 	}
-	st.queue = append(st.queue, c)
+	if c == nil {
+		p := s.scratch[:f.Len]
+		// The tail is never being read outside the lock: DrainTo takes
+		// a chunk off the queue before it writes it out.
+		if n := len(st.queue); n > 0 && cap(st.queue[n-1].b)-len(st.queue[n-1].b) >= len(p) {
+			t := st.queue[n-1]
+			t.b = append(t.b, p...)
+		} else {
+			c = getChunk(len(p))
+			copy(c.b, p)
+		}
+	}
+	if c != nil {
+		st.queue = append(st.queue, c)
+	}
 	st.queued += f.Len
 	s.mu.Unlock()
 	st.signalReadable()

@@ -419,10 +419,16 @@ func (st *Stream) SetDeadline(t time.Time) error {
 func (st *Stream) SetReadDeadline(t time.Time) error  { st.rd.set(t); return nil }
 func (st *Stream) SetWriteDeadline(t time.Time) error { st.wd.set(t); return nil }
 
-// chunk is a pooled receive buffer holding one Data frame's payload.
+// chunk is a pooled receive buffer: one large Data frame's payload, or
+// small ones coalesced.
 type chunk struct{ b []byte }
 
 const smallChunk = 2 << 10
+
+// coalesceMax is the largest Data payload copied onto a stream's tail
+// chunk (see Session.onData); larger ones get a chunk of their own, which
+// they fill at least half.
+const coalesceMax = MaxPayload / 2
 
 var (
 	smallChunks = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, smallChunk)} }}
