@@ -340,7 +340,7 @@ func (a *Acceptor) CheckWait(ctx context.Context, r Request) (dst *pods.Pod, rea
 		case <-timeout:
 			return dst, reason, detail + fmt.Sprintf(" (still unknown after waiting %s for the cluster view)", a.cfg.SourceWait), time.Since(start)
 		case <-ctx.Done():
-			return dst, reason, detail + " (agent stopping)", time.Since(start)
+			return dst, reason, detail + " (cancelled: agent stopping or tunnel stream reset)", time.Since(start)
 		}
 	}
 }
@@ -444,7 +444,11 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 	// Streams still being checked or dialled stop with their connection.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	sess := mux.Server(conn, mux.Config{MaxStreams: a.cfg.MaxStreamsPerConn}, func(st *mux.Stream) {
+	// A stream counts against MaxStreamsPerConn until its handler returns,
+	// and a Reset of the stream stops its checks and its dial (its
+	// Context), so an Open-then-Reset flood neither passes the cap nor
+	// makes us dial pods for nobody.
+	sess := mux.Server(conn, mux.Config{MaxStreams: a.cfg.MaxStreamsPerConn, Context: ctx}, func(st *mux.Stream) {
 		if which := a.streams.acquire(peer, a.cfg.MaxStreams, a.cfg.MaxStreamsPerPeer); which != "" {
 			a.metrics.Errors.WithLabelValues("limit_streams_" + which).Inc()
 			_ = st.Refuse(tunnel.ReasonBusy)
@@ -485,6 +489,9 @@ type answerer interface {
 	refuse(tunnel.Reason)
 	// setDeadline bounds the answer (version 2's connection); zero clears.
 	setDeadline(time.Time)
+	// setupContext is what bounds the checks and the dial into the pod:
+	// ctx, or less (a version 3 stream's ends when the client resets it).
+	setupContext(ctx context.Context) context.Context
 }
 
 type v2Tunnel struct {
@@ -501,6 +508,9 @@ func (t v2Tunnel) accept() (net.Conn, error) {
 }
 func (t v2Tunnel) refuse(r tunnel.Reason)   { _ = tunnel.WriteReply(t.tc, r) }
 func (t v2Tunnel) setDeadline(tm time.Time) { _ = t.raw.SetDeadline(tm) }
+func (t v2Tunnel) setupContext(ctx context.Context) context.Context {
+	return ctx
+}
 
 type v3Stream struct{ st *mux.Stream }
 
@@ -513,11 +523,15 @@ func (s v3Stream) accept() (net.Conn, error) {
 func (s v3Stream) refuse(r tunnel.Reason) { _ = s.st.Refuse(r) }
 func (s v3Stream) setDeadline(time.Time)  {}
 
+// setupContext: the stream's Context, a child of the session's ctx.
+func (s v3Stream) setupContext(context.Context) context.Context { return s.st.Context() }
+
 // deliver checks a tunnel's request, dials the destination pod, answers,
 // and splices until the connection ends.
 func (a *Acceptor) deliver(ctx context.Context, req Request, t answerer) {
 	clientID, peer, h := req.ClientID, req.Peer, req.Header
-	dst, reason, detail, waited := a.CheckWait(ctx, req)
+	setup := t.setupContext(ctx)
+	dst, reason, detail, waited := a.CheckWait(setup, req)
 	if waited > 0 {
 		// Counted whatever the outcome: how often sources race the API.
 		a.metrics.Errors.WithLabelValues("source_wait").Inc()
@@ -532,15 +546,27 @@ func (a *Acceptor) deliver(ctx context.Context, req Request, t answerer) {
 		a.log.Warn("tunnel refused", "reason", r.String(), "client_id", clientID.String(), "peer", peer.String(), "src", h.Src.String(), "dst", h.Dst.String(), "detail", msg)
 		t.refuse(r)
 	}
+	resetEarly := func() bool {
+		if setup.Err() == nil || ctx.Err() != nil {
+			return false
+		}
+		// The client reset the stream before our answer: nobody to answer.
+		a.metrics.Errors.WithLabelValues("reset_before_reply").Inc()
+		return true
+	}
 	if reason != tunnel.ReasonNone {
-		refuse(reason, detail)
+		if !resetEarly() {
+			refuse(reason, detail)
+		}
 		return
 	}
-	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	dctx, cancel := context.WithTimeout(setup, 10*time.Second)
 	podConn, err := a.stack.DialTCP(dctx, dst.NIC, netip.AddrPortFrom(h.Src, 0), h.Dst)
 	cancel()
 	if err != nil {
-		refuse(tunnel.ReasonDialFailed, err.Error())
+		if !resetEarly() {
+			refuse(tunnel.ReasonDialFailed, err.Error())
+		}
 		return
 	}
 	tun, err := t.accept()

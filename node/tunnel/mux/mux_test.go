@@ -332,8 +332,13 @@ func TestMaxStreamsRefusesBusy(t *testing.T) {
 // other end to write raw frames into.
 func rawServer(t *testing.T, handle func(*mux.Stream)) (net.Conn, *mux.Session) {
 	t.Helper()
+	return rawServerConfig(t, mux.Config{}, handle)
+}
+
+func rawServerConfig(t *testing.T, cfg mux.Config, handle func(*mux.Stream)) (net.Conn, *mux.Session) {
+	t.Helper()
 	a, b := net.Pipe()
-	s := mux.Server(b, mux.Config{}, handle)
+	s := mux.Server(b, cfg, handle)
 	t.Cleanup(func() { a.Close(); s.Close(); s.Wait() })
 	return a, s
 }
@@ -620,4 +625,60 @@ func TestOpenLeavesWithTheFirstBytes(t *testing.T) {
 		t.Fatalf("server-first stream read %q, %v", buf, err)
 	}
 	st.Abort()
+}
+
+// TestResetStreamCountsUntilItsHandlerReturns: a client that opens and at
+// once resets streams does not get more handlers running than MaxStreams
+// (each reset stream's handler may still be checking or dialling), and a
+// Reset cancels its handler's Context.
+func TestResetStreamCountsUntilItsHandlerReturns(t *testing.T) {
+	leakCheck(t)
+	release := make(chan struct{})
+	cancelled := make(chan uint32, 8)
+	var running sync.WaitGroup
+	conn, s := rawServerConfig(t, mux.Config{MaxStreams: 2}, func(st *mux.Stream) {
+		running.Add(1)
+		defer running.Done()
+		<-st.Context().Done()
+		cancelled <- st.ID()
+		<-release // still busy after the reset (a dial that ignores ctx)
+	})
+	defer func() { s.Close(); close(release); running.Wait() }()
+	replies := make(chan mux.Frame, 8)
+	go func() {
+		for {
+			f, p, err := mux.ReadFrame(conn, nil)
+			if err != nil {
+				close(replies)
+				return
+			}
+			if f.Type == mux.FrameReply && len(p) == 2 && p[1] == byte(tunnel.ReasonBusy) {
+				replies <- f
+			}
+		}
+	}()
+	for _, id := range []uint32{1, 3} {
+		conn.Write(frame(mux.FrameOpen, 0, id, hdr))
+		conn.Write(frame(mux.FrameReset, 0, id, nil))
+		select {
+		case got := <-cancelled:
+			if got != id {
+				t.Fatalf("stream %d's context cancelled, want %d", got, id)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("reset of stream %d did not cancel its handler's context", id)
+		}
+	}
+	conn.Write(frame(mux.FrameOpen, 0, 5, hdr))
+	select {
+	case f := <-replies:
+		if f.Stream != 5 {
+			t.Fatalf("busy refusal for stream %d, want 5", f.Stream)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("third stream accepted while two reset streams' handlers still run (MaxStreams 2)")
+	}
+	if n, _, _ := s.Load(); n != 2 {
+		t.Errorf("server counts %d streams, want 2 running handlers", n)
+	}
 }

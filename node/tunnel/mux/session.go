@@ -2,6 +2,7 @@ package mux
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -48,8 +49,13 @@ var ErrSessionClosed = errors.New("mux: session closed")
 // Config tunes a session. The zero value is ready to use.
 type Config struct {
 	// MaxStreams caps the streams the peer may have open at once on a
-	// server session (default DefaultMaxStreams). Unused by clients.
+	// server session (default DefaultMaxStreams): a stream counts until
+	// its handler has returned, even if the peer reset it before. Unused
+	// by clients.
 	MaxStreams int
+	// Context, if set, is the parent of every server stream's Context
+	// (default context.Background()).
+	Context context.Context
 	// WriteTimeout bounds one write to the connection; a peer that stops
 	// reading for longer is declared dead (default 30s). Flow control
 	// means a live peer always reads.
@@ -93,6 +99,7 @@ type Session struct {
 	nextID      uint32 // client: the next stream id to open
 	lastID      uint32 // server: the highest stream id the peer opened
 	reserved    int    // client: streams promised by Reserve, not opened yet
+	handling    int    // server: handlers running (a reset stream's too)
 	draining    bool   // no new streams (CloseIfIdle, out of ids)
 	err         error  // why the session ended; set once
 	sendWin     int64  // connection send window left
@@ -187,7 +194,15 @@ func (s *Session) Wait() {
 func (s *Session) Load() (streams int, inFlight int64, closed bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.streams) + s.reserved, ConnWindow - s.sendWin, s.err != nil || s.draining
+	return s.activeLocked(), ConnWindow - s.sendWin, s.err != nil || s.draining
+}
+
+// activeLocked counts the session's streams: open or reserved ones on a
+// client; on a server, open ones or running handlers, whichever is more
+// (a handler may still be checking or dialling for a stream the peer has
+// reset).
+func (s *Session) activeLocked() int {
+	return max(len(s.streams), s.handling) + s.reserved
 }
 
 // Reserve promises one OpenStream on a client session, so that
@@ -208,7 +223,7 @@ func (s *Session) Unreserve() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.reserved--
-	if len(s.streams)+s.reserved == 0 {
+	if s.activeLocked() == 0 {
 		s.idleSince = time.Now()
 	}
 }
@@ -221,7 +236,7 @@ func (s *Session) CloseIfIdle(idle time.Duration) bool {
 		s.mu.Unlock()
 		return true
 	}
-	if len(s.streams)+s.reserved > 0 || time.Since(s.idleSince) < idle {
+	if s.activeLocked() > 0 || time.Since(s.idleSince) < idle {
 		s.mu.Unlock()
 		return false
 	}
@@ -531,20 +546,38 @@ func (s *Session) onOpenLocked(f Frame, p []byte) ([]byte, error) {
 	if s.err != nil {
 		return nil, nil
 	}
-	if len(s.streams) >= s.cfg.MaxStreams {
+	if s.activeLocked() >= s.cfg.MaxStreams {
 		out := appendHeader(nil, FrameReply, f.Stream, 2)
 		return append(out, tunnel.ReplyRefused, byte(tunnel.ReasonBusy)), nil
 	}
 	st := newStream(s, f.Stream)
 	st.payload = append([]byte(nil), p...)
 	st.opened = time.Now()
+	parent := s.cfg.Context
+	if parent == nil {
+		parent = context.Background()
+	}
+	st.ctx, st.cancel = context.WithCancel(parent)
 	s.streams[f.Stream] = st
+	s.handling++
 	s.handlers.Add(1)
 	go func() { // RoutineStream: one per accepted stream, owned by the session
 		defer s.handlers.Done()
+		defer s.handlerDone(st)
 		s.handle(st)
 	}()
 	return nil, nil
+}
+
+// handlerDone uncounts st's handler (see Config.MaxStreams).
+func (s *Session) handlerDone(st *Stream) {
+	st.cancel()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.handling--
+	if s.activeLocked() == 0 {
+		s.idleSince = time.Now()
+	}
 }
 
 // maybeRemoveLocked forgets st once both directions are over.
@@ -561,7 +594,7 @@ func (s *Session) removeLocked(st *Stream) {
 		return
 	}
 	delete(s.streams, st.id)
-	if len(s.streams)+s.reserved == 0 {
+	if s.activeLocked() == 0 {
 		s.idleSince = time.Now()
 	}
 }

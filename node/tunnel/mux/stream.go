@@ -26,6 +26,8 @@ type Stream struct {
 	id      uint32
 	payload []byte    // server: the Open frame's payload
 	opened  time.Time // when it was opened (client) or received (server)
+	ctx     context.Context
+	cancel  context.CancelFunc // server: ends ctx (the stream was cut, or its handler returned)
 
 	readable chan struct{} // signalled when queue or readErr change
 	replyCh  chan struct{} // client: closed when the reply arrived
@@ -67,6 +69,17 @@ func (st *Stream) Payload() []byte { return st.payload }
 // (server).
 func (st *Stream) Opened() time.Time { return st.opened }
 
+// Context (server streams) is done once the stream is cut (the peer
+// reset it, it was refused or aborted, the session ended) or its handler
+// returned: what the handler does for it (checks, the dial into the pod)
+// stops with it. A client stream's is context.Background().
+func (st *Stream) Context() context.Context {
+	if st.ctx == nil {
+		return context.Background()
+	}
+	return st.ctx
+}
+
 // Session is the session carrying the stream.
 func (st *Stream) Session() *Session { return st.s }
 
@@ -98,6 +111,9 @@ func (st *Stream) failLocked(err error, peerGone bool) {
 	st.signalReadable()
 	st.signalWindowLocked()
 	st.closeReplyLocked()
+	if st.cancel != nil {
+		st.cancel()
+	}
 	if peerGone {
 		st.sentReset = true
 		st.s.removeLocked(st)
@@ -157,6 +173,11 @@ func (st *Stream) Accept() error {
 		st.s.mu.Unlock()
 		return errors.New("mux: accept: not an unanswered server stream")
 	}
+	if st.s.streams[st.id] != st {
+		err := st.readErr
+		st.s.mu.Unlock()
+		return fmt.Errorf("accept tunnel stream: %w", err)
+	}
 	st.replied = true
 	st.s.mu.Unlock()
 	return st.s.writeFrame(FrameReply, st.id, []byte{tunnel.ReplyOK})
@@ -174,8 +195,13 @@ func (st *Stream) Refuse(reason tunnel.Reason) error {
 		return errors.New("mux: refuse: not an unanswered server stream")
 	}
 	st.replied = true
+	// A stream the peer has reset is forgotten on both sides: no reply.
+	gone := st.s.streams[st.id] != st
 	st.failLocked(fmt.Errorf("tunnel stream refused: %w", net.ErrClosed), true)
 	st.s.mu.Unlock()
+	if gone {
+		return nil
+	}
 	return st.s.writeFrame(FrameReply, st.id, []byte{tunnel.ReplyRefused, byte(reason)})
 }
 
