@@ -62,6 +62,13 @@ type Config struct {
 	// MaxConns caps open tunnel connections node-wide (default 16384);
 	// MaxConnsPerPeer those from one peer address (default 4096).
 	MaxConns, MaxConnsPerPeer int
+	// MaxSessionsPerPeer caps the version 3 connections from one peer
+	// address (default 256; they count against MaxConnsPerPeer too). The
+	// peer's pool keeps one connection per identity pair in use (a few
+	// for a busy pair), and each may hold up to mux.ConnWindow received
+	// bytes: a version 3 connection is worth far more than a version 2
+	// one.
+	MaxSessionsPerPeer int
 	// MaxHandshakes caps connections between accept and a checked header
 	// node-wide (default 256); MaxHandshakesPerPeer from one peer
 	// (default 64).
@@ -87,6 +94,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxConnsPerPeer == 0 {
 		c.MaxConnsPerPeer = 4096
+	}
+	if c.MaxSessionsPerPeer == 0 {
+		c.MaxSessionsPerPeer = 256
 	}
 	if c.MaxHandshakes == 0 {
 		c.MaxHandshakes = 256
@@ -122,6 +132,7 @@ type Acceptor struct {
 	failed  atomic.Pointer[error]
 
 	conns      counters // open tunnel connections
+	sessions   counters // open version 3 connections
 	handshakes counters // connections not past their handshake (v3) or header (v2) yet
 	streams    counters // meshed connections being checked or delivered
 }
@@ -410,6 +421,11 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 		}
 		handshaking = false
 		a.handshakes.release(peer)
+		if which := a.sessions.acquire(peer, a.cfg.MaxConns, a.cfg.MaxSessionsPerPeer); which != "" {
+			a.metrics.Errors.WithLabelValues("limit_sessions_" + which).Inc()
+			return
+		}
+		defer a.sessions.release(peer)
 		_ = raw.SetDeadline(time.Time{})
 		a.metrics.Handshakes.WithLabelValues("inbound", "v3").Inc()
 		a.ServeSession(ctx, tc, clientID, cs.ServerName, peer)

@@ -14,6 +14,8 @@ import (
 	"net"
 	"net/netip"
 	neturl "net/url"
+	"os"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -27,6 +29,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/nodemetrics"
 	"github.com/tunmesh/tunmesh/node/pods"
 	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/tunnel/mux"
 	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
 )
 
@@ -275,4 +278,45 @@ func TestSessionProtocolErrorCounted(t *testing.T) {
 	if got := counter(t, a.metrics.Errors.WithLabelValues("protocol")); got != 1 {
 		t.Errorf("protocol errors = %v, want 1", got)
 	}
+}
+
+// dialV3 makes a version 3 connection to the acceptor by hand (TLS with
+// the mux ALPN, as the dialer's pool does).
+func dialV3(t *testing.T, port int, certs testCerts) *tls.Conn {
+	t.Helper()
+	cfg := certs.ClientConfig(id("prod", "default"), id("prod", "server"))
+	cfg.ServerName = id("prod", "server").DNSName("tunmesh")
+	cfg.NextProtos = []string{mux.ALPN}
+	c, err := tls.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if p := c.ConnectionState().NegotiatedProtocol; p != mux.ALPN {
+		t.Fatalf("negotiated %q, want %q", p, mux.ALPN)
+	}
+	return c
+}
+
+// TestSessionLimitPerPeer: version 3 connections from one peer are capped
+// (MaxSessionsPerPeer) apart from the version 2 tunnels' cap; the one past
+// it is closed and counted, and a version 2 tunnel still gets through.
+func TestSessionLimitPerPeer(t *testing.T) {
+	_, m, port, certs := serveVersions(t, Config{MaxSessionsPerPeer: 1})
+	dialV3(t, port, certs)
+	extra := dialV3(t, port, certs)
+	extra.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := extra.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("second v3 connection from the peer: read %v, want it closed", err)
+	}
+	if got := counter(t, m.Errors.WithLabelValues("limit_sessions_peer")); got != 1 {
+		t.Errorf("limit_sessions_peer = %v, want 1", got)
+	}
+	v2 := &dialer.Dialer{Certs: certs, MeshPort: port, ControlNamespace: "tunmesh", DisableV3: true}
+	t.Cleanup(v2.Close)
+	c, err := v2.Dial(t.Context(), target(srcIP))
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoOnce(t, c, "v2 still served")
 }

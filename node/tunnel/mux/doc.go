@@ -39,7 +39,7 @@
 // Reply: the header travels with the first bytes (the Open is corked until
 // the stream's first write, or its first read for a protocol where the
 // server speaks first) and costs no round trip.
-// The server holds those bytes (within the stream window) until its checks
+// The server holds those bytes (within the initial window) until its checks
 // pass and the destination pod is dialled, then replies; a refusal drops
 // them and reaches the client's reader as a *tunnel.RefusedError, which the
 // agent turns into a reset of the pod's connection.
@@ -47,7 +47,9 @@
 // # Flow control
 //
 // Each stream may have StreamWindow (4 MiB) unacknowledged bytes in
-// flight, each connection ConnWindow (16 MiB). A receiver grants window
+// flight, each connection ConnWindow (16 MiB). Before the server's ReplyOK
+// the client's direction of a stream has only InitialStreamWindow (64
+// KiB); the ReplyOK grants the rest, without a Window frame. A receiver grants window
 // back as its reader consumes (a Window frame once a quarter of a window is
 // due), so a stream whose pod does not read stops at its own window and
 // the other streams of the connection go on: no head-of-line blocking.

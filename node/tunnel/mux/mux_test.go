@@ -682,3 +682,62 @@ func TestResetStreamCountsUntilItsHandlerReturns(t *testing.T) {
 		t.Errorf("server counts %d streams, want 2 running handlers", n)
 	}
 }
+
+// TestUnacceptedStreamWindowIsSmall: before the server accepts a stream,
+// the client may send only InitialStreamWindow bytes on it (more is a
+// protocol error), and a client writer waits there; the ReplyOK grants
+// the rest of the stream window.
+func TestUnacceptedStreamWindowIsSmall(t *testing.T) {
+	t.Run("raw client past the initial window", func(t *testing.T) {
+		leakCheck(t)
+		conn, s := rawServer(t, func(st *mux.Stream) { <-st.Session().Done() })
+		go io.Copy(io.Discard, conn)
+		conn.Write(frame(mux.FrameOpen, 0, 1, hdr))
+		full := frame(mux.FrameData, 0, 1, make([]byte, mux.MaxPayload))
+		for range mux.InitialStreamWindow / mux.MaxPayload {
+			if _, err := conn.Write(full); err != nil {
+				t.Fatal(err)
+			}
+		}
+		conn.Write(frame(mux.FrameOpen, 0, 3, hdr)) // a marker: all the above was parsed
+		waitFor(t, func() bool { n, _, _ := s.Load(); return n == 2 })
+		if err := s.Err(); err != nil {
+			t.Fatalf("session ended within the initial window: %v", err)
+		}
+		conn.Write(frame(mux.FrameData, 0, 1, []byte("x")))
+		select {
+		case <-s.Done():
+		case <-time.After(5 * time.Second):
+			t.Fatal("a byte past the initial window of an unaccepted stream was taken")
+		}
+		if err := s.Err(); !errors.Is(err, mux.ErrProtocol) {
+			t.Fatalf("session ended with %v, want ErrProtocol", err)
+		}
+	})
+	t.Run("writer waits for the reply", func(t *testing.T) {
+		leakCheck(t)
+		accept := make(chan struct{})
+		client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+			<-accept
+			st.Accept()
+			io.Copy(io.Discard, st)
+			st.CloseWrite()
+			st.Close()
+		})
+		st, err := client.OpenStream(hdr, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer st.Close()
+		st.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+		n, err := st.Write(make([]byte, 1<<20))
+		if !errors.Is(err, os.ErrDeadlineExceeded) || n != mux.InitialStreamWindow {
+			t.Fatalf("before the reply: wrote %d, %v; want %d and a deadline", n, err, mux.InitialStreamWindow)
+		}
+		close(accept)
+		st.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		if n, err := st.Write(make([]byte, mux.StreamWindow-mux.InitialStreamWindow)); err != nil {
+			t.Fatalf("after the reply: wrote %d, %v; want the rest of the stream window", n, err)
+		}
+	})
+}

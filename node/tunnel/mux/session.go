@@ -24,9 +24,17 @@ const ALPN = "tunmesh/3"
 // reader consumes. Sized for throughput as Istio's ztunnel does (4 MiB per
 // stream, 16 MiB per connection): one stream can fill a fast link, and no
 // connection buffers more than ConnWindow on the receiving side.
+//
+// A new stream's client-to-server direction starts with only
+// InitialStreamWindow (the bytes a client sends with its Open, before the
+// server has checked it: enough for the first request of a typical
+// protocol); the server's ReplyOK grants it the rest of StreamWindow, with
+// no Window frame. Bytes the server holds for streams it has not accepted
+// are thus 64 KiB each, not 4 MiB.
 const (
-	StreamWindow = 4 << 20
-	ConnWindow   = 16 << 20
+	StreamWindow        = 4 << 20
+	ConnWindow          = 16 << 20
+	InitialStreamWindow = 64 << 10
 )
 
 // DefaultMaxStreams is the default number of concurrent streams a server
@@ -518,6 +526,9 @@ func (s *Session) onStreamFrameLocked(f Frame, p []byte) error {
 		switch {
 		case len(p) == 1 && p[0] == tunnel.ReplyOK:
 			st.replied = true
+			// ReplyOK grants the rest of the stream window.
+			st.sendWin += StreamWindow - InitialStreamWindow
+			st.signalWindowLocked()
 		case len(p) == 2 && p[0] == tunnel.ReplyRefused && p[1] != 0:
 			st.replied = true
 			rerr = &tunnel.RefusedError{Reason: tunnel.Reason(p[1])}

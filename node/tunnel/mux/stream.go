@@ -55,6 +55,9 @@ func newStream(s *Session, id uint32) *Stream {
 	st := &Stream{s: s, id: id, readable: make(chan struct{}, 1), recvWin: StreamWindow, sendWin: StreamWindow}
 	if s.client {
 		st.replyCh = make(chan struct{})
+		st.sendWin = InitialStreamWindow // until ReplyOK
+	} else {
+		st.recvWin = InitialStreamWindow // until Accept
 	}
 	return st
 }
@@ -179,6 +182,8 @@ func (st *Stream) Accept() error {
 		return fmt.Errorf("accept tunnel stream: %w", err)
 	}
 	st.replied = true
+	// ReplyOK grants the client the rest of the stream window.
+	st.recvWin += StreamWindow - InitialStreamWindow
 	st.s.mu.Unlock()
 	return st.s.writeFrame(FrameReply, st.id, []byte{tunnel.ReplyOK})
 }
