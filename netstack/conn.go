@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"sync"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -17,13 +19,61 @@ import (
 // can also be reset. gonet's Close always ends with a FIN, so a tunnel cut
 // on the far side would reach the pod as a clean end of stream; SetLinger(0)
 // before Close (as on a *net.TCPConn) or Abort makes it a RST instead.
+//
+// NotifyReadable and TryRead let a caller wait for a pod's bytes without a
+// goroutine parked in Read: an idle connection then holds no stack (a
+// parked reader costs 8–16 KiB of stack per connection end, and the GC
+// pacer lets as much garbage again accumulate; docs/performance.md).
 type Conn struct {
 	*gonet.TCPConn
 	ep tcpip.Endpoint
+	wq *waiter.Queue
 }
 
 func newConn(wq *waiter.Queue, ep tcpip.Endpoint) *Conn {
-	return &Conn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep}
+	return &Conn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep, wq: wq}
+}
+
+// ErrWouldBlock is TryRead's answer when nothing is buffered.
+var ErrWouldBlock = errors.New("netstack conn: no data buffered")
+
+// NotifyReadable registers f, called whenever the connection may have
+// become readable: bytes arrived, the pod's FIN or RST, or an error. f runs
+// on the stack's goroutine that delivered the segment: it must not block
+// and must not call the connection's methods (it may signal a channel or
+// schedule work). Calls may be spurious. The caller registers first, then
+// calls TryRead until ErrWouldBlock, then waits for f: data that arrives
+// in between is never missed. cancel unregisters f; once it returns, no
+// call of f is running or will start.
+func (c *Conn) NotifyReadable(f func()) (cancel func()) {
+	e := waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) { f() })
+	c.wq.EventRegister(&e)
+	var once sync.Once
+	return func() { once.Do(func() { c.wq.EventUnregister(&e) }) }
+}
+
+// TryRead reads what the connection has buffered, without waiting:
+// ErrWouldBlock when there is nothing yet, io.EOF after the pod's FIN.
+// It must not run concurrently with Read.
+func (c *Conn) TryRead(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	w := tcpip.SliceWriter(b)
+	res, tcpipErr := c.ep.Read(&w, tcpip.ReadOptions{})
+	switch tcpipErr.(type) {
+	case nil:
+		if res.Count != 0 {
+			// As gonet's Read: receive-buffer auto-tuning learns from reads.
+			c.ep.ModerateRecvBuf(res.Count)
+		}
+		return res.Count, nil
+	case *tcpip.ErrWouldBlock:
+		return 0, ErrWouldBlock
+	case *tcpip.ErrClosedForReceive:
+		return 0, io.EOF
+	}
+	return 0, &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: errors.New(tcpipErr.String())}
 }
 
 // SetLinger behaves as on a *net.TCPConn: sec == 0 makes Close send a
