@@ -80,6 +80,12 @@ type Config struct {
 	// (default mux.DefaultMaxStreams). Past a cap a stream is refused
 	// (ReasonBusy) and counted; its connection goes on.
 	MaxStreams, MaxStreamsPerPeer, MaxStreamsPerConn int
+	// SessionIdle closes a version 3 connection that has had no stream
+	// for that long (default 3 minutes: the peer's pool closes its idle
+	// connections after 1 minute, and should be the one to). FirstOpen
+	// closes one whose first stream has not come within it of the
+	// handshake (default 10s, as version 2 bounds the header).
+	SessionIdle, FirstOpen time.Duration
 	// SourceWait bounds how long a tunnel whose claimed source is not
 	// known to the cluster view yet waits for the view to learn it
 	// (default 8s). A pod's first instruction may run before its kubelet
@@ -112,6 +118,12 @@ func (c *Config) defaults() {
 	}
 	if c.MaxStreamsPerConn == 0 {
 		c.MaxStreamsPerConn = mux.DefaultMaxStreams
+	}
+	if c.SessionIdle == 0 {
+		c.SessionIdle = 3 * time.Minute
+	}
+	if c.FirstOpen == 0 {
+		c.FirstOpen = 10 * time.Second
 	}
 	if c.SourceWait == 0 {
 		c.SourceWait = 8 * time.Second
@@ -464,7 +476,8 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 	// and a Reset of the stream stops its checks and its dial (its
 	// Context), so an Open-then-Reset flood neither passes the cap nor
 	// makes us dial pods for nobody.
-	sess := mux.Server(conn, mux.Config{MaxStreams: a.cfg.MaxStreamsPerConn, Context: ctx}, func(st *mux.Stream) {
+	scfg := mux.Config{MaxStreams: a.cfg.MaxStreamsPerConn, Context: ctx, IdleTimeout: a.cfg.SessionIdle, FirstOpenTimeout: a.cfg.FirstOpen}
+	sess := mux.Server(conn, scfg, func(st *mux.Stream) {
 		if which := a.streams.acquire(peer, a.cfg.MaxStreams, a.cfg.MaxStreamsPerPeer); which != "" {
 			a.metrics.Errors.WithLabelValues("limit_streams_" + which).Inc()
 			_ = st.Refuse(tunnel.ReasonBusy)
@@ -492,6 +505,10 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 		// A peer agent that breaks the framing: a bug or an attack.
 		a.metrics.Errors.WithLabelValues("protocol").Inc()
 		a.log.Warn("tunnel connection closed on a protocol error", "peer", peer.String(), "client_id", clientID.String(), "err", err)
+	case errors.Is(err, mux.ErrIdle):
+		// No stream for SessionIdle (or none at all within FirstOpen).
+		a.metrics.Errors.WithLabelValues("session_idle").Inc()
+		a.log.Debug("tunnel connection closed: idle", "peer", peer.String(), "client_id", clientID.String())
 	case err != nil && !errors.Is(err, mux.ErrSessionClosed):
 		// The peer closed it (idle) or its agent went away.
 		a.log.Debug("tunnel connection ended", "peer", peer.String(), "client_id", clientID.String(), "err", err)

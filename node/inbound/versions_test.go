@@ -320,3 +320,21 @@ func TestSessionLimitPerPeer(t *testing.T) {
 	}
 	echoOnce(t, c, "v2 still served")
 }
+
+// TestSessionReapedWithoutStreams: a v3 connection that opens no stream
+// is closed (FirstOpen) and counted, so a silent peer holds no slot.
+func TestSessionReapedWithoutStreams(t *testing.T) {
+	_, m, port, certs := serveVersions(t, Config{FirstOpen: 50 * time.Millisecond, SessionIdle: time.Minute})
+	c := dialV3(t, port, certs)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("silent v3 connection: read %v, want it closed", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for counter(t, m.Errors.WithLabelValues("session_idle")) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("session_idle not counted")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

@@ -741,3 +741,44 @@ func TestUnacceptedStreamWindowIsSmall(t *testing.T) {
 		}
 	})
 }
+
+// TestServerSessionReaped: a server session closes itself (ErrIdle) when
+// no Open comes within FirstOpenTimeout, or when it has had no stream for
+// IdleTimeout; never while a stream is open.
+func TestServerSessionReaped(t *testing.T) {
+	ended := func(t *testing.T, s *mux.Session, within time.Duration) {
+		t.Helper()
+		select {
+		case <-s.Done():
+		case <-time.After(within):
+			t.Fatalf("session still up after %s", within)
+		}
+		if err := s.Err(); !errors.Is(err, mux.ErrIdle) {
+			t.Fatalf("session ended with %v, want ErrIdle", err)
+		}
+	}
+	t.Run("no first open", func(t *testing.T) {
+		leakCheck(t)
+		conn, s := rawServerConfig(t, mux.Config{FirstOpenTimeout: 50 * time.Millisecond, IdleTimeout: time.Hour}, echo)
+		go io.Copy(io.Discard, conn)
+		ended(t, s, 5*time.Second)
+	})
+	t.Run("idle after its streams", func(t *testing.T) {
+		leakCheck(t)
+		const idle = 150 * time.Millisecond
+		conn, s := rawServerConfig(t, mux.Config{FirstOpenTimeout: 50 * time.Millisecond, IdleTimeout: idle},
+			func(st *mux.Stream) { <-st.Context().Done() })
+		go io.Copy(io.Discard, conn)
+		conn.Write(frame(mux.FrameOpen, 0, 1, hdr))
+		time.Sleep(3 * idle) // a stream is open: not idle
+		if err := s.Err(); err != nil {
+			t.Fatalf("session with an open stream ended: %v", err)
+		}
+		conn.Write(frame(mux.FrameReset, 0, 1, nil))
+		start := time.Now()
+		ended(t, s, 5*time.Second)
+		if d := time.Since(start); d < idle/2 {
+			t.Errorf("closed %s after its last stream, want about %s", d, idle)
+		}
+	})
+}

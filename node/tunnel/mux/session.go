@@ -50,6 +50,10 @@ var ErrConnLost = fmt.Errorf("mux: tunnel connection lost: %w", io.ErrUnexpected
 // Config.ReplyTimeout.
 var ErrReplyTimeout = errors.New("mux: no reply from the server in time")
 
+// ErrIdle is why a server session closed itself for want of streams
+// (Config.IdleTimeout, Config.FirstOpenTimeout).
+var ErrIdle = errors.New("mux: session idle")
+
 // ErrSessionClosed is returned by OpenStream on a session that is closed,
 // closing, or out of stream ids.
 var ErrSessionClosed = errors.New("mux: session closed")
@@ -64,6 +68,15 @@ type Config struct {
 	// Context, if set, is the parent of every server stream's Context
 	// (default context.Background()).
 	Context context.Context
+	// IdleTimeout, if set on a server session, closes it once it has had
+	// no stream for that long (ErrIdle): a peer that holds a connection
+	// and sends nothing does not keep its slot. Set it above the client
+	// pool's idle close, which should come first.
+	IdleTimeout time.Duration
+	// FirstOpenTimeout, if set on a server session, closes it if no Open
+	// has come within it of the start (ErrIdle), as version 2 bounds the
+	// wait for its header.
+	FirstOpenTimeout time.Duration
 	// WriteTimeout bounds one write to the connection; a peer that stops
 	// reading for longer is declared dead (default 30s). Flow control
 	// means a live peer always reads.
@@ -115,6 +128,7 @@ type Session struct {
 	recvWin     int64 // connection receive window left
 	recvUnacked int64 // consumed but not yet granted back
 	idleSince   time.Time
+	reaper      *time.Timer // server: see reap
 
 	scratch []byte // routineRead's, made at the first small Data frame; see onData
 
@@ -142,6 +156,16 @@ func Client(conn net.Conn, cfg Config) *Session {
 func Server(conn net.Conn, cfg Config, handle func(*Stream)) *Session {
 	s := newSession(conn, false, cfg, handle)
 	s.start()
+	if first := cfg.FirstOpenTimeout; first > 0 || cfg.IdleTimeout > 0 {
+		if first <= 0 {
+			first = cfg.IdleTimeout
+		}
+		s.mu.Lock()
+		if s.err == nil {
+			s.reaper = time.AfterFunc(first, s.reap)
+		}
+		s.mu.Unlock()
+	}
 	return s
 }
 
@@ -591,6 +615,37 @@ func (s *Session) handlerDone(st *Stream) {
 	}
 }
 
+// reap closes a server session that never saw an Open within
+// FirstOpenTimeout, or has had no stream for IdleTimeout; otherwise it
+// looks again when the idle time could next be up. It runs on the reaper
+// timer, never concurrently with itself.
+func (s *Session) reap() {
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
+		return
+	}
+	var idle bool
+	switch {
+	case s.lastID == 0 && s.cfg.FirstOpenTimeout > 0:
+		idle = true
+	case s.cfg.IdleTimeout <= 0:
+		// Only the first Open was bounded, and it came.
+	case s.activeLocked() > 0:
+		s.reaper.Reset(s.cfg.IdleTimeout)
+	default:
+		if left := s.cfg.IdleTimeout - time.Since(s.idleSince); left > 0 {
+			s.reaper.Reset(left)
+		} else {
+			idle = true
+		}
+	}
+	s.mu.Unlock()
+	if idle {
+		s.fail(ErrIdle)
+	}
+}
+
 // maybeRemoveLocked forgets st once both directions are over.
 func (s *Session) maybeRemoveLocked(st *Stream) {
 	if (st.sentEnd || st.sentReset) && st.readErr != nil {
@@ -701,6 +756,9 @@ func (s *Session) fail(cause error) {
 	}
 	close(s.winCh)
 	s.winCh = make(chan struct{})
+	if s.reaper != nil {
+		s.reaper.Stop()
+	}
 	close(s.done)
 	err := s.err
 	s.mu.Unlock()
