@@ -782,3 +782,29 @@ func TestServerSessionReaped(t *testing.T) {
 		}
 	})
 }
+
+// TestUnreadAnswersAreBounded: a peer that opens streams past MaxStreams
+// and never reads the busy refusals fails the session with a protocol
+// error once MaxQueuedControlFrames are queued, instead of growing the
+// write queue without bound.
+func TestUnreadAnswersAreBounded(t *testing.T) {
+	leakCheck(t)
+	conn, s := rawServerConfig(t, mux.Config{MaxStreams: 1}, func(st *mux.Stream) { <-st.Context().Done() })
+	go func() {
+		// Never reads: net.Pipe's writes block until read, so the
+		// server's first flush of refusals stays under way.
+		for id := uint32(1); id < 4*mux.MaxQueuedControlFrames; id += 2 {
+			if _, err := conn.Write(frame(mux.FrameOpen, 0, id, hdr)); err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-s.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("session still up with 2x MaxQueuedControlFrames refusals unread")
+	}
+	if err := s.Err(); !errors.Is(err, mux.ErrProtocol) {
+		t.Fatalf("session ended with %v, want ErrProtocol", err)
+	}
+}

@@ -137,6 +137,7 @@ type Session struct {
 	wfull       [][]byte   // full segments queued before wbuf, in order
 	wspare      []byte     // a small segment kept for the next frames
 	flushing    bool       // someone owns the flush
+	ctrlQueued  int        // frames routineRead queued since the last write began (see queueRaw)
 	werr        error
 	deadlineSet time.Time // when the write deadline was last moved
 }
@@ -710,6 +711,13 @@ func (s *Session) creditFromReader(n int) {
 	}
 }
 
+// MaxQueuedControlFrames bounds the frames routineRead queues in answer
+// to the peer (busy refusals, window updates) while a write is under way:
+// a peer that sends Opens past MaxStreams and does not read its answers
+// would otherwise grow the write queue without bound. Past it the session
+// fails with a protocol error. (x/net/http2's maxQueuedControlFrames.)
+const MaxQueuedControlFrames = 10000
+
 // queueRaw queues encoded frames and leaves the flush to whoever flushes,
 // or to routineWrite: for routineRead, which must never block on a write.
 func (s *Session) queueRaw(frames []byte) error {
@@ -717,6 +725,9 @@ func (s *Session) queueRaw(frames []byte) error {
 	defer s.wmu.Unlock()
 	if s.werr != nil {
 		return s.werr
+	}
+	if s.ctrlQueued++; s.ctrlQueued > MaxQueuedControlFrames {
+		return fmt.Errorf("%w: more than %d answers queued for a peer that does not read them", ErrProtocol, MaxQueuedControlFrames)
 	}
 	s.reserveLocked(len(frames))
 	s.wbuf = append(s.wbuf, frames...)
@@ -858,6 +869,7 @@ func (s *Session) writeOnceLocked() error {
 		segs = append(segs, s.wbuf)
 	}
 	s.wfull, s.wbuf = nil, nil
+	s.ctrlQueued = 0
 	now := time.Now()
 	refresh := now.Sub(s.deadlineSet) > s.cfg.WriteTimeout/8
 	if refresh {
