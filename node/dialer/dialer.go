@@ -14,6 +14,7 @@
 package dialer
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -51,6 +52,7 @@ const (
 	DefaultMaxStreamsPerConn = 100
 	DefaultMaxConnsPerKey    = 8
 	DefaultIdleTimeout       = time.Minute
+	DefaultMaxConnAge        = time.Hour
 	// v2Recheck is how long a peer that answered without ALPN is dialed
 	// as version 2 before the dialer offers version 3 to it again (by
 	// then it may have been upgraded).
@@ -84,6 +86,13 @@ type Dialer struct {
 	// at the server's per-connection cap (mux.DefaultMaxStreams).
 	MaxStreamsPerConn, MaxConnsPerKey int
 	IdleTimeout                       time.Duration
+	// MaxConnAge drains a pooled connection (no new streams; closed once
+	// its streams have ended) that has been up that long (default 1
+	// hour). A connection is also drained once the certificate it was
+	// made with has been renewed (checked every few seconds at a Dial),
+	// so that no connection runs on toward its certificate's expiry,
+	// where the server cuts it.
+	MaxConnAge time.Duration
 	// DisableV3, set before the first Dial, makes this dialer speak
 	// version 2 only (no ALPN offered): for tests of mixed versions and
 	// as an escape hatch.
@@ -110,9 +119,21 @@ type poolKey struct {
 
 // keyPool is the connections of one key.
 type keyPool struct {
-	sessions []*mux.Session
-	dialing  chan struct{} // closed when the dial in progress ends; nil if none
+	sessions    []*mux.Session
+	born        map[*mux.Session]pooledConn
+	dialing     chan struct{} // closed when the dial in progress ends; nil if none
+	leafChecked time.Time     // when the key's current certificate was last compared
 }
+
+// pooledConn is what the pool knows of one of its connections.
+type pooledConn struct {
+	created time.Time
+	leaf    []byte // the client certificate it was made with (DER); nil: unknown
+}
+
+// leafCheckEvery is how often a Dial compares the pooled connections'
+// client certificate with the current one (see MaxConnAge).
+const leafCheckEvery = 5 * time.Second
 
 // Dial opens the tunnel for t and returns it ready for data: a stream of
 // a pooled version 3 connection (whose first Read reports a refusal), or
@@ -129,13 +150,13 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (net.Conn, error) {
 	dctx, cancel := context.WithTimeout(ctx, d.timeout())
 	defer cancel()
 	if d.DisableV3 || d.isV2(t.DstNode) {
-		tc, err := d.handshake(dctx, t, !d.DisableV3)
+		tc, leaf, err := d.handshake(dctx, t, !d.DisableV3)
 		if err != nil {
 			return nil, err
 		}
 		if tc.ConnectionState().NegotiatedProtocol == mux.ALPN {
 			// Upgraded since: pool it.
-			s, err := d.addSession(t, tc)
+			s, err := d.addSession(t, tc, leaf)
 			if err != nil {
 				return nil, err
 			}
@@ -144,6 +165,7 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (net.Conn, error) {
 		return d.v2Tunnel(tc, t)
 	}
 	key := poolKey{src: t.SrcID, dst: t.DstID, node: t.DstNode}
+	d.checkRenewal(key)
 	for attempt := 0; ; attempt++ {
 		s, wait, dialHere := d.pick(key)
 		switch {
@@ -167,18 +189,18 @@ func (d *Dialer) Dial(ctx context.Context, t Target) (net.Conn, error) {
 			}
 		case dialHere:
 		}
-		tc, err := d.handshake(dctx, t, true)
+		tc, leaf, err := d.handshake(dctx, t, true)
 		if err != nil {
-			d.dialDone(key, nil)
+			d.dialDone(key, nil, nil)
 			return nil, err
 		}
 		if tc.ConnectionState().NegotiatedProtocol != mux.ALPN {
 			d.markV2(t.DstNode)
-			d.dialDone(key, nil)
+			d.dialDone(key, nil, nil)
 			return d.v2Tunnel(tc, t)
 		}
 		s = d.newSession(tc, t)
-		if !d.dialDone(key, s) {
+		if !d.dialDone(key, s, leaf) {
 			s.Close()
 			return nil, ErrClosed
 		}
@@ -247,14 +269,27 @@ func (d *Dialer) pick(key poolKey) (s *mux.Session, wait <-chan struct{}, dialHe
 	}
 	kp := d.keyPoolLocked(key)
 	var best, any *mux.Session
-	bestLoad, anyLoad := 0, 0
+	bestLoad, anyLoad, open := 0, 0, 0
 	live := kp.sessions[:0]
+	maxAge := d.MaxConnAge
+	if maxAge <= 0 {
+		maxAge = DefaultMaxConnAge
+	}
 	for _, cand := range kp.sessions {
+		if time.Since(kp.born[cand].created) > maxAge {
+			cand.Drain()
+		}
 		n, inFlight, closed := cand.Load()
 		if closed {
+			if cand.Err() == nil {
+				live = append(live, cand) // draining: reap closes it once idle
+			} else {
+				delete(kp.born, cand)
+			}
 			continue
 		}
 		live = append(live, cand)
+		open++
 		if any == nil || n < anyLoad {
 			any, anyLoad = cand, n
 		}
@@ -274,7 +309,7 @@ func (d *Dialer) pick(key poolKey) (s *mux.Session, wait <-chan struct{}, dialHe
 		return best, nil, false
 	case kp.dialing != nil:
 		return nil, kp.dialing, false
-	case len(kp.sessions) >= maxConns && any != nil && anyLoad < mux.DefaultMaxStreams && any.Reserve():
+	case open >= maxConns && any != nil && anyLoad < mux.DefaultMaxStreams && any.Reserve():
 		// Past MaxConnsPerKey streams go to the least loaded connection,
 		// up to what a server takes per connection; then a new one opens.
 		return any, nil, false
@@ -295,9 +330,54 @@ func (d *Dialer) keyPoolLocked(key poolKey) *keyPool {
 	return kp
 }
 
+// checkRenewal drains key's connections made with a client certificate
+// that has since been renewed; at most every leafCheckEvery, and the
+// certificate is looked up outside the lock (it may wait for an issuance).
+func (d *Dialer) checkRenewal(key poolKey) {
+	d.mu.Lock()
+	kp := d.keyPoolLocked(key)
+	due := len(kp.sessions) > 0 && time.Since(kp.leafChecked) >= leafCheckEvery
+	if due {
+		kp.leafChecked = time.Now()
+	}
+	d.mu.Unlock()
+	if !due {
+		return
+	}
+	leaf := d.currentLeaf(key)
+	if leaf == nil {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for s, pc := range d.keyPoolLocked(key).born {
+		if pc.leaf != nil && !bytes.Equal(pc.leaf, leaf) {
+			s.Drain()
+		}
+	}
+}
+
+// currentLeaf is the client certificate a connection for key would be
+// made with now (DER; nil if it cannot tell).
+func (d *Dialer) currentLeaf(key poolKey) []byte {
+	cfg := d.Certs.ClientConfig(key.src, key.dst)
+	if cfg.GetClientCertificate != nil {
+		c, err := cfg.GetClientCertificate(&tls.CertificateRequestInfo{})
+		if err != nil || c == nil || len(c.Certificate) == 0 {
+			return nil
+		}
+		return c.Certificate[0]
+	}
+	if len(cfg.Certificates) > 0 && len(cfg.Certificates[0].Certificate) > 0 {
+		return cfg.Certificates[0].Certificate[0]
+	}
+	return nil
+}
+
 // dialDone ends the key's dial in progress, adding s (with a stream
-// reserved on it) to the pool; false if the dialer was closed meanwhile.
-func (d *Dialer) dialDone(key poolKey, s *mux.Session) bool {
+// reserved on it, made with client certificate leaf) to the pool; false
+// if the dialer was closed meanwhile.
+func (d *Dialer) dialDone(key poolKey, s *mux.Session, leaf []byte) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	kp := d.keyPoolLocked(key)
@@ -309,9 +389,17 @@ func (d *Dialer) dialDone(key poolKey, s *mux.Session) bool {
 		return false
 	}
 	if s != nil {
-		kp.sessions = append(kp.sessions, s)
+		kp.addLocked(s, leaf)
 	}
 	return true
+}
+
+func (kp *keyPool) addLocked(s *mux.Session, leaf []byte) {
+	kp.sessions = append(kp.sessions, s)
+	if kp.born == nil {
+		kp.born = map[*mux.Session]pooledConn{}
+	}
+	kp.born[s] = pooledConn{created: time.Now(), leaf: leaf}
 }
 
 // newSession starts a client session on tc with one stream reserved.
@@ -346,7 +434,7 @@ func (d *Dialer) newSession(tc *tls.Conn, t Target) *mux.Session {
 
 // addSession adds a session for a connection that was dialed outside the
 // pool (a peer thought to speak version 2 answered version 3).
-func (d *Dialer) addSession(t Target, tc *tls.Conn) (*mux.Session, error) {
+func (d *Dialer) addSession(t Target, tc *tls.Conn, leaf []byte) (*mux.Session, error) {
 	s := d.newSession(tc, t)
 	key := poolKey{src: t.SrcID, dst: t.DstID, node: t.DstNode}
 	d.mu.Lock()
@@ -356,27 +444,26 @@ func (d *Dialer) addSession(t Target, tc *tls.Conn) (*mux.Session, error) {
 		return nil, ErrClosed
 	}
 	delete(d.v2, t.DstNode)
-	kp := d.keyPoolLocked(key)
-	kp.sessions = append(kp.sessions, s)
+	d.keyPoolLocked(key).addLocked(s, leaf)
 	return s, nil
 }
 
 // handshake dials the peer agent and completes mTLS, offering version 3
-// by ALPN when v3.
-func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (*tls.Conn, error) {
+// by ALPN when v3. leaf is the client certificate it presented (DER).
+func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (tc *tls.Conn, leaf []byte, err error) {
 	var nd net.Dialer
 	if d.LocalAddr.IsValid() {
 		nd.LocalAddr = &net.TCPAddr{IP: d.LocalAddr.AsSlice()}
 	}
 	raw, err := nd.DialContext(ctx, "tcp", net.JoinHostPort(t.DstNode.String(), strconv.Itoa(d.MeshPort)))
 	if err != nil {
-		return nil, fmt.Errorf("dial mesh peer %s: %w", t.DstNode, err)
+		return nil, nil, fmt.Errorf("dial mesh peer %s: %w", t.DstNode, err)
 	}
 	if tcp, ok := raw.(*net.TCPConn); ok {
 		// A pooled connection must notice a peer that vanished.
 		if err := tunnel.DetectDeadPeer(tcp); err != nil {
 			raw.Close()
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	cfg := d.Certs.ClientConfig(t.SrcID, t.DstID)
@@ -388,14 +475,27 @@ func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (*tls.Conn, e
 	// 128 KiB are sent; a pooled connection carrying bulk data gains
 	// nothing from that: full 16 KiB records from the first byte.
 	cfg.DynamicRecordSizingDisabled = true
-	tc := tls.Client(raw, cfg)
+	// Remember the certificate presented, to drain the connection once
+	// it is renewed (see MaxConnAge).
+	if get := cfg.GetClientCertificate; get != nil {
+		cfg.GetClientCertificate = func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			c, err := get(cri)
+			if err == nil && c != nil && len(c.Certificate) > 0 {
+				leaf = c.Certificate[0]
+			}
+			return c, err
+		}
+	} else if len(cfg.Certificates) > 0 && len(cfg.Certificates[0].Certificate) > 0 {
+		leaf = cfg.Certificates[0].Certificate[0]
+	}
+	tc = tls.Client(raw, cfg)
 	start := time.Now()
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		if d.Metrics != nil {
 			d.Metrics.Errors.WithLabelValues("handshake_client").Inc()
 		}
-		return nil, fmt.Errorf("handshake with %s: %w", t.DstNode, err)
+		return nil, nil, fmt.Errorf("handshake with %s: %w", t.DstNode, err)
 	}
 	if d.Metrics != nil {
 		proto := "v2"
@@ -405,7 +505,7 @@ func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (*tls.Conn, e
 		d.Metrics.Handshakes.WithLabelValues("outbound", proto).Inc()
 		d.Metrics.HandshakeSeconds.Observe(time.Since(start).Seconds())
 	}
-	return tc, nil
+	return tc, leaf, nil
 }
 
 // v2Tunnel runs the version 2 exchange on a fresh connection: header,
@@ -458,6 +558,8 @@ func (d *Dialer) reap(idle time.Duration) {
 		for _, s := range kp.sessions {
 			if !s.CloseIfIdle(idle) {
 				live = append(live, s)
+			} else {
+				delete(kp.born, s)
 			}
 		}
 		clear(kp.sessions[len(live):])

@@ -365,3 +365,71 @@ func TestPoolPastMaxConnsPerKey(t *testing.T) {
 		c.Close()
 	}
 }
+
+// renewingCerts serves the current client configuration; renew swaps in
+// another certificate, as the workload manager does at 70% of a
+// certificate's life.
+type renewingCerts struct{ cur atomic.Pointer[tls.Config] }
+
+func (c *renewingCerts) ClientConfig(_, _ spiffe.ID) *tls.Config {
+	cfg := c.cur.Load().Clone()
+	cfg.InsecureSkipVerify = true
+	return cfg
+}
+
+func (c *renewingCerts) renew(t *testing.T) {
+	client, _ := tunneltest.TLSConfigs(t)
+	c.cur.Store(client)
+}
+
+// TestPoolDrainsOldConnections: a pooled connection takes no new stream
+// once it is MaxConnAge old or its client certificate has been renewed
+// (the next stream opens a new connection); the streams it carries go
+// on, and it closes once they have ended.
+func TestPoolDrainsOldConnections(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		setup func(*Dialer, *renewingCerts)
+		age   func(*testing.T, *renewingCerts)
+	}{
+		{"max age", func(d *Dialer, _ *renewingCerts) { d.MaxConnAge = 100 * time.Millisecond },
+			func(*testing.T, *renewingCerts) { time.Sleep(150 * time.Millisecond) }},
+		{"certificate renewed", func(*Dialer, *renewingCerts) {},
+			func(t *testing.T, c *renewingCerts) { c.renew(t) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := startPeer(t, true)
+			certs := &renewingCerts{}
+			certs.renew(t)
+			d := &Dialer{Certs: certs, MeshPort: p.port, ControlNamespace: "tunmesh", IdleTimeout: time.Hour}
+			t.Cleanup(d.Close)
+			tc.setup(d, certs)
+			old, err := d.Dial(t.Context(), tgt(p))
+			if err != nil {
+				t.Fatal(err)
+			}
+			roundTrip(t, old)
+			tc.age(t, certs)
+			fresh, err := d.Dial(t.Context(), tgt(p))
+			if err != nil {
+				t.Fatal(err)
+			}
+			roundTrip(t, fresh)
+			if got := p.conns.Load(); got != 2 {
+				t.Fatalf("peer saw %d connections, want 2: the old one drained", got)
+			}
+			roundTrip(t, old) // a drained connection's streams go on
+			old.Close()
+			deadline := time.Now().Add(2 * time.Second)
+			for d.Conns() != 1 {
+				if time.Now().After(deadline) {
+					t.Fatalf("%d pooled connections, want the drained one closed", d.Conns())
+				}
+				d.reap(time.Hour)
+				time.Sleep(10 * time.Millisecond)
+			}
+			roundTrip(t, fresh)
+			fresh.Close()
+		})
+	}
+}

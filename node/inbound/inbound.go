@@ -7,6 +7,7 @@ package inbound
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -477,6 +478,11 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 	// Context), so an Open-then-Reset flood neither passes the cap nor
 	// makes us dial pods for nobody.
 	scfg := mux.Config{MaxStreams: a.cfg.MaxStreamsPerConn, Context: ctx, IdleTimeout: a.cfg.SessionIdle, FirstOpenTimeout: a.cfg.FirstOpen}
+	if tc, ok := conn.(*tls.Conn); ok {
+		// No stream may start after the client's certificate expires, and
+		// the connection does not outlive it by more than a minute.
+		scfg.Expires = earliestNotAfter(tc.ConnectionState().PeerCertificates)
+	}
 	sess := mux.Server(conn, scfg, func(st *mux.Stream) {
 		if which := a.streams.acquire(peer, a.cfg.MaxStreams, a.cfg.MaxStreamsPerPeer); which != "" {
 			a.metrics.Errors.WithLabelValues("limit_streams_" + which).Inc()
@@ -505,6 +511,9 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 		// A peer agent that breaks the framing: a bug or an attack.
 		a.metrics.Errors.WithLabelValues("protocol").Inc()
 		a.log.Warn("tunnel connection closed on a protocol error", "peer", peer.String(), "client_id", clientID.String(), "err", err)
+	case errors.Is(err, mux.ErrPeerCertExpired):
+		a.metrics.Errors.WithLabelValues("peer_cert_expired").Inc()
+		a.log.Info("tunnel connection closed: the client's certificate expired", "peer", peer.String(), "client_id", clientID.String())
 	case errors.Is(err, mux.ErrIdle):
 		// No stream for SessionIdle (or none at all within FirstOpen).
 		a.metrics.Errors.WithLabelValues("session_idle").Inc()
@@ -513,6 +522,18 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 		// The peer closed it (idle) or its agent went away.
 		a.log.Debug("tunnel connection ended", "peer", peer.String(), "client_id", clientID.String(), "err", err)
 	}
+}
+
+// earliestNotAfter is when the first certificate of chain expires (zero
+// for none).
+func earliestNotAfter(chain []*x509.Certificate) time.Time {
+	var t time.Time
+	for _, c := range chain {
+		if t.IsZero() || c.NotAfter.Before(t) {
+			t = c.NotAfter
+		}
+	}
+	return t
 }
 
 // answerer is how deliver answers a tunnel of either version.

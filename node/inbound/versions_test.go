@@ -338,3 +338,22 @@ func TestSessionReapedWithoutStreams(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+func TestEarliestNotAfter(t *testing.T) {
+	now := time.Now()
+	leaf := &x509.Certificate{NotAfter: now.Add(24 * time.Hour)}
+	inter := &x509.Certificate{NotAfter: now.Add(time.Hour)}
+	for _, tc := range []struct {
+		name  string
+		chain []*x509.Certificate
+		want  time.Time
+	}{
+		{"none", nil, time.Time{}},
+		{"leaf", []*x509.Certificate{leaf}, leaf.NotAfter},
+		{"intermediate expires first", []*x509.Certificate{leaf, inter}, inter.NotAfter},
+	} {
+		if got := earliestNotAfter(tc.chain); !got.Equal(tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

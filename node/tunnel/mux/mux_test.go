@@ -808,3 +808,83 @@ func TestUnreadAnswersAreBounded(t *testing.T) {
 		t.Fatalf("session ended with %v, want ErrProtocol", err)
 	}
 }
+
+// TestPeerCertExpiry: a server session refuses Opens from its client's
+// certificate's expiry on (Config.Expires) and closes ExpiryGrace later.
+func TestPeerCertExpiry(t *testing.T) {
+	leakCheck(t)
+	const life = 150 * time.Millisecond
+	conn, s := rawServerConfig(t, mux.Config{Expires: time.Now().Add(life), ExpiryGrace: life},
+		func(st *mux.Stream) { <-st.Context().Done() })
+	busy := make(chan uint32, 4)
+	go func() {
+		for {
+			f, p, err := mux.ReadFrame(conn, nil)
+			if err != nil {
+				return
+			}
+			if f.Type == mux.FrameReply && len(p) == 2 && p[1] == byte(tunnel.ReasonBusy) {
+				busy <- f.Stream
+			}
+		}
+	}()
+	conn.Write(frame(mux.FrameOpen, 0, 1, hdr))
+	waitFor(t, func() bool { n, _, _ := s.Load(); return n == 1 })
+	time.Sleep(life)
+	conn.Write(frame(mux.FrameOpen, 0, 3, hdr))
+	select {
+	case id := <-busy:
+		if id != 3 {
+			t.Fatalf("stream %d refused, want 3", id)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("an Open after the client's certificate expired was not refused")
+	}
+	select {
+	case <-s.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("session still up a grace after its client's certificate expired")
+	}
+	if err := s.Err(); !errors.Is(err, mux.ErrPeerCertExpired) {
+		t.Fatalf("session ended with %v, want ErrPeerCertExpired", err)
+	}
+}
+
+// TestDrain: a drained client session takes no new stream, keeps the
+// ones it has, and CloseIfIdle closes it as soon as they have ended.
+func TestDrain(t *testing.T) {
+	leakCheck(t)
+	client, _ := pair(t, mux.Config{}, echo)
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client.Drain()
+	if client.Reserve() {
+		t.Fatal("a drained session took a reservation")
+	}
+	if _, _, closed := client.Load(); !closed {
+		t.Fatal("a drained session reports it takes new streams")
+	}
+	if client.CloseIfIdle(time.Hour) {
+		t.Fatal("a drained session with a stream was closed")
+	}
+	echoOnceMux(t, st, "still served")
+	waitFor(t, func() bool { return client.CloseIfIdle(time.Hour) })
+	if err := client.Err(); !errors.Is(err, mux.ErrSessionClosed) {
+		t.Fatalf("drained session ended with %v", err)
+	}
+}
+
+func echoOnceMux(t *testing.T, st *mux.Stream, msg string) {
+	t.Helper()
+	defer st.Close()
+	if _, err := st.Write([]byte(msg)); err != nil {
+		t.Fatal(err)
+	}
+	st.CloseWrite()
+	got, err := io.ReadAll(st)
+	if err != nil || string(got) != msg {
+		t.Fatalf("echo: %q, %v", got, err)
+	}
+}

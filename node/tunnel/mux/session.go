@@ -54,6 +54,10 @@ var ErrReplyTimeout = errors.New("mux: no reply from the server in time")
 // (Config.IdleTimeout, Config.FirstOpenTimeout).
 var ErrIdle = errors.New("mux: session idle")
 
+// ErrPeerCertExpired is why a server session closed at its client's
+// certificate's expiry (Config.Expires).
+var ErrPeerCertExpired = errors.New("mux: the peer's certificate expired")
+
 // ErrSessionClosed is returned by OpenStream on a session that is closed,
 // closing, or out of stream ids.
 var ErrSessionClosed = errors.New("mux: session closed")
@@ -77,6 +81,14 @@ type Config struct {
 	// has come within it of the start (ErrIdle), as version 2 bounds the
 	// wait for its header.
 	FirstOpenTimeout time.Duration
+	// Expires, if set on a server session, is when the client's
+	// certificate chain expires (its earliest NotAfter): Opens from then
+	// on are refused (ReasonBusy), and the session closes ExpiryGrace
+	// later (default 1 minute; ErrPeerCertExpired), cutting what still
+	// runs on it. The client's pool stops using a connection before (see
+	// Drain).
+	Expires     time.Time
+	ExpiryGrace time.Duration
 	// WriteTimeout bounds one write to the connection; a peer that stops
 	// reading for longer is declared dead (default 30s). Flow control
 	// means a live peer always reads.
@@ -129,6 +141,7 @@ type Session struct {
 	recvUnacked int64 // consumed but not yet granted back
 	idleSince   time.Time
 	reaper      *time.Timer // server: see reap
+	expiry      *time.Timer // server: see Config.Expires
 
 	scratch []byte // routineRead's, made at the first small Data frame; see onData
 
@@ -167,12 +180,22 @@ func Server(conn net.Conn, cfg Config, handle func(*Stream)) *Session {
 		}
 		s.mu.Unlock()
 	}
+	if !cfg.Expires.IsZero() {
+		s.mu.Lock()
+		if s.err == nil {
+			s.expiry = time.AfterFunc(time.Until(cfg.Expires)+s.cfg.ExpiryGrace, func() { s.fail(ErrPeerCertExpired) })
+		}
+		s.mu.Unlock()
+	}
 	return s
 }
 
 func newSession(conn net.Conn, client bool, cfg Config, handle func(*Stream)) *Session {
 	if cfg.MaxStreams <= 0 {
 		cfg.MaxStreams = DefaultMaxStreams
+	}
+	if cfg.ExpiryGrace <= 0 {
+		cfg.ExpiryGrace = time.Minute
 	}
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = 30 * time.Second
@@ -262,14 +285,15 @@ func (s *Session) Unreserve() {
 }
 
 // CloseIfIdle closes the session if it has had no stream for at least
-// idle, and reports whether it did (or it had ended already).
+// idle (a draining one: if it has no stream), and reports whether it did
+// (or it had ended already).
 func (s *Session) CloseIfIdle(idle time.Duration) bool {
 	s.mu.Lock()
 	if s.err != nil {
 		s.mu.Unlock()
 		return true
 	}
-	if s.activeLocked() > 0 || time.Since(s.idleSince) < idle {
+	if s.activeLocked() > 0 || (!s.draining && time.Since(s.idleSince) < idle) {
 		s.mu.Unlock()
 		return false
 	}
@@ -277,6 +301,16 @@ func (s *Session) CloseIfIdle(idle time.Duration) bool {
 	s.mu.Unlock()
 	s.fail(ErrSessionClosed)
 	return true
+}
+
+// Drain makes a client session take no new streams (Reserve fails, Load
+// reports it closed); the streams on it go on, and CloseIfIdle closes it
+// once they have ended. For a connection whose certificate was renewed or
+// that has been up long enough.
+func (s *Session) Drain() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.draining = true
 }
 
 // OpenStream opens a stream on a client session, consuming a reservation
@@ -582,7 +616,7 @@ func (s *Session) onOpenLocked(f Frame, p []byte) ([]byte, error) {
 	if s.err != nil {
 		return nil, nil
 	}
-	if s.activeLocked() >= s.cfg.MaxStreams {
+	if s.activeLocked() >= s.cfg.MaxStreams || (!s.cfg.Expires.IsZero() && !time.Now().Before(s.cfg.Expires)) {
 		out := appendHeader(nil, FrameReply, f.Stream, 2)
 		return append(out, tunnel.ReplyRefused, byte(tunnel.ReasonBusy)), nil
 	}
@@ -769,6 +803,9 @@ func (s *Session) fail(cause error) {
 	s.winCh = make(chan struct{})
 	if s.reaper != nil {
 		s.reaper.Stop()
+	}
+	if s.expiry != nil {
+		s.expiry.Stop()
 	}
 	close(s.done)
 	err := s.err
