@@ -190,12 +190,15 @@ func (s *splice) settle(res copyResult) {
 // otherwise.
 func (s *splice) end(err error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.ended {
+		s.mu.Unlock()
 		return
 	}
 	s.ended = true
 	s.firstErr = err
+	// Closing happens outside the lock: an abort may write (a mux
+	// stream's Reset), and the other direction must not wait for it.
+	s.mu.Unlock()
 	if err != nil {
 		abort(s.a)
 		abort(s.b)

@@ -888,3 +888,24 @@ func echoOnceMux(t *testing.T, st *mux.Stream, msg string) {
 		t.Fatalf("echo: %q, %v", got, err)
 	}
 }
+
+// TestAbortDoesNotWaitForTheConnection: Abort queues its Reset instead of
+// writing it inline, so a splice ending (or a reply timer) is not held by
+// a connection the peer is slow to read.
+func TestAbortDoesNotWaitForTheConnection(t *testing.T) {
+	leakCheck(t)
+	a, b := net.Pipe() // nobody reads b: every write to a blocks
+	client := mux.Client(a, mux.Config{})
+	t.Cleanup(func() { client.Close(); b.Close(); client.Wait() })
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { st.Abort(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		t.Fatal("Abort blocked on a connection nobody reads")
+	}
+}

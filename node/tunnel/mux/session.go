@@ -754,14 +754,20 @@ const MaxQueuedControlFrames = 10000
 
 // queueRaw queues encoded frames and leaves the flush to whoever flushes,
 // or to routineWrite: for routineRead, which must never block on a write.
-func (s *Session) queueRaw(frames []byte) error {
+func (s *Session) queueRaw(frames []byte) error { return s.queueFrames(frames, true) }
+
+// queueFrames queues frames for the next flush without writing; answer:
+// routineRead's answers to the peer, which are capped.
+func (s *Session) queueFrames(frames []byte, answer bool) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	if s.werr != nil {
 		return s.werr
 	}
-	if s.ctrlQueued++; s.ctrlQueued > MaxQueuedControlFrames {
-		return fmt.Errorf("%w: more than %d answers queued for a peer that does not read them", ErrProtocol, MaxQueuedControlFrames)
+	if answer { // (our own frames are bounded by our streams)
+		if s.ctrlQueued++; s.ctrlQueued > MaxQueuedControlFrames {
+			return fmt.Errorf("%w: more than %d answers queued for a peer that does not read them", ErrProtocol, MaxQueuedControlFrames)
+		}
 	}
 	s.reserveLocked(len(frames))
 	s.wbuf = append(s.wbuf, frames...)

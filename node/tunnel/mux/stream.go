@@ -416,7 +416,10 @@ func (st *Stream) abortWith(err error, unreplied bool) {
 	s.removeLocked(st)
 	s.mu.Unlock()
 	if send {
-		_ = s.writeFrame(FrameReset, st.id, nil) // a failed write fails the session
+		// Queued, not written inline: Abort is called from anywhere (a
+		// splice ending, a reply timer) and must not wait for a slow
+		// connection. The next flush, or routineWrite, sends it.
+		_ = s.queueFrames(appendHeader(nil, FrameReset, st.id, 0), false)
 	}
 }
 
