@@ -8,9 +8,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -18,6 +20,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/ca"
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/tunnel/mux"
 	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 )
@@ -58,13 +61,19 @@ func signed(t *testing.T, sign func([]byte) ([][]byte, error)) tls.Certificate {
 // presenting cert and asking for serverID.
 func dialTunnel(t *testing.T, c *e2eenv.Cluster, cert *tls.Certificate, serverID spiffe.ID) (*tls.Conn, error) {
 	t.Helper()
+	return dialTunnelProto(t, c, cert, serverID)
+}
+
+// dialTunnelProto is dialTunnel offering ALPN protos (mux.ALPN: version 3).
+func dialTunnelProto(t *testing.T, c *e2eenv.Cluster, cert *tls.Certificate, serverID spiffe.ID, protos ...string) (*tls.Conn, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	raw, err := namedns.DialContext(ctx, c.State.Nodes[0].Netns, "tcp", net.JoinHostPort(c.State.Nodes[1].IP, "4143"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS13, ServerName: serverID.DNSName("tunmesh"), InsecureSkipVerify: true} //nolint:gosec // the test checks the server side
+	cfg := &tls.Config{MinVersion: tls.VersionTLS13, ServerName: serverID.DNSName("tunmesh"), InsecureSkipVerify: true, NextProtos: protos} //nolint:gosec // the test checks the server side
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{*cert}
 	}
@@ -158,6 +167,116 @@ func TestTunnelSecurity(t *testing.T) {
 	e2eenv.WaitFor(t, 10*time.Second, "refusals counted", func() error {
 		if n := errorsNow(); n < before+3 {
 			return errors.New("fewer than 3 new errors counted on node-2")
+		}
+		return nil
+	})
+}
+
+// TestTunnelSecurityV3: the same checks on a hand-built version 3 client
+// (one pooled mux connection): a stream claiming another pod's address, and
+// one from a valid certificate of another ServiceAccount, are refused
+// source-not-owned while a stream on the same connection is accepted;
+// garbage frames close the connection as a protocol error. Each refusal
+// and the protocol error are counted on the destination agent.
+func TestTunnelSecurityV3(t *testing.T) {
+	c := e2eenv.Need(t)
+	ns := c.Namespace(t, "mesh-sec3")
+	pods := startPods(t, c, ns,
+		podSpec{name: "client", sa: "client", node: "node-1"},
+		podSpec{name: "other", sa: "other", node: "node-1"},
+		podSpec{name: "server", sa: "server", node: "node-2"},
+	)
+	srv := serve(t, c, pods["server"], 9601)
+	serverID := spiffe.ID{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: "server"}
+	clientCert := leaf(t, c, spiffe.ID{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: "client"})
+	otherCert := leaf(t, c, spiffe.ID{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: "other"})
+	dst := netip.MustParseAddrPort(net.JoinHostPort(pods["server"].Status.PodIP, "9601"))
+	metric := func(filter string) float64 { return agentMetric(t, c, "node-2", "tunmesh_node_errors_total", filter) }
+
+	session := func(cert *tls.Certificate) *mux.Session {
+		tc, err := dialTunnelProto(t, c, cert, serverID, mux.ALPN)
+		if err != nil {
+			t.Fatalf("v3 handshake: %v", err)
+		}
+		if p := tc.ConnectionState().NegotiatedProtocol; p != mux.ALPN {
+			t.Fatalf("negotiated %q, want %q", p, mux.ALPN)
+		}
+		_ = tc.SetDeadline(time.Time{})
+		s := mux.Client(tc, mux.Config{ReplyTimeout: 20 * time.Second})
+		t.Cleanup(func() { s.Close(); s.Wait() })
+		return s
+	}
+	open := func(s *mux.Session, src string) (*mux.Stream, error) {
+		hdr, err := tunnel.Header{Dst: dst, Src: netip.MustParseAddr(src)}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := s.OpenStream(hdr, false)
+		if err != nil {
+			t.Fatalf("open stream: %v", err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		return st, st.WaitReply(ctx)
+	}
+	wantRefused := func(what string, err error) {
+		t.Helper()
+		var refused *tunnel.RefusedError
+		if !errors.As(err, &refused) || refused.Reason != tunnel.ReasonSourceNotOwned {
+			t.Fatalf("%s: got %v, want refusal %s", what, err, tunnel.ReasonSourceNotOwned)
+		}
+	}
+	refusedBefore := metric(`reason="refused_` + tunnel.ReasonSourceNotOwned.String() + `"`)
+	protocolBefore := metric(`reason="protocol"`)
+
+	s := session(&clientCert)
+	// Control: the client's certificate with the client pod's address.
+	st, err := open(s, pods["client"].Status.PodIP)
+	if err != nil {
+		t.Fatalf("valid v3 stream refused: %v", err)
+	}
+	if _, err := st.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	_ = st.CloseWrite()
+	if got, err := io.ReadAll(st); err != nil || string(got) != "hello" {
+		t.Fatalf("valid v3 stream echoed %q, %v", got, err)
+	}
+	st.Close()
+	// The same connection claiming another pod's address.
+	_, err = open(s, pods["other"].Status.PodIP)
+	wantRefused("v3 stream with a spoofed source", err)
+	// A valid certificate of another ServiceAccount claiming the client pod.
+	_, err = open(session(&otherCert), pods["client"].Status.PodIP)
+	wantRefused("v3 stream from another ServiceAccount's certificate", err)
+	// The refused streams' connection goes on.
+	if st, err := open(s, pods["client"].Status.PodIP); err != nil {
+		t.Fatalf("valid v3 stream after refusals: %v", err)
+	} else {
+		st.Close()
+	}
+	if remotes, _ := srv.seen(); len(remotes) == 0 || remotes[0].String() != pods["client"].Status.PodIP {
+		t.Errorf("server pod saw %v, want only the client pod's address", remotes)
+	}
+
+	// Garbage frames after a valid v3 handshake.
+	tc, err := dialTunnelProto(t, c, &clientCert, serverID, mux.ALPN)
+	if err != nil {
+		t.Fatalf("v3 handshake: %v", err)
+	}
+	_, _ = tc.Write([]byte{0x7f, 0, 0, 4, 0, 0, 0, 1, 'j', 'u', 'n', 'k'})
+	_ = tc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadAll(tc); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("garbage frames: connection still open (%v)", err)
+	}
+	tc.Close()
+
+	e2eenv.WaitFor(t, 10*time.Second, "v3 refusals and the protocol error counted", func() error {
+		if n := metric(`reason="refused_` + tunnel.ReasonSourceNotOwned.String() + `"`); n < refusedBefore+2 {
+			return fmt.Errorf("refused_source_not_owned: %v new, want 2", n-refusedBefore)
+		}
+		if n := metric(`reason="protocol"`); n < protocolBefore+1 {
+			return errors.New("protocol error not counted")
 		}
 		return nil
 	})
