@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,9 +14,12 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/tunmesh/tunmesh/node/netpol"
 )
 
 // The reference evaluator (reference_networkpolicy_test.go) is methods of
@@ -149,4 +153,43 @@ func parseIP(t testing.TB, s string) net.IP {
 		t.Fatalf("bad IP %q", s)
 	}
 	return ip
+}
+
+// TestReferenceEmptyRuleListQuirk records the one place where the
+// differential test keeps the generator away from upstream: upstream treats
+// a non-nil empty rule list (`ingress: []` decoded in-process) as allow-all,
+// because it tests `Spec.Ingress == nil` for deny and then allows on
+// len(rules) == 0. The API server never serves that form (the field is
+// omitempty, so an informer sees nil), and the API says an empty list
+// allows nothing; we deny for both forms.
+func TestReferenceEmptyRuleListQuirk(t *testing.T) {
+	pol := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "deny"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
+			Ingress:     []networkingv1.NetworkPolicyIngressRule{},
+		},
+	}
+	dst := &v1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "a"}}
+	ns := []*v1.Namespace{{ObjectMeta: metav1.ObjectMeta{Name: "x"}}}
+
+	nilForm := pol.DeepCopy()
+	nilForm.Spec.Ingress = nil
+	if newReference(t, []*networkingv1.NetworkPolicy{nilForm}, ns).ingress(t, nil, "192.168.1.5", dst, 80, v1.ProtocolTCP) {
+		t.Fatal("reference allows with a nil rule list; the premise of this test is wrong")
+	}
+	if !newReference(t, []*networkingv1.NetworkPolicy{pol}, ns).ingress(t, nil, "192.168.1.5", dst, 80, v1.ProtocolTCP) {
+		t.Fatal("reference denies an empty non-nil rule list: the quirk is gone, let the generator produce that form")
+	}
+	for _, p := range []*networkingv1.NetworkPolicy{pol, nilForm} {
+		s, err := netpol.NewSnapshot([]*networkingv1.NetworkPolicy{p}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ev, _ := netpol.New(s, s)
+		c := netpol.Conn{Src: netpol.Endpoint{IP: netip.MustParseAddr("192.168.1.5")}, Dst: netpol.Endpoint{IP: netip.MustParseAddr("10.0.0.1"), Pod: toNetpolPod(dst)}, Port: 80}
+		if v := ev.Ingress(c); v.Allowed {
+			t.Errorf("ingress %v with Ingress=%#v: %s", v.Allowed, p.Spec.Ingress, v)
+		}
+	}
 }
