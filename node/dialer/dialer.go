@@ -83,9 +83,13 @@ type Dialer struct {
 	// which streams go to the least loaded one anyway. IdleTimeout closes
 	// connections without streams (default 1 minute). A key opens more
 	// connections than MaxConnsPerKey only when all of its connections are
-	// at the server's per-connection cap (mux.DefaultMaxStreams).
+	// at the server's per-connection cap (PeerMaxStreamsPerConn).
 	MaxStreamsPerConn, MaxConnsPerKey int
-	IdleTimeout                       time.Duration
+	// PeerMaxStreamsPerConn is the peers' cap on one connection's streams
+	// (their inbound.Config.MaxStreamsPerConn; default
+	// mux.DefaultMaxStreams): past it a server refuses streams busy.
+	PeerMaxStreamsPerConn int
+	IdleTimeout           time.Duration
 	// MaxConnAge drains a pooled connection (no new streams; closed once
 	// its streams have ended) that has been up that long (default 1
 	// hour). A connection is also drained once the certificate it was
@@ -271,6 +275,10 @@ func (d *Dialer) pick(key poolKey) (s *mux.Session, wait <-chan struct{}, dialHe
 	var best, any *mux.Session
 	bestLoad, anyLoad, open := 0, 0, 0
 	live := kp.sessions[:0]
+	peerMax := d.PeerMaxStreamsPerConn
+	if peerMax <= 0 {
+		peerMax = mux.DefaultMaxStreams
+	}
 	maxAge := d.MaxConnAge
 	if maxAge <= 0 {
 		maxAge = DefaultMaxConnAge
@@ -309,7 +317,7 @@ func (d *Dialer) pick(key poolKey) (s *mux.Session, wait <-chan struct{}, dialHe
 		return best, nil, false
 	case kp.dialing != nil:
 		return nil, kp.dialing, false
-	case open >= maxConns && any != nil && anyLoad < mux.DefaultMaxStreams && any.Reserve():
+	case open >= maxConns && any != nil && anyLoad < peerMax && any.Reserve():
 		// Past MaxConnsPerKey streams go to the least loaded connection,
 		// up to what a server takes per connection; then a new one opens.
 		return any, nil, false

@@ -433,3 +433,27 @@ func TestPoolDrainsOldConnections(t *testing.T) {
 		})
 	}
 }
+
+// TestPoolUsesThePeersStreamCap: past MaxConnsPerKey, a connection takes
+// streams up to the configured server cap (PeerMaxStreamsPerConn), not
+// mux's default, before another opens.
+func TestPoolUsesThePeersStreamCap(t *testing.T) {
+	p := startPeer(t, true)
+	d := newTestDialer(t, p)
+	d.MaxStreamsPerConn, d.MaxConnsPerKey, d.PeerMaxStreamsPerConn = 1, 1, 2
+	var open []net.Conn
+	for i := range 3 {
+		c, err := d.Dial(t.Context(), tgt(p))
+		if err != nil {
+			t.Fatalf("dial %d: %v", i, err)
+		}
+		roundTrip(t, c)
+		open = append(open, c)
+	}
+	if got := p.conns.Load(); got != 2 {
+		t.Errorf("peer saw %d connections for 3 streams with a server cap of 2, want 2", got)
+	}
+	for _, c := range open {
+		c.Close()
+	}
+}
