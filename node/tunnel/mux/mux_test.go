@@ -909,3 +909,27 @@ func TestAbortDoesNotWaitForTheConnection(t *testing.T) {
 		t.Fatal("Abort blocked on a connection nobody reads")
 	}
 }
+
+// TestConnectionWindowUpdatesDoNotAllocate: a connection window update
+// wakes writers only if some wait (it used to make a channel each time).
+func TestConnectionWindowUpdatesDoNotAllocate(t *testing.T) {
+	leakCheck(t)
+	const updates = 10000
+	conn, s := rawServer(t, func(st *mux.Stream) { <-st.Context().Done() })
+	go io.Copy(io.Discard, conn)
+	var wire []byte
+	for range updates {
+		wire = append(wire, frame(mux.FrameWindow, 0, 0, win(1))...)
+	}
+	wire = append(wire, frame(mux.FrameOpen, 0, 1, hdr)...) // a marker
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	if _, err := conn.Write(wire); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { n, _, _ := s.Load(); return n == 1 })
+	runtime.ReadMemStats(&after)
+	if n := after.Mallocs - before.Mallocs; n > updates/10 {
+		t.Errorf("%d allocations for %d connection window updates", n, updates)
+	}
+}

@@ -129,16 +129,16 @@ type Session struct {
 
 	mu          sync.Mutex // guards the fields below and every Stream's state
 	streams     map[uint32]*Stream
-	nextID      uint32 // client: the next stream id to open
-	lastID      uint32 // server: the highest stream id the peer opened
-	reserved    int    // client: streams promised by Reserve, not opened yet
-	handling    int    // server: handlers running (a reset stream's too)
-	draining    bool   // no new streams (CloseIfIdle, out of ids)
-	err         error  // why the session ended; set once
-	sendWin     int64  // connection send window left
-	winCh       chan struct{}
-	recvWin     int64 // connection receive window left
-	recvUnacked int64 // consumed but not yet granted back
+	nextID      uint32        // client: the next stream id to open
+	lastID      uint32        // server: the highest stream id the peer opened
+	reserved    int           // client: streams promised by Reserve, not opened yet
+	handling    int           // server: handlers running (a reset stream's too)
+	draining    bool          // no new streams (CloseIfIdle, out of ids)
+	err         error         // why the session ended; set once
+	sendWin     int64         // connection send window left
+	winCh       chan struct{} // made by a writer waiting for connection window; closed on growth or the end
+	recvWin     int64         // connection receive window left
+	recvUnacked int64         // consumed but not yet granted back
 	idleSince   time.Time
 	reaper      *time.Timer // server: see reap
 	expiry      *time.Timer // server: see Config.Expires
@@ -210,7 +210,6 @@ func newSession(conn net.Conn, client bool, cfg Config, handle func(*Stream)) *S
 		kick:    make(chan struct{}, 1),
 		streams: map[uint32]*Stream{},
 		sendWin: ConnWindow, recvWin: ConnWindow,
-		winCh:     make(chan struct{}),
 		idleSince: time.Now(),
 	}
 }
@@ -395,8 +394,8 @@ func (st *Stream) uncork() {
 func (s *Session) routineRead() {
 	defer s.loops.Done()
 	var buf []byte
+	var h [HeaderLen]byte // outside the loop: it escapes, once
 	for {
-		var h [HeaderLen]byte
 		if _, err := io.ReadFull(s.br, h[:]); err != nil {
 			s.fail(err)
 			return
@@ -547,8 +546,10 @@ func (s *Session) onStreamFrameLocked(f Frame, p []byte) error {
 			if s.sendWin += inc; s.sendWin > maxWindow {
 				return fmt.Errorf("%w: connection window above %d", ErrProtocol, maxWindow)
 			}
-			close(s.winCh)
-			s.winCh = make(chan struct{})
+			if s.winCh != nil { // a writer waits
+				close(s.winCh)
+				s.winCh = nil
+			}
 			return nil
 		}
 	} else if f.Type == FrameReply && !s.client {
@@ -805,8 +806,10 @@ func (s *Session) fail(cause error) {
 	for _, st := range s.streams {
 		st.failLocked(fmt.Errorf("tunnel stream %d: %w: %w", st.id, ErrConnLost, cause), false)
 	}
-	close(s.winCh)
-	s.winCh = make(chan struct{})
+	if s.winCh != nil {
+		close(s.winCh)
+		s.winCh = nil
+	}
 	if s.reaper != nil {
 		s.reaper.Stop()
 	}

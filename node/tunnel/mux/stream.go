@@ -332,8 +332,16 @@ func (st *Stream) Write(p []byte) (int, error) {
 			}
 			// Woken by the stream's window, or its end (st.winCh), or
 			// the connection's window, or its end (s.winCh).
+			if s.err != nil {
+				err := s.err
+				s.mu.Unlock()
+				return written, err
+			}
 			if st.winCh == nil {
 				st.winCh = make(chan struct{})
+			}
+			if s.winCh == nil {
+				s.winCh = make(chan struct{})
 			}
 			streamCh, connCh := st.winCh, s.winCh
 			s.mu.Unlock()
