@@ -85,11 +85,11 @@ type Dialer struct {
 	// connections than MaxConnsPerKey only when all of its connections are
 	// at the server's per-connection cap (PeerMaxStreamsPerConn).
 	MaxStreamsPerConn, MaxConnsPerKey int
+	IdleTimeout                       time.Duration
 	// PeerMaxStreamsPerConn is the peers' cap on one connection's streams
 	// (their inbound.Config.MaxStreamsPerConn; default
 	// mux.DefaultMaxStreams): past it a server refuses streams busy.
 	PeerMaxStreamsPerConn int
-	IdleTimeout           time.Duration
 	// MaxConnAge drains a pooled connection (no new streams; closed once
 	// its streams have ended) that has been up that long (default 1
 	// hour). A connection is also drained once the certificate it was

@@ -521,6 +521,11 @@ func TestReplyTimeoutCutsTheStream(t *testing.T) {
 		t.Fatalf("answered stream: %q, %v", got, err)
 	}
 	answered.Close()
+	// A server that let a reply time out may be gone: the session takes
+	// no new stream (the pool dials anew).
+	if client.Reserve() {
+		t.Error("a session with a timed-out reply still takes new streams")
+	}
 }
 
 // TestAbortWakesWriterWaitingForConnectionWindow: a writer blocked on the

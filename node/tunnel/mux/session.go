@@ -350,7 +350,12 @@ func (s *Session) OpenStream(payload []byte, reserved bool) (*Stream, error) {
 	s.streams[id] = st
 	if s.cfg.ReplyTimeout > 0 {
 		st.replyTimer = time.AfterFunc(s.cfg.ReplyTimeout, func() {
-			st.abortWith(fmt.Errorf("open tunnel stream: %w", ErrReplyTimeout), true)
+			if st.abortWith(fmt.Errorf("open tunnel stream: %w", ErrReplyTimeout), true) {
+				// A server that answers nothing in time may be gone
+				// silently: no new streams here (the pool dials anew);
+				// the session closes once its streams have ended.
+				s.Drain()
+			}
 		})
 	}
 	// Queue the Open before anyone can open a later id: the server

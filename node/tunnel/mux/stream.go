@@ -410,13 +410,14 @@ func (st *Stream) Abort() {
 }
 
 // abortWith is Abort with the error local reads and writes return; with
-// unreplied, only if the stream's reply has not come.
-func (st *Stream) abortWith(err error, unreplied bool) {
+// unreplied, only if the stream's reply has not come. It reports whether
+// it cut the stream.
+func (st *Stream) abortWith(err error, unreplied bool) bool {
 	s := st.s
 	s.mu.Lock()
 	if s.streams[st.id] != st || (unreplied && st.replied) {
 		s.mu.Unlock()
-		return
+		return false
 	}
 	send := !st.sentReset && s.err == nil
 	st.sentReset = true
@@ -429,6 +430,7 @@ func (st *Stream) abortWith(err error, unreplied bool) {
 		// connection. The next flush, or routineWrite, sends it.
 		_ = s.queueFrames(appendHeader(nil, FrameReset, st.id, 0), false)
 	}
+	return true
 }
 
 // Close ends the stream: after a clean end both ways it only forgets it,
