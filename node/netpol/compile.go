@@ -4,12 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/validation"
 )
 
 var (
@@ -26,9 +28,10 @@ var (
 	// ErrInvalidPeer means a peer set none of podSelector, namespaceSelector
 	// and ipBlock. It matches nothing.
 	ErrInvalidPeer = errors.New("invalid peer")
-	// ErrInvalidPort means a port entry the API would reject (endPort with a
-	// named port or without a port, endPort below port, a port outside
-	// 1-65535). It matches nothing.
+	// ErrInvalidPort means a port entry the API would reject (a protocol
+	// other than TCP, UDP, SCTP; an invalid port name; endPort with a named
+	// port or without a port; endPort below port; a port outside 1-65535).
+	// It matches nothing.
 	ErrInvalidPort = errors.New("invalid port")
 )
 
@@ -185,12 +188,17 @@ func (c *compiler) ports(in []networkingv1.NetworkPolicyPort, path string) []por
 	for i, np := range in {
 		pp := fmt.Sprintf("%s.ports[%d]", path, i)
 		p := port{protocol: corev1.ProtocolTCP}
-		if np.Protocol != nil && *np.Protocol != "" {
-			p.protocol = *np.Protocol
-		}
 		bad := func(why string) {
 			p.invalid = true
 			c.fail(pp, fmt.Errorf("%w: %s", ErrInvalidPort, why))
+		}
+		if np.Protocol != nil {
+			p.protocol = *np.Protocol
+			switch p.protocol {
+			case corev1.ProtocolTCP, corev1.ProtocolUDP, corev1.ProtocolSCTP:
+			default:
+				bad(fmt.Sprintf("protocol %q", p.protocol))
+			}
 		}
 		switch {
 		case np.Port == nil:
@@ -200,8 +208,10 @@ func (c *compiler) ports(in []networkingv1.NetworkPolicyPort, path string) []por
 			}
 		case np.Port.Type == intstr.String:
 			p.name = np.Port.StrVal
-			if p.name == "" {
-				bad("empty port name")
+			if errs := validation.IsValidPortName(p.name); len(errs) > 0 {
+				// Also keeps "80" (a string) from being read as a number,
+				// which the API forbids and implementations read differently.
+				bad(fmt.Sprintf("port name %q: %s", p.name, strings.Join(errs, "; ")))
 			}
 			if np.EndPort != nil {
 				bad("endPort with a named port")

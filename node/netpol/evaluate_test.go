@@ -555,6 +555,17 @@ func TestCompileErrors(t *testing.T) {
 			},
 		},
 		{
+			name: "protocols and port names the API rejects match nothing",
+			policy: withIngress(np("x", "bad-names", all), from(ports(
+				port("ICMP", 80), networkingv1.NetworkPolicyPort{Protocol: ptr(v1.Protocol(""))},
+				port("", "80"), port("", "http_x"), port(v1.ProtocolTCP, "metrics")))),
+			want: []error{netpol.ErrInvalidPort, netpol.ErrInvalidPort, netpol.ErrInvalidPort, netpol.ErrInvalidPort},
+			checks: []check{
+				{src: "y/a", dst: "x/a", port: 80, egress: "allow", ingress: "deny:x/bad-names"},
+				{src: "y/a", dst: "x/a", port: 9090, egress: "allow", ingress: "allow:x/bad-names:0"},
+			},
+		},
+		{
 			name:   "unknown policy type",
 			policy: np("x", "bad-type", all, "Sideways"),
 			want:   []error{netpol.ErrInvalidPolicy},
