@@ -40,6 +40,7 @@ var (
 // than on every connection. It is immutable and safe for concurrent use.
 type Policy struct {
 	namespace, name string
+	id              string // "namespace/name", built once: verdicts carry it
 	// podSelector chooses the pods the policy applies to; nil when it was
 	// invalid, and then the policy applies to no pod.
 	podSelector labels.Selector
@@ -89,7 +90,7 @@ func (p *Policy) Namespace() string { return p.namespace }
 func (p *Policy) Name() string { return p.name }
 
 // String is "namespace/name", the form used in verdicts, logs and metrics.
-func (p *Policy) String() string { return p.namespace + "/" + p.name }
+func (p *Policy) String() string { return p.id }
 
 // Selects reports whether the policy applies to pods with these labels
 // (the pod must also be in the policy's namespace; the caller asks only for
@@ -118,7 +119,7 @@ func (p *Policy) HasType(t networkingv1.PolicyType) bool {
 // policyTypes is defaulted as the API server does for objects that omit it:
 // Ingress always, Egress when there are egress rules.
 func Compile(np *networkingv1.NetworkPolicy) (*Policy, error) {
-	p := &Policy{namespace: np.Namespace, name: np.Name}
+	p := &Policy{namespace: np.Namespace, name: np.Name, id: np.Namespace + "/" + np.Name}
 	c := compiler{policy: p.String()}
 
 	p.podSelector = c.selector(&np.Spec.PodSelector, "spec.podSelector")
