@@ -56,8 +56,10 @@
 // # Reference
 //
 // The tests compare the evaluator with SIG Network's kube-network-policies
-// (sigs.k8s.io/kube-network-policies v0.8.0) on generated policies, pods and
-// namespaces. Its evaluator is unexported (methods of its nfqueue-driven
-// Controller), so the test carries a byte-for-byte copy of its
-// pkg/networkpolicy/networkpolicy.go, checked against the module by hash.
+// (sigs.k8s.io/kube-network-policies v0.8.0, a test-only dependency) on
+// generated policies, pods, namespaces and connections, and in the fuzz
+// test on every spec that compiles cleanly. Its evaluator is unexported
+// (methods of its nfqueue-driven Controller, reachable through the API only
+// via Controller.Run, which needs nftables and NFQUEUE), so the test links
+// those methods by name (go:linkname) from the real module.
 package netpol

@@ -65,7 +65,7 @@ func FuzzEvaluate(f *testing.F) {
 		s2, _ := netpol.NewSnapshot(w.policies, ns)
 		ev1, _ := netpol.New(s1, s1)
 		ev2, _ := netpol.New(s2, s2)
-		var ref reference
+		var ref *reference
 		if compileErr == nil {
 			ref = newReference(t, w.policies, w.namespaces)
 		}

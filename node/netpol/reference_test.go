@@ -1,123 +1,175 @@
 package netpol_test
 
 import (
-	"bytes"
-	"crypto/sha256"
-	"encoding/hex"
+	"context"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	_ "unsafe" // go:linkname
 
 	v1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	corelisters "k8s.io/client-go/listers/core/v1"
-	networkinglisters "k8s.io/client-go/listers/networking/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/cache"
+	"sigs.k8s.io/kube-network-policies/pkg/networkpolicy"
 
 	"github.com/tunmesh/tunmesh/node/netpol"
 )
 
-// The reference evaluator (reference_networkpolicy_test.go) is methods of
-// upstream's Controller; these are the fields they use.
-type Config struct{ NodeName string }
+// The reference is SIG Network's kube-network-policies, pinned in go.mod.
+// Its NetworkPolicy evaluator is unexported: methods of its Controller whose
+// only caller is the nfqueue loop of Controller.Run, which needs nftables,
+// NFQUEUE and CAP_NET_ADMIN. So the test links those methods by name from
+// the real module (go:linkname is refused only for the standard library).
+// The signatures below must match v0.8.0's exactly: the linker does not
+// check them, so after changing the version, re-read
+// pkg/networkpolicy/networkpolicy.go; TestReferenceSanity catches a gross
+// mismatch.
+const referenceModule = "sigs.k8s.io/kube-network-policies v0.8.0"
 
-type Controller struct {
-	config              Config
-	networkpolicyLister networkinglisters.NetworkPolicyLister
-	namespaceLister     corelisters.NamespaceLister
-	podLister           corelisters.PodLister
-}
+//go:linkname refEvaluator sigs.k8s.io/kube-network-policies/pkg/networkpolicy.(*Controller).evaluator
+func refEvaluator(c *networkpolicy.Controller, ctx context.Context, networkPolicies []*networkingv1.NetworkPolicy,
+	networkPolictType networkingv1.PolicyType, srcPod *v1.Pod, srcPort int, dstPod *v1.Pod, dstIP net.IP,
+	dstPort int, proto v1.Protocol) bool
 
-const (
-	referenceFile   = "reference_networkpolicy_test.go"
-	referenceModule = "sigs.k8s.io/kube-network-policies@v0.8.0"
-	referencePath   = "pkg/networkpolicy/networkpolicy.go"
-	// sha256 of referencePath in referenceModule.
-	referenceSHA256 = "c5c0bd0bd6141f8553b077beafa2ccf3a8b3890368f2d1eac8b2f00470cde2f5"
-)
-
-// TestReferenceIsVerbatim makes sure the differential test compares against
-// upstream's code and not an edited copy: with our header dropped and
-// upstream's package clause restored, the file must hash to upstream's
-// sha256 (recorded from the module), and equal the module's file when the
-// module is in the local module cache.
-func TestReferenceIsVerbatim(t *testing.T) {
-	ours, err := os.ReadFile(referenceFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	const clause = "package netpol_test\n"
-	i := bytes.Index(ours, []byte(clause))
-	if i < 0 {
-		t.Fatalf("%s: no %q", referenceFile, clause)
-	}
-	restored := append([]byte("package networkpolicy\n"), ours[i+len(clause):]...)
-	sum := sha256.Sum256(restored)
-	if got := hex.EncodeToString(sum[:]); got != referenceSHA256 {
-		t.Fatalf("%s was edited: sha256 of the restored upstream file is %s, want %s", referenceFile, got, referenceSHA256)
-	}
-
-	out, err := exec.Command("go", "env", "GOMODCACHE").Output()
-	if err != nil {
-		t.Logf("go env GOMODCACHE: %v; hash check only", err)
-		return
-	}
-	upstream, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), referenceModule, referencePath))
-	if err != nil {
-		t.Logf("upstream module not in the module cache (%v); hash check only", err)
-		return
-	}
-	if !bytes.Equal(upstream, restored) {
-		t.Fatalf("%s differs from %s/%s", referenceFile, referenceModule, referencePath)
-	}
-}
+//go:linkname refPoliciesForPod sigs.k8s.io/kube-network-policies/pkg/networkpolicy.(*Controller).getNetworkPoliciesForPod
+func refPoliciesForPod(c *networkpolicy.Controller, pod *v1.Pod) []*networkingv1.NetworkPolicy
 
 // reference wraps upstream's evaluator as its evaluatePacket drives it for
 // NetworkPolicy (AdminNetworkPolicy disabled): the source pod's egress
 // policies, then, if any select it, the destination pod's ingress policies.
-type reference struct{ c *Controller }
+// A reference holds one generated cluster; they share one upstream
+// Controller (its constructor starts event-broadcaster goroutines that
+// cannot be stopped), whose listers' indexers are refilled when another
+// reference is used.
+type reference struct {
+	policies   []any
+	namespaces []any
+	gen        uint64
+}
 
-// newReference indexes the objects as upstream's informers would serve them:
-// after API defaulting (policyTypes, port protocol), which upstream relies on.
-func newReference(t testing.TB, policies []*networkingv1.NetworkPolicy, namespaces []*v1.Namespace) reference {
-	npIndex := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+var upstream struct {
+	once       sync.Once
+	err        error
+	c          *networkpolicy.Controller
+	policies   cache.Indexer
+	namespaces cache.Indexer
+
+	mu     sync.Mutex // guards loaded and the indexers' contents
+	loaded uint64
+	gens   atomic.Uint64
+}
+
+func upstreamController() (*networkpolicy.Controller, error) {
+	upstream.once.Do(func() {
+		client := fake.NewClientset()
+		f := informers.NewSharedInformerFactory(client, 0)
+		np, ns := f.Networking().V1().NetworkPolicies(), f.Core().V1().Namespaces()
+		upstream.c, upstream.err = networkpolicy.NewController(client, np, ns, f.Core().V1().Pods(), f.Core().V1().Nodes(),
+			nil, nil, nil, networkpolicy.Config{NodeName: "reference", NRIdisabled: true})
+		upstream.policies, upstream.namespaces = np.Informer().GetIndexer(), ns.Informer().GetIndexer()
+	})
+	return upstream.c, upstream.err
+}
+
+// newReference prepares the objects as upstream's informers would serve
+// them: after API defaulting (policyTypes, port protocol), which upstream
+// relies on.
+func newReference(t testing.TB, policies []*networkingv1.NetworkPolicy, namespaces []*v1.Namespace) *reference {
+	if _, err := upstreamController(); err != nil {
+		t.Fatalf("%s: NewController: %v", referenceModule, err)
+	}
+	r := &reference{gen: upstream.gens.Add(1)}
 	for _, np := range policies {
-		if err := npIndex.Add(apiDefaults(np)); err != nil {
-			t.Fatal(err)
-		}
+		r.policies = append(r.policies, apiDefaults(np))
 	}
-	nsIndex := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{})
 	for _, ns := range namespaces {
-		if err := nsIndex.Add(ns); err != nil {
+		r.namespaces = append(r.namespaces, ns)
+	}
+	return r
+}
+
+// run calls f with upstream's listers holding r's objects.
+func (r *reference) run(t testing.TB, f func(c *networkpolicy.Controller) bool) bool {
+	upstream.mu.Lock()
+	defer upstream.mu.Unlock()
+	if upstream.loaded != r.gen {
+		if err := upstream.policies.Replace(r.policies, ""); err != nil {
 			t.Fatal(err)
 		}
+		if err := upstream.namespaces.Replace(r.namespaces, ""); err != nil {
+			t.Fatal(err)
+		}
+		upstream.loaded = r.gen
 	}
-	return reference{c: &Controller{
-		networkpolicyLister: networkinglisters.NewNetworkPolicyLister(npIndex),
-		namespaceLister:     corelisters.NewNamespaceLister(nsIndex),
-	}}
+	return f(upstream.c)
 }
 
 // egress and ingress answer for a connection from srcPod/srcIP to
 // dstPod/dstIP:dstPort; a nil pod is a non-pod address. The source port is
 // irrelevant to NetworkPolicy; upstream passes it but never reads it.
-func (r reference) egress(t testing.TB, srcPod, dstPod *v1.Pod, dstIP string, dstPort int, proto v1.Protocol) bool {
-	return r.c.evaluator(t.Context(), r.c.getNetworkPoliciesForPod(srcPod), networkingv1.PolicyTypeEgress,
-		srcPod, 40000, dstPod, parseIP(t, dstIP), dstPort, proto)
+func (r *reference) egress(t testing.TB, srcPod, dstPod *v1.Pod, dstIP string, dstPort int, proto v1.Protocol) bool {
+	return r.run(t, func(c *networkpolicy.Controller) bool {
+		return refEvaluator(c, t.Context(), refPoliciesForPod(c, srcPod), networkingv1.PolicyTypeEgress,
+			srcPod, 40000, dstPod, parseIP(t, dstIP), dstPort, proto)
+	})
 }
 
-func (r reference) ingress(t testing.TB, srcPod *v1.Pod, srcIP string, dstPod *v1.Pod, dstPort int, proto v1.Protocol) bool {
-	policies := r.c.getNetworkPoliciesForPod(dstPod)
-	if len(policies) == 0 {
-		return true
+func (r *reference) ingress(t testing.TB, srcPod *v1.Pod, srcIP string, dstPod *v1.Pod, dstPort int, proto v1.Protocol) bool {
+	return r.run(t, func(c *networkpolicy.Controller) bool {
+		policies := refPoliciesForPod(c, dstPod)
+		if len(policies) == 0 {
+			return true
+		}
+		return refEvaluator(c, t.Context(), policies, networkingv1.PolicyTypeIngress,
+			dstPod, dstPort, srcPod, parseIP(t, srcIP), 40000, proto)
+	})
+}
+
+// TestReferenceSanity guards the linkname'd signatures: with a wrong one the
+// calls below would crash or answer nonsense.
+func TestReferenceSanity(t *testing.T) {
+	x := []*v1.Namespace{{ObjectMeta: metav1.ObjectMeta{Name: "x", Labels: map[string]string{"ns": "x"}}}}
+	a := &v1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "a", Labels: map[string]string{"pod": "a"}}}
+	b := &v1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "b", Labels: map[string]string{"pod": "b"}}}
+	tcp := v1.ProtocolTCP
+	p80 := intstr.FromInt32(80)
+	allowB := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "allow-b"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"pod": "a"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				Ports: []networkingv1.NetworkPolicyPort{{Protocol: &tcp, Port: &p80}},
+				From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"pod": "b"}}}},
+			}},
+		},
 	}
-	return r.c.evaluator(t.Context(), policies, networkingv1.PolicyTypeIngress,
-		dstPod, dstPort, srcPod, parseIP(t, srcIP), 40000, proto)
+	ref := newReference(t, []*networkingv1.NetworkPolicy{allowB}, x)
+	for _, c := range []struct {
+		src     *v1.Pod
+		srcIP   string
+		dst     *v1.Pod
+		port    int
+		ingress bool
+	}{
+		{b, "10.0.0.2", a, 80, true},
+		{b, "10.0.0.2", a, 81, false},
+		{a, "10.0.0.1", a, 80, false},
+		{nil, "192.168.1.1", a, 80, false},
+		{a, "10.0.0.1", b, 81, true},
+	} {
+		if got := ref.ingress(t, c.src, c.srcIP, c.dst, c.port, tcp); got != c.ingress {
+			t.Errorf("reference ingress %s -> %s:%d = %v, want %v", c.srcIP, c.dst.Name, c.port, got, c.ingress)
+		}
+		if !ref.egress(t, c.src, c.dst, "10.0.0.9", c.port, tcp) {
+			t.Errorf("reference egress from %s denied without egress policies", c.srcIP)
+		}
+	}
 }
 
 // apiDefaults applies what k8s.io/kubernetes pkg/apis/networking/v1
