@@ -357,3 +357,48 @@ func TestEarliestNotAfter(t *testing.T) {
 		}
 	}
 }
+
+// TestResetStreamStopsItsChecks: a v3 stream the client resets while its
+// source is being waited for stops waiting at once (no refusal sent for
+// it, no pod dialled) and is counted reset_before_reply.
+func TestResetStreamStopsItsChecks(t *testing.T) {
+	a := newAcceptor(t) // SourceWait 8s
+	client, server := net.Pipe()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.ServeSession(t.Context(), server, id("prod", "default"), id("prod", "server").DNSName("tunmesh"), nodeA)
+	}()
+	defer func() { client.Close(); <-done }()
+	replies := make(chan mux.Frame, 4)
+	go func() {
+		for {
+			f, _, err := mux.ReadFrame(client, nil)
+			if err != nil {
+				return
+			}
+			replies <- f
+		}
+	}()
+	hdr, err := tunnel.Header{Dst: netip.AddrPortFrom(dstIP, 8080), Src: netip.MustParseAddr("10.244.9.9")}.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	frame := func(typ byte, payload []byte) []byte {
+		b := []byte{typ, 0, byte(len(payload) >> 8), byte(len(payload)), 0, 0, 0, 1}
+		return append(b, payload...)
+	}
+	client.Write(append(frame(mux.FrameOpen, hdr), frame(mux.FrameReset, nil)...))
+	deadline := time.Now().Add(2 * time.Second) // well before SourceWait
+	for counter(t, a.metrics.Errors.WithLabelValues("reset_before_reply")) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("a reset stream's source wait went on")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	select {
+	case f := <-replies:
+		t.Fatalf("frame type %#x sent for a stream the client reset", f.Type)
+	case <-time.After(50 * time.Millisecond):
+	}
+}
