@@ -61,5 +61,8 @@
 // test on every spec that compiles cleanly. Its evaluator is unexported
 // (methods of its nfqueue-driven Controller, reachable through the API only
 // via Controller.Run, which needs nftables and NFQUEUE), so the test links
-// those methods by name (go:linkname) from the real module.
+// those methods by name (go:linkname) from the real module. The upstream
+// Kubernetes e2e NetworkPolicy cases (test/e2e/network/netpol: namespaces
+// x/y/z, pods a/b/c, reachability matrices) are restated as table tests and
+// checked against both.
 package netpol

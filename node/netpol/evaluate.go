@@ -78,7 +78,8 @@ type Verdict struct {
 	Direction networkingv1.PolicyType
 	Reason    Reason
 	// Policy ("namespace/name") and Rule (index into its ingress or egress
-	// list) that allowed the connection; set with ReasonAllowedByPolicy.
+	// list) that allowed the connection; set with ReasonAllowedByPolicy,
+	// otherwise "" and -1.
 	Policy string
 	Rule   int
 	// Isolating names ("namespace/name") the policies of this direction that
