@@ -158,9 +158,14 @@ func (e *Evaluator) direction(dir networkingv1.PolicyType, subject *Pod, peer En
 	var peerNSKnown, peerNSLooked bool
 	podLabels := labels.Set(subject.Labels)
 
-	for _, p := range e.policies.Policies(subject.Namespace) {
+	policies := e.policies.Policies(subject.Namespace)
+	for _, p := range policies {
 		if !p.HasType(dir) || p.podSelector == nil || !p.podSelector.Matches(podLabels) {
 			continue
+		}
+		if v.Isolating == nil {
+			// One allocation per verdict rather than one per growth.
+			v.Isolating = make([]string, 0, len(policies))
 		}
 		v.Isolating = append(v.Isolating, p.String())
 		if v.Reason == ReasonAllowedByPolicy {
