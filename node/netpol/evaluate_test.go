@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	v1 "k8s.io/api/core/v1"
@@ -653,5 +654,37 @@ func TestSnapshotSortsPoliciesByName(t *testing.T) {
 	}
 	if _, ok := s.NamespaceLabels("x"); ok {
 		t.Error("unknown namespace reported as known")
+	}
+}
+
+// TestConcurrentUse documents that an Evaluator over a Snapshot needs no
+// locking by its callers (the agent's connection handlers run in parallel);
+// run with -race.
+func TestConcurrentUse(t *testing.T) {
+	s, err := netpol.NewSnapshot([]*networkingv1.NetworkPolicy{
+		withIngress(np("x", "web", all), from(ports(port("", "http")), nss(sel("env", "dev")))),
+	}, tableNamespaces)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, _ := netpol.New(s, s)
+	allowed := netpol.Conn{Src: end(t, "y/a"), Dst: end(t, "x/a"), Port: 80}
+	denied := netpol.Conn{Src: end(t, "x/b"), Dst: end(t, "x/a"), Port: 80}
+	var wg sync.WaitGroup
+	errs := make(chan string, 8)
+	for range 8 {
+		wg.Go(func() {
+			for range 1000 {
+				if !ev.Decide(allowed).Allowed || ev.Decide(denied).Allowed {
+					errs <- "wrong verdict under concurrency"
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Fatal(e)
 	}
 }
