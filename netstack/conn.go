@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -34,7 +35,8 @@ func newConn(wq *waiter.Queue, ep tcpip.Endpoint) *Conn {
 	return &Conn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep, wq: wq}
 }
 
-// ErrWouldBlock is TryRead's answer when nothing is buffered.
+// ErrWouldBlock is TryRead's answer when nothing is buffered, and
+// TryWrite's when the send buffer is full.
 var ErrWouldBlock = errors.New("netstack conn: no data buffered")
 
 // NotifyReadable registers f, called whenever the connection may have
@@ -74,6 +76,28 @@ func (c *Conn) TryRead(b []byte) (int, error) {
 		return 0, io.EOF
 	}
 	return 0, &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: errors.New(tcpipErr.String())}
+}
+
+// TryWrite writes what the connection's send buffer takes now, without
+// waiting: possibly less than len(b) (with a nil error), or nothing
+// (ErrWouldBlock when the buffer is full). It lets a tunnel deliver a
+// received message to the pod from the goroutine that read it, with no
+// goroutine hand-off, and queue only what does not fit. It must not run
+// concurrently with Write.
+func (c *Conn) TryWrite(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	var r bytes.Reader
+	r.Reset(b)
+	n, tcpipErr := c.ep.Write(&r, tcpip.WriteOptions{})
+	switch tcpipErr.(type) {
+	case nil:
+		return int(n), nil
+	case *tcpip.ErrWouldBlock:
+		return 0, ErrWouldBlock
+	}
+	return int(n), &net.OpError{Op: "write", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: errors.New(tcpipErr.String())}
 }
 
 // SetLinger behaves as on a *net.TCPConn: sec == 0 makes Close send a

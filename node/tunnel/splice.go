@@ -109,7 +109,10 @@ func Splice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (SpliceStats
 // splice is one call of Splice. The calling goroutine owns it: it copies
 // a to b itself and starts one routine for b to a (an idle spliced
 // connection costs two goroutines, not three), and returns only after
-// that routine has ended. Whoever sees the end first (either copy, the
+// that routine has ended. When a side is an AsyncDrainer (a mux stream),
+// its direction needs no routine: the stream drains itself and reports
+// its end on the same channel, and this goroutine copies the other
+// direction (an idle spliced stream costs one goroutine). Whoever sees the end first (either copy, the
 // context, the idle timer) ends the splice through end, the only place
 // that closes the connections.
 type splice struct {
@@ -149,14 +152,25 @@ func (s *splice) run(ctx context.Context) (SpliceStats, error) {
 		return SpliceStats{}, err
 	}
 	done := make(chan copyResult, 1) // buffered: the routine never blocks on it
-	go s.routineCopy("b->a", s.a, s.b, &s.bToA, done)
+	// A side that drains itself (a mux stream) needs no goroutine here:
+	// this one copies the other direction, and the drained direction
+	// reports its end on done.
+	dir, dst, src, n := "a->b", s.b, s.a, &s.aToB // this goroutine's direction
+	if d, ok := s.b.(AsyncDrainer); ok {
+		s.startAsync("b->a", s.a, d, &s.bToA, done)
+	} else if d, ok := s.a.(AsyncDrainer); ok {
+		s.startAsync("a->b", s.b, d, &s.aToB, done)
+		dir, dst, src, n = "b->a", s.a, s.b, &s.bToA
+	} else {
+		go s.routineCopy("b->a", s.a, s.b, &s.bToA, done)
+	}
 	stopCtx := context.AfterFunc(ctx, func() { s.end(ctx.Err()) })
 	if s.idle > 0 {
 		s.mu.Lock()
 		s.idleTimer = time.AfterFunc(s.idle, s.checkIdle)
 		s.mu.Unlock()
 	}
-	s.settle(s.copyDir("a->b", s.b, s.a, &s.aToB))
+	s.settle(s.copyDir(dir, dst, src, n))
 	<-done
 	stopCtx()
 	s.mu.Lock()
@@ -257,6 +271,36 @@ func (s *splice) copyDir(dir string, dst, src net.Conn, n *atomic.Int64) copyRes
 // for every other end, and calls moved after each write to w.
 type Drainer interface {
 	DrainTo(w io.Writer, moved func(n int)) error
+}
+
+// AsyncDrainer is a Drainer that writes what it receives by itself, with
+// no goroutine waiting while it is idle (a mux.Stream): DrainAsync
+// returns at once; moved is called after each write to w, and done once,
+// from a goroutine that may block, when the drain ended: nil at the
+// peer's clean end (after every byte before it was written), an error for
+// every other end. Splice prefers it to Drainer: an idle spliced stream
+// then costs one goroutine, the copy in the other direction.
+type AsyncDrainer interface {
+	DrainAsync(w io.Writer, moved func(n int), done func(err error))
+}
+
+// startAsync drains src into dst through src's own DrainAsync; its end
+// is passed on (a half-close, or settled) and reported on done, as
+// routineCopy does.
+func (s *splice) startAsync(dir string, dst net.Conn, src AsyncDrainer, n *atomic.Int64, done chan<- copyResult) {
+	src.DrainAsync(dst, func(k int) { n.Add(int64(k)); s.touch() }, func(err error) {
+		var res copyResult
+		if err == nil {
+			res.closeAll, res.err = s.passEOF(dst)
+		} else {
+			res.err = err
+		}
+		if res.err != nil {
+			res.err = fmt.Errorf("splice %s: %w", dir, res.err)
+		}
+		s.settle(res)
+		done <- res
+	})
 }
 
 // drain is copy for a Drainer source.

@@ -510,6 +510,9 @@ func (s *Session) onData(f Frame) error {
 		s.creditFromReader(f.Len)
 		return nil
 	}
+	if st.sinkTry != nil && !st.sinkBusy && !st.sinkEnded && st.queued == 0 {
+		return s.deliverInline(st, f.Len, c)
+	}
 	if c == nil {
 		p := s.scratch[:f.Len]
 		// The tail is never being read outside the lock: DrainTo takes
@@ -526,8 +529,55 @@ func (s *Session) onData(f Frame) error {
 		st.queue = append(st.queue, c)
 	}
 	st.queued += f.Len
+	st.kickLocked()
 	s.mu.Unlock()
 	st.signalReadable()
+	return nil
+}
+
+// deliverInline writes a Data frame's payload (in c, or the scratch
+// buffer if c is nil) straight into the stream's sink, without waiting:
+// the common case of a small message to a pod with room costs no
+// goroutine wake-up. What the sink does not take now is queued for the
+// drainer. Called with s.mu held and the queue empty; unlocks it.
+func (s *Session) deliverInline(st *Stream, n int, c *chunk) error {
+	var p []byte
+	if c != nil {
+		p = c.b
+	} else {
+		p = s.scratch[:n]
+	}
+	st.sinkBusy = true
+	try, moved := st.sinkTry, st.sinkMoved
+	s.mu.Unlock()
+	// An error means the sink took nothing: it would block, or it failed,
+	// and then the drainer's blocking Write reports why.
+	k, _ := try.TryWrite(p)
+	if k > 0 {
+		moved(k)
+		s.creditNoWait(st, k)
+	}
+	rest := p[k:]
+	s.mu.Lock()
+	if len(rest) > 0 {
+		if s.streams[st.id] != st || st.readErr != nil {
+			// Ended while we wrote: drop the rest.
+			s.mu.Unlock()
+			s.creditFromReader(len(rest))
+			s.mu.Lock()
+		} else {
+			q := getChunk(len(rest))
+			copy(q.b, rest)
+			st.queue = append(st.queue, q)
+			st.queued += len(rest)
+		}
+	}
+	if c != nil {
+		putChunk(c)
+	}
+	st.sinkBusy = false
+	st.kickLocked() // the rest, or an end that came meanwhile
+	s.mu.Unlock()
 	return nil
 }
 
@@ -580,6 +630,7 @@ func (s *Session) onStreamFrameLocked(f Frame, p []byte) error {
 		st.gotEnd = true
 		st.readErr = io.EOF
 		st.signalReadable()
+		st.kickLocked()
 		s.maybeRemoveLocked(st)
 	case FrameReset:
 		st.failLocked(fmt.Errorf("read tunnel stream: %w", tunnel.ErrPeerReset), true)
@@ -730,6 +781,29 @@ func (s *Session) credit(st *Stream, n int) {
 	s.mu.Unlock()
 	if frames != nil {
 		_ = s.writeRaw(frames) // a failed write fails the session
+	}
+}
+
+// creditNoWait is credit for bytes routineRead wrote into a stream's
+// sink itself: the Window frames are queued, never written inline.
+func (s *Session) creditNoWait(st *Stream, n int) {
+	var frames []byte
+	s.mu.Lock()
+	s.recvUnacked += int64(n)
+	st.recvUnacked += int64(n)
+	if st.recvUnacked >= StreamWindow/4 && !st.gotEnd && s.streams[st.id] == st {
+		frames = appendWindow(frames, st.id, st.recvUnacked)
+		st.recvWin += st.recvUnacked
+		st.recvUnacked = 0
+	}
+	if s.recvUnacked >= ConnWindow/4 {
+		frames = appendWindow(frames, 0, s.recvUnacked)
+		s.recvWin += s.recvUnacked
+		s.recvUnacked = 0
+	}
+	s.mu.Unlock()
+	if frames != nil {
+		_ = s.queueRaw(frames)
 	}
 }
 

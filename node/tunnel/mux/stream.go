@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tunmesh/tunmesh/node/tunnel"
@@ -19,8 +20,9 @@ import (
 // Splice carries it. An idle stream holds no buffer: received bytes wait
 // in pooled chunks only until they are read.
 //
-// One goroutine may Read (or DrainTo) while another Writes; Abort and
-// Close may be called at any time.
+// One goroutine may Read (or DrainTo, or the stream drains itself after
+// DrainAsync) while another Writes; Abort and Close may be called at any
+// time.
 type Stream struct {
 	s       *Session
 	id      uint32
@@ -49,7 +51,25 @@ type Stream struct {
 	sendWin     int64
 	winCh       chan struct{} // made by a writer waiting for window; closed on growth
 	replyTimer  *time.Timer   // client: cuts the stream if no reply comes
+
+	// The on-demand drain (DrainAsync), guarded by s.mu.
+	sink      io.Writer
+	sinkTry   tryWriter // sink's non-blocking write, nil if it has none
+	sinkMoved func(int)
+	sinkDone  func(error)
+	sinkBusy  bool // a writer owns the sink: routineRead inline, or the drainer
+	sinkEnded bool // sinkDone was called (or is being called)
 }
+
+// tryWriter is a sink that can take bytes without waiting
+// (netstack.Conn.TryWrite): it writes what fits now, possibly nothing,
+// and returns an error when it took nothing (would block, or failed).
+type tryWriter interface {
+	TryWrite(p []byte) (int, error)
+}
+
+// drainersStarted counts drainer goroutines started, for tests.
+var drainersStarted atomic.Int64
 
 func newStream(s *Session, id uint32) *Stream {
 	st := &Stream{s: s, id: id, readable: make(chan struct{}, 1), recvWin: StreamWindow, sendWin: StreamWindow}
@@ -112,6 +132,7 @@ func (st *Stream) failLocked(err error, peerGone bool) {
 	}
 	st.dropQueueLocked()
 	st.signalReadable()
+	st.kickLocked()
 	st.signalWindowLocked()
 	st.closeReplyLocked()
 	if st.cancel != nil {
@@ -309,6 +330,103 @@ func (st *Stream) DrainTo(w io.Writer, moved func(int)) error {
 	}
 }
 
+// DrainAsync (tunnel.AsyncDrainer) makes the stream write what it
+// receives to w by itself, with no goroutine parked while it is idle:
+// routineRead writes a Data frame straight into w when nothing is queued
+// and w takes it without waiting (w has TryWrite); otherwise the bytes
+// are queued and one drainer goroutine writes the queue out (blocking
+// writes are fine there) and exits once it is empty. routineRead never
+// waits for w: a stalled pod stalls its own stream only. Bytes keep their
+// order and w never has two writers at once. moved is called after each
+// write to w. done is called once, from the drainer, when the read side
+// ended and everything before the end was written: nil after the peer's
+// End, the error otherwise (a reset, a cut, a failed write); it may block
+// (it passes the end on). DrainAsync is called at most once, and not
+// together with Read or DrainTo.
+func (st *Stream) DrainAsync(w io.Writer, moved func(int), done func(error)) {
+	s := st.s
+	tw, _ := w.(tryWriter)
+	s.mu.Lock()
+	st.sink, st.sinkTry, st.sinkMoved, st.sinkDone = w, tw, moved, done
+	corked := st.corked
+	st.kickLocked()
+	s.mu.Unlock()
+	if corked {
+		// As Read does: a server that speaks first must get the Open.
+		st.uncork()
+	}
+}
+
+// kickLocked starts the drainer if the sink is attached and free and
+// there is work: queued bytes, or an end to pass on.
+func (st *Stream) kickLocked() {
+	if st.sinkDone == nil || st.sinkBusy || st.sinkEnded || (st.queued == 0 && st.readErr == nil) {
+		return
+	}
+	st.sinkBusy = true
+	drainersStarted.Add(1)
+	go st.routineDrain() // owned by the stream: exits once the queue is empty or the end is passed on
+}
+
+// routineDrain writes the queue to the sink until it is empty (then it
+// exits; the next frame that cannot go inline starts another) or the
+// read side ended (then it calls sinkDone).
+func (st *Stream) routineDrain() {
+	s := st.s
+	for {
+		s.mu.Lock()
+		if st.queued > 0 {
+			c := st.queue[0]
+			b := c.b[st.off:]
+			st.queue[0] = nil
+			st.queue = st.queue[1:]
+			if len(st.queue) == 0 {
+				st.queue = nil
+			}
+			st.off = 0
+			st.queued -= len(b)
+			w, moved := st.sink, st.sinkMoved
+			s.mu.Unlock()
+			n, err := w.Write(b)
+			putChunk(c)
+			s.credit(st, len(b))
+			if n > 0 {
+				moved(n)
+			}
+			if err != nil {
+				st.endDrain(fmt.Errorf("write: %w", err))
+				return
+			}
+			continue
+		}
+		err := st.readErr
+		if err == nil {
+			st.sinkBusy = false
+			s.mu.Unlock()
+			return
+		}
+		s.mu.Unlock()
+		if err == io.EOF {
+			err = nil
+		} else {
+			err = fmt.Errorf("read: %w", err)
+		}
+		st.endDrain(err)
+		return
+	}
+}
+
+// endDrain reports the end of the drain once; the sink is never written
+// again.
+func (st *Stream) endDrain(err error) {
+	s := st.s
+	s.mu.Lock()
+	st.sinkEnded = true
+	done := st.sinkDone
+	s.mu.Unlock()
+	done(err)
+}
+
 // Write sends p as Data frames as the windows allow.
 func (st *Stream) Write(p []byte) (int, error) {
 	s := st.s
@@ -443,6 +561,7 @@ func (st *Stream) Close() error {
 			st.readErr = fmt.Errorf("read tunnel stream: %w", net.ErrClosed)
 		}
 		st.dropQueueLocked()
+		st.kickLocked()
 		s.mu.Unlock()
 		return nil
 	}
