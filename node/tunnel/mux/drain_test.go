@@ -2,8 +2,10 @@ package mux_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
+	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/tunmesh/tunmesh/node/tunnel"
 	"github.com/tunmesh/tunmesh/node/tunnel/mux"
+	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
 )
 
 var errWouldBlock = errors.New("test sink: full")
@@ -396,4 +399,109 @@ func TestDrainAsyncResetAborts(t *testing.T) {
 	if n := d.sink.len(); n >= 100<<10 {
 		t.Errorf("all %d bytes were written despite the Reset", n)
 	}
+}
+
+// spliced runs tunnel.Splice(stream, pod) on the server side of each
+// stream, as the inbound agent does, and hands the test the pod's end
+// and, later, what Splice returned.
+type spliced struct {
+	pod   net.Conn
+	stats tunnel.SpliceStats
+	err   error
+	done  chan struct{}
+}
+
+func spliceServer(t *testing.T, ctx context.Context, opts tunnel.SpliceOptions) (*mux.Session, chan *spliced) {
+	out := make(chan *spliced, 4)
+	client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+		st.Accept()
+		agentSide, pod := tunneltest.Pipe()
+		sp := &spliced{pod: pod, done: make(chan struct{})}
+		out <- sp
+		sp.stats, sp.err = tunnel.Splice(ctx, st, agentSide, opts)
+		close(sp.done)
+	})
+	return client, out
+}
+
+func waitSplice(t *testing.T, sp *spliced) {
+	t.Helper()
+	select {
+	case <-sp.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("splice did not return")
+	}
+}
+
+// TestSpliceDrainsStreamItself: Splice over a stream (the stream drains
+// itself, no copy routine) keeps Splice's contract: half-close both
+// ways, exact stats, an idle timeout that traffic keeps off and that
+// then resets the stream, and a cancelled context that ends it.
+func TestSpliceDrainsStreamItself(t *testing.T) {
+	leakCheck(t)
+	t.Run("clean", func(t *testing.T) {
+		client, out := spliceServer(t, context.Background(), tunnel.SpliceOptions{})
+		st := openReplied(t, client, hdr)
+		sp := <-out
+		up := bytes.Repeat([]byte("u"), 300<<10)
+		go func() { st.Write(up); st.CloseWrite() }()
+		got, err := io.ReadAll(sp.pod)
+		if err != nil || !bytes.Equal(got, up) {
+			t.Fatalf("pod read %d bytes, %v; want %d, EOF", len(got), err, len(up))
+		}
+		down := bytes.Repeat([]byte("d"), 70<<10)
+		go func() { sp.pod.Write(down); sp.pod.(*tunneltest.Conn).CloseWrite() }()
+		back, err := io.ReadAll(st)
+		if err != nil || !bytes.Equal(back, down) {
+			t.Fatalf("client read %d bytes, %v; want %d, EOF", len(back), err, len(down))
+		}
+		waitSplice(t, sp)
+		if sp.err != nil {
+			t.Errorf("splice: %v", sp.err)
+		}
+		if sp.stats.AToB != int64(len(up)) || sp.stats.BToA != int64(len(down)) {
+			t.Errorf("stats %+v, want AToB %d BToA %d", sp.stats, len(up), len(down))
+		}
+		st.Close()
+	})
+	t.Run("idle", func(t *testing.T) {
+		client, out := spliceServer(t, context.Background(), tunnel.SpliceOptions{IdleTimeout: 300 * time.Millisecond})
+		st := openReplied(t, client, hdr)
+		sp := <-out
+		go io.Copy(io.Discard, sp.pod)
+		for range 8 { // 800 ms of traffic towards the pod only
+			if _, err := st.Write([]byte("tick")); err != nil {
+				t.Fatalf("write while traffic flows: %v", err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		select {
+		case <-sp.done:
+			t.Fatalf("splice ended while bytes flowed: %v", sp.err)
+		default:
+		}
+		waitSplice(t, sp)
+		if !errors.Is(sp.err, tunnel.ErrIdleTimeout) {
+			t.Errorf("splice: %v, want ErrIdleTimeout", sp.err)
+		}
+		if _, err := io.ReadAll(st); !errors.Is(err, tunnel.ErrPeerReset) {
+			t.Errorf("client read after the idle timeout: %v, want a reset", err)
+		}
+		st.Close()
+	})
+	t.Run("cancel", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		client, out := spliceServer(t, ctx, tunnel.SpliceOptions{})
+		st := openReplied(t, client, hdr)
+		sp := <-out
+		cancel()
+		waitSplice(t, sp)
+		if !errors.Is(sp.err, context.Canceled) {
+			t.Errorf("splice: %v, want context.Canceled", sp.err)
+		}
+		if _, err := io.ReadAll(st); !errors.Is(err, tunnel.ErrPeerReset) {
+			t.Errorf("client read after the cancel: %v, want a reset", err)
+		}
+		st.Close()
+	})
 }
