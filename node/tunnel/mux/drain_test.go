@@ -213,6 +213,44 @@ func TestDrainAsyncInline(t *testing.T) {
 	st.Close()
 }
 
+// TestDrainAsyncBulkGoesToTheDrainer: full-size Data frames (bulk
+// transfer) are never written by the session's reader: the drainer is the
+// pipeline stage that overlaps the pod side with the next record's
+// decryption. Every byte arrives, in order.
+func TestDrainAsyncBulkGoesToTheDrainer(t *testing.T) {
+	leakCheck(t)
+	client, streams := drainServer(t, func([]byte) *trySink { return newTrySink(t, 8<<20) })
+	st := openReplied(t, client, hdr)
+	d := <-streams
+	msg := make([]byte, mux.MaxPayload)
+	for i := range msg {
+		msg[i] = byte(i % 251)
+	}
+	const n = 20
+	for range n {
+		if _, err := st.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, func() bool { return d.sink.len() == n*len(msg) })
+	d.sink.mu.Lock()
+	tries := d.sink.tries
+	got := bytes.Clone(d.sink.got)
+	d.sink.mu.Unlock()
+	if tries != 0 {
+		t.Errorf("sink saw %d TryWrites for full-size frames, want 0 (bulk goes to the drainer)", tries)
+	}
+	if !bytes.Equal(got, bytes.Repeat(msg, n)) {
+		t.Error("bytes differ from what was sent")
+	}
+	st.CloseWrite()
+	if err := waitDone(t, d); err != nil {
+		t.Errorf("done after End: %v, want nil", err)
+	}
+	io.Copy(io.Discard, st)
+	st.Close()
+}
+
 // TestDrainAsyncStalledSinkNoHeadOfLine: a stream whose sink does not
 // take bytes (TryWrite would block, Write waits) fills its own window and
 // no more; the reader does not wait for it, and another stream of the

@@ -510,7 +510,7 @@ func (s *Session) onData(f Frame) error {
 		s.creditFromReader(f.Len)
 		return nil
 	}
-	if st.sinkTry != nil && !st.sinkBusy && !st.sinkEnded && st.queued == 0 {
+	if st.sinkTry != nil && !st.sinkBusy && !st.sinkEnded && st.queued == 0 && f.Len <= maxInline {
 		return s.deliverInline(st, f.Len, c)
 	}
 	if c == nil {
@@ -534,6 +534,16 @@ func (s *Session) onData(f Frame) error {
 	st.signalReadable()
 	return nil
 }
+
+// maxInline is the largest Data frame the session reader writes into a
+// stream's sink itself. Small frames are messages (requests, replies, the
+// round trip): writing them inline saves a goroutine wake-up each. Larger
+// frames are bulk transfer, and there the drainer is a pipeline stage: the
+// reader decrypts the next record on one CPU while the drainer pushes the
+// last one through the pod's netstack and TUN on the other. Delivering bulk
+// inline serialized the two and cost a fifth of the throughput in `make
+// bench` (592 -> 468 MB/s, CPU per GB 2.62 -> 2.95 s).
+const maxInline = 4 << 10
 
 // deliverInline writes a Data frame's payload (in c, or the scratch
 // buffer if c is nil) straight into the stream's sink, without waiting:
