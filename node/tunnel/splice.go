@@ -251,9 +251,7 @@ func (s *splice) copyDir(dir string, dst, src net.Conn, n *atomic.Int64) copyRes
 		closeAll bool
 		err      error
 	)
-	switch d, ok := src.(Drainer); {
-	case ok:
-		closeAll, err = s.drain(dst, d, n)
+	switch {
 	case s.bufSize == DefaultBufferSize:
 		closeAll, err = s.copyAdaptive(dst, src, n)
 	default:
@@ -265,21 +263,13 @@ func (s *splice) copyDir(dir string, dst, src net.Conn, n *atomic.Int64) copyRes
 	return copyResult{err: err, closeAll: closeAll}
 }
 
-// Drainer is a connection that holds what it receives in buffers of its
-// own (a mux.Stream) and writes them out itself: Splice drains it with no
-// copy buffer. DrainTo returns nil at the peer's clean end and an error
-// for every other end, and calls moved after each write to w.
-type Drainer interface {
-	DrainTo(w io.Writer, moved func(n int)) error
-}
-
-// AsyncDrainer is a Drainer that writes what it receives by itself, with
-// no goroutine waiting while it is idle (a mux.Stream): DrainAsync
-// returns at once; moved is called after each write to w, and done once,
-// from a goroutine that may block, when the drain ended: nil at the
-// peer's clean end (after every byte before it was written), an error for
-// every other end. Splice prefers it to Drainer: an idle spliced stream
-// then costs one goroutine, the copy in the other direction.
+// AsyncDrainer is a connection that holds what it receives in buffers of
+// its own and writes them out by itself, with no goroutine waiting while
+// it is idle (a mux.Stream): DrainAsync returns at once; moved is called
+// after each write to w, and done once, from a goroutine that may block,
+// when the drain ended: nil at the peer's clean end (after every byte
+// before it was written), an error for every other end. An idle spliced
+// stream then costs one goroutine, the copy in the other direction.
 type AsyncDrainer interface {
 	DrainAsync(w io.Writer, moved func(n int), done func(err error))
 }
@@ -301,14 +291,6 @@ func (s *splice) startAsync(dir string, dst net.Conn, src AsyncDrainer, n *atomi
 		s.settle(res)
 		done <- res
 	})
-}
-
-// drain is copy for a Drainer source.
-func (s *splice) drain(dst net.Conn, src Drainer, n *atomic.Int64) (closeAll bool, err error) {
-	if err := src.DrainTo(dst, func(k int) { n.Add(int64(k)); s.touch() }); err != nil {
-		return false, err
-	}
-	return s.passEOF(dst)
 }
 
 // IdleBufferSize is the buffer a default Splice reads into while a

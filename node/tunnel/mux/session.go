@@ -515,7 +515,7 @@ func (s *Session) onData(f Frame) error {
 	}
 	if c == nil {
 		p := s.scratch[:f.Len]
-		// The tail is never being read outside the lock: DrainTo takes
+		// The tail is never being read outside the lock: the drainer takes
 		// a chunk off the queue before it writes it out.
 		if n := len(st.queue); n > 0 && cap(st.queue[n-1].b)-len(st.queue[n-1].b) >= len(p) {
 			t := st.queue[n-1]
@@ -772,8 +772,35 @@ func (s *Session) removeLocked(st *Stream) {
 // due, so window updates stay rare and off the round trip of small
 // exchanges.
 func (s *Session) credit(st *Stream, n int) {
-	var frames []byte
 	s.mu.Lock()
+	frames := s.creditLocked(st, n)
+	s.mu.Unlock()
+	if frames != nil {
+		_ = s.writeRaw(frames) // a failed write fails the session
+	}
+}
+
+// creditNoWait is credit for bytes routineRead consumed itself: written
+// into a stream's sink (st), or dropped as late data for an ended stream
+// (st nil). The Window frames are queued, never written inline:
+// routineRead must keep reading, or two agents each blocked writing to the
+// other would deadlock.
+func (s *Session) creditNoWait(st *Stream, n int) {
+	s.mu.Lock()
+	frames := s.creditLocked(st, n)
+	s.mu.Unlock()
+	if frames != nil {
+		_ = s.queueRaw(frames)
+	}
+}
+
+// creditFromReader is creditNoWait for the connection's window only.
+func (s *Session) creditFromReader(n int) { s.creditNoWait(nil, n) }
+
+// creditLocked adds n consumed bytes to the windows' unacknowledged counts
+// and returns the Window frames now due. Called with s.mu held.
+func (s *Session) creditLocked(st *Stream, n int) []byte {
+	var frames []byte
 	s.recvUnacked += int64(n)
 	if st != nil {
 		st.recvUnacked += int64(n)
@@ -788,51 +815,7 @@ func (s *Session) credit(st *Stream, n int) {
 		s.recvWin += s.recvUnacked
 		s.recvUnacked = 0
 	}
-	s.mu.Unlock()
-	if frames != nil {
-		_ = s.writeRaw(frames) // a failed write fails the session
-	}
-}
-
-// creditNoWait is credit for bytes routineRead wrote into a stream's
-// sink itself: the Window frames are queued, never written inline.
-func (s *Session) creditNoWait(st *Stream, n int) {
-	var frames []byte
-	s.mu.Lock()
-	s.recvUnacked += int64(n)
-	st.recvUnacked += int64(n)
-	if st.recvUnacked >= StreamWindow/4 && !st.gotEnd && s.streams[st.id] == st {
-		frames = appendWindow(frames, st.id, st.recvUnacked)
-		st.recvWin += st.recvUnacked
-		st.recvUnacked = 0
-	}
-	if s.recvUnacked >= ConnWindow/4 {
-		frames = appendWindow(frames, 0, s.recvUnacked)
-		s.recvWin += s.recvUnacked
-		s.recvUnacked = 0
-	}
-	s.mu.Unlock()
-	if frames != nil {
-		_ = s.queueRaw(frames)
-	}
-}
-
-// creditFromReader is credit for bytes routineRead dropped (late data
-// for an ended stream). It never blocks: routineRead must keep reading,
-// or two agents each blocked writing to the other would deadlock.
-func (s *Session) creditFromReader(n int) {
-	var frames []byte
-	s.mu.Lock()
-	s.recvUnacked += int64(n)
-	if s.recvUnacked >= ConnWindow/4 {
-		frames = appendWindow(frames, 0, s.recvUnacked)
-		s.recvWin += s.recvUnacked
-		s.recvUnacked = 0
-	}
-	s.mu.Unlock()
-	if frames != nil {
-		_ = s.queueRaw(frames)
-	}
+	return frames
 }
 
 // MaxQueuedControlFrames bounds the frames routineRead queues in answer

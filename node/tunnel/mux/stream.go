@@ -281,55 +281,6 @@ func (st *Stream) Read(p []byte) (int, error) {
 	}
 }
 
-// DrainTo writes what the stream receives to w until the peer's End
-// (returning nil) or another end of the read side (returning it), calling
-// moved after each write. It needs no copy buffer: the received chunks
-// are written as they are, and given back to the pool.
-func (st *Stream) DrainTo(w io.Writer, moved func(int)) error {
-	s := st.s
-	for {
-		s.mu.Lock()
-		if st.queued > 0 {
-			c := st.queue[0]
-			b := c.b[st.off:]
-			st.queue[0] = nil
-			st.queue = st.queue[1:]
-			if len(st.queue) == 0 {
-				st.queue = nil
-			}
-			st.off = 0
-			st.queued -= len(b)
-			s.mu.Unlock()
-			n, err := w.Write(b)
-			putChunk(c)
-			s.credit(st, len(b))
-			if n > 0 {
-				moved(n)
-			}
-			if err != nil {
-				return fmt.Errorf("write: %w", err)
-			}
-			continue
-		}
-		err, corked := st.readErr, st.corked
-		s.mu.Unlock()
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("read: %w", err)
-		}
-		if corked {
-			st.uncork()
-		}
-		select {
-		case <-st.readable:
-		case <-st.rd.wait():
-			return fmt.Errorf("read: %w", os.ErrDeadlineExceeded)
-		}
-	}
-}
-
 // DrainAsync (tunnel.AsyncDrainer) makes the stream write what it
 // receives to w by itself, with no goroutine parked while it is idle:
 // routineRead writes a Data frame straight into w when nothing is queued
