@@ -29,6 +29,8 @@ type nic struct {
 
 	removing atomic.Bool // set before the reader is stopped
 
+	taps atomic.Pointer[tapList] // packet taps (observe.go); nil: none
+
 	counters struct {
 		spoofedDrops       atomic.Uint64
 		otherDrops         atomic.Uint64
@@ -119,6 +121,7 @@ func newLinkEndpoint(child stack.LinkEndpoint, n *nic) *linkEndpoint {
 // cut into segments (passthroughOffload).
 func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
 	n := e.nic
+	n.observe(false, pkt)
 	data := pkt.Data()
 	hdr, ok := data.PullUp(min(data.Size(), maxHeaderPullUp))
 	if !ok {
@@ -335,6 +338,7 @@ func (n *nic) writePassthrough(b []byte, info *packetInfo) {
 		n.writeFailed(info, err)
 		return
 	}
+	n.observePassthrough(info)
 	n.counters.passthroughPackets.Add(1)
 	n.counters.passthroughBytes.Add(uint64(len(b)))
 }

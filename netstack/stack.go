@@ -184,6 +184,10 @@ type Options struct {
 	// TimeWait is how long the stack keeps a connection it closed first
 	// in TIME_WAIT. Default 1s, not TCP's 60s: see defaultTimeWait.
 	TimeWait time.Duration
+	// OnPassthroughSYNACK, if set, is told of every SYN-ACK a pod sends
+	// through to the host (connection accounting of plaintext inbound
+	// connections; see observe.go). nil: nothing is reported.
+	OnPassthroughSYNACK PassthroughSYN
 }
 
 // Errors returned by Stack methods.
