@@ -2,6 +2,7 @@ package agent
 
 import (
 	"github.com/tunmesh/tunmesh/identity/rbac"
+	"github.com/tunmesh/tunmesh/node/access"
 	"github.com/tunmesh/tunmesh/node/release"
 )
 
@@ -12,7 +13,9 @@ import (
 // informers (resolve, which also finds the identity service's endpoints);
 // events about pods in any namespace (create, and patch for repeats by
 // client-go's correlator). With release on exit daemonset-deleted, also
-// its own pod and its DaemonSet in podNamespace (release.Watcher).
+// its own pod and its DaemonSet in podNamespace (release.Watcher). The
+// observability API reviews its callers (access: TokenReview and
+// SubjectAccessReview).
 func RequiredPermissions(releaseOnExit release.Mode, podNamespace string) []rbac.Permission {
 	var extra []rbac.Permission
 	if releaseOnExit == release.DaemonSetDeleted {
@@ -31,5 +34,5 @@ func RequiredPermissions(releaseOnExit release.Mode, podNamespace string) []rbac
 		{Group: "discovery.k8s.io", Resource: "endpointslices", Verb: "watch"},
 		{Resource: "events", Verb: "create"},
 		{Resource: "events", Verb: "patch"},
-	}, extra...)
+	}, append(extra, access.RequiredPermissions()...)...)
 }
