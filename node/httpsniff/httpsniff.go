@@ -89,10 +89,10 @@ func (p *Parser) fail() {
 
 // side is one direction's framing state.
 type side struct {
-	state   int // stHead, stFixed, stChunkSize, stChunkData, stChunkCRLF, stTrailer, stUntilClose
-	head    []byte
-	remain  int64
-	line    []byte // chunk-size or trailer line
+	state  int // stHead, stFixed, stChunkSize, stChunkData, stChunkCRLF, stTrailer, stUntilClose
+	head   []byte
+	remain int64
+	line   []byte // chunk-size or trailer line
 	// prefix holds this direction's first bytes until they show whether
 	// the stream is HTTP/1 (confirmed) or not (the parser gives up).
 	prefix    []byte
