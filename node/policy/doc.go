@@ -11,12 +11,16 @@
 //	linkerd.io/inject                      enabled | ingress | disabled
 //	config.linkerd.io/skip-inbound-ports   port list
 //	config.linkerd.io/skip-outbound-ports  port list
+//	config.tunmesh.io/default-inbound-policy  all-unauthenticated (default) |
+//	                                          cluster-unauthenticated | all-authenticated |
+//	                                          cluster-authenticated | deny
+//	config.linkerd.io/default-inbound-policy  the same values
 //
 // The Linkerd names are accepted so that workloads migrate from Linkerd
 // without editing manifests; "ingress" is Linkerd's ingress-mode proxy, which
 // for tunmesh simply means meshed.
 //
-// Each setting (inject, skip-inbound, skip-outbound) is resolved on its own
+// Each setting (inject, skip-inbound, skip-outbound, default-inbound) is resolved on its own
 // by taking the first key that is present, in this order:
 //
 //  1. the pod's tunmesh key
@@ -44,7 +48,8 @@
 // Config.For never fails as a whole. A value it cannot use is replaced by the
 // default for that setting — a bad inject value means enabled, a bad port
 // list means no ports skipped (it does not fall back to the namespace's
-// list) — and For returns one error per such value next to a Policy that is
+// list), a bad default-inbound-policy means deny (fail closed: a value
+// meant to restrict must not open the pod) — and For returns one error per such value next to a Policy that is
 // otherwise complete. Each error is an *AnnotationError that wraps
 // ErrInvalidAnnotation (and, for port lists, ErrInvalidPorts) and names the
 // object, the key and the value. A namespace passed with a name other than the

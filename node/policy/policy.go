@@ -48,6 +48,10 @@ type Policy struct {
 	// passthrough; SkipOutbound the destination ports the pod itself reaches
 	// in passthrough. Both are empty when Meshed is false.
 	SkipInbound, SkipOutbound PortSet
+	// DefaultInbound is what the pod accepts when no Authorization selects
+	// it (default AllUnauthenticated; Deny for an invalid value). Empty
+	// when Meshed is false: the agent enforces nothing for such a pod.
+	DefaultInbound DefaultInbound
 }
 
 // SkipsInbound reports whether flows to port on this pod bypass the mesh.
@@ -170,6 +174,9 @@ func (c Config) For(pod *corev1.Pod, ns *corev1.Namespace) (Policy, []error) {
 		errs = append(errs, err)
 	}
 	if p.SkipOutbound, err = skipPorts(srcs, skipOutboundSetting); err != nil {
+		errs = append(errs, err)
+	}
+	if p.DefaultInbound, err = defaultInbound(srcs); err != nil {
 		errs = append(errs, err)
 	}
 	return p, errs

@@ -1,0 +1,329 @@
+package authz
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+
+	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/node/netpol"
+	"github.com/tunmesh/tunmesh/node/policy"
+)
+
+// Cluster reads pods and namespaces (clusterview.View; a static snapshot
+// in tunmeshctl). Namespace returns an error satisfying
+// apierrors.IsNotFound for a namespace that does not exist.
+type Cluster interface {
+	PodByAddr(netip.Addr) (*corev1.Pod, error)
+	Namespace(name string) (*corev1.Namespace, error)
+}
+
+// Authorizations gives the compiled Authorizations of a namespace, in a
+// stable order (by name).
+type Authorizations interface {
+	Authorizations(namespace string) []*Authorization
+}
+
+// Kinds of the rule that decided (Decision.Kind), metric label values.
+const (
+	KindNetworkPolicy  = "networkpolicy"
+	KindAuthorization  = "authorization"
+	KindDefaultInbound = "default_inbound"
+	KindLookup         = "lookup"
+)
+
+// Reasons (Decision.Reason): stable snake_case, used in logs and metrics.
+const (
+	ReasonAllowed           = "allowed"
+	ReasonNetpolDefaultDeny = "networkpolicy_default_deny"
+	ReasonNotAuthorized     = "not_authorized"
+	ReasonPlaintextRefused  = "plaintext_refused"
+	ReasonDefaultDeny       = "default_inbound_deny"
+	ReasonLookupFailed      = "lookup_failed"
+)
+
+// Client is the client end of an inbound connection.
+type Client struct {
+	IP netip.Addr
+	// Pod is the client pod (verified for meshed clients: its IP is bound
+	// to the certificate and the node), nil for a non-pod address.
+	Pod *corev1.Pod
+	// ID is the client certificate's identity; nil for plaintext.
+	ID *spiffe.ID
+}
+
+// Decision is the outcome for one connection.
+type Decision struct {
+	Allowed bool
+	// Direction is "egress" or "ingress": the side whose rules decided.
+	Direction string
+	// Kind is the kind of rule that decided (Kind*); Policy names it:
+	// "namespace/name" of a NetworkPolicy (for a default deny, the first
+	// policy that isolates the pod) or Authorization, or for the default
+	// inbound policy "namespace/value".
+	Kind, Policy string
+	Reason       string
+	// Detail is one human line; Steps has one line per layer evaluated.
+	Detail string
+	Steps  []string
+}
+
+// PolicyNamespace and PolicyName split Policy for metric labels.
+func (d Decision) PolicyNamespace() string { ns, _ := split(d.Policy); return ns }
+
+// PolicyName is the name part of Policy.
+func (d Decision) PolicyName() string { _, n := split(d.Policy); return n }
+
+func split(s string) (string, string) {
+	for i := 0; i < len(s); i++ {
+		if s[i] == '/' {
+			return s[:i], s[i+1:]
+		}
+	}
+	return "", s
+}
+
+// Engine evaluates connections. It holds no state of its own and is safe
+// for concurrent use when its sources are.
+type Engine struct {
+	cluster     Cluster
+	netpol      *netpol.Evaluator
+	authz       Authorizations
+	policy      policy.Config
+	trustDomain string
+}
+
+// New checks its dependencies.
+func New(cluster Cluster, policies netpol.PolicySource, authz Authorizations, pol policy.Config, trustDomain string) (*Engine, error) {
+	if cluster == nil || policies == nil || authz == nil {
+		return nil, errors.New("authz engine: nil dependency")
+	}
+	if trustDomain == "" {
+		return nil, errors.New("authz engine: trust domain required")
+	}
+	ev, err := netpol.New(policies, namespaceLabels{cluster})
+	if err != nil {
+		return nil, err
+	}
+	return &Engine{cluster: cluster, netpol: ev, authz: authz, policy: pol, trustDomain: trustDomain}, nil
+}
+
+// namespaceLabels adapts Cluster to netpol.NamespaceSource. A failed
+// lookup reads as an unknown namespace, which only an empty
+// namespaceSelector matches: it can only narrow what rules allow.
+type namespaceLabels struct{ c Cluster }
+
+func (n namespaceLabels) NamespaceLabels(name string) (map[string]string, bool) {
+	ns, err := n.c.Namespace(name)
+	if err != nil || ns == nil {
+		return nil, false
+	}
+	return ns.Labels, true
+}
+
+// NetpolPod is the evaluator's view of a pod: labels and the container
+// ports (named ports).
+func NetpolPod(p *corev1.Pod) *netpol.Pod {
+	if p == nil {
+		return nil
+	}
+	np := &netpol.Pod{Namespace: p.Namespace, Name: p.Name, Labels: p.Labels}
+	for _, cs := range [][]corev1.Container{p.Spec.InitContainers, p.Spec.Containers} {
+		for _, c := range cs {
+			for _, cp := range c.Ports {
+				np.Ports = append(np.Ports, netpol.ContainerPort{Name: cp.Name, Port: cp.ContainerPort, Protocol: cp.Protocol})
+			}
+		}
+	}
+	return np
+}
+
+func podIP(p *corev1.Pod) netip.Addr {
+	if p == nil {
+		return netip.Addr{}
+	}
+	a, _ := netip.ParseAddr(p.Status.PodIP) // invalid stays invalid: only ipBlock peers would look at it
+	return a
+}
+
+// Outbound is the source agent's check of a meshed flow from the local pod
+// src (verified: the NIC it came from) with identity srcID to dst, the
+// meshed pod dstPod: src's egress policies, then dst's whole inbound
+// policy as its agent will apply it. Deciding at the source lets a denied
+// flow be dropped before the pod's connection is accepted.
+func (e *Engine) Outbound(src *corev1.Pod, srcID spiffe.ID, dst netip.AddrPort, dstPod *corev1.Pod) Decision {
+	c := netpol.Conn{
+		Src:  netpol.Endpoint{IP: podIP(src), Pod: NetpolPod(src)},
+		Dst:  netpol.Endpoint{IP: dst.Addr(), Pod: NetpolPod(dstPod)},
+		Port: int32(dst.Port()),
+	}
+	v := e.netpol.Egress(c)
+	step := "networkpolicy " + v.String()
+	if !v.Allowed {
+		return Decision{Direction: "egress", Kind: KindNetworkPolicy, Policy: first(v.Isolating), Reason: ReasonNetpolDefaultDeny,
+			Detail: step, Steps: []string{step}}
+	}
+	d := e.Inbound(Client{IP: c.Src.IP, Pod: src, ID: &srcID}, dstPod, dst.Port())
+	d.Steps = append([]string{step}, d.Steps...)
+	return d
+}
+
+// Plaintext is the check of a plaintext connection from peer to port of
+// the local meshed pod dst, seen on the pod's reply: the peer is whatever
+// pod holds the address (unverified, as in any CNI's enforcement), or none.
+func (e *Engine) Plaintext(dst *corev1.Pod, port uint16, peer netip.Addr) Decision {
+	pp, err := e.cluster.PodByAddr(peer)
+	if err != nil {
+		return Decision{Direction: "ingress", Kind: KindLookup, Reason: ReasonLookupFailed, Detail: fmt.Sprintf("peer lookup: %v", err)}
+	}
+	return e.Inbound(Client{IP: peer, Pod: pp}, dst, port)
+}
+
+// Inbound is the destination's check: dst's NetworkPolicy ingress rules,
+// then identity (Authorizations selecting dst, else its default inbound
+// policy). dst must be a meshed pod.
+func (e *Engine) Inbound(client Client, dst *corev1.Pod, port uint16) Decision {
+	var steps []string
+	dp := NetpolPod(dst)
+	v := e.netpol.Ingress(netpol.Conn{
+		Src:  netpol.Endpoint{IP: client.IP, Pod: NetpolPod(client.Pod)},
+		Dst:  netpol.Endpoint{IP: podIP(dst), Pod: dp},
+		Port: int32(port),
+	})
+	steps = append(steps, "networkpolicy "+v.String())
+	if !v.Allowed {
+		return Decision{Direction: "ingress", Kind: KindNetworkPolicy, Policy: first(v.Isolating), Reason: ReasonNetpolDefaultDeny,
+			Detail: steps[0], Steps: steps}
+	}
+	allow := func(kind, pol, detail string) Decision {
+		steps = append(steps, detail)
+		return Decision{Allowed: true, Direction: "ingress", Kind: kind, Policy: pol, Reason: ReasonAllowed, Detail: detail, Steps: steps}
+	}
+	deny := func(kind, pol, reason, detail string) Decision {
+		steps = append(steps, detail)
+		return Decision{Direction: "ingress", Kind: kind, Policy: pol, Reason: reason, Detail: detail, Steps: steps}
+	}
+
+	var selecting []*Authorization
+	for _, a := range e.authz.Authorizations(dst.Namespace) {
+		if a.Selects(dst.Labels) {
+			selecting = append(selecting, a)
+		}
+	}
+	if len(selecting) > 0 {
+		if client.ID == nil {
+			return deny(KindAuthorization, selecting[0].String(), ReasonPlaintextRefused,
+				fmt.Sprintf("authorization: plaintext refused: authorizations %s select the pod and admit mesh identities only", names(selecting)))
+		}
+		var ports []corev1.ContainerPort
+		for _, c := range dst.Spec.Containers {
+			ports = append(ports, c.Ports...)
+		}
+		for _, a := range selecting {
+			if a.admitsPort(int32(port), ports) && a.admitsIdentity(*client.ID, e.trustDomain) {
+				return allow(KindAuthorization, a.String(), fmt.Sprintf("authorization: %s allowed by authorization %s", client.ID, a))
+			}
+		}
+		return deny(KindAuthorization, selecting[0].String(), ReasonNotAuthorized,
+			fmt.Sprintf("authorization: %s on port %d admitted by none of the authorizations selecting the pod %s", client.ID, port, names(selecting)))
+	}
+
+	di, src, err := e.DefaultInbound(dst)
+	if err != nil {
+		return deny(KindLookup, "", ReasonLookupFailed, fmt.Sprintf("default inbound policy: %v", err))
+	}
+	pol := dst.Namespace + "/" + di.String()
+	switch {
+	case client.ID == nil && !di.AllowsPlaintext():
+		reason := ReasonPlaintextRefused
+		if di == policy.Deny {
+			reason = ReasonDefaultDeny
+		}
+		return deny(KindDefaultInbound, pol, reason, fmt.Sprintf("default inbound policy %s (%s): plaintext refused", di, src))
+	case client.ID != nil && !di.AllowsMeshed():
+		return deny(KindDefaultInbound, pol, ReasonDefaultDeny, fmt.Sprintf("default inbound policy %s (%s): %s refused", di, src, client.ID))
+	}
+	who := "plaintext client"
+	if client.ID != nil {
+		who = client.ID.String()
+	}
+	return allow(KindDefaultInbound, pol, fmt.Sprintf("default inbound policy %s (%s) allows %s", di, src, who))
+}
+
+// DefaultInbound resolves the pod's default inbound policy from the live
+// pod and namespace annotations (so a change applies to new connections),
+// and says where it came from. A bad value is Deny (policy.Config.For); a
+// failed namespace lookup is an error (the caller denies).
+func (e *Engine) DefaultInbound(p *corev1.Pod) (policy.DefaultInbound, string, error) {
+	ns, err := e.cluster.Namespace(p.Namespace)
+	switch {
+	case apierrors.IsNotFound(err):
+		ns = nil
+	case err != nil:
+		return policy.Deny, "", err
+	}
+	pol, errs := e.policy.For(p, ns)
+	src := "default"
+	switch {
+	case len(errs) > 0 && pol.DefaultInbound == policy.Deny && hasDefaultInboundError(errs):
+		src = "invalid annotation, fail closed"
+	case hasKey(p.Annotations):
+		src = "pod annotation"
+	case ns != nil && hasKey(ns.Annotations):
+		src = "namespace annotation"
+	}
+	return pol.DefaultInbound, src, nil
+}
+
+func hasDefaultInboundError(errs []error) bool {
+	for _, err := range errs {
+		if errors.Is(err, policy.ErrInvalidDefaultInbound) {
+			return true
+		}
+	}
+	return false
+}
+
+func hasKey(a map[string]string) bool {
+	_, t := a[policy.AnnotationDefaultInboundPolicy]
+	_, l := a[policy.LinkerdAnnotationDefaultInboundPolicy]
+	return t || l
+}
+
+// IngressPolicies lists the NetworkPolicies that isolate dst for ingress
+// and the Authorizations that select it (tunmeshctl authz).
+func (e *Engine) IngressPolicies(dst *corev1.Pod, policies netpol.PolicySource) (netpols []string, authzs []string) {
+	for _, p := range policies.Policies(dst.Namespace) {
+		if p.HasType(networkingv1.PolicyTypeIngress) && p.Selects(dst.Labels) {
+			netpols = append(netpols, p.String())
+		}
+	}
+	for _, a := range e.authz.Authorizations(dst.Namespace) {
+		if a.Selects(dst.Labels) {
+			authzs = append(authzs, a.String())
+		}
+	}
+	return netpols, authzs
+}
+
+func first(s []string) string {
+	if len(s) == 0 {
+		return ""
+	}
+	return s[0]
+}
+
+func names(as []*Authorization) string {
+	s := "["
+	for i, a := range as {
+		if i > 0 {
+			s += ", "
+		}
+		s += a.String()
+	}
+	return s + "]"
+}
