@@ -49,7 +49,8 @@ func withoutLastApplied(a map[string]string) map[string]string {
 
 // slimPod is the part of a pod the agent reads: identity (namespace,
 // ServiceAccount), placement (node, host IPs, hostNetwork), addresses,
-// phase and deletion, and annotations (the mesh's per-pod settings).
+// phase and deletion, annotations (the mesh's per-pod settings), labels
+// and container ports (NetworkPolicy and authorization).
 func slimPod(p *corev1.Pod) *corev1.Pod {
 	return &corev1.Pod{
 		TypeMeta:   p.TypeMeta,
@@ -58,6 +59,8 @@ func slimPod(p *corev1.Pod) *corev1.Pod {
 			NodeName:           p.Spec.NodeName,
 			ServiceAccountName: p.Spec.ServiceAccountName,
 			HostNetwork:        p.Spec.HostNetwork,
+			InitContainers:     slimContainers(p.Spec.InitContainers),
+			Containers:         slimContainers(p.Spec.Containers),
 		},
 		Status: corev1.PodStatus{
 			Phase:   p.Status.Phase,
@@ -67,6 +70,23 @@ func slimPod(p *corev1.Pod) *corev1.Pod {
 			PodIPs:  p.Status.PodIPs,
 		},
 	}
+}
+
+// slimContainers keeps the containers' ports (NetworkPolicy and
+// Authorization named ports) and names, nothing else; nil when no
+// container declares a port.
+func slimContainers(cs []corev1.Container) []corev1.Container {
+	var out []corev1.Container
+	for i, c := range cs {
+		if len(c.Ports) == 0 {
+			continue
+		}
+		if out == nil {
+			out = make([]corev1.Container, 0, len(cs)-i)
+		}
+		out = append(out, corev1.Container{Name: c.Name, Ports: c.Ports})
+	}
+	return out
 }
 
 // slimNamespace keeps a namespace's metadata (its annotations carry the

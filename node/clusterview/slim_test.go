@@ -48,6 +48,7 @@ func TestSlimPodKeepsWhatTheAgentReads(t *testing.T) {
 	p.OwnerReferences = []metav1.OwnerReference{{Kind: "ReplicaSet", Name: "rs"}}
 	p.Status.HostIPs = []corev1.HostIP{{IP: "10.250.0.11"}}
 	p.Spec.HostNetwork = true
+	p.Spec.Containers[0].Ports = []corev1.ContainerPort{{Name: "http", ContainerPort: 8080, Protocol: corev1.ProtocolTCP}}
 
 	s := slimPod(p)
 	for _, c := range []struct {
@@ -70,6 +71,8 @@ func TestSlimPodKeepsWhatTheAgentReads(t *testing.T) {
 		{"Status.HostIP", s.Status.HostIP, p.Status.HostIP},
 		{"Status.HostIPs", s.Status.HostIPs, p.Status.HostIPs},
 		{"Annotations", s.Annotations, map[string]string{"tunmesh.io/inject": "enabled"}},
+		{"Spec.Containers[0].Ports", s.Spec.Containers[0].Ports, p.Spec.Containers[0].Ports},
+		{"Spec.Containers[0].Name", s.Spec.Containers[0].Name, p.Spec.Containers[0].Name},
 	} {
 		gj, _ := json.Marshal(c.got)
 		wj, _ := json.Marshal(c.want)
@@ -77,8 +80,13 @@ func TestSlimPodKeepsWhatTheAgentReads(t *testing.T) {
 			t.Errorf("%s: got %s, want %s", c.name, gj, wj)
 		}
 	}
-	if s.ManagedFields != nil || s.Spec.Containers != nil || s.Status.Conditions != nil || s.Status.ContainerStatuses != nil {
-		t.Errorf("slim pod kept managedFields, containers or conditions: %+v", s)
+	if s.ManagedFields != nil || s.Status.Conditions != nil || s.Status.ContainerStatuses != nil {
+		t.Errorf("slim pod kept managedFields or conditions: %+v", s)
+	}
+	// Containers keep their name and ports only.
+	if len(s.Spec.Containers) != 1 || s.Spec.Containers[0].Image != "" || s.Spec.Containers[0].Env != nil ||
+		s.Spec.Containers[0].Resources.Requests != nil || s.Spec.Containers[0].VolumeMounts != nil {
+		t.Errorf("slim pod kept more of its containers than names and ports: %+v", s.Spec.Containers)
 	}
 	if _, ok := p.Annotations[lastApplied]; !ok {
 		t.Error("slimPod changed the original's annotations")
@@ -136,8 +144,13 @@ func TestViewServesSlimPods(t *testing.T) {
 	if got.Name != p.Name || got.Spec.NodeName != p.Spec.NodeName || ServiceAccount(got) != ServiceAccount(p) {
 		t.Errorf("looked-up pod %s/%s on %q sa %q", got.Namespace, got.Name, got.Spec.NodeName, ServiceAccount(got))
 	}
-	if got.ManagedFields != nil || got.Spec.Containers != nil {
+	if got.ManagedFields != nil {
 		t.Error("the view's cache holds full pods")
+	}
+	for _, c := range got.Spec.Containers {
+		if c.Image != "" || c.Command != nil || c.Env != nil || c.Resources.Requests != nil || len(c.Ports) == 0 {
+			t.Errorf("cached container %+v holds more than its name and ports", c)
+		}
 	}
 }
 

@@ -1,0 +1,263 @@
+package clusterview
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/tunmesh/tunmesh/node/authz"
+	"github.com/tunmesh/tunmesh/node/netpol"
+)
+
+// Pod returns the pod namespace/name from the view (nil when it is not
+// known), ErrNotSynced before sync. The outbound and inbound policy checks
+// read a local pod by name rather than by IP: its labels count before its
+// kubelet has reported status.podIP.
+func (v *View) Pod(namespace, name string) (*corev1.Pod, error) {
+	if !v.Synced() {
+		return nil, ErrNotSynced
+	}
+	obj, ok, err := v.podInf.GetIndexer().GetByKey(namespace + "/" + name)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s/%s: %w", namespace, name, err)
+	}
+	if !ok {
+		return nil, nil
+	}
+	p, _ := obj.(*corev1.Pod)
+	return p, nil
+}
+
+// InvalidReporter is told how many objects of a kind the agent could not
+// use as written (authz.Reporter).
+type InvalidReporter interface {
+	SetInvalid(kind string, n int)
+}
+
+// Policies is the agent's view of NetworkPolicies and Authorizations,
+// compiled when they change (netpol.Compile, authz.Compile) so that a
+// decision costs a map lookup and the selectors' matching. It implements
+// netpol.PolicySource and authz.Authorizations. A change is visible to the
+// next decision as soon as the informer delivers it: connections opened
+// after that are judged by the new rules; established ones are not cut.
+// Nothing is trusted before Synced: the agent's gate holds flows until
+// then.
+type Policies struct {
+	factory informers.SharedInformerFactory
+	dynamic dynamicinformer.DynamicSharedInformerFactory
+	npInf   cache.SharedIndexInformer
+	azInf   cache.SharedIndexInformer
+	report  InvalidReporter
+	log     *slog.Logger
+	synced  atomic.Bool
+
+	mu       sync.RWMutex // guards the maps below
+	netpols  map[string][]*netpol.Policy       // by namespace, sorted by name
+	authzs   map[string][]*authz.Authorization // by namespace, sorted by name
+	invalidN map[string]bool                   // "networkpolicy ns/name" | "authorization ns/name" -> invalid
+}
+
+// NewPolicies builds the informers (it starts nothing).
+func NewPolicies(client kubernetes.Interface, dyn dynamic.Interface, report InvalidReporter, log *slog.Logger) (*Policies, error) {
+	if client == nil || dyn == nil || report == nil || log == nil {
+		return nil, errors.New("policy view: nil dependency")
+	}
+	f := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(slimPolicy))
+	df := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
+	p := &Policies{
+		factory: f, dynamic: df,
+		npInf:  f.Networking().V1().NetworkPolicies().Informer(),
+		azInf:  df.ForResource(authz.GroupVersionResource).Informer(),
+		report: report, log: log,
+		netpols: map[string][]*netpol.Policy{}, authzs: map[string][]*authz.Authorization{}, invalidN: map[string]bool{},
+	}
+	if err := p.azInf.AddIndexers(cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc}); err != nil {
+		return nil, fmt.Errorf("policy view: index authorizations: %w", err)
+	}
+	for _, h := range []struct {
+		inf     cache.SharedIndexInformer
+		rebuild func(ns string)
+	}{{p.npInf, p.rebuildNetpols}, {p.azInf, p.rebuildAuthzs}} {
+		rebuild := h.rebuild
+		on := func(obj any) {
+			if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = d.Obj
+			}
+			if ns, err := cache.MetaNamespaceKeyFunc(obj); err == nil {
+				nsName, _, _ := cache.SplitMetaNamespaceKey(ns)
+				rebuild(nsName)
+			}
+		}
+		if _, err := h.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc: on, UpdateFunc: func(_, n any) { on(n) }, DeleteFunc: on,
+		}); err != nil {
+			return nil, fmt.Errorf("policy view: watch: %w", err)
+		}
+	}
+	return p, nil
+}
+
+// slimPolicy drops what decisions never read (managedFields, the
+// last-applied copy) before a NetworkPolicy enters the cache.
+func slimPolicy(obj any) (any, error) {
+	if np, ok := obj.(*networkingv1.NetworkPolicy); ok {
+		return &networkingv1.NetworkPolicy{TypeMeta: np.TypeMeta, ObjectMeta: slimMeta(&np.ObjectMeta), Spec: np.Spec}, nil
+	}
+	return obj, nil
+}
+
+// Run starts the informers, marks the view synced once both have listed,
+// and blocks until ctx ends. Without the Authorization CRD installed the
+// view never syncs (and the agent never claims a flow): fail closed.
+func (p *Policies) Run(ctx context.Context) error {
+	p.factory.Start(ctx.Done())
+	p.dynamic.Start(ctx.Done())
+	if cache.WaitForCacheSync(ctx.Done(), p.npInf.HasSynced, p.azInf.HasSynced) {
+		p.synced.Store(true)
+		p.log.Info("policy view synced", "networkpolicies", len(p.npInf.GetStore().ListKeys()), "authorizations", len(p.azInf.GetStore().ListKeys()))
+	}
+	<-ctx.Done()
+	p.factory.Shutdown()
+	p.dynamic.Shutdown()
+	return nil
+}
+
+// Synced reports whether both informers have synced.
+func (p *Policies) Synced() bool { return p.synced.Load() }
+
+// Policies implements netpol.PolicySource.
+func (p *Policies) Policies(namespace string) []*netpol.Policy {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.netpols[namespace]
+}
+
+// Authorizations implements authz.Authorizations.
+func (p *Policies) Authorizations(namespace string) []*authz.Authorization {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.authzs[namespace]
+}
+
+func (p *Policies) byNamespace(inf cache.SharedIndexInformer, ns string) []any {
+	objs, err := inf.GetIndexer().ByIndex(cache.NamespaceIndex, ns)
+	if err != nil {
+		// Only an unknown index name fails; both informers have it.
+		p.log.Error("policy view: list by namespace", "namespace", ns, "err", err)
+		return nil
+	}
+	return objs
+}
+
+// rebuildNetpols recompiles the namespace's NetworkPolicies from the cache.
+func (p *Policies) rebuildNetpols(ns string) {
+	var objs []*networkingv1.NetworkPolicy
+	for _, o := range p.byNamespace(p.npInf, ns) {
+		if np, ok := o.(*networkingv1.NetworkPolicy); ok {
+			objs = append(objs, np)
+		}
+	}
+	snap, err := netpol.NewSnapshot(objs, nil)
+	compiled := snap.Policies(ns)
+	bad := map[string]bool{}
+	if err != nil {
+		// Invalid parts match nothing (netpol.Compile); the API server
+		// validates NetworkPolicy, so this means version skew.
+		for _, np := range objs {
+			if _, err := netpol.Compile(np); err != nil {
+				bad["networkpolicy "+ns+"/"+np.Name] = true
+				p.log.Warn("network policy partly unusable: its invalid parts match nothing", "policy", ns+"/"+np.Name, "err", err)
+			}
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(compiled) == 0 {
+		delete(p.netpols, ns)
+	} else {
+		p.netpols[ns] = compiled
+	}
+	p.setInvalidLocked("networkpolicy", ns, bad)
+}
+
+// rebuildAuthzs recompiles the namespace's Authorizations from the cache.
+// An object that does not convert or validate is kept as an invalid
+// Authorization: it restricts the pods it selects and admits nothing.
+func (p *Policies) rebuildAuthzs(ns string) {
+	var objs []*authz.AuthorizationObject
+	bad := map[string]bool{}
+	for _, o := range p.byNamespace(p.azInf, ns) {
+		u, ok := o.(*unstructured.Unstructured)
+		if !ok {
+			continue
+		}
+		obj, err := authz.FromUnstructured(u)
+		if err != nil {
+			bad["authorization "+ns+"/"+u.GetName()] = true
+			p.log.Warn("authorization unusable: it admits nothing", "authorization", ns+"/"+u.GetName(), "err", err)
+			// Keep what decides which pods it restricts, if it parses.
+			obj = &authz.AuthorizationObject{}
+			obj.Namespace, obj.Name = u.GetNamespace(), u.GetName()
+			if sel, found, _ := unstructured.NestedMap(u.Object, "spec", "podSelector"); found {
+				if err := runtime.DefaultUnstructuredConverter.FromUnstructured(sel, &obj.Spec.PodSelector); err != nil {
+					// Unreadable: restrict every pod of the namespace.
+					obj.Spec.PodSelector = metav1.LabelSelector{}
+				}
+			}
+		}
+		objs = append(objs, obj)
+	}
+	idx, err := authz.NewIndex(objs)
+	if err != nil {
+		for _, a := range idx[ns] {
+			if a.Invalid() && !bad["authorization "+a.String()] {
+				bad["authorization "+a.String()] = true
+				p.log.Warn("authorization invalid: it admits nothing", "authorization", a.String())
+			}
+		}
+		p.log.Debug("authorization errors", "namespace", ns, "err", err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(idx[ns]) == 0 {
+		delete(p.authzs, ns)
+	} else {
+		p.authzs[ns] = idx[ns]
+	}
+	p.setInvalidLocked("authorization", ns, bad)
+}
+
+// setInvalidLocked replaces the namespace's invalid objects of kind and
+// reports the new total.
+func (p *Policies) setInvalidLocked(kind, ns string, bad map[string]bool) {
+	prefix := kind + " " + ns + "/"
+	n := 0
+	for k := range p.invalidN {
+		if len(k) > len(prefix) && k[:len(prefix)] == prefix {
+			delete(p.invalidN, k)
+		}
+	}
+	for k := range bad {
+		p.invalidN[k] = true
+	}
+	for k := range p.invalidN {
+		if len(k) > len(kind) && k[:len(kind)+1] == kind+" " {
+			n++
+		}
+	}
+	p.report.SetInvalid(kind, n)
+}
