@@ -65,7 +65,7 @@ type Policies struct {
 	log     *slog.Logger
 	synced  atomic.Bool
 
-	mu       sync.RWMutex // guards the maps below
+	mu       sync.RWMutex                      // guards the maps below
 	netpols  map[string][]*netpol.Policy       // by namespace, sorted by name
 	authzs   map[string][]*authz.Authorization // by namespace, sorted by name
 	invalidN map[string]bool                   // "networkpolicy ns/name" | "authorization ns/name" -> invalid
