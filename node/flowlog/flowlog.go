@@ -1,0 +1,333 @@
+// Package flowlog is the agent's live connection accounting: every meshed
+// connection (outbound and inbound) while it is open and for a while after,
+// every connection the agent left in plaintext and why (an outbound flow it
+// passed through, a plaintext peer or probe that reached a meshed pod), and
+// the HTTP/1 exchanges seen in meshed streams. It feeds three consumers:
+// `tunmeshctl edges` (Edges), `tunmeshctl tap` (Subscribe: a live event
+// stream, bounded, dropping for slow readers) and the per-workload
+// Prometheus series (metrics.go).
+//
+// Nothing here may hold up the data path: recording takes one short lock,
+// events go to subscribers without blocking, and the HTTP parser is only
+// attached to a connection when metrics or a tap want it.
+package flowlog
+
+import (
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// TLS values besides the reasons a connection is not meshed.
+const (
+	TLSTrue = "true"
+	// NotProvidedByRemote: a plaintext connection reached a meshed pod
+	// from outside the mesh (a kubelet probe, a peer not in the mesh).
+	NotProvidedByRemote = "not_provided_by_remote"
+)
+
+// Proxy sides, as in the seed's tap lines.
+const (
+	Out = "out" // the connection's client is a local pod
+	In  = "in"  // the connection's server is a local pod
+)
+
+// PodRef names a pod (empty Name: not a pod the agent knows).
+type PodRef struct {
+	Namespace string `json:"namespace,omitempty"`
+	Name      string `json:"name,omitempty"`
+	// Workload is the pod's owner without the ReplicaSet hash (the
+	// Deployment), or the pod's name when it has no owner.
+	Workload string `json:"workload,omitempty"`
+}
+
+// Conn is one connection as the agent accounts it.
+type Conn struct {
+	ID       uint64         `json:"id"`
+	Proxy    string         `json:"proxy"`
+	Src      netip.AddrPort `json:"src"`
+	Dst      netip.AddrPort `json:"dst"`
+	SrcPod   PodRef         `json:"srcPod"`
+	DstPod   PodRef         `json:"dstPod"`
+	TLS      string         `json:"tls"`
+	ClientID string         `json:"clientId,omitempty"`
+	ServerID string         `json:"serverId,omitempty"`
+	Opened   time.Time      `json:"opened"`
+	Closed   time.Time      `json:"closed,omitzero"`
+	// ClientBytes went from the client to the server, ServerBytes back
+	// (known for meshed connections only).
+	ClientBytes int64  `json:"clientBytes,omitempty"`
+	ServerBytes int64  `json:"serverBytes,omitempty"`
+	End         string `json:"end,omitempty"`
+}
+
+// local is the pod on this agent's side of c.
+func (c *Conn) local() PodRef {
+	if c.Proxy == Out {
+		return c.SrcPod
+	}
+	return c.DstPod
+}
+
+// Event is one line of tap.
+type Event struct {
+	Type string    `json:"type"` // open, close, req, rsp, end
+	Time time.Time `json:"time"`
+	Conn Conn      `json:"conn"`
+	// HTTP: req, rsp, end.
+	Method         string        `json:"method,omitempty"`
+	Authority      string        `json:"authority,omitempty"`
+	Path           string        `json:"path,omitempty"`
+	Status         int           `json:"status,omitempty"`
+	Latency        time.Duration `json:"latency,omitempty"`
+	Duration       time.Duration `json:"duration,omitempty"`
+	ResponseLength int64         `json:"responseLength,omitempty"`
+}
+
+// String renders the event in the seed's tap line shape.
+func (e Event) String() string {
+	c := e.Conn
+	s := fmt.Sprintf("id=%d proxy=%s src=%s dst=%s tls=%s", c.ID, c.Proxy, c.Src, c.Dst, c.TLS)
+	switch e.Type {
+	case "open", "close":
+		s = "tcp " + e.Type + " " + s
+		if c.ClientID != "" {
+			s += " client_id=" + c.ClientID
+		}
+		if c.ServerID != "" {
+			s += " server_id=" + c.ServerID
+		}
+		if e.Type == "close" && c.TLS == TLSTrue {
+			s += fmt.Sprintf(" duration=%s bytes_client=%d bytes_server=%d end=%s", c.Closed.Sub(c.Opened).Round(time.Microsecond), c.ClientBytes, c.ServerBytes, c.End)
+		}
+		return s
+	case "req":
+		return fmt.Sprintf("req %s :method=%s :authority=%s :path=%s", s, e.Method, e.Authority, e.Path)
+	case "rsp":
+		return fmt.Sprintf("rsp %s :status=%d latency=%dµs", s, e.Status, e.Latency.Microseconds())
+	case "end":
+		return fmt.Sprintf("end %s duration=%dµs response-length=%dB", s, e.Duration.Microseconds(), e.ResponseLength)
+	}
+	return e.Type + " " + s
+}
+
+// Names finds the pod behind an address (zero PodRef: none known).
+type Names func(netip.Addr) PodRef
+
+// Options tune a Log; zero values mean the defaults.
+type Options struct {
+	// Keep is how long closed and passed-through connections stay in
+	// Edges. Default 5 minutes.
+	Keep time.Duration
+	// MaxRecent bounds the connections kept after they closed. Default
+	// 4096 (the oldest go first).
+	MaxRecent int
+	// HTTP attaches the HTTP/1 parser to every meshed connection (for
+	// the HTTP metrics); without it, only while someone taps.
+	HTTP bool
+}
+
+// Log is the accounting. Safe for concurrent use.
+type Log struct {
+	names   Names
+	metrics *Metrics // nil: no metrics
+	opts    Options
+	now     func() time.Time
+	nextID  atomic.Uint64
+	nSubs   atomic.Int32
+
+	mu     sync.Mutex // guards the fields below
+	live   map[uint64]*Conn
+	recent []Conn // ring of ended or passed-through connections
+	head   int    // next slot of recent once full
+	subs   map[*Sub]struct{}
+}
+
+// New returns a Log. names and m may be nil.
+func New(names Names, m *Metrics, opts Options) *Log {
+	if opts.Keep == 0 {
+		opts.Keep = 5 * time.Minute
+	}
+	if opts.MaxRecent == 0 {
+		opts.MaxRecent = 4096
+	}
+	if names == nil {
+		names = func(netip.Addr) PodRef { return PodRef{} }
+	}
+	return &Log{names: names, metrics: m, opts: opts, now: time.Now, live: map[uint64]*Conn{}, subs: map[*Sub]struct{}{}}
+}
+
+// Track is an open connection's handle.
+type Track struct {
+	l    *Log
+	c    *Conn
+	once sync.Once
+	obs  *observed // the HTTP-parsing conn wrapper, if attached
+}
+
+// Open records a connection that the mesh carries (TLS true), filling in
+// the pod names it can, and tells the subscribers.
+func (l *Log) Open(c Conn) *Track {
+	c.ID = l.nextID.Add(1)
+	c.Opened = l.now()
+	l.fillNames(&c)
+	l.mu.Lock()
+	cp := c
+	l.live[c.ID] = &cp
+	l.mu.Unlock()
+	l.metrics.opened(&c)
+	l.publish(Event{Type: "open", Time: c.Opened, Conn: c})
+	return &Track{l: l, c: &cp}
+}
+
+// Conn returns a copy of the connection's record.
+func (t *Track) Conn() Conn {
+	t.l.mu.Lock()
+	defer t.l.mu.Unlock()
+	return *t.c
+}
+
+// Close records the connection's end once (later calls do nothing).
+func (t *Track) Close(clientBytes, serverBytes int64, end string) {
+	t.once.Do(func() {
+		if t.obs != nil {
+			t.obs.close()
+		}
+		l := t.l
+		l.mu.Lock()
+		t.c.Closed, t.c.ClientBytes, t.c.ServerBytes, t.c.End = l.now(), clientBytes, serverBytes, end
+		c := *t.c
+		delete(l.live, c.ID)
+		l.keepLocked(c)
+		l.mu.Unlock()
+		l.metrics.closed(&c)
+		l.publish(Event{Type: "close", Time: c.Closed, Conn: c})
+	})
+}
+
+// Seen records a connection the agent did not mesh (tls is why): a
+// passed-through outbound flow, or a plaintext inbound one. The agent does
+// not see it end; it stays in Edges for Options.Keep.
+func (l *Log) Seen(c Conn) {
+	c.ID = l.nextID.Add(1)
+	c.Opened = l.now()
+	l.fillNames(&c)
+	l.mu.Lock()
+	l.keepLocked(c)
+	l.mu.Unlock()
+	l.metrics.opened(&c)
+	l.publish(Event{Type: "open", Time: c.Opened, Conn: c})
+}
+
+func (l *Log) fillNames(c *Conn) {
+	if c.SrcPod.Name == "" {
+		c.SrcPod = l.names(c.Src.Addr())
+	}
+	if c.DstPod.Name == "" {
+		c.DstPod = l.names(c.Dst.Addr())
+	}
+}
+
+func (l *Log) keepLocked(c Conn) {
+	if len(l.recent) < l.opts.MaxRecent {
+		l.recent = append(l.recent, c)
+		return
+	}
+	l.recent[l.head] = c
+	l.head = (l.head + 1) % len(l.recent)
+}
+
+// Conns returns the open connections and those ended or seen within Keep.
+func (l *Log) Conns() []Conn {
+	cut := l.now().Add(-l.opts.Keep)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make([]Conn, 0, len(l.live)+len(l.recent))
+	for _, c := range l.live {
+		out = append(out, *c)
+	}
+	for _, c := range l.recent {
+		last := c.Closed
+		if last.IsZero() {
+			last = c.Opened
+		}
+		if last.After(cut) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// Filter selects a subscriber's events: connections whose local pod is in
+// Namespace (empty: any) and, if Name is set, is that pod.
+type Filter struct {
+	Namespace, Name string
+}
+
+func (f Filter) match(c *Conn) bool {
+	for _, p := range []PodRef{c.SrcPod, c.DstPod} {
+		if (f.Namespace == "" || p.Namespace == f.Namespace) && (f.Name == "" || p.Name == f.Name) && (p.Name != "" || f.Name == "" && f.Namespace == "") {
+			return true
+		}
+	}
+	return false
+}
+
+// Sub is a tap subscriber.
+type Sub struct {
+	l       *Log
+	f       Filter
+	c       chan Event
+	dropped atomic.Uint64
+	once    sync.Once
+}
+
+// Subscribe returns a subscriber receiving up to buf events ahead of its
+// reader; beyond that, events are dropped and counted.
+func (l *Log) Subscribe(f Filter, buf int) *Sub {
+	s := &Sub{l: l, f: f, c: make(chan Event, buf)}
+	l.mu.Lock()
+	l.subs[s] = struct{}{}
+	l.mu.Unlock()
+	l.nSubs.Add(1)
+	return s
+}
+
+// C delivers the events.
+func (s *Sub) C() <-chan Event { return s.c }
+
+// Dropped counts events lost because the reader was slow.
+func (s *Sub) Dropped() uint64 { return s.dropped.Load() }
+
+// Close ends the subscription (idempotent). C is not closed.
+func (s *Sub) Close() {
+	s.once.Do(func() {
+		s.l.mu.Lock()
+		delete(s.l.subs, s)
+		s.l.mu.Unlock()
+		s.l.nSubs.Add(-1)
+	})
+}
+
+// tapping reports whether anyone subscribes.
+func (l *Log) tapping() bool { return l.nSubs.Load() > 0 }
+
+func (l *Log) publish(e Event) {
+	if !l.tapping() {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for s := range l.subs {
+		if !s.f.match(&e.Conn) {
+			continue
+		}
+		select {
+		case s.c <- e:
+		default:
+			s.dropped.Add(1)
+		}
+	}
+}

@@ -1,0 +1,133 @@
+package flowlog
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the top-line series per workload (docs/observability.md):
+//
+//	tunmesh_tcp_open_total{direction, namespace, workload, tls}
+//	tunmesh_tcp_close_total{direction, namespace, workload, tls}
+//	tunmesh_tcp_open_connections{direction, namespace, workload, tls}
+//	tunmesh_tcp_bytes_total{direction, namespace, workload, tls, way}  way: sent|received by the local pod
+//	tunmesh_http_requests_total{direction, namespace, workload, classification}  success|failure (5xx)
+//	tunmesh_http_response_latency_seconds{direction, namespace, workload}  request start to response head
+//
+// direction is outbound (the local pod is the client) or inbound; tls is
+// "true" or why the connection was not meshed. Labels are bounded: at most
+// MaxWorkloads (namespace, workload) pairs get their own series, later
+// ones are counted under namespace="_other", workload="_other", so a
+// node with pod churn (Jobs, bare pods) cannot grow the series without end.
+type Metrics struct {
+	open, closeT, bytes, requests *prometheus.CounterVec
+	active                        *prometheus.GaugeVec
+	latency                       *prometheus.HistogramVec
+
+	mu        sync.Mutex // guards workloads
+	workloads map[[2]string]bool
+	max       int
+}
+
+// DefaultMaxWorkloads bounds the workload label values per agent.
+const DefaultMaxWorkloads = 1000
+
+// Other is the label value of workloads past the bound.
+const Other = "_other"
+
+// NewMetrics registers the series in reg; maxWorkloads 0 means the default.
+func NewMetrics(reg prometheus.Registerer, maxWorkloads int) (*Metrics, error) {
+	if reg == nil {
+		return nil, errors.New("flowlog metrics: nil registerer")
+	}
+	if maxWorkloads == 0 {
+		maxWorkloads = DefaultMaxWorkloads
+	}
+	l := []string{"direction", "namespace", "workload", "tls"}
+	m := &Metrics{
+		open: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tunmesh_tcp_open_total", Help: "TCP connections of local pods opened, by direction, workload and tls (true, or why not meshed)."}, l),
+		closeT: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tunmesh_tcp_close_total", Help: "Meshed TCP connections of local pods closed."}, l),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tunmesh_tcp_bytes_total", Help: "Bytes of meshed connections, sent or received by the local pod."},
+			append(l[:4:4], "way")),
+		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tunmesh_tcp_open_connections", Help: "Meshed TCP connections of local pods open now."}, l),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tunmesh_http_requests_total", Help: "HTTP/1 responses seen in meshed connections, by classification (failure: status 5xx)."},
+			[]string{"direction", "namespace", "workload", "classification"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "tunmesh_http_response_latency_seconds", Help: "HTTP/1 response latency (request start to response head) in meshed connections.",
+			Buckets: []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}},
+			[]string{"direction", "namespace", "workload"}),
+		workloads: map[[2]string]bool{},
+		max:       maxWorkloads,
+	}
+	for _, c := range []prometheus.Collector{m.open, m.closeT, m.bytes, m.active, m.requests, m.latency} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("register flowlog metrics: %w", err)
+		}
+	}
+	return m, nil
+}
+
+// labels returns the bounded (namespace, workload) of c's local pod.
+func (m *Metrics) labels(c *Conn) (direction, ns, wl string) {
+	direction = "outbound"
+	if c.Proxy == In {
+		direction = "inbound"
+	}
+	p := c.local()
+	ns, wl = p.Namespace, p.Workload
+	if wl == "" {
+		wl = p.Name
+	}
+	k := [2]string{ns, wl}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.workloads[k] {
+		if len(m.workloads) >= m.max {
+			return direction, Other, Other
+		}
+		m.workloads[k] = true
+	}
+	return direction, ns, wl
+}
+
+func (m *Metrics) opened(c *Conn) {
+	if m == nil {
+		return
+	}
+	d, ns, wl := m.labels(c)
+	m.open.WithLabelValues(d, ns, wl, c.TLS).Inc()
+	if c.TLS == TLSTrue {
+		m.active.WithLabelValues(d, ns, wl, c.TLS).Inc()
+	}
+}
+
+func (m *Metrics) closed(c *Conn) {
+	if m == nil {
+		return
+	}
+	d, ns, wl := m.labels(c)
+	m.closeT.WithLabelValues(d, ns, wl, c.TLS).Inc()
+	m.active.WithLabelValues(d, ns, wl, c.TLS).Dec()
+	sent, recv := c.ClientBytes, c.ServerBytes
+	if c.Proxy == In {
+		sent, recv = recv, sent
+	}
+	m.bytes.WithLabelValues(d, ns, wl, c.TLS, "sent").Add(float64(sent))
+	m.bytes.WithLabelValues(d, ns, wl, c.TLS, "received").Add(float64(recv))
+}
+
+func (m *Metrics) response(c *Conn, status int, latency time.Duration) {
+	if m == nil {
+		return
+	}
+	d, ns, wl := m.labels(c)
+	class := "success"
+	if status >= 500 {
+		class = "failure"
+	}
+	m.requests.WithLabelValues(d, ns, wl, class).Inc()
+	m.latency.WithLabelValues(d, ns, wl).Observe(latency.Seconds())
+}

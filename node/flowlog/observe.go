@@ -1,0 +1,138 @@
+package flowlog
+
+import (
+	"net"
+	"sync"
+	"sync/atomic"
+
+	"github.com/tunmesh/tunmesh/node/httpsniff"
+)
+
+// Observe returns conn wrapped so that the HTTP/1 exchanges on it are
+// reported (tap events, HTTP metrics), or conn itself when nobody wants
+// them (no HTTP metrics and no tap when the connection opened): then the
+// parser costs nothing. clientReads says that conn's reads are the
+// client's bytes (outbound: conn is the client pod's connection).
+//
+// The wrapper keeps what the splice and the tunnel look for on a pod's
+// connection: CloseWrite, Abort, SetLinger and, when conn has it,
+// TryWrite.
+func (t *Track) Observe(conn net.Conn, clientReads bool) net.Conn {
+	l := t.l
+	if !l.opts.HTTP && !l.tapping() {
+		return conn
+	}
+	o := &observed{Conn: conn, clientReads: clientReads}
+	o.p = httpsniff.New(httpsniff.Callbacks{
+		Request: func(r httpsniff.Request) {
+			l.publish(Event{Type: "req", Time: r.Start, Conn: t.snapshot(), Method: r.Method, Authority: r.Authority, Path: r.Path})
+		},
+		Response: func(r httpsniff.Response) {
+			c := t.snapshot()
+			l.metrics.response(&c, r.Status, r.Latency)
+			l.publish(Event{Type: "rsp", Time: r.Request.Start.Add(r.Latency), Conn: c, Status: r.Status, Latency: r.Latency,
+				Method: r.Request.Method, Authority: r.Request.Authority, Path: r.Request.Path})
+		},
+		End: func(e httpsniff.End) {
+			l.publish(Event{Type: "end", Time: e.Response.Request.Start.Add(e.Duration), Conn: t.snapshot(), Status: e.Response.Status,
+				Duration: e.Duration, ResponseLength: e.ResponseLength})
+		},
+	}, nil)
+	t.obs = o
+	if tw, ok := conn.(tryWriter); ok {
+		return &observedTry{observed: o, tw: tw}
+	}
+	return o
+}
+
+// snapshot is the connection's record without its lock held by the caller.
+func (t *Track) snapshot() Conn { return t.Conn() }
+
+type tryWriter interface {
+	TryWrite(p []byte) (int, error)
+}
+
+// observed feeds a connection's bytes to an HTTP parser. The parser is
+// called under mu (reads and writes run on different goroutines); once it
+// has given up, dead short-cuts every call.
+type observed struct {
+	net.Conn
+	clientReads bool
+	dead        atomic.Bool
+	mu          sync.Mutex // guards p
+	p           *httpsniff.Parser
+}
+
+func (o *observed) feed(fromClient bool, b []byte) {
+	if len(b) == 0 || o.dead.Load() {
+		return
+	}
+	o.mu.Lock()
+	if fromClient {
+		o.p.Client(b)
+	} else {
+		o.p.Server(b)
+	}
+	if !o.p.Active() {
+		o.dead.Store(true)
+	}
+	o.mu.Unlock()
+}
+
+func (o *observed) close() {
+	if o.dead.Load() {
+		return
+	}
+	o.mu.Lock()
+	o.p.Close()
+	o.dead.Store(true)
+	o.mu.Unlock()
+}
+
+func (o *observed) Read(b []byte) (int, error) {
+	n, err := o.Conn.Read(b)
+	o.feed(o.clientReads, b[:n])
+	return n, err
+}
+
+func (o *observed) Write(b []byte) (int, error) {
+	n, err := o.Conn.Write(b)
+	o.feed(!o.clientReads, b[:n])
+	return n, err
+}
+
+func (o *observed) CloseWrite() error {
+	if cw, ok := o.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return o.Conn.Close()
+}
+
+func (o *observed) Abort() {
+	if a, ok := o.Conn.(interface{ Abort() }); ok {
+		a.Abort()
+		return
+	}
+	o.Conn.Close()
+}
+
+func (o *observed) SetLinger(sec int) error {
+	if l, ok := o.Conn.(interface{ SetLinger(int) error }); ok {
+		return l.SetLinger(sec)
+	}
+	return nil
+}
+
+// NetConn returns the wrapped connection.
+func (o *observed) NetConn() net.Conn { return o.Conn }
+
+type observedTry struct {
+	*observed
+	tw tryWriter
+}
+
+func (o *observedTry) TryWrite(b []byte) (int, error) {
+	n, err := o.tw.TryWrite(b)
+	o.feed(!o.clientReads, b[:n])
+	return n, err
+}
