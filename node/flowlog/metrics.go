@@ -49,7 +49,7 @@ func NewMetrics(reg prometheus.Registerer, maxWorkloads int) (*Metrics, error) {
 	}
 	l := []string{"direction", "namespace", "workload", "tls"}
 	m := &Metrics{
-		open: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tunmesh_tcp_open_total", Help: "TCP connections of local pods opened, by direction, workload and tls (true, or why not meshed)."}, l),
+		open:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tunmesh_tcp_open_total", Help: "TCP connections of local pods opened, by direction, workload and tls (true, or why not meshed)."}, l),
 		closeT: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tunmesh_tcp_close_total", Help: "Meshed TCP connections of local pods closed."}, l),
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tunmesh_tcp_bytes_total", Help: "Bytes of meshed connections, sent or received by the local pod."},
 			append(l[:4:4], "way")),
