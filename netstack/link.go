@@ -180,7 +180,7 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 		e.Endpoint.DeliverNetworkPacket(proto, pkt)
 		return
 	}
-	if !n.flows.touch(k, n.s.now(), info.flags&(tcpFlagFIN|tcpFlagRST) != 0) && !n.strayAllowed(k) {
+	if !n.flows.touch(k, n.s.now(), info.flags&(tcpFlagFIN|tcpFlagRST) != 0) && !n.strayAllowed(k, info.flags&(tcpFlagSYN|tcpFlagACK) == tcpFlagSYN|tcpFlagACK) {
 		n.counters.failClosedDrops.Add(1)
 		return
 	}
@@ -190,12 +190,12 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 // strayAllowed decides on a segment of a flow the stack neither owns nor
 // remembers, through the handler's SegmentDecider if it has one, and
 // remembers a flow it lets through.
-func (n *nic) strayAllowed(k flowKey) bool {
+func (n *nic) strayAllowed(k flowKey, synAck bool) bool {
 	sd, ok := n.s.opts.Handler.(SegmentDecider)
 	if !ok {
 		return true
 	}
-	if sd.HandleSegment(Flow{NIC: n.id, Src: k.src, Dst: k.dst}) != Passthrough {
+	if sd.HandleSegment(Flow{NIC: n.id, Src: k.src, Dst: k.dst, SYNACK: synAck}) != Passthrough {
 		return false
 	}
 	if _, remembered := n.flows.promote(k, n.s.now()); !remembered {

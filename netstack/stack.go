@@ -36,6 +36,10 @@ type Flow struct {
 	Src netip.AddrPort
 	// Dst is the original destination the pod connected to.
 	Dst netip.AddrPort
+	// SYNACK is set only for SegmentDecider: the segment is a SYN-ACK, so
+	// the pod is the server of a connection its peer opened around the
+	// stack (a plaintext client reaching the pod's eth0).
+	SYNACK bool
 }
 
 func (f Flow) String() string {

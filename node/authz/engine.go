@@ -183,6 +183,27 @@ func (e *Engine) Plaintext(dst *corev1.Pod, port uint16, peer netip.Addr) Decisi
 	return e.Inbound(Client{IP: peer, Pod: pp}, dst, port)
 }
 
+// PlaintextNetworkPolicy is Plaintext with NetworkPolicy only: for a
+// plaintext client of one of the pod's skip-inbound ports, which bypass
+// the mesh and so its identity rules (as Linkerd's skipped ports bypass
+// its proxy), but not the cluster's NetworkPolicy.
+func (e *Engine) PlaintextNetworkPolicy(dst *corev1.Pod, port uint16, peer netip.Addr) Decision {
+	pp, err := e.cluster.PodByAddr(peer)
+	if err != nil {
+		return Decision{Direction: "ingress", Kind: KindLookup, Reason: ReasonLookupFailed, Detail: fmt.Sprintf("peer lookup: %v", err)}
+	}
+	v := e.netpol.Ingress(netpol.Conn{
+		Src:  netpol.Endpoint{IP: peer, Pod: NetpolPod(pp)},
+		Dst:  netpol.Endpoint{IP: podIP(dst), Pod: NetpolPod(dst)},
+		Port: int32(port),
+	})
+	step := "networkpolicy " + v.String() + " (skip-inbound port: identity rules do not apply)"
+	if !v.Allowed {
+		return Decision{Direction: "ingress", Kind: KindNetworkPolicy, Policy: first(v.Isolating), Reason: ReasonNetpolDefaultDeny, Detail: step, Steps: []string{step}}
+	}
+	return Decision{Allowed: true, Direction: "ingress", Kind: KindNetworkPolicy, Policy: v.Policy, Reason: ReasonAllowed, Detail: step, Steps: []string{step}}
+}
+
 // Inbound is the destination's check: dst's NetworkPolicy ingress rules,
 // then identity (Authorizations selecting dst, else its default inbound
 // policy). dst must be a meshed pod.

@@ -39,6 +39,10 @@ const (
 	// Refuse answers the SYN with a reset: the mesh claims the flow but
 	// cannot carry it.
 	Refuse
+	// Deny drops the SYN: NetworkPolicy or authorization refuses the flow
+	// (Access). The pod's connect times out, as behind a CNI that drops
+	// (docs/policy.md); Access has counted and logged it.
+	Deny
 )
 
 func (v Verdict) String() string {
@@ -51,6 +55,8 @@ func (v Verdict) String() string {
 		return "hold"
 	case Refuse:
 		return "refuse"
+	case Deny:
+		return "deny"
 	}
 	return "verdict(?)"
 }
@@ -66,6 +72,7 @@ const (
 	ReasonNoCertificate = "no_certificate"
 	ReasonClaimed       = "claimed_segment"
 	ReasonPodConnLimit  = "pod_connection_limit"
+	ReasonPolicyDenied  = "policy_denied"
 )
 
 // Target is where a meshed flow goes.
@@ -75,6 +82,7 @@ type Target struct {
 	DstID    spiffe.ID
 	DstNode  netip.Addr // the node agent to dial
 	Endpoint *resolve.Endpoint
+	DstPod   *corev1.Pod // the destination pod, as the cluster view has it
 }
 
 // Decision is the verdict on one flow, why, and (for Mesh) where to.
@@ -101,7 +109,31 @@ type Services interface {
 	Pick(eps []resolve.Endpoint) resolve.Endpoint
 }
 
-// Decider makes the outbound decision. Every field is required.
+// Access applies NetworkPolicy and authorization (node/authz, wired by the
+// agent) to flows the mesh would carry, and to plaintext clients of a
+// local meshed pod. An error means the agent cannot tell: the flow is held.
+type Access interface {
+	// Outbound judges the meshed flow f from the verified local pod src
+	// (the NIC it came from) to the meshed pod dstPod at dst: src's
+	// egress rules and dstPod's inbound rules, so that a flow the
+	// destination would refuse is dropped before the pod's connect is
+	// accepted. It does not report: a ClusterIP's candidates are judged
+	// one by one and only a flow with none allowed is denied.
+	Outbound(f netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) (allowed bool, err error)
+	// Denied counts and logs (once per connection) that Outbound refused
+	// the flow f to dst.
+	Denied(f netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod)
+	// Plaintext judges a plaintext client at f.Dst of the local meshed
+	// pod src's port f.Src.Port(), seen on src's SYN-ACK (the client's SYN
+	// reached the pod around the mesh). skipped: the port is one of src's
+	// skip-inbound ports (only NetworkPolicy applies there). It counts and
+	// logs a denial once per connection.
+	Plaintext(f netstack.Flow, src *pods.Pod, skipped bool) (allowed bool, err error)
+}
+
+// Decider makes the outbound decision. Every field is required but
+// Access, which the agent always sets (nil enforces no policy: for tests
+// of other parts).
 type Decider struct {
 	Local       LocalPods
 	Cluster     Cluster
@@ -109,6 +141,7 @@ type Decider struct {
 	Synced      func() bool
 	Policy      policy.Config
 	TrustDomain string
+	Access      Access
 }
 
 func decision(v Verdict, reason string) Decision { return Decision{Verdict: v, Reason: reason} }
@@ -163,6 +196,26 @@ func (d *Decider) Decide(f netstack.Flow) Decision {
 			}
 			return decision(Pass, ReasonNotMeshed)
 		}
+		if d.Access != nil {
+			// Only endpoints the policies allow are candidates; none
+			// allowed is a denial (never a fallback to plaintext).
+			allowed := meshed[:0:0]
+			for _, ep := range meshed {
+				t := targets[ep.Addr]
+				ok, err := d.Access.Outbound(f, src, ep.Addr, t.DstPod)
+				if err != nil {
+					return decision(Hold, ReasonLookupFailed)
+				}
+				if ok {
+					allowed = append(allowed, ep)
+				}
+			}
+			if len(allowed) == 0 {
+				d.Access.Denied(f, src, meshed[0].Addr, targets[meshed[0].Addr].DstPod)
+				return decision(Deny, ReasonPolicyDenied)
+			}
+			meshed = allowed
+		}
 		ep := d.Services.Pick(meshed)
 		t := targets[ep.Addr]
 		t.Src, t.Endpoint = src, &ep
@@ -176,6 +229,16 @@ func (d *Decider) Decide(f netstack.Flow) Decision {
 		return decision(Pass, ReasonNotMeshed)
 	case c == classSkipped || src.Policy.SkipsOutbound(f.Dst.Port()):
 		return decision(Pass, ReasonSkippedPort)
+	}
+	if d.Access != nil {
+		ok, err := d.Access.Outbound(f, src, t.Dst, t.DstPod)
+		if err != nil {
+			return decision(Hold, ReasonLookupFailed)
+		}
+		if !ok {
+			d.Access.Denied(f, src, t.Dst, t.DstPod)
+			return decision(Deny, ReasonPolicyDenied)
+		}
 	}
 	t.Src = src
 	return Decision{Verdict: Mesh, Target: t}
@@ -219,13 +282,13 @@ func (d *Decider) DecideSegment(f netstack.Flow) Decision {
 		return decision(Hold, ReasonLookupFailed)
 	}
 	if c != classMeshed || src.Policy.SkipsOutbound(f.Dst.Port()) {
-		return decision(Pass, ReasonNotMeshed)
+		return d.plaintext(f, src, ReasonNotMeshed)
 	}
 	// src as the server of a client at f.Dst: the peer is a meshed pod
 	// (classify said so); the peer's skip-outbound and src's skip-inbound
 	// of src's port decide.
 	if src.Policy.SkipsInbound(f.Src.Port()) {
-		return decision(Pass, ReasonSkippedPort)
+		return d.plaintext(f, src, ReasonSkippedPort)
 	}
 	peer, err := d.Cluster.PodByAddr(f.Dst.Addr())
 	if err != nil || peer == nil {
@@ -236,9 +299,30 @@ func (d *Decider) DecideSegment(f netstack.Flow) Decision {
 		return decision(Hold, ReasonLookupFailed)
 	}
 	if ppol.SkipsOutbound(f.Src.Port()) {
-		return decision(Pass, ReasonSkippedPort)
+		return d.plaintext(f, src, ReasonSkippedPort)
 	}
 	return decision(Hold, ReasonClaimed)
+}
+
+// plaintext is DecideSegment's answer for a segment the mesh does not
+// claim. A SYN-ACK there is the local meshed pod answering a plaintext
+// client that reached it around the mesh: the pod's inbound policy
+// (NetworkPolicy ingress, default inbound policy, Authorizations) is
+// applied to it, and dropping the SYN-ACK refuses the connection as a
+// CNI's drop would. Other segments (established flows, the pod as a
+// client) pass.
+func (d *Decider) plaintext(f netstack.Flow, src *pods.Pod, reason string) Decision {
+	if !f.SYNACK || d.Access == nil {
+		return decision(Pass, reason)
+	}
+	ok, err := d.Access.Plaintext(f, src, src.Policy.SkipsInbound(f.Src.Port()))
+	switch {
+	case err != nil:
+		return decision(Hold, ReasonLookupFailed)
+	case !ok:
+		return decision(Deny, ReasonPolicyDenied)
+	}
+	return decision(Pass, reason)
 }
 
 type class int
@@ -274,6 +358,7 @@ func (d *Decider) classify(dst netip.AddrPort) (Target, class, error) {
 		return Target{}, classNotMeshed, errors.New("pod host IP unparsable")
 	}
 	return Target{
+		DstPod:  pod,
 		Dst:     dst,
 		DstID:   spiffe.ID{TrustDomain: d.TrustDomain, Namespace: pod.Namespace, ServiceAccount: clusterview.ServiceAccount(pod)},
 		DstNode: node,

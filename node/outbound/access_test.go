@@ -1,0 +1,207 @@
+package outbound
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/tunmesh/tunmesh/netstack"
+	"github.com/tunmesh/tunmesh/node/authz"
+	"github.com/tunmesh/tunmesh/node/netpol"
+	"github.com/tunmesh/tunmesh/node/pods"
+	"github.com/tunmesh/tunmesh/node/policy"
+)
+
+// engineAccess is the agent's Access reduced to its core: the real
+// authz.Engine over the test's fake cluster, recording denials.
+type engineAccess struct {
+	e      *authz.Engine
+	c      *fakeCluster
+	err    error
+	denied []string // dst of each Denied call
+}
+
+func (a *engineAccess) Outbound(_ netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) (bool, error) {
+	if a.err != nil {
+		return false, a.err
+	}
+	return a.e.Outbound(a.c.pods[src.Addrs[0]], src.ID, dst, dstPod).Allowed, nil
+}
+
+func (a *engineAccess) Denied(_ netstack.Flow, _ *pods.Pod, dst netip.AddrPort, _ *corev1.Pod) {
+	a.denied = append(a.denied, dst.String())
+}
+
+func (a *engineAccess) Plaintext(f netstack.Flow, src *pods.Pod, skipped bool) (bool, error) {
+	if a.err != nil {
+		return false, a.err
+	}
+	dst := a.c.pods[src.Addrs[0]]
+	if skipped {
+		// As the agent does: only NetworkPolicy on a skipped port.
+		return a.e.PlaintextNetworkPolicy(dst, f.Src.Port(), f.Dst.Addr()).Allowed, nil
+	}
+	d := a.e.Plaintext(dst, f.Src.Port(), f.Dst.Addr())
+	if !d.Allowed {
+		a.denied = append(a.denied, f.Dst.String())
+	}
+	return d.Allowed, nil
+}
+
+var tcpProto = corev1.ProtocolTCP
+
+func denyAllIngress(ns string) *networkingv1.NetworkPolicy {
+	return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "default-deny"},
+		Spec: networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}}}
+}
+
+// allowNamedPort lets every pod of ns reach pods labelled app=server on
+// their port named http.
+func allowNamedPort(ns string) *networkingv1.NetworkPolicy {
+	http := intstr.FromString("http")
+	return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "allow-http"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "server"}},
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{}}},
+				Ports: []networkingv1.NetworkPolicyPort{{Protocol: &tcpProto, Port: &http}},
+			}},
+		}}
+}
+
+// withAccess gives the fixture an Access over policies; the server pod
+// gets label app=server (unless serverLabels says otherwise) and a
+// container port "http" 8080.
+func withAccess(t *testing.T, d *Decider, c *fakeCluster, serverLabels map[string]string, nps ...*networkingv1.NetworkPolicy) *engineAccess {
+	t.Helper()
+	srv := c.pods[meshedIP]
+	srv.Labels = serverLabels
+	srv.Spec.Containers = []corev1.Container{{Name: "app", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}}
+	snap, err := netpol.NewSnapshot(nps, map[string]map[string]string{"prod": nil})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := authz.New(c, snap, authz.Index{}, policy.Config{}, "cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &engineAccess{e: e, c: c}
+	d.Access = a
+	return a
+}
+
+func TestDecideNetworkPolicy(t *testing.T) {
+	server := map[string]string{"app": "server"}
+	for _, tc := range []struct {
+		name     string
+		labels   map[string]string
+		policies []*networkingv1.NetworkPolicy
+		flow     netstack.Flow
+		unsynced bool
+		err      error
+		verdict  Verdict
+		reason   string
+		denied   int
+	}{
+		{name: "no policy: allowed", labels: server, flow: fl(1, netip.AddrPortFrom(meshedIP, 8080)), verdict: Mesh},
+		{name: "default deny", labels: server, policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod")},
+			flow: fl(1, netip.AddrPortFrom(meshedIP, 8080)), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "allowed by a named port", labels: server, policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod"), allowNamedPort("prod")},
+			flow: fl(1, netip.AddrPortFrom(meshedIP, 8080)), verdict: Mesh},
+		{name: "another port than the named one", labels: server, policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod"), allowNamedPort("prod")},
+			flow: fl(1, netip.AddrPortFrom(meshedIP, 9090)), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "label removed: no longer allowed", labels: map[string]string{"app": "other"}, policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod"), allowNamedPort("prod")},
+			flow: fl(1, netip.AddrPortFrom(meshedIP, 8080)), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "not synced: held, not judged", labels: server, policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod")},
+			flow: fl(1, netip.AddrPortFrom(meshedIP, 8080)), unsynced: true, verdict: Hold, reason: ReasonNotSynced},
+		{name: "policy lookup failed: held", labels: server, err: errors.New("cannot tell"),
+			flow: fl(1, netip.AddrPortFrom(meshedIP, 8080)), verdict: Hold, reason: ReasonLookupFailed},
+		{name: "ClusterIP whose only meshed endpoint is denied", labels: server, policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod")},
+			flow: fl(1, svcMixed), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "plaintext destinations are the primary CNI's", labels: server, policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod")},
+			flow: fl(1, netip.AddrPortFrom(plainIP, 8080)), verdict: Pass, reason: ReasonNotMeshed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d, c := fixture()
+			a := withAccess(t, d, c, tc.labels, tc.policies...)
+			a.err = tc.err
+			d.Synced = func() bool { return !tc.unsynced }
+			got := d.Decide(tc.flow)
+			if got.Verdict != tc.verdict || got.Reason != tc.reason {
+				t.Fatalf("Decide = %s/%q, want %s/%q", got.Verdict, got.Reason, tc.verdict, tc.reason)
+			}
+			if len(a.denied) != tc.denied {
+				t.Fatalf("denials reported %v, want %d", a.denied, tc.denied)
+			}
+		})
+	}
+}
+
+// TestDecideLabelChange: the same Decider sees a pod's label change at
+// its next decision (the cluster view is read per decision).
+func TestDecideLabelChange(t *testing.T) {
+	d, c := fixture()
+	withAccess(t, d, c, map[string]string{"app": "server"}, denyAllIngress("prod"), allowNamedPort("prod"))
+	f := fl(1, netip.AddrPortFrom(meshedIP, 8080))
+	if got := d.Decide(f); got.Verdict != Mesh {
+		t.Fatalf("before: %s/%s", got.Verdict, got.Reason)
+	}
+	c.pods[meshedIP].Labels = map[string]string{"app": "retired"}
+	if got := d.Decide(f); got.Verdict != Deny {
+		t.Fatalf("after the label change: %s/%s, want deny", got.Verdict, got.Reason)
+	}
+}
+
+// TestDecideSegmentPlaintextClients: a meshed pod's SYN-ACK to a plaintext
+// client is judged by the pod's inbound policy; other segments pass.
+func TestDecideSegmentPlaintextClients(t *testing.T) {
+	// The local pod (NIC 1, clientAddr) is the server here.
+	synAck := func(srcPort uint16, peer netip.AddrPort) netstack.Flow {
+		return netstack.Flow{NIC: 1, Src: netip.AddrPortFrom(clientAddr, srcPort), Dst: peer, SYNACK: true}
+	}
+	plainPeer := netip.AddrPortFrom(plainIP, 40000)
+	for _, tc := range []struct {
+		name     string
+		ann      map[string]string // on the local pod
+		skipIn   string
+		policies []*networkingv1.NetworkPolicy
+		flow     netstack.Flow
+		verdict  Verdict
+	}{
+		{name: "no policy", flow: synAck(8080, plainPeer), verdict: Pass},
+		{name: "default deny refuses a plaintext client", policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod")}, flow: synAck(8080, plainPeer), verdict: Deny},
+		{name: "not a SYN-ACK: an established flow passes", policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod")},
+			flow: netstack.Flow{NIC: 1, Src: netip.AddrPortFrom(clientAddr, 8080), Dst: plainPeer}, verdict: Pass},
+		{name: "all-authenticated refuses plaintext", ann: map[string]string{policy.AnnotationDefaultInboundPolicy: "all-authenticated"}, flow: synAck(8080, plainPeer), verdict: Deny},
+		{name: "all-authenticated: a non-pod peer is refused too", ann: map[string]string{policy.AnnotationDefaultInboundPolicy: "all-authenticated"},
+			flow: synAck(8080, netip.MustParseAddrPort("10.244.9.9:5000")), verdict: Deny},
+		{name: "skip-inbound port: identity rules do not apply", ann: map[string]string{policy.AnnotationDefaultInboundPolicy: "all-authenticated"}, skipIn: "8080",
+			flow: synAck(8080, plainPeer), verdict: Pass},
+		{name: "skip-inbound port: NetworkPolicy still applies", skipIn: "8080", policies: []*networkingv1.NetworkPolicy{denyAllIngress("prod")},
+			flow: synAck(8080, plainPeer), verdict: Deny},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d, c := fixture()
+			withAccess(t, d, c, nil, tc.policies...)
+			c.pods[clientAddr].Annotations = tc.ann
+			if tc.skipIn != "" {
+				p := *d.Local.(fakeLocal)[1]
+				p.Policy.Meshed = true
+				var err error
+				if p.Policy.SkipInbound, err = policy.ParsePorts(tc.skipIn); err != nil {
+					t.Fatal(err)
+				}
+				d.Local.(fakeLocal)[1] = &p
+			}
+			if got := d.DecideSegment(tc.flow); got.Verdict != tc.verdict {
+				t.Fatalf("DecideSegment = %s/%q, want %s", got.Verdict, got.Reason, tc.verdict)
+			}
+		})
+	}
+}
