@@ -54,12 +54,27 @@ type PodDialer interface {
 	DialTCP(ctx context.Context, id netstack.NICID, src, dst netip.AddrPort) (net.Conn, error)
 }
 
+// Authorizer applies the destination pod's inbound policy (NetworkPolicy
+// ingress, default inbound policy, Authorizations: node/authz through the
+// agent) to a request whose source and destination Check has verified.
+type Authorizer interface {
+	// AuthorizeInbound judges the request from the verified source pod
+	// src to the local pod dst. known is false while the agent cannot tell
+	// (policies not synced, a lookup failed): the check then waits as for
+	// a source the view does not know yet, and refuses at the bound. A
+	// denial is counted and logged by the Authorizer.
+	AuthorizeInbound(r Request, src *corev1.Pod, dst *pods.Pod) (allowed, known bool, detail string)
+}
+
 // Config is the node-wide part of the checks, and the listener's limits
 // (zero means the default), so that one peer, or a flood of garbage to
 // :4143, cannot take the node's agent down.
 type Config struct {
 	TrustDomain      string
 	ControlNamespace string
+	// Authorizer applies policies to every checked stream; nil authorizes
+	// everything (tests of other parts; the agent always sets it).
+	Authorizer Authorizer
 	// MaxConns caps open tunnel connections node-wide (default 16384);
 	// MaxConnsPerPeer those from one peer address (default 4096).
 	MaxConns, MaxConnsPerPeer int
@@ -305,6 +320,8 @@ type Request struct {
 // let A speak for a prod/default pod on node B). The destination must be a
 // local meshed pod with the identity the client asked for. Check returns
 // the destination pod, or the refusal reason and a detail for the log.
+// Then Config.Authorizer applies the destination's inbound policy
+// (ReasonPolicy).
 func (a *Acceptor) Check(r Request) (*pods.Pod, tunnel.Reason, string) {
 	dst, reason, detail, _ := a.check(r)
 	return dst, reason, detail
@@ -333,6 +350,15 @@ func (a *Acceptor) check(r Request) (dst *pods.Pod, reason tunnel.Reason, detail
 	dst = a.local.ByAddr(r.Header.Dst.Addr())
 	if dst == nil || dst.ID.DNSName(a.cfg.ControlNamespace) != r.ServerName {
 		return nil, tunnel.ReasonUnknownDestination, "destination is not a local meshed pod with the requested identity", false
+	}
+	if a.cfg.Authorizer != nil {
+		allowed, known, detail := a.cfg.Authorizer.AuthorizeInbound(r, src, dst)
+		if !known {
+			return nil, tunnel.ReasonPolicy, "policy: " + detail, true
+		}
+		if !allowed {
+			return nil, tunnel.ReasonPolicy, "policy: " + detail, false
+		}
 	}
 	return dst, tunnel.ReasonNone, "", false
 }
