@@ -100,3 +100,12 @@ func (r *Reporter) Denied(at string, src, dst netip.AddrPort, d Decision, attrs 
 		"direction", d.Direction, "kind", d.Kind, "policy", d.Policy, "reason", d.Reason, "detail", d.Detail}, attrs...)...)
 	return true
 }
+
+// DeniedStream counts and logs a denial at the destination agent. A
+// tunnel stream is one connection attempt (no retransmissions reach it),
+// so nothing is deduplicated.
+func (r *Reporter) DeniedStream(src, dst netip.AddrPort, d Decision, attrs ...any) {
+	r.denials.WithLabelValues(AtDestination, d.Direction, d.Kind, d.PolicyNamespace(), d.PolicyName(), d.Reason).Inc()
+	r.log.Info("connection denied by policy", append([]any{"enforced_at", AtDestination, "src", src.String(), "dst", dst.String(),
+		"direction", d.Direction, "kind", d.Kind, "policy", d.Policy, "reason", d.Reason, "detail", d.Detail}, attrs...)...)
+}
