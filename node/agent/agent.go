@@ -47,6 +47,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/policy"
 	"github.com/tunmesh/tunmesh/node/release"
 	"github.com/tunmesh/tunmesh/node/resolve"
+	"github.com/tunmesh/tunmesh/node/wireguard"
 )
 
 // Config configures the agent.
@@ -96,6 +97,8 @@ type Config struct {
 	// ReleaseOnExit daemonset-deleted; PodNamespace defaults to
 	// ControlNamespace).
 	PodName, PodNamespace string
+	// WireGuard is the transport between nodes (wireguard.go).
+	WireGuard WireGuardConfig
 }
 
 func (c *Config) defaults() error {
@@ -168,7 +171,8 @@ type Agent struct {
 	dialer      *dialer.Dialer // pooled tunnel connections; reaped by Run
 	outbound    *outbound.Handler
 	inbound     *inbound.Acceptor
-	release     *release.Watcher // nil with ReleaseOnExit never
+	release     *release.Watcher     // nil with ReleaseOnExit never
+	wg          *wireguard.Transport // nil with transport tcp
 }
 
 // Version is the agent's version, set at build time with
@@ -200,6 +204,9 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 		broadcaster: record.NewBroadcaster(),
 		stackRef:    &stackRef{},
 	}
+	if err := a.newWireGuard(); err != nil {
+		return nil, err
+	}
 	pol := policy.Config{ExcludedNamespaces: append([]string{"kube-system", cfg.ControlNamespace}, cfg.ExcludedNamespaces...)}
 	recorder := a.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "tunmesh-node", Host: cfg.NodeName})
 	a.cni, err = pods.NewHandler(pods.Config{
@@ -211,7 +218,7 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	}
 	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Synced: a.gate.Synced, Policy: pol, TrustDomain: cfg.TrustDomain}
 	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace, LocalAddr: cfg.NodeIP,
-		DisableV3: cfg.TunnelV2Only, Metrics: m, Log: log.With("component", "dialer")}
+		DisableV3: cfg.TunnelV2Only, DialTCP: a.wgDialTCP(), Metrics: m, Log: log.With("component", "dialer")}
 	a.dialer = dl
 	a.outbound, err = outbound.NewHandler(decider, dl, res, certs, outbound.Options{}, m, log.With("component", "outbound"))
 	if err != nil {
@@ -290,6 +297,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			return fmt.Errorf("rp_filter off on %s: %w", k, err)
 		}
 	}
+	if err := a.wgAttachHost(hostFD); err != nil {
+		return err
+	}
 	st, err := netstack.New(netstack.Options{
 		Handler:     a.outbound,
 		Passthrough: netstack.FDWriter(hostFD),
@@ -310,6 +320,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listen for the mesh: %w", err)
 	}
+	meshLn = a.wgUnderlay(meshLn)
 	cniLn, err := cniapi.Listen(a.cfg.CNISocket)
 	if err != nil {
 		return fmt.Errorf("listen for the CNI plugin: %w", err)
@@ -322,7 +333,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				return errors.New("not synced")
 			}
 			return nil
-		}}, {Name: "mesh listener", Fn: a.inbound.Ready}, {Name: "certificates", Fn: a.certificatesReady}},
+		}}, {Name: "mesh listener", Fn: a.inbound.Ready}, {Name: "certificates", Fn: a.certificatesReady}, {Name: "wireguard", Fn: a.wgReady}},
 		Version: Version, Node: a.cfg.NodeName, CNIConfDir: a.cfg.CNIConfDir,
 		Verify: a.certs.VerifyHandler(), VerifyPath: workload.VerifyPath,
 	})}
@@ -337,6 +348,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return a.cni.Reconcile(gctx, time.Second) })
 	g.Go(func() error { return a.inbound.Serve(gctx, meshLn) })
 	g.Go(func() error { return a.dialer.Run(gctx) })
+	if err := a.wgRun(g, gctx); err != nil {
+		return err
+	}
 	g.Go(func() error { return serveHTTP(gctx, cniSrv, cniLn) })
 	g.Go(func() error {
 		ln, err := net.Listen("tcp", a.cfg.AdminAddr)
@@ -380,6 +394,7 @@ func (a *Agent) exit() {
 		return
 	}
 	a.log.Warn("tunmesh is being uninstalled: releasing every pod of the node from the mesh (plaintext from now on)", "reason", why)
+	a.wgRelease()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	n, err := a.cni.ReleaseFromMesh(ctx)

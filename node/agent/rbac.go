@@ -34,5 +34,10 @@ func RequiredPermissions(releaseOnExit release.Mode, podNamespace string) []rbac
 		{Group: "discovery.k8s.io", Resource: "endpointslices", Verb: "watch"},
 		{Resource: "events", Verb: "create"},
 		{Resource: "events", Verb: "patch"},
+		// WireGuard transport: the Node informer (peers) and the node's
+		// own annotations (public key, endpoint, overlay address).
+		{Resource: "nodes", Verb: "list"},
+		{Resource: "nodes", Verb: "watch"},
+		{Resource: "nodes", Verb: "patch"},
 	}, append(extra, access.RequiredPermissions()...)...)
 }

@@ -77,6 +77,11 @@ type Dialer struct {
 	// LocalAddr, when valid, is the source address of tunnels: the node
 	// address the peer agent checks its source pods against.
 	LocalAddr netip.Addr
+	// DialTCP, if set, opens the TCP connection to a node's mesh port
+	// instead of a dial from LocalAddr: the WireGuard transport dials
+	// peers that publish a key through the overlay (and fails rather than
+	// fall back to the underlay).
+	DialTCP func(ctx context.Context, node netip.Addr, port int) (net.Conn, error)
 	// MaxStreamsPerConn is how many streams a pooled connection carries
 	// before another connection is opened for its key (default 100);
 	// MaxConnsPerKey caps the connections of one key (default 8), past
@@ -459,11 +464,16 @@ func (d *Dialer) addSession(t Target, tc *tls.Conn, leaf []byte) (*mux.Session, 
 // handshake dials the peer agent and completes mTLS, offering version 3
 // by ALPN when v3. leaf is the client certificate it presented (DER).
 func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (tc *tls.Conn, leaf []byte, err error) {
-	var nd net.Dialer
-	if d.LocalAddr.IsValid() {
-		nd.LocalAddr = &net.TCPAddr{IP: d.LocalAddr.AsSlice()}
+	var raw net.Conn
+	if d.DialTCP != nil {
+		raw, err = d.DialTCP(ctx, t.DstNode, d.MeshPort)
+	} else {
+		var nd net.Dialer
+		if d.LocalAddr.IsValid() {
+			nd.LocalAddr = &net.TCPAddr{IP: d.LocalAddr.AsSlice()}
+		}
+		raw, err = nd.DialContext(ctx, "tcp", net.JoinHostPort(t.DstNode.String(), strconv.Itoa(d.MeshPort)))
 	}
-	raw, err := nd.DialContext(ctx, "tcp", net.JoinHostPort(t.DstNode.String(), strconv.Itoa(d.MeshPort)))
 	if err != nil {
 		return nil, nil, fmt.Errorf("dial mesh peer %s: %w", t.DstNode, err)
 	}

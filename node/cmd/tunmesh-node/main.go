@@ -66,6 +66,10 @@ func main() {
 	fs.StringVar(&cfg.release, "release-on-exit", string(release.Never), "when a stopping agent releases the node's pods from the mesh (tm0 and routes removed; plaintext on the primary CNI's path): never (keep them attached for the next agent), or daemonset-deleted (only when the API says the agent's DaemonSet is deleted or being deleted, i.e. uninstall; when it cannot tell, it keeps them)")
 	fs.StringVar(&cfg.agent.PodName, "pod-name", os.Getenv("POD_NAME"), "the agent's own pod, for --release-on-exit=daemonset-deleted (env POD_NAME)")
 	fs.StringVar(&cfg.agent.PodNamespace, "pod-namespace", os.Getenv("POD_NAMESPACE"), "the agent's own pod's namespace (env POD_NAMESPACE; default --control-namespace)")
+	fs.StringVar(&cfg.agent.WireGuard.Transport, "transport", agent.TransportTCP, "transport between nodes: tcp (mesh tunnels on the node address) or wireguard (over a userspace WireGuard overlay to nodes that publish a key; see docs/wireguard.md)")
+	fs.IntVar(&cfg.agent.WireGuard.Port, "wireguard-port", 51820, "WireGuard UDP port on the node (transport wireguard)")
+	fs.IntVar(&cfg.agent.WireGuard.MTU, "wireguard-mtu", 1420, "WireGuard inner MTU (transport wireguard)")
+	fs.BoolVar(&cfg.agent.WireGuard.EncryptAll, "encrypt-all", false, "transport wireguard: carry every packet a local pod sends to a pod on another WireGuard node (UDP, ICMP, non-meshed pods, skipped ports) through WireGuard")
 	fs.StringVar(&tun.SysctlDir, "proc-sys-dir", tun.SysctlDir, "sysctl tree for net.* writes (a container's /proc/sys is read-only: the DaemonSet mounts the host's /proc/sys/net elsewhere)")
 	_ = fs.Parse(os.Args[1:])
 

@@ -1,0 +1,231 @@
+package wireguard
+
+import (
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+)
+
+// PersistentKeepalive keeps NAT mappings and the peers' view of each other
+// fresh (seconds). Nodes normally reach each other directly; the cost is a
+// 32-byte datagram per peer every 25 s.
+const PersistentKeepalive = 25
+
+// Configurer applies wireguard-go UAPI configuration (device.Device).
+type Configurer interface {
+	IpcSet(uapiConf string) error
+}
+
+// Route is how a node is reached for the mesh tunnel.
+type Route int
+
+const (
+	// RouteUnderlay: the node publishes no key (no WireGuard agent there
+	// yet, or not a node we know): reached on its node address, as with
+	// transport tcp. The tunnel is mTLS all the same.
+	RouteUnderlay Route = iota
+	// RouteOverlay: through WireGuard to the node's overlay address.
+	RouteOverlay
+	// RouteRefused: the node claims WireGuard but its annotations are not
+	// usable; it is reached neither way (fail closed).
+	RouteRefused
+)
+
+func (r Route) String() string {
+	return [...]string{"underlay", "overlay", "refused"}[r]
+}
+
+// Peers is the peer table, fed by a Node informer (Update, Delete) and
+// applied to the device. Lookups are safe from any goroutine.
+type Peers struct {
+	self       string
+	encryptAll bool
+	dev        Configurer
+	log        *slog.Logger
+	onChange   func(local []netip.Prefix, peers []Peer) // may be nil
+
+	mu sync.RWMutex // guards the fields below
+	// nodes is every node by name, self included.
+	nodes map[string]Peer
+	// configured is what the device has, by node name.
+	configured map[string]Peer
+	byIP       map[netip.Addr]string
+	byOverlay  map[netip.Addr]string
+}
+
+// NewPeers makes an empty table for the node named self. onChange, if not
+// nil, is called (serialized, without the lock held) after every change
+// with this node's pod CIDRs and the configured peers.
+func NewPeers(self string, encryptAll bool, dev Configurer, onChange func(local []netip.Prefix, peers []Peer), log *slog.Logger) *Peers {
+	return &Peers{
+		self: self, encryptAll: encryptAll, dev: dev, log: log, onChange: onChange,
+		nodes: map[string]Peer{}, configured: map[string]Peer{},
+		byIP: map[netip.Addr]string{}, byOverlay: map[netip.Addr]string{},
+	}
+}
+
+// Update takes a Node added or changed.
+func (p *Peers) Update(n *corev1.Node) {
+	peer, ok := PeerFromNode(n)
+	if !ok {
+		p.Delete(n.Name)
+		return
+	}
+	p.apply(n.Name, &peer)
+}
+
+// Delete takes a Node deleted.
+func (p *Peers) Delete(name string) { p.apply(name, nil) }
+
+func (p *Peers) apply(name string, peer *Peer) {
+	p.mu.Lock()
+	old, had := p.nodes[name]
+	if had {
+		delete(p.byIP, old.NodeIP)
+		delete(p.byOverlay, old.Overlay)
+		delete(p.nodes, name)
+	}
+	if peer != nil {
+		p.nodes[name] = *peer
+		p.byIP[peer.NodeIP] = name
+		if peer.Overlay.IsValid() {
+			p.byOverlay[peer.Overlay] = name
+		}
+		if peer.Err != nil && (!had || old.Err == nil || old.Err.Error() != peer.Err.Error()) {
+			p.log.Warn("wireguard peer refused: its annotations are not usable; not reached until fixed", "node", name, "err", peer.Err)
+		}
+	}
+	var uapi strings.Builder
+	prev, wasConfigured := p.configured[name]
+	want := peer != nil && name != p.self && peer.Err == nil && !peer.PublicKey.IsZero()
+	switch {
+	case want && wasConfigured && p.samePeer(prev, *peer):
+	case want:
+		if wasConfigured && prev.PublicKey != peer.PublicKey {
+			fmt.Fprintf(&uapi, "public_key=%s\nremove=true\n", prev.PublicKey.Hex())
+		}
+		uapi.WriteString(p.peerConf(*peer))
+		p.configured[name] = *peer
+	case wasConfigured:
+		fmt.Fprintf(&uapi, "public_key=%s\nremove=true\n", prev.PublicKey.Hex())
+		delete(p.configured, name)
+	}
+	changed := uapi.Len() > 0 || (name == p.self && (!had || peer == nil || !slices.Equal(old.PodCIDRs, peer.PodCIDRs)))
+	var local []netip.Prefix
+	var peers []Peer
+	if changed && p.onChange != nil {
+		local, peers = p.snapshotLocked()
+	}
+	if uapi.Len() > 0 {
+		if err := p.dev.IpcSet(uapi.String()); err != nil {
+			// The peer stays in configured: the next change of the node
+			// retries it; meanwhile it is not reached in clear (Route).
+			p.log.Error("configure wireguard peer", "node", name, "err", err)
+		} else if want {
+			p.log.Info("wireguard peer configured", "node", name, "endpoint", peer.Endpoint.String(), "public_key", peer.PublicKey.String())
+		} else {
+			p.log.Info("wireguard peer removed", "node", name)
+		}
+	}
+	p.mu.Unlock()
+	if changed && p.onChange != nil {
+		p.onChange(local, peers)
+	}
+}
+
+func (p *Peers) samePeer(a, b Peer) bool {
+	return a.Published == b.Published && slices.Equal(a.PodCIDRs, b.PodCIDRs)
+}
+
+// peerConf is the UAPI block that (re)configures one peer in full.
+func (p *Peers) peerConf(peer Peer) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "public_key=%s\nreplace_allowed_ips=true\nendpoint=%s\npersistent_keepalive_interval=%d\nallowed_ip=%s\n",
+		peer.PublicKey.Hex(), peer.Endpoint, PersistentKeepalive, netip.PrefixFrom(peer.Overlay, 128))
+	if p.encryptAll {
+		for _, c := range peer.PodCIDRs {
+			fmt.Fprintf(&b, "allowed_ip=%s\n", c)
+		}
+	}
+	return b.String()
+}
+
+func (p *Peers) snapshotLocked() (local []netip.Prefix, peers []Peer) {
+	if self, ok := p.nodes[p.self]; ok {
+		local = slices.Clone(self.PodCIDRs)
+	}
+	for _, c := range p.configured {
+		peers = append(peers, c)
+	}
+	sort.Slice(peers, func(i, j int) bool { return peers[i].Node < peers[j].Node })
+	return local, peers
+}
+
+// Route says how to reach the node with address nodeIP, and its overlay
+// address for RouteOverlay. This node itself is RouteUnderlay (its own
+// tunnels never leave the node).
+func (p *Peers) Route(nodeIP netip.Addr) (Route, netip.Addr) {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	name, ok := p.byIP[nodeIP.Unmap()]
+	if !ok || name == p.self {
+		return RouteUnderlay, netip.Addr{}
+	}
+	n := p.nodes[name]
+	if !n.HasKey() {
+		return RouteUnderlay, netip.Addr{}
+	}
+	if c, ok := p.configured[name]; ok && n.Err == nil {
+		return RouteOverlay, c.Overlay
+	}
+	return RouteRefused, netip.Addr{}
+}
+
+// NodeOfOverlay is the node address of the configured peer whose overlay
+// address is overlay (the address wireguard-go let a tunnel come from).
+func (p *Peers) NodeOfOverlay(overlay netip.Addr) (netip.Addr, bool) {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	name, ok := p.byOverlay[overlay]
+	if !ok {
+		return netip.Addr{}, false
+	}
+	c, ok := p.configured[name]
+	if !ok || c.Overlay != overlay {
+		return netip.Addr{}, false
+	}
+	return c.NodeIP, true
+}
+
+// Counts are how many nodes the table knows in each state (for metrics).
+func (p *Peers) Counts() (configured, refused, underlay int) {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	for name, n := range p.nodes {
+		switch {
+		case name == p.self:
+		case !n.HasKey():
+			underlay++
+		case n.Err != nil:
+			refused++
+		default:
+			if _, ok := p.configured[name]; ok {
+				configured++
+			}
+		}
+	}
+	return configured, refused, underlay
+}
+
+// LocalPodCIDRs are this node's pod CIDRs (from its Node).
+func (p *Peers) LocalPodCIDRs() []netip.Prefix {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return slices.Clone(p.nodes[p.self].PodCIDRs)
+}

@@ -1,0 +1,155 @@
+package wireguard
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+// fakeDevice records UAPI configuration.
+type fakeDevice struct {
+	sets []string
+	fail error
+}
+
+func (d *fakeDevice) IpcSet(s string) error {
+	d.sets = append(d.sets, s)
+	return d.fail
+}
+
+func (d *fakeDevice) last(t *testing.T) string {
+	t.Helper()
+	if len(d.sets) == 0 {
+		t.Fatal("no configuration applied")
+	}
+	s := d.sets[len(d.sets)-1]
+	d.sets = nil
+	return s
+}
+
+func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestPeersFollowNodes(t *testing.T) {
+	dev := &fakeDevice{}
+	var changes [][]Peer
+	var local []netip.Prefix
+	p := NewPeers("a", true, dev, func(l []netip.Prefix, peers []Peer) { local = l; changes = append(changes, peers) }, discard())
+
+	pubA := testPublished(t, "10.0.0.1")
+	p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24"}, pubA.Annotations()))
+	if len(dev.sets) != 0 {
+		t.Fatalf("the node itself was configured as a peer: %q", dev.sets)
+	}
+	if len(local) != 1 || local[0].String() != "10.244.0.0/24" {
+		t.Fatalf("local pod CIDRs %v", local)
+	}
+
+	// A node without a key: underlay, nothing configured.
+	p.Update(testNode("c", "10.0.0.3", []string{"10.244.2.0/24"}, nil))
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.3")); r != RouteUnderlay || len(dev.sets) != 0 {
+		t.Fatalf("keyless peer: route %v sets %q", r, dev.sets)
+	}
+
+	// Join.
+	pubB := testPublished(t, "10.0.0.2")
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB.Annotations()))
+	conf := dev.last(t)
+	for _, want := range []string{"public_key=" + pubB.PublicKey.Hex(), "replace_allowed_ips=true", "endpoint=10.0.0.2:51820",
+		"allowed_ip=" + pubB.Overlay.String() + "/128", "allowed_ip=10.244.1.0/24", "persistent_keepalive_interval=25"} {
+		if !strings.Contains(conf, want+"\n") {
+			t.Errorf("join: %q lacks %q", conf, want)
+		}
+	}
+	if r, o := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteOverlay || o != pubB.Overlay {
+		t.Fatalf("route to b: %v %s", r, o)
+	}
+	if n, ok := p.NodeOfOverlay(pubB.Overlay); !ok || n != netip.MustParseAddr("10.0.0.2") {
+		t.Fatalf("overlay -> node: %s %v", n, ok)
+	}
+	if got := changes[len(changes)-1]; len(got) != 1 || got[0].Node != "b" {
+		t.Fatalf("onChange peers %+v", got)
+	}
+
+	// The same node again (a status update): no reconfiguration.
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB.Annotations()))
+	if len(dev.sets) != 0 {
+		t.Fatalf("unchanged node reconfigured: %q", dev.sets)
+	}
+
+	// Key change: the old key is removed, the new one configured.
+	pubB2 := testPublished(t, "10.0.0.2")
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB2.Annotations()))
+	conf = dev.last(t)
+	if !strings.HasPrefix(conf, "public_key="+pubB.PublicKey.Hex()+"\nremove=true\n") || !strings.Contains(conf, "public_key="+pubB2.PublicKey.Hex()+"\n") {
+		t.Fatalf("key change: %q", conf)
+	}
+
+	// Address change: new endpoint, new overlay address.
+	pubB3 := testPublished(t, "10.0.0.12")
+	pubB3.PublicKey = pubB2.PublicKey
+	p.Update(testNode("b", "10.0.0.12", []string{"10.244.1.0/24"}, pubB3.Annotations()))
+	conf = dev.last(t)
+	if strings.Contains(conf, "remove=true") || !strings.Contains(conf, "endpoint=10.0.0.12:51820\n") || !strings.Contains(conf, "allowed_ip="+pubB3.Overlay.String()+"/128\n") {
+		t.Fatalf("address change: %q", conf)
+	}
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteUnderlay {
+		t.Fatalf("old address still routed: %v", r)
+	}
+	if _, ok := p.NodeOfOverlay(pubB.Overlay); ok {
+		t.Fatal("old overlay address still maps to a node")
+	}
+
+	// Annotations that became unusable: removed, refused (never underlay).
+	bad := pubB3.Annotations()
+	bad[AnnotationOverlay] = pubA.Overlay.String()
+	p.Update(testNode("b", "10.0.0.12", []string{"10.244.1.0/24"}, bad))
+	if conf = dev.last(t); conf != "public_key="+pubB3.PublicKey.Hex()+"\nremove=true\n" {
+		t.Fatalf("refused peer: %q", conf)
+	}
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.12")); r != RouteRefused {
+		t.Fatalf("refused peer route %v", r)
+	}
+	if c, r, u := p.Counts(); c != 0 || r != 1 || u != 1 {
+		t.Fatalf("counts configured %d refused %d underlay %d", c, r, u)
+	}
+
+	// Leave.
+	p.Update(testNode("b", "10.0.0.12", []string{"10.244.1.0/24"}, pubB3.Annotations()))
+	dev.last(t)
+	p.Delete("b")
+	if conf = dev.last(t); conf != "public_key="+pubB3.PublicKey.Hex()+"\nremove=true\n" {
+		t.Fatalf("leave: %q", conf)
+	}
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.12")); r != RouteUnderlay {
+		t.Fatalf("left node route %v", r)
+	}
+	if got := changes[len(changes)-1]; len(got) != 0 {
+		t.Fatalf("onChange after leave: %+v", got)
+	}
+}
+
+// TestPeersTransportOnly: without encrypt-all a peer's AllowedIPs are its
+// overlay address only.
+func TestPeersTransportOnly(t *testing.T) {
+	dev := &fakeDevice{}
+	p := NewPeers("a", false, dev, nil, discard())
+	pubB := testPublished(t, "10.0.0.2")
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB.Annotations()))
+	if conf := dev.last(t); strings.Contains(conf, "10.244.1.0/24") || !strings.Contains(conf, "allowed_ip="+pubB.Overlay.String()+"/128\n") {
+		t.Fatalf("transport only: %q", conf)
+	}
+}
+
+// TestPeersDeviceErrorFailsClosed: a peer the device refused is still not
+// reached on the underlay.
+func TestPeersDeviceErrorFailsClosed(t *testing.T) {
+	dev := &fakeDevice{fail: errors.New("boom")}
+	p := NewPeers("a", false, dev, nil, discard())
+	p.Update(testNode("b", "10.0.0.2", nil, testPublished(t, "10.0.0.2").Annotations()))
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r == RouteUnderlay {
+		t.Fatal("a peer with a key fell back to the underlay")
+	}
+}

@@ -1,0 +1,223 @@
+package wireguard
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Encrypt-all routing, in the node's namespace (docs/wireguard.md):
+//
+//	ip rule add from <this node's pod CIDR> lookup 4143 priority 4143
+//	table 4143: <peer pod CIDR> dev tmhost metric 0        (to the agent)
+//	            blackhole <peer pod CIDR> metric 1000      (fail closed)
+//
+// Every packet a local pod sends to a pod of a peer node (meshed pods'
+// passthrough packets come out of tmhost into the kernel first, non-meshed
+// pods' packets come from the primary CNI's bridge) is routed into tmhost,
+// which the agent reads and hands to WireGuard. Node-originated traffic
+// (source not a pod address) keeps the main table. While no agent serves
+// tmhost (restart) the device and its routes are gone and the blackhole
+// routes drop the packets instead of letting the main table send them in
+// clear; they and the rules are removed when the peer leaves, or by
+// Release (uninstall).
+const (
+	DefaultRouteTable   = 4143
+	DefaultRulePriority = 4143
+	blackholeMetric     = 1000
+)
+
+type routes struct {
+	table, prio int
+	log         *slog.Logger
+
+	mu       sync.Mutex // guards the fields below
+	h        *netlink.Handle
+	hErr     error
+	hostLink int // ifindex of the host TUN; 0 until attached
+	local    []netip.Prefix
+	peerNets []netip.Prefix
+}
+
+func newRoutes(table, prio int, log *slog.Logger) *routes {
+	return &routes{table: table, prio: prio, log: log}
+}
+
+// open makes the netlink handle in the node's namespace (once).
+func (r *routes) openLocked(nsPath string) error {
+	if r.h != nil || r.hErr != nil {
+		return r.hErr
+	}
+	ns, err := netns.GetFromPath(nsPath)
+	if err != nil {
+		r.hErr = fmt.Errorf("open netns %q: %w", nsPath, err)
+		return r.hErr
+	}
+	defer ns.Close()
+	r.h, r.hErr = netlink.NewHandleAt(ns)
+	if r.hErr != nil {
+		r.hErr = fmt.Errorf("netlink handle in %q: %w", nsPath, r.hErr)
+	}
+	return r.hErr
+}
+
+var nodeNetns = "/proc/self/ns/net"
+
+// attach records the host TUN's ifindex and reconciles.
+func (r *routes) attach(ifindex int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.hostLink = ifindex
+	r.reconcileLocked()
+}
+
+// sync takes this node's pod CIDRs and the configured peers (Peers'
+// onChange).
+func (r *routes) sync(local []netip.Prefix, peers []Peer) {
+	var nets []netip.Prefix
+	for _, p := range peers {
+		for _, c := range p.PodCIDRs {
+			if c.Addr().Is4() {
+				nets = append(nets, c)
+			}
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.local, r.peerNets = nil, nets
+	for _, c := range local {
+		if c.Addr().Is4() {
+			r.local = append(r.local, c)
+		}
+	}
+	r.reconcileLocked()
+}
+
+func (r *routes) reconcileLocked() {
+	if err := r.openLocked(nodeNetns); err != nil {
+		r.log.Error("encrypt-all routes", "err", err)
+		return
+	}
+	if err := reconcile(r.h, r.table, r.prio, r.hostLink, r.local, r.peerNets); err != nil {
+		r.log.Error("encrypt-all routes", "err", err)
+	}
+}
+
+// close leaves the rules and blackhole routes for the next agent (the
+// host TUN's routes go with the device).
+func (r *routes) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.h != nil {
+		r.h.Close()
+		r.h = nil
+	}
+}
+
+// release removes every rule and route of the table: the node's pods then
+// talk to other nodes on the primary CNI's path (uninstall).
+func (r *routes) release() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.openLocked(nodeNetns); err != nil {
+		return err
+	}
+	return reconcile(r.h, r.table, r.prio, 0, nil, nil)
+}
+
+// reconcile makes the rules for local and the routes of table for
+// peerNets (dev hostLink when non-zero, blackholes always) what they
+// should be, deleting what else the table holds.
+func reconcile(h *netlink.Handle, table, prio, hostLink int, local, peerNets []netip.Prefix) error {
+	var errs []error
+	// Rules.
+	rules, err := h.RuleListFiltered(netlink.FAMILY_V4, &netlink.Rule{Table: table}, netlink.RT_FILTER_TABLE)
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return fmt.Errorf("list rules of table %d: %w", table, err)
+	}
+	want := map[netip.Prefix]bool{}
+	for _, l := range local {
+		want[l] = true
+	}
+	for _, ru := range rules {
+		src := prefixOf(ru.Src)
+		if want[src] && ru.Priority == prio && ru.Dst == nil {
+			delete(want, src)
+			continue
+		}
+		ru := ru
+		if err := h.RuleDel(&ru); err != nil {
+			errs = append(errs, fmt.Errorf("delete rule %v: %w", ru, err))
+		}
+	}
+	for l := range want {
+		ru := netlink.NewRule()
+		ru.Family, ru.Table, ru.Priority, ru.Src = netlink.FAMILY_V4, table, prio, ipNet(l)
+		if err := h.RuleAdd(ru); err != nil && !errors.Is(err, unix.EEXIST) {
+			errs = append(errs, fmt.Errorf("add rule from %s lookup %d: %w", l, table, err))
+		}
+	}
+	// Routes.
+	type key struct {
+		dst       netip.Prefix
+		blackhole bool
+	}
+	wantR := map[key]bool{}
+	for _, c := range peerNets {
+		wantR[key{c, true}] = true
+		if hostLink != 0 {
+			wantR[key{c, false}] = true
+		}
+	}
+	have, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return errors.Join(append(errs, fmt.Errorf("list routes of table %d: %w", table, err))...)
+	}
+	for _, rt := range have {
+		k := key{prefixOf(rt.Dst), rt.Type == unix.RTN_BLACKHOLE}
+		ok := wantR[k] && (k.blackhole && rt.Priority == blackholeMetric || !k.blackhole && rt.LinkIndex == hostLink && rt.Priority == 0)
+		if ok {
+			delete(wantR, k)
+			continue
+		}
+		rt := rt
+		if err := h.RouteDel(&rt); err != nil {
+			errs = append(errs, fmt.Errorf("delete route %v: %w", rt, err))
+		}
+	}
+	for k := range wantR {
+		rt := &netlink.Route{Dst: ipNet(k.dst), Table: table}
+		if k.blackhole {
+			rt.Type, rt.Priority = unix.RTN_BLACKHOLE, blackholeMetric
+		} else {
+			rt.LinkIndex, rt.Scope = hostLink, netlink.SCOPE_LINK
+		}
+		if err := h.RouteAdd(rt); err != nil && !errors.Is(err, unix.EEXIST) {
+			errs = append(errs, fmt.Errorf("add route %s (blackhole %v) table %d: %w", k.dst, k.blackhole, table, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func prefixOf(n *net.IPNet) netip.Prefix {
+	if n == nil {
+		return netip.Prefix{}
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones).Masked()
+}

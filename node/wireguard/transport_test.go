@@ -1,0 +1,276 @@
+package wireguard
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/fake"
+)
+
+const testMeshPort = 4143
+
+func freeUDPPort(t *testing.T) int {
+	t.Helper()
+	c, err := net.ListenUDP("udp", &net.UDPAddr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).Port
+}
+
+// runningTransport is one node's transport, running until stop.
+type runningTransport struct {
+	*Transport
+	reg  *prometheus.Registry
+	stop func()
+}
+
+func startTransport(t *testing.T, client kubernetes.Interface, name, ip, stateDir string, port int) *runningTransport {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	tr, err := New(Config{NodeName: name, NodeIP: netip.MustParseAddr(ip), Port: port, StateDir: stateDir, MeshPort: testMeshPort}, client, reg, discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- tr.Run(ctx) }()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("%s: Run: %v", name, err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	waitFor(t, 10*time.Second, name+" ready", func() bool { return tr.Ready() == nil })
+	return &runningTransport{Transport: tr, reg: reg, stop: stop}
+}
+
+func waitFor(t *testing.T, max time.Duration, what string, try func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(max)
+	for !try() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// echo serves ln: each connection's bytes are sent back; the remote
+// addresses seen go to addrs.
+func echo(t *testing.T, ln net.Listener, addrs chan<- net.Addr) {
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			addrs <- c.RemoteAddr()
+			go func() {
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			}()
+		}
+	}()
+}
+
+// transfer sends n random bytes through the tunnel port of node at dst
+// and checks the echo's checksum.
+func transfer(t *testing.T, from *runningTransport, local, dst string, n int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := from.DialTCP(netip.MustParseAddr(local))(ctx, netip.MustParseAddr(dst), testMeshPort)
+	if err != nil {
+		t.Fatalf("dial %s: %v", dst, err)
+	}
+	defer c.Close()
+	data := make([]byte, n)
+	rand.Read(data)
+	go func() {
+		_, _ = c.Write(data)
+	}()
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	got := make([]byte, n)
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("read echo: %v", err)
+	}
+	if sha256.Sum256(got) != sha256.Sum256(data) {
+		t.Fatal("echo differs")
+	}
+}
+
+func requireRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (the bind opens its socket after entering the node namespace)")
+	}
+}
+
+// TestTwoNodesOverWireGuard: two transports on loopback, peers from Node
+// annotations in a fake API: a tunnel port reached through the overlay
+// (the server sees the client's node address), garbage datagrams counted,
+// a restart keeps the key, a rotated key is picked up by the other node.
+func TestTwoNodesOverWireGuard(t *testing.T) {
+	requireRoot(t)
+	client := fake.NewClientset(
+		testNode("a", "127.0.0.1", []string{"10.244.0.0/24"}, nil),
+		testNode("b", "127.0.0.2", []string{"10.244.1.0/24"}, nil),
+	)
+	dirA, dirB := t.TempDir(), t.TempDir()
+	portA, portB := freeUDPPort(t), freeUDPPort(t)
+	a := startTransport(t, client, "a", "127.0.0.1", dirA, portA)
+	b := startTransport(t, client, "b", "127.0.0.2", dirB, portB)
+
+	// Each publishes its annotations on its Node.
+	nb, err := client.CoreV1().Nodes().Get(context.Background(), "b", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, err := ParsePublished(nb.Annotations); err != nil || p != b.Published() {
+		t.Fatalf("b's annotations %v: %v", nb.Annotations, err)
+	}
+	waitFor(t, 5*time.Second, "a configures b", func() bool { r, _ := a.peers.Route(netip.MustParseAddr("127.0.0.2")); return r == RouteOverlay })
+
+	addrs := make(chan net.Addr, 16)
+	ln, err := b.ListenOverlay()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	echo(t, ln, addrs)
+	transfer(t, a, "127.0.0.1", "127.0.0.2", 4<<20)
+	if got := (<-addrs).(*net.TCPAddr).AddrPort().Addr(); got != netip.MustParseAddr("127.0.0.1") {
+		t.Fatalf("server saw the tunnel come from %s, want a's node address", got)
+	}
+	if v := counter(a.metrics.dials.WithLabelValues("overlay")); v != 1 {
+		t.Fatalf("overlay dials %v", v)
+	}
+
+	// Garbage to b's port: dropped and counted.
+	u, err := net.Dial("udp", net.JoinHostPort("127.0.0.2", itoa(portB)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range [][]byte{[]byte("GET / HTTP/1.1\r\n\r\n"), wgMessage(1, 148)} {
+		if _, err := u.Write(g); err != nil {
+			t.Fatal(err)
+		}
+	}
+	u.Close()
+	waitFor(t, 5*time.Second, "garbage counted", func() bool {
+		return counter(b.metrics.dropped.WithLabelValues("malformed")) == 1 &&
+			counter(b.metrics.dropped.WithLabelValues("invalid_handshake")) == 1
+	})
+
+	// Restart b: same key, a reconnects.
+	keyB := b.PublicKey()
+	ln.Close()
+	b.stop()
+	b = startTransport(t, client, "b", "127.0.0.2", dirB, portB)
+	if b.PublicKey() != keyB {
+		t.Fatal("restart changed the key")
+	}
+	ln, err = b.ListenOverlay()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	echo(t, ln, addrs)
+	transfer(t, a, "127.0.0.1", "127.0.0.2", 64<<10)
+
+	// Rotate b's key: delete it, restart; a follows the Node.
+	ln.Close()
+	b.stop()
+	if err := os.Remove(filepath.Join(dirB, KeyFile)); err != nil {
+		t.Fatal(err)
+	}
+	b = startTransport(t, client, "b", "127.0.0.2", dirB, portB)
+	if b.PublicKey() == keyB {
+		t.Fatal("key not rotated")
+	}
+	ln, err = b.ListenOverlay()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	echo(t, ln, addrs)
+	waitFor(t, 5*time.Second, "a sees b's new key", func() bool {
+		a.peers.mu.RLock()
+		defer a.peers.mu.RUnlock()
+		return a.peers.configured["b"].PublicKey == b.PublicKey()
+	})
+	transfer(t, a, "127.0.0.1", "127.0.0.2", 64<<10)
+}
+
+// TestUnderlayListenerRefusesWireGuardNodes: on the node address, tunnels
+// from a node that publishes a key are refused (counted); from a node
+// without one (rollout) and from this node, accepted.
+func TestUnderlayListenerRefusesWireGuardNodes(t *testing.T) {
+	p := NewPeers("a", false, &fakeDevice{}, nil, discard())
+	p.Update(testNode("a", "127.0.0.1", nil, nil))
+	p.Update(testNode("b", "127.0.0.2", nil, testPublished(t, "127.0.0.2").Annotations()))
+	p.Update(testNode("c", "127.0.0.3", nil, nil))
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var refused int
+	ln := &underlayListener{Listener: inner, route: p.Route, refused: func() { refused++ }}
+	defer ln.Close()
+	accepted := make(chan string, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+			c.Close()
+		}
+	}()
+	for _, from := range []string{"127.0.0.2", "127.0.0.3", "127.0.0.1"} {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+		c, err := d.Dial("tcp", inner.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A refused connection is closed without a byte.
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, _ = c.Read(make([]byte, 1))
+		c.Close()
+	}
+	got := []string{<-accepted, <-accepted}
+	if !bytes.Equal([]byte(got[0]+got[1]), []byte("127.0.0.3127.0.0.1")) || refused != 1 {
+		t.Fatalf("accepted %v refused %d, want 127.0.0.3 and 127.0.0.1 accepted, 127.0.0.2 refused", got, refused)
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
+
+func counter(c prometheus.Counter) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		panic(err)
+	}
+	return m.GetCounter().GetValue()
+}
