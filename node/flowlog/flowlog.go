@@ -54,8 +54,11 @@ type Conn struct {
 	TLS      string         `json:"tls"`
 	ClientID string         `json:"clientId,omitempty"`
 	ServerID string         `json:"serverId,omitempty"`
-	Opened   time.Time      `json:"opened"`
-	Closed   time.Time      `json:"closed,omitzero"`
+	// Peer is the other node's agent of a meshed connection (the
+	// tunnel's far end; this node's own address for a same-node pair).
+	Peer   netip.Addr `json:"peer,omitzero"`
+	Opened time.Time  `json:"opened"`
+	Closed time.Time  `json:"closed,omitzero"`
 	// ClientBytes went from the client to the server, ServerBytes back
 	// (known for meshed connections only).
 	ClientBytes int64  `json:"clientBytes,omitempty"`

@@ -1,0 +1,351 @@
+// Package observe is the agent's observability API: capture, tap and
+// edges, served over TLS on their own port (default <node-ip>:4192), never
+// on the unauthenticated admin port. Every call is authenticated and
+// authorized by node/access (TokenReview or a client certificate, then a
+// SubjectAccessReview on pods/capture|tap|edges in tap.tunmesh.io), and
+// every capture and tap is logged with who, which pod and how long.
+//
+//	GET /v1/capture?namespace=NS&pod=NAME&side=pod|wire|both&port=P&duration=D&count=N&maxBytes=B
+//	    200 application/vnd.tcpdump.pcapng, streamed until the capture ends
+//	GET /v1/tap?namespace=NS[&pod=NAME]
+//	    200 application/x-ndjson: flowlog.Event per line, until the caller goes away
+//	GET /v1/edges[?namespace=NS]
+//	    200 application/json: []flowlog.Edge of this node's pods
+package observe
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/gopacket/gopacket/layers"
+
+	"github.com/tunmesh/tunmesh/netstack"
+	"github.com/tunmesh/tunmesh/node/access"
+	"github.com/tunmesh/tunmesh/node/capture"
+	"github.com/tunmesh/tunmesh/node/flowlog"
+	"github.com/tunmesh/tunmesh/node/pods"
+)
+
+// Paths of the API.
+const (
+	CapturePath = "/v1/capture"
+	TapPath     = "/v1/tap"
+	EdgesPath   = "/v1/edges"
+)
+
+// DefaultPort is the observability API's port.
+const DefaultPort = 4192
+
+// Auth authenticates and authorizes callers (access.Gate).
+type Auth interface {
+	Authenticate(r *http.Request) (access.User, error)
+	Authorize(ctx context.Context, u access.User, a access.Attributes) error
+}
+
+// Pods lists the node's meshed pods (pods.Registry).
+type Pods interface {
+	All() []*pods.Pod
+}
+
+// Config is what the API serves from.
+type Config struct {
+	Auth Auth
+	Pods Pods
+	Log  *flowlog.Log
+	// TapNIC taps a pod's tm0 in the netstack (netstack.Stack.TapNIC).
+	TapNIC func(netstack.NICID, netstack.PacketTap) (func(), error)
+	// Sources overrides how eth0 and the wire are read (tests); nil uses
+	// packet sockets.
+	Sources func(p *pods.Pod, side capture.Side, keepWire func([]byte) bool) []capture.Source
+	// MeshPort is the tunnel port the wire side shows (default 4143).
+	MeshPort uint16
+	// TapBuffer is how many events a slow tap reader may lag (default
+	// 1024) before events are dropped (and the stream says how many).
+	TapBuffer int
+	Logger    *slog.Logger
+}
+
+// Handler returns the API's handler.
+func Handler(cfg Config) (http.Handler, error) {
+	if cfg.Auth == nil || cfg.Pods == nil || cfg.Log == nil || cfg.TapNIC == nil || cfg.Logger == nil {
+		return nil, errors.New("observe: nil dependency")
+	}
+	if cfg.MeshPort == 0 {
+		cfg.MeshPort = 4143
+	}
+	if cfg.TapBuffer == 0 {
+		cfg.TapBuffer = 1024
+	}
+	s := &server{cfg: cfg}
+	if s.cfg.Sources == nil {
+		s.cfg.Sources = s.packetSockets
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+CapturePath, s.capture)
+	mux.HandleFunc("GET "+TapPath, s.tap)
+	mux.HandleFunc("GET "+EdgesPath, s.edges)
+	return mux, nil
+}
+
+type server struct{ cfg Config }
+
+// allow authenticates r and authorizes a; on refusal it answers and
+// returns false.
+func (s *server) allow(w http.ResponseWriter, r *http.Request, a access.Attributes) (access.User, bool) {
+	u, err := s.cfg.Auth.Authenticate(r)
+	if err == nil {
+		err = s.cfg.Auth.Authorize(r.Context(), u, a)
+	}
+	if err != nil {
+		s.cfg.Logger.Warn("observability call refused", "user", u.Name, "what", a.String(), "remote", r.RemoteAddr, "err", err)
+		http.Error(w, err.Error(), access.Status(err))
+		return u, false
+	}
+	return u, true
+}
+
+func (s *server) pod(ns, name string) *pods.Pod {
+	for _, p := range s.cfg.Pods.All() {
+		if p.Namespace == ns && p.Name == name {
+			return p
+		}
+	}
+	return nil
+}
+
+func (s *server) capture(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	ns, name := q.Get("namespace"), q.Get("pod")
+	if ns == "" || name == "" {
+		http.Error(w, "namespace and pod are required", http.StatusBadRequest)
+		return
+	}
+	req, err := captureRequest(q)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	u, ok := s.allow(w, r, access.Attributes{Subresource: access.Capture, Namespace: ns, Name: name})
+	if !ok {
+		return
+	}
+	p := s.pod(ns, name)
+	if p == nil {
+		http.Error(w, fmt.Sprintf("pod %s/%s is not meshed on this node", ns, name), http.StatusNotFound)
+		return
+	}
+	peers := &peerSet{}
+	peers.update(s.cfg.Log, p)
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	if req.Side != capture.SidePod {
+		go func() { // RoutinePeers: ends with the capture
+			t := time.NewTicker(time.Second)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					peers.update(s.cfg.Log, p)
+				}
+			}
+		}()
+	}
+	srcs := s.cfg.Sources(p, req.Side, peers.keep)
+	log := s.cfg.Logger.With("user", u.Name, "auth", u.Method, "pod", name, "pod_namespace", ns, "side", string(req.Side), "remote", r.RemoteAddr)
+	log.Info("capture started", "port", req.Port, "max_duration", req.Duration, "max_packets", req.MaxPackets, "max_bytes", req.MaxBytes)
+	w.Header().Set("Content-Type", "application/vnd.tcpdump.pcapng")
+	w.Header().Set("Content-Disposition", fmt.Sprintf("attachment; filename=%q", name+".pcapng"))
+	rc := http.NewResponseController(w)
+	start := time.Now()
+	st, err := capture.Run(ctx, w, func() { _ = rc.Flush() }, req, srcs)
+	if err != nil {
+		log.Warn("capture failed", "err", err, "duration", time.Since(start))
+		if st.Packets == 0 {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+		}
+		return
+	}
+	log.Info("capture ended", "duration", time.Since(start).Round(time.Millisecond), "packets", st.Packets, "bytes", st.Bytes, "dropped", st.Dropped, "reason", st.Reason)
+}
+
+func captureRequest(q map[string][]string) (capture.Request, error) {
+	get := func(k string) string {
+		if v := q[k]; len(v) > 0 {
+			return v[0]
+		}
+		return ""
+	}
+	var req capture.Request
+	var err error
+	if req.Side, err = capture.ParseSide(get("side")); err != nil {
+		return req, err
+	}
+	if v := get("port"); v != "" {
+		p, err := strconv.ParseUint(v, 10, 16)
+		if err != nil {
+			return req, fmt.Errorf("port %q: %w", v, err)
+		}
+		req.Port = uint16(p)
+	}
+	if v := get("duration"); v != "" {
+		if req.Duration, err = time.ParseDuration(v); err != nil {
+			return req, fmt.Errorf("duration %q: %w", v, err)
+		}
+	}
+	if v := get("count"); v != "" {
+		if req.MaxPackets, err = strconv.Atoi(v); err != nil {
+			return req, fmt.Errorf("count %q: %w", v, err)
+		}
+	}
+	if v := get("maxBytes"); v != "" {
+		if req.MaxBytes, err = strconv.ParseInt(v, 10, 64); err != nil {
+			return req, fmt.Errorf("maxBytes %q: %w", v, err)
+		}
+	}
+	return req, req.Normalize()
+}
+
+// packetSockets are the real sources: tm0 through the netstack's tap,
+// eth0 inside the pod's namespace, the mesh port in the node's.
+func (s *server) packetSockets(p *pods.Pod, side capture.Side, keepWire func([]byte) bool) []capture.Source {
+	var srcs []capture.Source
+	if side != capture.SideWire {
+		nic := p.NIC
+		srcs = append(srcs, capture.Source{Name: "tm0", LinkType: layers.LinkTypeRaw, Start: func(emit func([]byte, bool)) (func(), error) {
+			return s.cfg.TapNIC(nic, func(out bool, b []byte) { emit(b, out) })
+		}})
+		srcs = append(srcs, capture.PacketSocket("eth0", p.Netns, "eth0", 0, false))
+	}
+	if side != capture.SidePod {
+		wire := capture.PacketSocket("node:mesh-port-"+strconv.Itoa(int(s.cfg.MeshPort)), "", "", s.cfg.MeshPort, true)
+		wire.Keep = keepWire
+		srcs = append(srcs, wire)
+	}
+	return srcs
+}
+
+// peerSet is the set of nodes a pod's meshed connections go through,
+// read on the data path (atomic), refreshed every second.
+type peerSet struct {
+	set atomic.Pointer[map[netip.Addr]bool]
+}
+
+func (ps *peerSet) update(l *flowlog.Log, p *pods.Pod) {
+	m := map[netip.Addr]bool{}
+	for _, c := range l.Conns() {
+		if c.TLS != flowlog.TLSTrue || !c.Peer.IsValid() {
+			continue
+		}
+		local := c.SrcPod
+		if c.Proxy == flowlog.In {
+			local = c.DstPod
+		}
+		if local.Namespace == p.Namespace && local.Name == p.Name {
+			m[c.Peer] = true
+		}
+	}
+	ps.set.Store(&m)
+}
+
+// keep: a wire packet between this node and one of the pod's peers.
+func (ps *peerSet) keep(pkt []byte) bool {
+	m := ps.set.Load()
+	if m == nil {
+		return false
+	}
+	_, src, dst, ok := capture.Ports(pkt, layers.LinkTypeEthernet)
+	if !ok {
+		return false
+	}
+	return (*m)[src.Addr()] || (*m)[dst.Addr()]
+}
+
+func (s *server) tap(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	ns, name := q.Get("namespace"), q.Get("pod")
+	if ns == "" && name != "" {
+		http.Error(w, "pod needs a namespace", http.StatusBadRequest)
+		return
+	}
+	u, ok := s.allow(w, r, access.Attributes{Subresource: access.Tap, Namespace: ns, Name: name})
+	if !ok {
+		return
+	}
+	sub := s.cfg.Log.Subscribe(flowlog.Filter{Namespace: ns, Name: name}, s.cfg.TapBuffer)
+	defer sub.Close()
+	log := s.cfg.Logger.With("user", u.Name, "auth", u.Method, "pod", name, "pod_namespace", ns, "remote", r.RemoteAddr)
+	log.Info("tap started")
+	start := time.Now()
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	rc := http.NewResponseController(w)
+	enc := json.NewEncoder(w)
+	_ = rc.Flush()
+	var events, reported uint64
+	defer func() {
+		log.Info("tap ended", "duration", time.Since(start).Round(time.Millisecond), "events", events, "dropped", sub.Dropped())
+	}()
+	keepalive := time.NewTicker(15 * time.Second)
+	defer keepalive.Stop()
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case <-keepalive.C:
+			// A write notices a caller that went away.
+			if _, err := w.Write([]byte("\n")); err != nil {
+				return
+			}
+			_ = rc.Flush()
+		case e := <-sub.C():
+			if d := sub.Dropped(); d != reported {
+				if err := enc.Encode(flowlog.Event{Type: "dropped", Time: time.Now(), ResponseLength: int64(d - reported)}); err != nil {
+					return
+				}
+				reported = d
+			}
+			if err := enc.Encode(e); err != nil {
+				return
+			}
+			events++
+			for more := true; more; {
+				select {
+				case e := <-sub.C():
+					if err := enc.Encode(e); err != nil {
+						return
+					}
+					events++
+				default:
+					more = false
+				}
+			}
+			if err := rc.Flush(); err != nil {
+				return
+			}
+		}
+	}
+}
+
+func (s *server) edges(w http.ResponseWriter, r *http.Request) {
+	ns := r.URL.Query().Get("namespace")
+	if _, ok := s.allow(w, r, access.Attributes{Subresource: access.Edges, Namespace: ns}); !ok {
+		return
+	}
+	out := []flowlog.Edge{}
+	for _, e := range s.cfg.Log.Edges() {
+		if ns == "" || e.Src.Namespace == ns || e.Dst.Namespace == ns {
+			out = append(out, e)
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(out)
+}
