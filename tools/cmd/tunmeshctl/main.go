@@ -107,6 +107,7 @@ trust anchors, and runs the local development cluster.
 		newCheckCmd(streams),
 		newIdentityCmd(streams),
 		newDevCmd(streams, ops, log),
+		newAuthzCmd(streams),
 	)
 	// Unknown subcommands and wrong arguments are usage errors too.
 	wrapArgs(root)
