@@ -23,6 +23,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/node/clusterview"
+	"github.com/tunmesh/tunmesh/node/flowlog"
 	"github.com/tunmesh/tunmesh/node/nodemetrics"
 	"github.com/tunmesh/tunmesh/node/pods"
 	"github.com/tunmesh/tunmesh/node/tunnel"
@@ -75,6 +76,9 @@ type Config struct {
 	// Authorizer applies policies to every checked stream; nil authorizes
 	// everything (tests of other parts; the agent always sets it).
 	Authorizer Authorizer
+	// Flows is the connection accounting (edges, tap, per-workload
+	// metrics: flows.go); nil records nothing.
+	Flows *flowlog.Log
 	// MaxConns caps open tunnel connections node-wide (default 16384);
 	// MaxConnsPerPeer those from one peer address (default 4096).
 	MaxConns, MaxConnsPerPeer int
@@ -657,7 +661,9 @@ func (a *Acceptor) deliver(ctx context.Context, req Request, t answerer) {
 	a.metrics.Opened.WithLabelValues("inbound").Inc()
 	a.metrics.Active.WithLabelValues("inbound").Inc()
 	start := time.Now()
+	flow, podConn := a.trackInbound(req, dst, podConn)
 	stats, err := tunnel.Splice(ctx, tun, podConn, tunnel.SpliceOptions{IdleTimeout: time.Hour})
+	flow.close(stats, err)
 	a.metrics.Active.WithLabelValues("inbound").Dec()
 	a.metrics.Closed.WithLabelValues("inbound").Inc()
 	a.metrics.Ends.WithLabelValues("inbound", tunnel.EndOf(err)).Inc()
@@ -666,7 +672,7 @@ func (a *Acceptor) deliver(ctx context.Context, req Request, t answerer) {
 	if err != nil && !errors.Is(err, context.Canceled) {
 		a.log.Debug("inbound tunnel ended", "err", err)
 	}
-	a.log.Info("connection closed", "direction", "inbound", "dst_pod", dst.FullName(), "client_id", clientID.String(),
+	a.log.Debug("connection closed", "direction", "inbound", "dst_pod", dst.FullName(), "client_id", clientID.String(),
 		"server_id", dst.ID.String(), "src", h.Src.String(), "tls", true, "bytes_in", stats.AToB, "bytes_out", stats.BToA, "duration", time.Since(start), "end", tunnel.EndOf(err))
 }
 

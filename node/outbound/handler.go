@@ -13,6 +13,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/node/dialer"
+	"github.com/tunmesh/tunmesh/node/flowlog"
 	"github.com/tunmesh/tunmesh/node/nodemetrics"
 	"github.com/tunmesh/tunmesh/node/resolve"
 	"github.com/tunmesh/tunmesh/node/tunnel"
@@ -50,6 +51,9 @@ type Options struct {
 	// tunnel stream, its splice and its netstack endpoint); past it new
 	// ones are refused. Default 4096.
 	MaxConnsPerPod int
+	// Flows is the connection accounting (edges, tap, per-workload
+	// metrics); nil records nothing.
+	Flows *flowlog.Log
 }
 
 // Handler is the netstack.FlowHandler (and SegmentDecider) for flows from
@@ -127,10 +131,12 @@ func (h *Handler) HandleFlow(f netstack.Flow) netstack.Decision {
 	switch d.Verdict {
 	case Pass:
 		h.metrics.Passthrough.WithLabelValues(d.Reason).Inc()
+		h.seen(f, d)
 		h.log.Debug("connection not meshed", "src", f.Src.String(), "dst", f.Dst.String(), "tls", false, "reason", d.Reason)
 		return netstack.Passthrough
 	case Refuse:
 		h.failClosed(f, d, nil)
+		h.seen(f, d)
 		return netstack.Reset
 	default:
 		h.failClosed(f, d, nil)
@@ -198,6 +204,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 	}
 	h.metrics.Opened.WithLabelValues("outbound").Inc()
 	h.metrics.Active.WithLabelValues("outbound").Inc()
+	track, conn := h.track(f, t, conn)
 	stats, err := tunnel.Splice(ctx, conn, tc, tunnel.SpliceOptions{IdleTimeout: time.Hour})
 	h.metrics.Active.WithLabelValues("outbound").Dec()
 	h.metrics.Closed.WithLabelValues("outbound").Inc()
@@ -211,9 +218,34 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 	h.metrics.Ends.WithLabelValues("outbound", end).Inc()
 	h.metrics.Bytes.WithLabelValues("outbound", "sent").Add(float64(stats.AToB))
 	h.metrics.Bytes.WithLabelValues("outbound", "received").Add(float64(stats.BToA))
-	h.log.Info("connection closed", "direction", "outbound", "src_pod", t.Src.FullName(),
+	if track != nil {
+		track.Close(stats.AToB, stats.BToA, end)
+	}
+	// Debug: tap and edges show every connection (docs/observability.md).
+	h.log.Debug("connection closed", "direction", "outbound", "src_pod", t.Src.FullName(),
 		"client_id", t.Src.ID.String(), "server_id", t.DstID.String(), "dst", t.Dst.String(), "tls", true,
 		"bytes_sent", stats.AToB, "bytes_received", stats.BToA, "duration", time.Since(start), "end", end, "err", err)
+}
+
+// seen records a flow the mesh did not carry, and why (edges' MSG).
+func (h *Handler) seen(f netstack.Flow, d Decision) {
+	if h.opts.Flows == nil {
+		return
+	}
+	h.opts.Flows.Seen(flowlog.Conn{Proxy: flowlog.Out, Src: f.Src, Dst: f.Dst, TLS: d.Reason})
+}
+
+// track records a meshed connection and wraps the pod's side for the
+// HTTP/1 observer when metrics or a tap want it (nil: no accounting).
+func (h *Handler) track(f netstack.Flow, t Target, conn net.Conn) (*flowlog.Track, net.Conn) {
+	if h.opts.Flows == nil {
+		return nil, conn
+	}
+	c := flowlog.Conn{Proxy: flowlog.Out, Src: f.Src, Dst: t.Dst, TLS: flowlog.TLSTrue,
+		ClientID: t.Src.ID.String(), ServerID: t.DstID.String(), Peer: t.DstNode}
+	tr := h.opts.Flows.Open(c)
+	// The pod's connection reads the client's bytes.
+	return tr, tr.Observe(conn, true)
 }
 
 // dialFailed counts and logs a tunnel that could not be opened, or that
