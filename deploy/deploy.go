@@ -22,8 +22,9 @@ import (
 var Manifests embed.FS
 
 // Base lists, in apply order, the manifests every installation needs
-// before its workloads: namespace, RBAC and ServiceAccounts.
-var Base = []string{"namespace.yaml", "identity-rbac.yaml", "node-rbac.yaml"}
+// before its workloads: namespace, the Authorization CRD (the agents
+// cannot sync without it), RBAC and ServiceAccounts.
+var Base = []string{"namespace.yaml", "authorization-crd.yaml", "identity-rbac.yaml", "node-rbac.yaml"}
 
 // Namespace is tunmesh's namespace, as the manifests name it.
 const Namespace = "tunmesh"

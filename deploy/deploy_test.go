@@ -69,7 +69,7 @@ func TestKustomizationListsEveryFile(t *testing.T) {
 	}
 }
 
-var clusterScoped = []string{"Namespace", "ClusterRole", "ClusterRoleBinding"}
+var clusterScoped = []string{"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 func TestObjectsWellFormed(t *testing.T) {
 	seen := map[string]bool{}

@@ -27,6 +27,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
@@ -99,6 +100,8 @@ type Config struct {
 	PodName, PodNamespace string
 	// WireGuard is the transport between nodes (wireguard.go).
 	WireGuard WireGuardConfig
+	// Dynamic reads the Authorization custom resources (required; authz.go).
+	Dynamic dynamic.Interface
 }
 
 func (c *Config) defaults() error {
@@ -173,6 +176,7 @@ type Agent struct {
 	inbound     *inbound.Acceptor
 	release     *release.Watcher     // nil with ReleaseOnExit never
 	wg          *wireguard.Transport // nil with transport tcp
+	enforcer    *enforcer            // NetworkPolicy and authorization (authz.go)
 }
 
 // Version is the agent's version, set at build time with
@@ -208,6 +212,9 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 		return nil, err
 	}
 	pol := policy.Config{ExcludedNamespaces: append([]string{"kube-system", cfg.ControlNamespace}, cfg.ExcludedNamespaces...)}
+	if err := a.newEnforcer(pol); err != nil {
+		return nil, err
+	}
 	recorder := a.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "tunmesh-node", Host: cfg.NodeName})
 	a.cni, err = pods.NewHandler(pods.Config{
 		TrustDomain: cfg.TrustDomain, TUNMTU: cfg.TUNMTU, Cluster: cfg.Cluster, Policy: pol, StateDir: cfg.StateDir,
@@ -216,7 +223,7 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	if err != nil {
 		return nil, err
 	}
-	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Synced: a.gate.Synced, Policy: pol, TrustDomain: cfg.TrustDomain}
+	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Synced: a.gate.Synced, Policy: pol, TrustDomain: cfg.TrustDomain, Access: a.enforcer}
 	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace, LocalAddr: cfg.NodeIP,
 		DisableV3: cfg.TunnelV2Only, DialTCP: a.wgDialTCP(), Metrics: m, Log: log.With("component", "dialer")}
 	a.dialer = dl
@@ -224,7 +231,7 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	if err != nil {
 		return nil, err
 	}
-	a.inbound, err = inbound.New(inbound.Config{TrustDomain: cfg.TrustDomain, ControlNamespace: cfg.ControlNamespace},
+	a.inbound, err = inbound.New(inbound.Config{TrustDomain: cfg.TrustDomain, ControlNamespace: cfg.ControlNamespace, Authorizer: a.enforcer},
 		a.registry, view, certs, a.stackRef, m, log.With("component", "inbound"))
 	if err != nil {
 		return nil, err
@@ -345,6 +352,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return a.certs.Run(gctx) })
 	g.Go(func() error { return a.resolver.Run(gctx) })
 	g.Go(func() error { return a.view.Run(gctx) })
+	g.Go(func() error { return a.enforcer.policies.Run(gctx) })
 	g.Go(func() error { return a.cni.Reconcile(gctx, time.Second) })
 	g.Go(func() error { return a.inbound.Serve(gctx, meshLn) })
 	g.Go(func() error { return a.dialer.Run(gctx) })

@@ -34,6 +34,11 @@ func RequiredPermissions(releaseOnExit release.Mode, podNamespace string) []rbac
 		{Group: "discovery.k8s.io", Resource: "endpointslices", Verb: "watch"},
 		{Resource: "events", Verb: "create"},
 		{Resource: "events", Verb: "patch"},
+		// NetworkPolicy and Authorization informers (clusterview.Policies).
+		{Group: "networking.k8s.io", Resource: "networkpolicies", Verb: "list"},
+		{Group: "networking.k8s.io", Resource: "networkpolicies", Verb: "watch"},
+		{Group: "policy.tunmesh.io", Resource: "authorizations", Verb: "list"},
+		{Group: "policy.tunmesh.io", Resource: "authorizations", Verb: "watch"},
 		// WireGuard transport: the Node informer (peers) and the node's
 		// own annotations (public key, endpoint, overlay address).
 		{Resource: "nodes", Verb: "list"},

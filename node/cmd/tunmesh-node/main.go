@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -124,6 +125,9 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	rc.UserAgent = "tunmesh-node/" + agent.Version + "/" + cfg.agent.NodeName
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
+		return err
+	}
+	if cfg.agent.Dynamic, err = dynamic.NewForConfig(rc); err != nil {
 		return err
 	}
 	identityServer := spiffe.ControlPlaneDNSName("tunmesh-identity", cfg.agent.ControlNamespace, cfg.agent.TrustDomain)

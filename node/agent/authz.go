@@ -1,0 +1,148 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/tunmesh/tunmesh/netstack"
+	"github.com/tunmesh/tunmesh/node/authz"
+	"github.com/tunmesh/tunmesh/node/clusterview"
+	"github.com/tunmesh/tunmesh/node/inbound"
+	"github.com/tunmesh/tunmesh/node/pods"
+	"github.com/tunmesh/tunmesh/node/policy"
+)
+
+// enforcer applies NetworkPolicy, default inbound policies and
+// Authorizations (node/authz) for the outbound decision (outbound.Access)
+// and the inbound checks (inbound.Authorizer), reading pods and namespaces
+// from the cluster view and policies from clusterview.Policies. See
+// docs/policy.md.
+type enforcer struct {
+	engine   *authz.Engine
+	view     *clusterview.View
+	policies *clusterview.Policies
+	report   *authz.Reporter
+	nodeIP   netip.Addr
+}
+
+// newEnforcer builds the policy informers and the engine, and adds the
+// policies to the agent's synced gate (so nothing is claimed, and no pod
+// attached, before they have synced). Called from New before anything
+// copies the gate.
+func (a *Agent) newEnforcer(pol policy.Config) error {
+	if a.cfg.Dynamic == nil {
+		return errors.New("agent: nil dynamic client (Authorization informer)")
+	}
+	rep, err := authz.NewReporter(a.reg, a.log.With("component", "policy"))
+	if err != nil {
+		return fmt.Errorf("policy metrics: %w", err)
+	}
+	pv, err := clusterview.NewPolicies(a.client, a.cfg.Dynamic, rep, a.log.With("component", "policy"))
+	if err != nil {
+		return err
+	}
+	eng, err := authz.New(a.view, pv, pv, pol, a.cfg.TrustDomain)
+	if err != nil {
+		return err
+	}
+	a.enforcer = &enforcer{engine: eng, view: a.view, policies: pv, report: rep, nodeIP: a.cfg.NodeIP}
+	a.gate.Parts = append(a.gate.Parts, pv.Synced)
+	return nil
+}
+
+var errPodNotInView = errors.New("pod not in the cluster view")
+
+// pod is a local pod's object from the view, by name.
+func (e *enforcer) pod(p *pods.Pod) (*corev1.Pod, error) {
+	obj, err := e.view.Pod(p.Namespace, p.Name)
+	if err != nil {
+		return nil, err
+	}
+	if obj == nil {
+		return nil, fmt.Errorf("%s: %w", p.FullName(), errPodNotInView)
+	}
+	return obj, nil
+}
+
+func (e *enforcer) outbound(src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) (authz.Decision, error) {
+	if !e.policies.Synced() {
+		return authz.Decision{}, clusterview.ErrNotSynced
+	}
+	sp, err := e.pod(src)
+	if err != nil {
+		return authz.Decision{}, err
+	}
+	d := e.engine.Outbound(sp, src.ID, dst, dstPod)
+	if d.Kind == authz.KindLookup {
+		return d, errors.New(d.Detail)
+	}
+	return d, nil
+}
+
+// Outbound implements outbound.Access.
+func (e *enforcer) Outbound(_ netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) (bool, error) {
+	d, err := e.outbound(src, dst, dstPod)
+	return d.Allowed, err
+}
+
+// Denied implements outbound.Access.
+func (e *enforcer) Denied(f netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) {
+	d, err := e.outbound(src, dst, dstPod)
+	if err != nil || d.Allowed {
+		return // changed meanwhile; the next SYN is judged again
+	}
+	e.report.Denied(authz.AtSource, f.Src, dst, d, "src_pod", src.FullName(), "client_id", src.ID.String())
+}
+
+// Plaintext implements outbound.Access: src is the local meshed pod
+// answering the plaintext client at f.Dst. The node's own address
+// (kubelet probes, if the pod's gateway bypass does not already keep them
+// off tm0) is always let through, as NetworkPolicy implementations do.
+func (e *enforcer) Plaintext(f netstack.Flow, src *pods.Pod, skipped bool) (bool, error) {
+	if f.Dst.Addr() == e.nodeIP {
+		return true, nil
+	}
+	if !e.policies.Synced() {
+		return false, clusterview.ErrNotSynced
+	}
+	sp, err := e.pod(src)
+	if err != nil {
+		return false, err
+	}
+	var d authz.Decision
+	if skipped {
+		d = e.engine.PlaintextNetworkPolicy(sp, f.Src.Port(), f.Dst.Addr())
+	} else {
+		d = e.engine.Plaintext(sp, f.Src.Port(), f.Dst.Addr())
+	}
+	if d.Kind == authz.KindLookup {
+		return false, errors.New(d.Detail)
+	}
+	if !d.Allowed {
+		e.report.Denied(authz.AtPlaintext, f.Dst, f.Src, d, "dst_pod", src.FullName())
+	}
+	return d.Allowed, nil
+}
+
+// AuthorizeInbound implements inbound.Authorizer.
+func (e *enforcer) AuthorizeInbound(r inbound.Request, src *corev1.Pod, dst *pods.Pod) (allowed, known bool, detail string) {
+	if !e.policies.Synced() {
+		return false, false, "policies not synced"
+	}
+	dp, err := e.pod(dst)
+	if err != nil {
+		return false, false, err.Error()
+	}
+	id := r.ClientID
+	d := e.engine.Inbound(authz.Client{IP: r.Header.Src, Pod: src, ID: &id}, dp, r.Header.Dst.Port())
+	if d.Kind == authz.KindLookup {
+		return false, false, d.Detail
+	}
+	if !d.Allowed {
+		e.report.DeniedStream(netip.AddrPortFrom(r.Header.Src, 0), r.Header.Dst, d, "dst_pod", dst.FullName(), "client_id", id.String())
+	}
+	return d.Allowed, true, d.Detail
+}
