@@ -81,6 +81,8 @@ func addClusterShapeFlags(cmd *cobra.Command, d *devFlags) {
 	noMesh := fs.Bool("no-mesh", false, "a bare cluster: no tunmesh (same as --mesh=false)")
 	fs.BoolVar(&d.cfg.RealNodes, "real-nodes", false, "nodes run a real kubelet + containerd and the real kube-scheduler; no mesh (install it with tunmeshctl install)")
 	fs.StringVar(&d.cfg.ImageDir, "image-dir", "", "OCI image archives imported into real nodes (default: <bin-dir>/images, from make images)")
+	fs.StringVar(&d.cfg.Transport, "transport", "tcp", "agents' transport between nodes: tcp or wireguard (userspace WireGuard overlay; docs/wireguard.md)")
+	fs.BoolVar(&d.cfg.EncryptAll, "encrypt-all", false, "with --transport wireguard: all cross-node pod traffic (UDP, ICMP, non-meshed pods, skipped ports) rides WireGuard")
 	prev := cmd.PreRunE
 	cmd.PreRunE = func(c *cobra.Command, args []string) error {
 		if *noMesh {

@@ -68,6 +68,12 @@ type Config struct {
 	// ImageDir holds the OCI archives (make images) imported into every
 	// real node's containerd; default BinDir/images.
 	ImageDir string
+	// Transport is the agents' transport between nodes: "tcp" (default)
+	// or "wireguard"; EncryptAll (wireguard only) carries all cross-node
+	// pod traffic through WireGuard (tunmesh-node --transport,
+	// --encrypt-all; docs/wireguard.md).
+	Transport  string
+	EncryptAll bool
 }
 
 // WithDefaults fills empty fields and validates the result.
@@ -99,6 +105,15 @@ func (c Config) WithDefaults() (Config, error) {
 	}
 	if c.RealNodes {
 		c.Mesh = false
+	}
+	if c.Transport == "" {
+		c.Transport = "tcp"
+	}
+	if c.Transport != "tcp" && c.Transport != "wireguard" {
+		return c, fmt.Errorf("transport %q: must be tcp or wireguard", c.Transport)
+	}
+	if c.EncryptAll && c.Transport != "wireguard" {
+		return c, errors.New("encrypt-all needs transport wireguard")
 	}
 	if !nameRE.MatchString(c.Name) {
 		return c, fmt.Errorf("cluster name %q: must match %s (it prefixes namespace names)", c.Name, nameRE)

@@ -116,7 +116,8 @@ func Up(ctx context.Context, cfg Config, self string, out io.Writer) error {
 		"--name", cfg.Name, "--nodes", strconv.Itoa(cfg.Nodes), "--root", cfg.Root,
 		"--kube-bin-dir", cfg.KubeBinDir, "--bin-dir", cfg.BinDir,
 		"--cni-bin-dir", cfg.CNIBinDir, "--etcd", cfg.Etcd, "--mesh="+strconv.FormatBool(cfg.Mesh),
-		"--real-nodes="+strconv.FormatBool(cfg.RealNodes), "--image-dir", cfg.ImageDir)
+		"--real-nodes="+strconv.FormatBool(cfg.RealNodes), "--image-dir", cfg.ImageDir,
+		"--transport", cfg.Transport, "--encrypt-all="+strconv.FormatBool(cfg.EncryptAll))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: the cluster outlives the shell that ran `up`.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

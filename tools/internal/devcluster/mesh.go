@@ -288,6 +288,8 @@ func (m *mesh) startAgent(n NodeSpec) error {
 			"--token-file", m.dir(n.Name, "token"),
 			"--state-dir", m.dir(n.Name, "state"),
 			"--debug-addr", AgentDebugAddr,
+			"--transport", m.cfg.Transport,
+			"--encrypt-all=" + strconv.FormatBool(m.cfg.EncryptAll),
 		},
 		Log: m.cfg.path("logs", "tunmesh-node-"+n.Name+".log"),
 	})

@@ -33,6 +33,8 @@ type State struct {
 	Nodes         []NodeState `json:"nodes"`
 	Mesh          bool        `json:"mesh"`
 	RealNodes     bool        `json:"realNodes"`
+	Transport     string      `json:"transport,omitempty"`
+	EncryptAll    bool        `json:"encryptAll,omitempty"`
 	Started       time.Time   `json:"started"`
 	ReadyAfter    string      `json:"readyAfter"`
 }
@@ -216,6 +218,8 @@ func supervise(ctx context.Context, cfg Config, cp *controlPlane, log *slog.Logg
 			Kubeconfig:    cfg.KubeconfigPath(),
 			Mesh:          cfg.Mesh,
 			RealNodes:     cfg.RealNodes,
+			Transport:     cfg.Transport,
+			EncryptAll:    cfg.EncryptAll,
 			Started:       start,
 			ReadyAfter:    time.Since(start).Round(100 * time.Millisecond).String(),
 		}
