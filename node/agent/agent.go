@@ -102,6 +102,8 @@ type Config struct {
 	WireGuard WireGuardConfig
 	// Dynamic reads the Authorization custom resources (required; authz.go).
 	Dynamic dynamic.Interface
+	// Observe is the observability API and accounting (observe.go).
+	Observe ObserveConfig
 }
 
 func (c *Config) defaults() error {
@@ -177,6 +179,7 @@ type Agent struct {
 	release     *release.Watcher     // nil with ReleaseOnExit never
 	wg          *wireguard.Transport // nil with transport tcp
 	enforcer    *enforcer            // NetworkPolicy and authorization (authz.go)
+	obs         *observability       // connection accounting, capture/tap/edges API (observe.go)
 }
 
 // Version is the agent's version, set at build time with
@@ -211,6 +214,9 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	if err := a.newWireGuard(); err != nil {
 		return nil, err
 	}
+	if err := a.newObservability(); err != nil {
+		return nil, err
+	}
 	pol := policy.Config{ExcludedNamespaces: append([]string{"kube-system", cfg.ControlNamespace}, cfg.ExcludedNamespaces...)}
 	if err := a.newEnforcer(pol); err != nil {
 		return nil, err
@@ -227,11 +233,11 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace, LocalAddr: cfg.NodeIP,
 		DisableV3: cfg.TunnelV2Only, DialTCP: a.wgDialTCP(), Metrics: m, Log: log.With("component", "dialer")}
 	a.dialer = dl
-	a.outbound, err = outbound.NewHandler(decider, dl, res, certs, outbound.Options{}, m, log.With("component", "outbound"))
+	a.outbound, err = outbound.NewHandler(decider, dl, res, certs, outbound.Options{Flows: a.obs.flows}, m, log.With("component", "outbound"))
 	if err != nil {
 		return nil, err
 	}
-	a.inbound, err = inbound.New(inbound.Config{TrustDomain: cfg.TrustDomain, ControlNamespace: cfg.ControlNamespace, Authorizer: a.enforcer},
+	a.inbound, err = inbound.New(inbound.Config{TrustDomain: cfg.TrustDomain, ControlNamespace: cfg.ControlNamespace, Authorizer: a.enforcer, Flows: a.obs.flows},
 		a.registry, view, certs, a.stackRef, m, log.With("component", "inbound"))
 	if err != nil {
 		return nil, err
@@ -311,6 +317,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		Handler:     a.outbound,
 		Passthrough: netstack.FDWriter(hostFD),
 		UnderlayMTU: a.cfg.UnderlayMTU,
+		// Plaintext connections into pods, for edges and tap (observe.go).
+		OnPassthroughSYNACK: a.passthroughSYNACK,
 	}, a.log.With("component", "netstack"))
 	if err != nil {
 		return fmt.Errorf("start netstack: %w", err)
@@ -356,6 +364,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return a.cni.Reconcile(gctx, time.Second) })
 	g.Go(func() error { return a.inbound.Serve(gctx, meshLn) })
 	g.Go(func() error { return a.dialer.Run(gctx) })
+	g.Go(func() error { return a.serveObservability(gctx, st) })
 	if err := a.wgRun(g, gctx); err != nil {
 		return err
 	}

@@ -43,6 +43,7 @@ type config struct {
 
 func main() {
 	var cfg config
+	var httpMetrics bool
 	fs := flag.NewFlagSet("tunmesh-node", flag.ExitOnError)
 	fs.StringVar(&cfg.agent.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (env NODE_NAME)")
 	fs.StringVar(&cfg.nodeIP, "node-ip", os.Getenv("NODE_IP"), "address peers dial on the mesh port (env NODE_IP)")
@@ -71,8 +72,14 @@ func main() {
 	fs.IntVar(&cfg.agent.WireGuard.Port, "wireguard-port", 51820, "WireGuard UDP port on the node (transport wireguard)")
 	fs.IntVar(&cfg.agent.WireGuard.MTU, "wireguard-mtu", 1420, "WireGuard inner MTU (transport wireguard)")
 	fs.BoolVar(&cfg.agent.WireGuard.EncryptAll, "encrypt-all", false, "transport wireguard: carry every packet a local pod sends to a pod on another WireGuard node (UDP, ICMP, non-meshed pods, skipped ports) through WireGuard")
+	fs.StringVar(&cfg.agent.Observe.Addr, "observe-addr", "", "observability API over TLS: capture, tap, edges, each call authenticated (client certificate or TokenReview) and authorized (SubjectAccessReview) (default <node-ip>:4192; see docs/observability.md)")
+	fs.StringVar(&cfg.agent.Observe.ClientCAFile, "client-ca-file", "", "CAs whose client certificates authenticate observability API callers (the cluster's client CA; default: bearer tokens only)")
+	fs.StringVar(&cfg.agent.Observe.CertFile, "observe-cert-file", "", "serving certificate of the observability API (default: self-signed at start, fingerprint logged)")
+	fs.StringVar(&cfg.agent.Observe.KeyFile, "observe-key-file", "", "key of --observe-cert-file")
+	fs.BoolVar(&httpMetrics, "http-metrics", true, "parse HTTP/1 in meshed connections for the HTTP metrics (off: only while someone taps)")
 	fs.StringVar(&tun.SysctlDir, "proc-sys-dir", tun.SysctlDir, "sysctl tree for net.* writes (a container's /proc/sys is read-only: the DaemonSet mounts the host's /proc/sys/net elsewhere)")
 	_ = fs.Parse(os.Args[1:])
+	cfg.agent.Observe.NoHTTPMetrics = !httpMetrics
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(cfg.logLevel)); err != nil {
