@@ -79,7 +79,7 @@ type world struct {
 	wantBuild bool // the world has invalid objects: building reports them
 }
 
-func (w world) engine(t *testing.T) *Engine {
+func (w world) engine(t testing.TB) *Engine {
 	t.Helper()
 	c := &fakeCluster{pods: map[netip.Addr]*corev1.Pod{}, ns: map[string]*corev1.Namespace{}, nsErr: w.nsErr}
 	nsLabels := map[string]map[string]string{}
