@@ -108,6 +108,9 @@ trust anchors, and runs the local development cluster.
 		newIdentityCmd(streams),
 		newDevCmd(streams, ops, log),
 		newAuthzCmd(streams),
+		newCaptureCmd(streams),
+		newEdgesCmd(streams),
+		newTapCmd(streams),
 	)
 	// Unknown subcommands and wrong arguments are usage errors too.
 	wrapArgs(root)

@@ -1,0 +1,243 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/tools/internal/namedns"
+)
+
+// agentFlags are how capture, tap and edges reach the node agents: the
+// agent's observability API on each node's address (InternalIP) and
+// --agent-port, over TLS, with the caller's kubeconfig credentials (its
+// client certificate, or its bearer token: --token, or the kubeconfig's).
+// The agent checks them with the API server (TokenReview or its client CA,
+// then a SubjectAccessReview). --netns dials from inside a named network
+// namespace (the local cluster's nodes sit in namespaces: use
+// <cluster>-cp, the control plane's).
+type agentFlags struct {
+	port  int
+	netns string
+}
+
+func (f *agentFlags) add(cmd *cobra.Command) {
+	cmd.Flags().IntVar(&f.port, "agent-port", observe.DefaultPort, "the agents' observability API port")
+	cmd.Flags().StringVar(&f.netns, "netns", "", "dial the agents from inside this named network namespace (local cluster: <name>-cp)")
+}
+
+// agents is a connected client of the agents' observability API.
+type agents struct {
+	client kubernetes.Interface
+	http   *http.Client
+	port   int
+	token  string
+}
+
+func newAgents(cf *genericclioptions.ConfigFlags, f agentFlags) (*agents, error) {
+	rc, err := cf.ToRESTConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig: %w", err)
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	tlsCfg, err := rest.TLSConfigFor(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig TLS: %w", err)
+	}
+	if tlsCfg == nil {
+		tlsCfg = &tls.Config{}
+	}
+	// The agents' serving certificates are their own (self-signed unless
+	// the install gives one): not verified here. A client certificate
+	// proves nothing to an impostor that it can replay (TLS 1.3 signs the
+	// handshake); a bearer token would be handed to it. See
+	// docs/observability.md, limits.
+	tlsCfg = tlsCfg.Clone()
+	tlsCfg.RootCAs, tlsCfg.InsecureSkipVerify, tlsCfg.ServerName = nil, true, ""
+	tlsCfg.MinVersion = tls.VersionTLS13
+	token := rc.BearerToken
+	if token == "" && rc.BearerTokenFile != "" {
+		b, err := os.ReadFile(rc.BearerTokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("read token file: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	tr := &http.Transport{TLSClientConfig: tlsCfg, ForceAttemptHTTP2: false, ResponseHeaderTimeout: 30 * time.Second}
+	if f.netns != "" {
+		tr.DialContext = namedns.Dialer(f.netns)
+	} else {
+		tr.DialContext = (&net.Dialer{Timeout: 10 * time.Second}).DialContext
+	}
+	return &agents{client: client, http: &http.Client{Transport: tr}, port: f.port, token: token}, nil
+}
+
+// nodeAddr is a node's InternalIP (else its first address).
+func (a *agents) nodeAddr(ctx context.Context, node string) (string, error) {
+	n, err := a.client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("get node %s: %w", node, err)
+	}
+	var first string
+	for _, ad := range n.Status.Addresses {
+		if ad.Type == corev1.NodeInternalIP {
+			return ad.Address, nil
+		}
+		if first == "" {
+			first = ad.Address
+		}
+	}
+	if first == "" {
+		return "", fmt.Errorf("node %s has no address", node)
+	}
+	return first, nil
+}
+
+// nodes lists every node's name.
+func (a *agents) nodes(ctx context.Context) ([]string, error) {
+	list, err := a.client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	var out []string
+	for _, n := range list.Items {
+		out = append(out, n.Name)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// get calls an agent's API on node; the caller closes the body. A refusal
+// (401, 403, 404, ...) is an error with the agent's message.
+func (a *agents) get(ctx context.Context, node, path string, q url.Values) (*http.Response, error) {
+	addr, err := a.nodeAddr(ctx, node)
+	if err != nil {
+		return nil, err
+	}
+	u := url.URL{Scheme: "https", Host: net.JoinHostPort(addr, strconv.Itoa(a.port)), Path: path, RawQuery: q.Encode()}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	if a.token != "" {
+		req.Header.Set("Authorization", "Bearer "+a.token)
+	}
+	resp, err := a.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("agent on %s: %w", node, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return nil, &agentError{node: node, status: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
+	}
+	return resp, nil
+}
+
+// agentError is an agent's refusal.
+type agentError struct {
+	node   string
+	status int
+	msg    string
+}
+
+func (e *agentError) Error() string {
+	return fmt.Sprintf("agent on %s: %s: %s", e.node, http.StatusText(e.status), e.msg)
+}
+
+// errForbidden lets callers tell a refusal from a failure.
+var errForbidden = errors.New("forbidden")
+
+func (e *agentError) Is(target error) bool {
+	return target == errForbidden && (e.status == http.StatusForbidden || e.status == http.StatusUnauthorized)
+}
+
+// resolvePods turns POD or deploy/NAME (also deployment/, ds/, sts/) in
+// ns into running pods.
+func resolvePods(ctx context.Context, client kubernetes.Interface, ns, ref string) ([]corev1.Pod, error) {
+	kind, name, ok := strings.Cut(ref, "/")
+	if !ok {
+		p, err := client.CoreV1().Pods(ns).Get(ctx, ref, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("get pod %s/%s: %w", ns, ref, err)
+		}
+		return []corev1.Pod{*p}, nil
+	}
+	if kind == "pod" || kind == "pods" || kind == "po" {
+		return resolvePods(ctx, client, ns, name)
+	}
+	var sel *metav1.LabelSelector
+	switch kind {
+	case "deploy", "deployment", "deployments":
+		d, err := client.AppsV1().Deployments(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("get deployment %s/%s: %w", ns, name, err)
+		}
+		sel = d.Spec.Selector
+	case "ds", "daemonset", "daemonsets":
+		d, err := client.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("get daemonset %s/%s: %w", ns, name, err)
+		}
+		sel = d.Spec.Selector
+	case "sts", "statefulset", "statefulsets":
+		var s *appsv1.StatefulSet
+		s, err := client.AppsV1().StatefulSets(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("get statefulset %s/%s: %w", ns, name, err)
+		}
+		sel = s.Spec.Selector
+	default:
+		return nil, fmt.Errorf("resource %q: want POD, pod/NAME, deploy/NAME, ds/NAME or sts/NAME", ref)
+	}
+	s, err := metav1.LabelSelectorAsSelector(sel)
+	if err != nil {
+		return nil, err
+	}
+	list, err := client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: s.String()})
+	if err != nil {
+		return nil, fmt.Errorf("list pods of %s: %w", ref, err)
+	}
+	var out []corev1.Pod
+	for _, p := range list.Items {
+		if p.Status.Phase == corev1.PodRunning && p.DeletionTimestamp == nil {
+			out = append(out, p)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s/%s has no running pod", ns, ref)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// namespaceOf is -n, else the kubeconfig context's namespace.
+func namespaceOf(cf *genericclioptions.ConfigFlags) (string, error) {
+	ns, _, err := cf.ToRawKubeConfigLoader().Namespace()
+	if err != nil {
+		return "", fmt.Errorf("namespace: %w", err)
+	}
+	return ns, nil
+}
