@@ -85,8 +85,12 @@ func NewPolicies(client kubernetes.Interface, dyn dynamic.Interface, report Inva
 		report: report, log: log,
 		netpols: map[string][]*netpol.Policy{}, authzs: map[string][]*authz.Authorization{}, invalidN: map[string]bool{},
 	}
-	if err := p.azInf.AddIndexers(cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc}); err != nil {
-		return nil, fmt.Errorf("policy view: index authorizations: %w", err)
+	// The dynamic informer comes with the namespace index already (adding
+	// it again fails with "indexer conflict").
+	if _, ok := p.azInf.GetIndexer().GetIndexers()[cache.NamespaceIndex]; !ok {
+		if err := p.azInf.AddIndexers(cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc}); err != nil {
+			return nil, fmt.Errorf("policy view: index authorizations: %w", err)
+		}
 	}
 	for _, h := range []struct {
 		inf     cache.SharedIndexInformer
