@@ -10,10 +10,12 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/node/access"
+	"github.com/tunmesh/tunmesh/node/capture"
 	"github.com/tunmesh/tunmesh/node/flowlog"
 	"github.com/tunmesh/tunmesh/node/observe"
 )
@@ -41,6 +43,38 @@ type ObserveConfig struct {
 type observability struct {
 	flows *flowlog.Log
 	gate  *access.Gate
+	syns  recentSYNs
+}
+
+// recentSYNs remembers the plaintext connections just recorded: one may be
+// seen several times (a SYN routed out a bridge and then out the pod's
+// veth; the pod's SYN-ACK through tm0).
+type recentSYNs struct {
+	mu sync.Mutex // guards m
+	m  map[[2]netip.AddrPort]time.Time
+}
+
+const synMemory = 3 * time.Second
+
+// first reports whether k was not seen within synMemory.
+func (r *recentSYNs) first(k [2]netip.AddrPort, now time.Time) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if t, ok := r.m[k]; ok && now.Sub(t) < synMemory {
+		return false
+	}
+	if r.m == nil {
+		r.m = map[[2]netip.AddrPort]time.Time{}
+	}
+	if len(r.m) >= 4096 {
+		for k, t := range r.m {
+			if now.Sub(t) >= synMemory {
+				delete(r.m, k)
+			}
+		}
+	}
+	r.m[k] = now
+	return true
 }
 
 // newObservability builds the accounting (before the data path, which
@@ -74,8 +108,18 @@ func (a *Agent) newObservability() error {
 }
 
 // passthroughSYNACK records a plaintext connection that reached a local
-// pod from outside the mesh (netstack.Options.OnPassthroughSYNACK).
+// pod from outside the mesh and whose replies go through tm0
+// (netstack.Options.OnPassthroughSYNACK).
 func (a *Agent) passthroughSYNACK(_ netstack.NICID, pod, peer netip.AddrPort) {
+	a.plaintextInbound(peer, pod)
+}
+
+// plaintextInbound records a connection from outside the mesh to a local
+// meshed pod (once).
+func (a *Agent) plaintextInbound(peer, pod netip.AddrPort) {
+	if a.registry.ByAddr(pod.Addr()) == nil || !a.obs.syns.first([2]netip.AddrPort{peer, pod}, time.Now()) {
+		return
+	}
 	a.obs.flows.Seen(flowlog.Conn{Proxy: flowlog.In, Src: peer, Dst: pod, TLS: flowlog.NotProvidedByRemote})
 }
 
@@ -104,6 +148,13 @@ func (a *Agent) serveObservability(ctx context.Context, st *netstack.Stack) erro
 	if err != nil {
 		return err
 	}
+	// Connections into pods from the node's side (kubelet probes: their
+	// replies skip tm0) are seen as SYNs crossing the node's namespace.
+	stopSYNs, err := capture.WatchSYNs(func(src, dst netip.AddrPort) { a.plaintextInbound(src, dst) })
+	if err != nil {
+		return fmt.Errorf("watch plaintext connections into pods: %w", err)
+	}
+	defer stopSYNs()
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, TLSConfig: tlsCfg}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {

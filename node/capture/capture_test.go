@@ -301,3 +301,40 @@ func FuzzPorts(f *testing.F) {
 		Ports(b, lt)
 	})
 }
+
+// TestSYNFilter runs WatchSYNs' in-kernel filter in x/net/bpf's VM.
+func TestSYNFilter(t *testing.T) {
+	vm, err := bpf.NewVM(synFilter())
+	if err != nil {
+		t.Fatal(err)
+	}
+	withFlags := func(b []byte, ipv6 bool, flags byte) []byte {
+		if ipv6 {
+			b[14+40+13] = flags
+		} else {
+			b[14+20+13] = flags
+		}
+		return b
+	}
+	cases := []struct {
+		name string
+		pkt  []byte
+		want bool
+	}{
+		{"ipv4 syn", withFlags(ether(tcp4(pod, web, "")), false, 0x02), true},
+		{"ipv4 syn-ack", withFlags(ether(tcp4(pod, web, "")), false, 0x12), false},
+		{"ipv4 ack", withFlags(ether(tcp4(pod, web, "x")), false, 0x10), false},
+		{"ipv6 syn", withFlags(ether(tcp6(pod6, web6, "")), true, 0x02), true},
+		{"ipv6 psh-ack", withFlags(ether(tcp6(pod6, web6, "x")), true, 0x18), false},
+		{"arp", append(make([]byte, 12), 0x08, 0x06, 0, 0, 0, 0), false},
+	}
+	for _, c := range cases {
+		n, err := vm.Run(c.pkt)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if (n > 0) != c.want {
+			t.Errorf("%s: kept %v, want %v", c.name, n > 0, c.want)
+		}
+	}
+}

@@ -142,8 +142,8 @@ func (s *server) capture(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, fmt.Sprintf("pod %s/%s is not meshed on this node", ns, name), http.StatusNotFound)
 		return
 	}
-	peers := &peerSet{}
-	peers.update(s.cfg.Log, p)
+	peers := &peerSet{log: s.cfg.Log, pod: p}
+	peers.update()
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	if req.Side != capture.SidePod {
@@ -155,7 +155,7 @@ func (s *server) capture(w http.ResponseWriter, r *http.Request) {
 				case <-ctx.Done():
 					return
 				case <-t.C:
-					peers.update(s.cfg.Log, p)
+					peers.update()
 				}
 			}
 		}()
@@ -235,14 +235,19 @@ func (s *server) packetSockets(p *pods.Pod, side capture.Side, keepWire func([]b
 }
 
 // peerSet is the set of nodes a pod's meshed connections go through,
-// read on the data path (atomic), refreshed every second.
+// read by the wire source's reader (atomic), refreshed every second and,
+// at most every 100ms, when a packet matches no known peer (a connection
+// to a new node just opened).
 type peerSet struct {
-	set atomic.Pointer[map[netip.Addr]bool]
+	set      atomic.Pointer[map[netip.Addr]bool]
+	log      *flowlog.Log
+	pod      *pods.Pod
+	lastMiss atomic.Int64 // unix nanos of the last refresh on a miss
 }
 
-func (ps *peerSet) update(l *flowlog.Log, p *pods.Pod) {
+func (ps *peerSet) update() {
 	m := map[netip.Addr]bool{}
-	for _, c := range l.Conns() {
+	for _, c := range ps.log.Conns() {
 		if c.TLS != flowlog.TLSTrue || !c.Peer.IsValid() {
 			continue
 		}
@@ -250,7 +255,7 @@ func (ps *peerSet) update(l *flowlog.Log, p *pods.Pod) {
 		if c.Proxy == flowlog.In {
 			local = c.DstPod
 		}
-		if local.Namespace == p.Namespace && local.Name == p.Name {
+		if local.Namespace == ps.pod.Namespace && local.Name == ps.pod.Name {
 			m[c.Peer] = true
 		}
 	}
@@ -259,14 +264,19 @@ func (ps *peerSet) update(l *flowlog.Log, p *pods.Pod) {
 
 // keep: a wire packet between this node and one of the pod's peers.
 func (ps *peerSet) keep(pkt []byte) bool {
-	m := ps.set.Load()
-	if m == nil {
-		return false
-	}
 	_, src, dst, ok := capture.Ports(pkt, layers.LinkTypeEthernet)
 	if !ok {
 		return false
 	}
+	if m := ps.set.Load(); m != nil && ((*m)[src.Addr()] || (*m)[dst.Addr()]) {
+		return true
+	}
+	now := time.Now().UnixNano()
+	if last := ps.lastMiss.Load(); now-last < int64(100*time.Millisecond) || !ps.lastMiss.CompareAndSwap(last, now) {
+		return false
+	}
+	ps.update()
+	m := ps.set.Load()
 	return (*m)[src.Addr()] || (*m)[dst.Addr()]
 }
 

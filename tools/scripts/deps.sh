@@ -16,6 +16,7 @@ packages=(
 	tshark iperf3 openssl curl python3 # checks and tools used inside pods/nodes
 	haproxy sockperf hey        # make bench: the sidecar pair, ping-pong latency, HTTP load
 	linux-perf                  # make bench: where the proxies' CPU goes
+	prometheus                  # e2e/observe: the dashboards' queries against a real Prometheus
 	ca-certificates
 )
 missing=()
