@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/node/access"
 	"github.com/tunmesh/tunmesh/node/capture"
@@ -144,6 +145,11 @@ func (a *Agent) serveObservability(ctx context.Context, st *netstack.Stack) erro
 	h, err := observe.Handler(observe.Config{
 		Auth: a.obs.gate, Pods: a.registry, Log: a.obs.flows, TapNIC: st.TapNIC,
 		MeshPort: uint16(a.cfg.MeshPort), Logger: a.log.With("component", "observe"),
+		Certificate: func(id spiffe.ID) (*tls.Certificate, error) {
+			cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+			defer cancel()
+			return a.certs.Certificate(cctx, id)
+		},
 	})
 	if err != nil {
 		return err

@@ -11,22 +11,30 @@
 //	    200 application/x-ndjson: flowlog.Event per line, until the caller goes away
 //	GET /v1/edges[?namespace=NS]
 //	    200 application/json: []flowlog.Edge of this node's pods
+//	GET /v1/pods[?namespace=NS]   (authorized as edges)
+//	    200 application/json: []PodCert, the node's meshed pods and their
+//	    certificates (for tunmeshctl check --proxy)
 package observe
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"net/netip"
+	"sort"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/gopacket/gopacket/layers"
 
+	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/node/access"
 	"github.com/tunmesh/tunmesh/node/capture"
@@ -39,6 +47,7 @@ const (
 	CapturePath = "/v1/capture"
 	TapPath     = "/v1/tap"
 	EdgesPath   = "/v1/edges"
+	PodsPath    = "/v1/pods"
 )
 
 // DefaultPort is the observability API's port.
@@ -67,6 +76,10 @@ type Config struct {
 	Sources func(p *pods.Pod, side capture.Side, keepWire func([]byte) bool) []capture.Source
 	// MeshPort is the tunnel port the wire side shows (default 4143).
 	MeshPort uint16
+	// Certificate returns an identity's current certificate without
+	// waiting (workload.Manager.Certificate with a short context); nil:
+	// /v1/pods reports no certificates.
+	Certificate func(spiffe.ID) (*tls.Certificate, error)
 	// TapBuffer is how many events a slow tap reader may lag (default
 	// 1024) before events are dropped (and the stream says how many).
 	TapBuffer int
@@ -92,6 +105,7 @@ func Handler(cfg Config) (http.Handler, error) {
 	mux.HandleFunc("GET "+CapturePath, s.capture)
 	mux.HandleFunc("GET "+TapPath, s.tap)
 	mux.HandleFunc("GET "+EdgesPath, s.edges)
+	mux.HandleFunc("GET "+PodsPath, s.pods)
 	return mux, nil
 }
 
@@ -356,6 +370,50 @@ func (s *server) edges(w http.ResponseWriter, r *http.Request) {
 			out = append(out, e)
 		}
 	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(out)
+}
+
+// PodCert is a meshed pod and the certificate its agent holds for it.
+type PodCert struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	Identity  string `json:"identity"`
+	// Chain is the leaf and its intermediates, PEM.
+	Chain string `json:"chain,omitempty"`
+	// Error says why there is no certificate.
+	Error string `json:"error,omitempty"`
+}
+
+func (s *server) pods(w http.ResponseWriter, r *http.Request) {
+	ns := r.URL.Query().Get("namespace")
+	if _, ok := s.allow(w, r, access.Attributes{Subresource: access.Edges, Namespace: ns}); !ok {
+		return
+	}
+	out := []PodCert{}
+	for _, p := range s.cfg.Pods.All() {
+		if ns != "" && p.Namespace != ns {
+			continue
+		}
+		pc := PodCert{Namespace: p.Namespace, Name: p.Name, Identity: p.ID.String()}
+		switch {
+		case s.cfg.Certificate == nil:
+			pc.Error = "certificates not reported"
+		default:
+			c, err := s.cfg.Certificate(p.ID)
+			if err != nil {
+				pc.Error = err.Error()
+				break
+			}
+			var b strings.Builder
+			for _, der := range c.Certificate {
+				_ = pem.Encode(&b, &pem.Block{Type: "CERTIFICATE", Bytes: der})
+			}
+			pc.Chain = b.String()
+		}
+		out = append(out, pc)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Namespace+"/"+out[i].Name < out[j].Namespace+"/"+out[j].Name })
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(out)
 }

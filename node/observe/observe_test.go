@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"log/slog"
 	"net/http"
@@ -17,6 +18,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
 
+	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/node/access"
 	"github.com/tunmesh/tunmesh/node/capture"
@@ -78,6 +80,9 @@ func newEnv(t *testing.T) *env {
 				return func() { e.mu.Lock(); e.emit = nil; e.mu.Unlock() }, nil
 			}}}
 		},
+		Certificate: func(id spiffe.ID) (*tls.Certificate, error) {
+			return &tls.Certificate{Certificate: [][]byte{[]byte("leaf-der"), []byte("issuer-der")}}, nil
+		},
 		Logger: slog.New(slog.NewTextHandler(e.logs, nil)),
 	})
 	if err != nil {
@@ -117,6 +122,7 @@ func TestAccess(t *testing.T) {
 		{"bob", TapPath + "?namespace=shop", 403},
 		{"alice", EdgesPath, 403}, // cluster-wide needs a cluster-wide grant
 		{"alice", EdgesPath + "?namespace=shop", 200},
+		{"bob", PodsPath + "?namespace=shop", 403},
 	}
 	for _, c := range cases {
 		resp := e.get(t, c.user, c.path)
@@ -213,5 +219,19 @@ func TestTapAndEdges(t *testing.T) {
 	}
 	if len(edges) != 1 || edges[0].Src.Name != "web-1" || edges[0].TLS != "true" || edges[0].DstAddr != "10.1.1.9:80" {
 		t.Fatalf("edges %+v", edges)
+	}
+}
+
+// TestPods: the node's meshed pods with their certificate chains.
+func TestPods(t *testing.T) {
+	e := newEnv(t)
+	resp := e.get(t, "alice", PodsPath+"?namespace=shop")
+	defer resp.Body.Close()
+	var pcs []PodCert
+	if err := json.NewDecoder(resp.Body).Decode(&pcs); err != nil {
+		t.Fatal(err)
+	}
+	if len(pcs) != 1 || pcs[0].Name != "web-1" || strings.Count(pcs[0].Chain, "BEGIN CERTIFICATE") != 2 {
+		t.Fatalf("pods %+v", pcs)
 	}
 }

@@ -124,6 +124,8 @@ type checkOptions struct {
 	agentSelector string
 	minValidity   time.Duration
 	output        *string
+	proxy         bool // check_proxy.go
+	agents        agentFlags
 }
 
 func newCheckCmd(streams genericiooptions.IOStreams) *cobra.Command {
@@ -139,6 +141,13 @@ tunmesh-cni (from the agents' /status reports), and one version across the
 agents and tunmesh-identity. It reports each check, passed or failed, and
 exits 1 when a check fails.
 
+With --proxy, the data-plane checks run on any install (also the local
+cluster's agent processes): an agent ready on every node, the agents of one
+version (the control plane's), every node's conflist chaining tunmesh-cni,
+and every meshed pod holding a current certificate that chains to the trust
+anchors (from the agents' observability API: needs get on pods/edges in API
+group tap.tunmesh.io cluster-wide; see docs/observability.md).
+
 -n/--namespace names tunmesh's namespace (default "tunmesh").`,
 		Args: cobra.NoArgs,
 	}
@@ -147,6 +156,8 @@ exits 1 when a check fails.
 	cmd.Flags().StringVar(&o.agentSelector, "agent-selector", "app=tunmesh-node", "label selector of the node agent pods")
 	cmd.Flags().DurationVar(&o.minValidity, "min-validity", identitycli.DefaultMinValidity, "anchors and issuer must stay valid this long")
 	o.output = addOutputFlag(cmd, "text", "text", "json", "yaml")
+	cmd.Flags().BoolVar(&o.proxy, "proxy", false, "data-plane checks: agents ready and of one version, conflists chained, every meshed pod's certificate current and chaining to the anchors")
+	o.agents.add(cmd)
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		client, err := kubeClient(cf)
 		if err != nil {
@@ -157,7 +168,13 @@ exits 1 when a check fails.
 		if err != nil {
 			return fmt.Errorf("check: %w", err)
 		}
-		dataPlane, note, err := installcli.CheckDataPlane(cmd.Context(), client, ns, installcli.ProxyStatus(client))
+		var dataPlane []identitycli.Check
+		var note string
+		if o.proxy {
+			dataPlane, err = checkProxy(cmd.Context(), cf, client, ns, o)
+		} else {
+			dataPlane, note, err = installcli.CheckDataPlane(cmd.Context(), client, ns, installcli.ProxyStatus(client))
+		}
 		if err != nil {
 			return fmt.Errorf("check: %w", err)
 		}

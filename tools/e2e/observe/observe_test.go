@@ -37,6 +37,7 @@ type fixture struct {
 	ns             string
 	client, server *corev1.Pod
 	viewer, nobody string // tokens
+	admin          string // a token with cluster-wide edges (check --proxy)
 }
 
 func setup(t *testing.T) *fixture {
@@ -94,6 +95,25 @@ func setup(t *testing.T) *fixture {
 		return tr.Status.Token
 	}
 	f.viewer, f.nobody = token("viewer"), token("nobody")
+	// check --proxy reads every node's pods: edges cluster-wide.
+	name := "tunmesh-observe-" + ns
+	if _, err := c.Client.RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: name},
+		Rules: []rbacv1.PolicyRule{{APIGroups: []string{"tap.tunmesh.io"}, Resources: []string{"pods/edges"}, Verbs: []string{"get"}}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Client.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: name},
+		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: name},
+		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Name: "cluster-viewer", Namespace: ns}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = c.Client.RbacV1().ClusterRoleBindings().Delete(context.Background(), name, metav1.DeleteOptions{})
+		_ = c.Client.RbacV1().ClusterRoles().Delete(context.Background(), name, metav1.DeleteOptions{})
+	})
+	if _, err := c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "cluster-viewer"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	f.admin = token("cluster-viewer")
 	return f
 }
 
@@ -307,6 +327,23 @@ func TestObserve(t *testing.T) {
 		}
 		if t.Failed() {
 			t.Logf("tap output:\n%s", out)
+		}
+	})
+
+	t.Run("DashboardsQueriesReturnData", func(t *testing.T) { testDashboards(t, f) })
+
+	t.Run("CheckProxy", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		// Pod certificates need edges cluster-wide: the admin's token.
+		out, stderr, err := f.ctl(t, ctx, f.admin, "check", "--proxy")
+		if err != nil {
+			t.Fatalf("check --proxy: %v\n%s%s", err, out, stderr)
+		}
+		for _, want := range []string{"an agent runs and is ready on every node (2 of 2)", "chains tunmesh-cni", "every meshed pod has a current certificate chaining to the trust anchors"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("check --proxy output lacks %q:\n%s", want, out)
+			}
 		}
 	})
 }

@@ -288,6 +288,8 @@ func (m *mesh) startAgent(n NodeSpec) error {
 			"--token-file", m.dir(n.Name, "token"),
 			"--state-dir", m.dir(n.Name, "state"),
 			"--debug-addr", AgentDebugAddr,
+			// The node's own conflist, which /status reports (check --proxy).
+			"--cni-conf-dir", m.cfg.path("nodes", n.Name, "cni", "net.d"),
 			"--transport", m.cfg.Transport,
 			"--encrypt-all=" + strconv.FormatBool(m.cfg.EncryptAll),
 		},

@@ -1,0 +1,220 @@
+package installcli
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/tunmesh/tunmesh/deploy"
+	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/tools/internal/identitycli"
+)
+
+// PodCertFetcher returns the meshed pods of a node and their certificates
+// (the agent's observability API, GET /v1/pods).
+type PodCertFetcher func(ctx context.Context, node string) ([]observe.PodCert, error)
+
+// Names of the `check --proxy` checks.
+const (
+	CheckProxyAgents = "an agent runs and is ready on every node"
+	CheckProxyCerts  = "every meshed pod has a current certificate chaining to the trust anchors"
+	CheckProxyVer    = "agents run the control plane's version"
+)
+
+// CheckProxy runs the data-plane checks of `tunmeshctl check --proxy`: an
+// agent pod (selector, in ns) on every node whose /status says ready; one
+// version across the agents, equal to tunmesh-identity's image tag when it
+// runs as the Deployment; every node's conflist chaining tunmesh-cni; and
+// every pod the agents mesh holding a certificate that is current at now,
+// names the pod's identity and chains to anchors. It works on any install
+// (DaemonSet or processes with placeholder pods, as on the local cluster).
+func CheckProxy(ctx context.Context, client kubernetes.Interface, ns, selector string, anchors *x509.CertPool, now time.Time, status StatusFetcher, certs PodCertFetcher) ([]identitycli.Check, error) {
+	nodes, err := client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	pods, err := client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
+	if err != nil {
+		return nil, fmt.Errorf("list agent pods: %w", err)
+	}
+	agentOn := map[string]*corev1.Pod{}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		if p.DeletionTimestamp == nil && p.Status.Phase == corev1.PodRunning {
+			agentOn[p.Spec.NodeName] = p
+		}
+	}
+	var names []string
+	for _, n := range nodes.Items {
+		names = append(names, n.Name)
+	}
+	sort.Strings(names)
+
+	var notReady, notChained []string
+	versions := map[string][]string{}
+	var reached []string
+	for _, n := range names {
+		p := agentOn[n]
+		if p == nil {
+			notReady = append(notReady, n+" (no running agent pod)")
+			continue
+		}
+		st, err := status(ctx, p)
+		if err != nil {
+			notReady = append(notReady, fmt.Sprintf("%s (%v)", n, err))
+			continue
+		}
+		reached = append(reached, n)
+		versions[st.Version] = append(versions[st.Version], n)
+		if !st.Ready {
+			var why []string
+			for _, c := range st.Checks {
+				if !c.OK {
+					why = append(why, c.Name+": "+c.Error)
+				}
+			}
+			notReady = append(notReady, fmt.Sprintf("%s (%s)", n, strings.Join(why, "; ")))
+		}
+		if !st.CNI.Chained {
+			why := st.CNI.Error
+			if why == "" {
+				why = fmt.Sprintf("%s/%s has plugins %v", st.CNI.ConfDir, st.CNI.File, st.CNI.Plugins)
+			}
+			notChained = append(notChained, n+": "+why)
+		}
+	}
+	ready := identitycli.Check{Name: fmt.Sprintf("%s (%d of %d)", CheckProxyAgents, len(names)-len(notReady), len(names)), OK: len(notReady) == 0 && len(names) > 0}
+	if !ready.OK {
+		ready.Hint = "not ready: " + nodeList(notReady)
+		if len(names) == 0 {
+			ready.Hint = "the cluster has no nodes"
+		}
+	}
+	chained := identitycli.Check{Name: CheckCNIChained, OK: len(notChained) == 0 && len(reached) > 0}
+	if len(notChained) > 0 {
+		chained.Hint = "not chained on " + strings.Join(notChained, "; ")
+	} else if len(reached) == 0 {
+		chained.Hint = "no agent answered"
+	}
+	checks := []identitycli.Check{ready, chained, proxyVersion(ctx, client, ns, versions)}
+
+	// Certificates of every meshed pod, as each agent holds them.
+	var bad []string
+	total := 0
+	for _, n := range reached {
+		pcs, err := certs(ctx, n)
+		if err != nil {
+			bad = append(bad, fmt.Sprintf("%s: %v", n, err))
+			continue
+		}
+		for _, pc := range pcs {
+			total++
+			if err := verifyPodCert(pc, anchors, now); err != nil {
+				bad = append(bad, fmt.Sprintf("%s/%s on %s: %v", pc.Namespace, pc.Name, n, err))
+			}
+		}
+	}
+	cc := identitycli.Check{Name: fmt.Sprintf("%s (%d pods)", CheckProxyCerts, total), OK: len(bad) == 0 && len(reached) > 0}
+	if len(bad) > 0 {
+		cc.Hint = strings.Join(bad, "; ")
+	}
+	checks = append(checks, cc)
+	return checks, nil
+}
+
+// verifyPodCert: the chain's leaf is current, names the pod's identity
+// and chains to anchors.
+func verifyPodCert(pc observe.PodCert, anchors *x509.CertPool, now time.Time) error {
+	if pc.Error != "" {
+		return errors.New("no certificate: " + pc.Error)
+	}
+	var chain []*x509.Certificate
+	rest := []byte(pc.Chain)
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return fmt.Errorf("parse certificate: %w", err)
+		}
+		chain = append(chain, c)
+	}
+	if len(chain) == 0 {
+		return errors.New("no certificate")
+	}
+	leaf := chain[0]
+	if now.Before(leaf.NotBefore) || !now.Before(leaf.NotAfter) {
+		return fmt.Errorf("certificate not current (valid %s to %s)", leaf.NotBefore.Format(time.RFC3339), leaf.NotAfter.Format(time.RFC3339))
+	}
+	id, err := spiffe.FromCertificate(leaf)
+	if err != nil {
+		return fmt.Errorf("certificate identity: %w", err)
+	}
+	if id.String() != pc.Identity {
+		return fmt.Errorf("certificate names %s, the pod is %s", id, pc.Identity)
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: anchors, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return fmt.Errorf("does not chain to the trust anchors: %w", err)
+	}
+	return nil
+}
+
+// proxyVersion: one version across the agents, and tunmesh-identity's
+// image tag when it runs as the Deployment (a local cluster runs it as a
+// process: then only the agents are compared).
+func proxyVersion(ctx context.Context, client kubernetes.Interface, ns string, versions map[string][]string) identitycli.Check {
+	c := identitycli.Check{Name: CheckProxyVer, OK: true}
+	var vs []string
+	for v := range versions {
+		vs = append(vs, v)
+	}
+	sort.Strings(vs)
+	if len(vs) > 1 {
+		var parts []string
+		for _, v := range vs {
+			parts = append(parts, fmt.Sprintf("%q on %s", v, nodeList(versions[v])))
+		}
+		c.OK, c.Hint = false, "agents report different versions: "+strings.Join(parts, ", ")
+		return c
+	}
+	if len(vs) == 0 {
+		c.OK, c.Hint = false, "no agent reported its version"
+		return c
+	}
+	dep, err := client.AppsV1().Deployments(ns).Get(ctx, deploy.IdentityName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		c.Name += fmt.Sprintf(" (%s; tunmesh-identity is not a Deployment here: agents compared among themselves)", vs[0])
+	case err != nil:
+		c.OK, c.Hint = false, fmt.Sprintf("read Deployment %s/%s: %v", ns, deploy.IdentityName, err)
+	default:
+		tag := "latest"
+		for _, ct := range dep.Spec.Template.Spec.Containers {
+			tag = imageTag(ct.Image)
+		}
+		if tag != vs[0] {
+			c.OK, c.Hint = false, fmt.Sprintf("agents run %q, tunmesh-identity %q: finish the upgrade with tunmeshctl install --tag T | kubectl apply -f -", vs[0], tag)
+		} else {
+			c.Name += " (" + tag + ")"
+		}
+	}
+	return c
+}
