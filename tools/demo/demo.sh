@@ -4,9 +4,9 @@
 # from `make images` imported), installs tunmesh the way a user does
 # (`tunmeshctl install | kubectl apply -f -`), deploys hello and world on
 # different nodes and shows hello calling world through the mesh: the
-# request, the connection with both identities (from kubectl logs of the
-# agents), a capture of the underlay with nothing but TLS, tunmeshctl check
-# and kubectl logs. Re-runnable; `make demo-down` removes it all.
+# request, the connection with both identities (tunmeshctl edges), a short
+# tunmeshctl tap, a capture of the underlay with nothing but TLS,
+# tunmeshctl check and kubectl logs. Re-runnable; `make demo-down` removes it all.
 #
 # TUNMESH_DEMO_REAL_NODES=0: the kubelet stand-in instead, with the mesh
 # run by the cluster itself (see docs/local-cluster.md).
@@ -49,19 +49,6 @@ in_hello() {
 	fi
 }
 
-# agent_logs prints both agents' logs: kubectl logs of the DaemonSet pods,
-# or the log files of the agents the cluster runs.
-agent_logs() {
-	if [ "$real" = 1 ]; then
-		for node in node-1 node-2; do
-			agent=$(k -n tunmesh get pod -l app=tunmesh-node --field-selector spec.nodeName=$node -o jsonpath='{.items[0].metadata.name}')
-			k -n tunmesh logs "$agent" -c agent
-		done
-	else
-		cat "$root/logs/tunmesh-node-node-1.log" "$root/logs/tunmesh-node-node-2.log"
-	fi
-}
-
 step "deploying hello (node-1) and world (node-2)"
 k apply -f tools/demo/hello-world.yaml
 k -n demo rollout status deployment/world --timeout=120s
@@ -74,26 +61,37 @@ world_ip=$(k -n demo get svc world -o jsonpath='{.spec.clusterIP}')
 step "hello calls world across nodes through its ClusterIP: GET http://$world_ip:8080/"
 in_hello tunmesh-workload get "http://$world_ip:8080/" 2>/dev/null
 
-step "the connection, as the agents saw it"
-sleep 1
-logs=$(mktemp /tmp/tunmesh-demo.XXXX.log)
-agent_logs >"$logs"
-python3 - "$logs" <<'PY'
-import json, sys
-last = {}
-for line in open(sys.argv[1]):
-    try:
-        r = json.loads(line)
-    except ValueError:
-        continue
-    if r.get("msg") == "connection closed":
-        last[r.get("direction")] = r
-for r in last.values():
-    who = r.get("src_pod") or r.get("dst_pod") or "?"
-    state = "SECURED" if r.get("tls") else "PLAINTEXT"
-    print(f"  {r.get('direction', '?'):8} {who:32} {state}  client={r.get('client_id')}  server={r.get('server_id')}")
-PY
-rm -f "$logs"
+step "the connection, as the agents account for it: tunmeshctl edges and tap"
+# A viewer allowed to see edges and tap in demo (docs/observability.md); the
+# agents' observability API is on the node addresses, reached from the
+# control plane's namespace of the local cluster (--netns).
+k apply -f - >/dev/null <<'YAML'
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: demo-viewer, namespace: demo}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: tunmesh-observe, namespace: demo}
+rules:
+- apiGroups: [tap.tunmesh.io]
+  resources: [pods/edges, pods/tap, pods/capture]
+  verbs: [get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: demo-viewer-observe, namespace: demo}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: tunmesh-observe}
+subjects:
+- {kind: ServiceAccount, name: demo-viewer, namespace: demo}
+YAML
+obs=(--kubeconfig "$kubeconfig" --token "$(k -n demo create token demo-viewer)" --netns "$name-cp" -n demo)
+$ctl edges "${obs[@]}" -o wide
+$ctl tap "${obs[@]}" deploy/world --duration 4s &
+tap_pid=$!
+sleep 1.5
+in_hello tunmesh-workload get "http://$world_ip:8080/" >/dev/null 2>&1
+wait $tap_pid || true
 
 step "the underlay (tshark on the nodes' bridge) sees only TLS"
 pcap=$(mktemp /tmp/tunmesh-demo.XXXX.pcap)
