@@ -39,19 +39,21 @@ import (
 	"github.com/tunmesh/tunmesh/node/access"
 	"github.com/tunmesh/tunmesh/node/capture"
 	"github.com/tunmesh/tunmesh/node/flowlog"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 	"github.com/tunmesh/tunmesh/node/pods"
 )
 
-// Paths of the API.
+// Paths and port of the API (observeapi holds them for tunmeshctl).
 const (
-	CapturePath = "/v1/capture"
-	TapPath     = "/v1/tap"
-	EdgesPath   = "/v1/edges"
-	PodsPath    = "/v1/pods"
+	CapturePath = observeapi.CapturePath
+	TapPath     = observeapi.TapPath
+	EdgesPath   = observeapi.EdgesPath
+	PodsPath    = observeapi.PodsPath
+	DefaultPort = observeapi.DefaultPort
 )
 
-// DefaultPort is the observability API's port.
-const DefaultPort = 4192
+// PodCert is a meshed pod and its certificate (GET /v1/pods).
+type PodCert = observeapi.PodCert
 
 // Auth authenticates and authorizes callers (access.Gate).
 type Auth interface {
@@ -372,17 +374,6 @@ func (s *server) edges(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(out)
-}
-
-// PodCert is a meshed pod and the certificate its agent holds for it.
-type PodCert struct {
-	Namespace string `json:"namespace"`
-	Name      string `json:"name"`
-	Identity  string `json:"identity"`
-	// Chain is the leaf and its intermediates, PEM.
-	Chain string `json:"chain,omitempty"`
-	// Error says why there is no certificate.
-	Error string `json:"error,omitempty"`
 }
 
 func (s *server) pods(w http.ResponseWriter, r *http.Request) {

@@ -14,7 +14,7 @@ import (
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
 	"github.com/tunmesh/tunmesh/node/capture"
-	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 )
 
 func newCaptureCmd(streams genericiooptions.IOStreams) *cobra.Command {
@@ -95,7 +95,7 @@ the pod's namespace (docs/observability.md has the Role).`,
 		if port != 0 {
 			q.Set("port", strconv.Itoa(port))
 		}
-		resp, err := ag.get(ctx, p.Spec.NodeName, observe.CapturePath, q)
+		resp, err := ag.get(ctx, p.Spec.NodeName, observeapi.CapturePath, q)
 		if err != nil {
 			return err
 		}

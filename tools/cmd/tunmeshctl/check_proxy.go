@@ -12,7 +12,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tunmesh/tunmesh/identity/ca"
-	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 	"github.com/tunmesh/tunmesh/tools/internal/identitycli"
 	"github.com/tunmesh/tunmesh/tools/internal/installcli"
 )
@@ -33,15 +33,15 @@ func checkProxy(ctx context.Context, cf *genericclioptions.ConfigFlags, client k
 	if err != nil {
 		return nil, err
 	}
-	certs := func(ctx context.Context, node string) ([]observe.PodCert, error) {
+	certs := func(ctx context.Context, node string) ([]observeapi.PodCert, error) {
 		ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 		defer cancel()
-		resp, err := ag.get(ctx, node, observe.PodsPath, url.Values{})
+		resp, err := ag.get(ctx, node, observeapi.PodsPath, url.Values{})
 		if err != nil {
 			return nil, err
 		}
 		defer resp.Body.Close()
-		var pcs []observe.PodCert
+		var pcs []observeapi.PodCert
 		if err := json.NewDecoder(resp.Body).Decode(&pcs); err != nil {
 			return nil, fmt.Errorf("decode pods of %s: %w", node, err)
 		}

@@ -14,7 +14,7 @@ import (
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
 	"github.com/tunmesh/tunmesh/node/flowlog"
-	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 )
 
 // edgeRow is one line of edges.
@@ -91,7 +91,7 @@ pods/edges in API group tap.tunmesh.io in the namespace (cluster-wide for -A).`,
 		var edges []flowlog.Edge
 		_, stderr := writers(cmd)
 		for _, n := range nodes {
-			resp, err := ag.get(ctx, n, observe.EdgesPath, url.Values{"namespace": {ns}})
+			resp, err := ag.get(ctx, n, observeapi.EdgesPath, url.Values{"namespace": {ns}})
 			if err != nil {
 				if errors.Is(err, errForbidden) {
 					return err

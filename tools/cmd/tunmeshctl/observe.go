@@ -23,7 +23,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
-	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 )
 
@@ -41,7 +41,7 @@ type agentFlags struct {
 }
 
 func (f *agentFlags) add(cmd *cobra.Command) {
-	cmd.Flags().IntVar(&f.port, "agent-port", observe.DefaultPort, "the agents' observability API port")
+	cmd.Flags().IntVar(&f.port, "agent-port", observeapi.DefaultPort, "the agents' observability API port")
 	cmd.Flags().StringVar(&f.netns, "netns", "", "dial the agents from inside this named network namespace (local cluster: <name>-cp)")
 }
 

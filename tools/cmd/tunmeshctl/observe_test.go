@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
 
@@ -115,6 +116,24 @@ func TestResolvePods(t *testing.T) {
 	for _, bad := range []string{"svc/web", "deploy/nope", "nope"} {
 		if _, err := resolvePods(ctx, client, "shop", bad); err == nil || !strings.Contains(err.Error(), "") {
 			t.Errorf("%s resolved", bad)
+		}
+	}
+}
+
+// TestObserveCommandsDoNotLinkTheAgent: capture, edges and tap speak the
+// agents' API through node/observeapi; tunmeshctl links no gVisor.
+func TestObserveCommandsDoNotLinkTheAgent(t *testing.T) {
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("skipping: go command not in PATH")
+	}
+	out, err := exec.Command(gobin, "list", "-deps", "github.com/tunmesh/tunmesh/tools/cmd/tunmeshctl").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	for _, pkg := range strings.Fields(string(out)) {
+		if strings.HasPrefix(pkg, "gvisor.dev/") || pkg == "github.com/tunmesh/tunmesh/node/observe" || pkg == "github.com/tunmesh/tunmesh/netstack" {
+			t.Errorf("tunmeshctl depends on %s", pkg)
 		}
 	}
 }

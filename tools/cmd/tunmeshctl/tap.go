@@ -16,7 +16,7 @@ import (
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
 	"github.com/tunmesh/tunmesh/node/flowlog"
-	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 )
 
 func newTapCmd(streams genericiooptions.IOStreams) *cobra.Command {
@@ -115,7 +115,7 @@ HTTP/1 is shown inside meshed connections only. Runs until interrupted or
 		errs := make(chan error, len(nodes))
 		var wg sync.WaitGroup
 		for _, n := range nodes {
-			resp, err := ag.get(ctx, n, observe.TapPath, url.Values{"namespace": {ns}})
+			resp, err := ag.get(ctx, n, observeapi.TapPath, url.Values{"namespace": {ns}})
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil

@@ -17,13 +17,13 @@ import (
 
 	"github.com/tunmesh/tunmesh/deploy"
 	"github.com/tunmesh/tunmesh/identity/spiffe"
-	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 	"github.com/tunmesh/tunmesh/tools/internal/identitycli"
 )
 
 // PodCertFetcher returns the meshed pods of a node and their certificates
 // (the agent's observability API, GET /v1/pods).
-type PodCertFetcher func(ctx context.Context, node string) ([]observe.PodCert, error)
+type PodCertFetcher func(ctx context.Context, node string) ([]observeapi.PodCert, error)
 
 // Names of the `check --proxy` checks.
 const (
@@ -135,7 +135,7 @@ func CheckProxy(ctx context.Context, client kubernetes.Interface, ns, selector s
 
 // verifyPodCert: the chain's leaf is current, names the pod's identity
 // and chains to anchors.
-func verifyPodCert(pc observe.PodCert, anchors *x509.CertPool, now time.Time) error {
+func verifyPodCert(pc observeapi.PodCert, anchors *x509.CertPool, now time.Time) error {
 	if pc.Error != "" {
 		return errors.New("no certificate: " + pc.Error)
 	}

@@ -19,7 +19,7 @@ import (
 	"github.com/tunmesh/tunmesh/identity/ca"
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/node/admin"
-	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 )
 
 // pki is a dev trust anchor, an issuer, and leaves signed by it.
@@ -87,12 +87,12 @@ func TestCheckProxy(t *testing.T) {
 	cases := []struct {
 		name   string
 		status map[string]admin.Status
-		certs  map[string][]observe.PodCert
+		certs  map[string][]observeapi.PodCert
 		fail   []string // names of the failing checks
 		hint   string
 	}{
 		{"all good", map[string]admin.Status{"n1": okStatus, "n2": okStatus},
-			map[string][]observe.PodCert{"n1": {{Namespace: "shop", Name: "web-1", Identity: web, Chain: p.leaf(t, web, now)}}}, nil, ""},
+			map[string][]observeapi.PodCert{"n1": {{Namespace: "shop", Name: "web-1", Identity: web, Chain: p.leaf(t, web, now)}}}, nil, ""},
 		{"agent not ready", map[string]admin.Status{"n1": okStatus, "n2": {Version: "v1", CNI: admin.CNIReport{Chained: true}, Checks: []admin.CheckResult{{Name: "informers", Error: "not synced"}}}},
 			nil, []string{CheckProxyAgents}, "informers: not synced"},
 		{"conflist not chained", map[string]admin.Status{"n1": okStatus, "n2": {Version: "v1", Ready: true, CNI: admin.CNIReport{ConfDir: "/etc/cni/net.d", File: "10-bridge.conflist", Plugins: []string{"bridge"}}}},
@@ -100,13 +100,13 @@ func TestCheckProxy(t *testing.T) {
 		{"versions differ", map[string]admin.Status{"n1": okStatus, "n2": {Version: "v2", Ready: true, CNI: admin.CNIReport{Chained: true}}},
 			nil, []string{CheckProxyVer}, "different versions"},
 		{"certificate from another CA", map[string]admin.Status{"n1": okStatus, "n2": okStatus},
-			map[string][]observe.PodCert{"n2": {{Namespace: "shop", Name: "web-2", Identity: web, Chain: other.leaf(t, web, now)}}}, []string{CheckProxyCerts}, "does not chain"},
+			map[string][]observeapi.PodCert{"n2": {{Namespace: "shop", Name: "web-2", Identity: web, Chain: other.leaf(t, web, now)}}}, []string{CheckProxyCerts}, "does not chain"},
 		{"expired certificate", map[string]admin.Status{"n1": okStatus, "n2": okStatus},
-			map[string][]observe.PodCert{"n1": {{Namespace: "shop", Name: "web-1", Identity: web, Chain: old.leaf(t, web, now.Add(-25*time.Hour))}}}, []string{CheckProxyCerts}, "not current"},
+			map[string][]observeapi.PodCert{"n1": {{Namespace: "shop", Name: "web-1", Identity: web, Chain: old.leaf(t, web, now.Add(-25*time.Hour))}}}, []string{CheckProxyCerts}, "not current"},
 		{"certificate of another identity", map[string]admin.Status{"n1": okStatus, "n2": okStatus},
-			map[string][]observe.PodCert{"n1": {{Namespace: "shop", Name: "db-1", Identity: "spiffe://cluster.local/ns/shop/sa/db", Chain: p.leaf(t, web, now)}}}, []string{CheckProxyCerts}, "names " + web},
+			map[string][]observeapi.PodCert{"n1": {{Namespace: "shop", Name: "db-1", Identity: "spiffe://cluster.local/ns/shop/sa/db", Chain: p.leaf(t, web, now)}}}, []string{CheckProxyCerts}, "names " + web},
 		{"no certificate", map[string]admin.Status{"n1": okStatus, "n2": okStatus},
-			map[string][]observe.PodCert{"n1": {{Namespace: "shop", Name: "web-1", Identity: web, Error: "identity service unreachable"}}}, []string{CheckProxyCerts}, "unreachable"},
+			map[string][]observeapi.PodCert{"n1": {{Namespace: "shop", Name: "web-1", Identity: web, Error: "identity service unreachable"}}}, []string{CheckProxyCerts}, "unreachable"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -118,7 +118,7 @@ func TestCheckProxy(t *testing.T) {
 				}
 				return st, nil
 			}
-			certs := func(_ context.Context, n string) ([]observe.PodCert, error) { return c.certs[n], nil }
+			certs := func(_ context.Context, n string) ([]observeapi.PodCert, error) { return c.certs[n], nil }
 			checks, err := CheckProxy(context.Background(), client, "tunmesh", "app=tunmesh-node", p.anchors, now, status, certs)
 			if err != nil {
 				t.Fatal(err)

@@ -1,0 +1,26 @@
+// Package observeapi is the wire format of the agent's observability API
+// (node/observe), shared with tunmeshctl without linking the agent (as
+// cni/cniapi is for the CNI plugin).
+package observeapi
+
+// DefaultPort is the observability API's port on the node address.
+const DefaultPort = 4192
+
+// Paths of the API.
+const (
+	CapturePath = "/v1/capture"
+	TapPath     = "/v1/tap"
+	EdgesPath   = "/v1/edges"
+	PodsPath    = "/v1/pods"
+)
+
+// PodCert is a meshed pod and the certificate its agent holds for it.
+type PodCert struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	Identity  string `json:"identity"`
+	// Chain is the leaf and its intermediates, PEM.
+	Chain string `json:"chain,omitempty"`
+	// Error says why there is no certificate.
+	Error string `json:"error,omitempty"`
+}
