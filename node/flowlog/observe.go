@@ -68,6 +68,11 @@ func (o *observed) feed(fromClient bool, b []byte) {
 		return
 	}
 	o.mu.Lock()
+	o.feedLocked(fromClient, b)
+	o.mu.Unlock()
+}
+
+func (o *observed) feedLocked(fromClient bool, b []byte) {
 	if fromClient {
 		o.p.Client(b)
 	} else {
@@ -76,7 +81,6 @@ func (o *observed) feed(fromClient bool, b []byte) {
 	if !o.p.Active() {
 		o.dead.Store(true)
 	}
-	o.mu.Unlock()
 }
 
 func (o *observed) close() {
@@ -95,10 +99,11 @@ func (o *observed) Read(b []byte) (int, error) {
 	return n, err
 }
 
+// Write shows b to the parser first: once written, the peer may answer
+// and the answer be read (and parsed) before a blocking Write returns.
 func (o *observed) Write(b []byte) (int, error) {
-	n, err := o.Conn.Write(b)
-	o.feed(!o.clientReads, b[:n])
-	return n, err
+	o.feed(!o.clientReads, b)
+	return o.Conn.Write(b)
 }
 
 func (o *observed) CloseWrite() error {
@@ -131,8 +136,17 @@ type observedTry struct {
 	tw tryWriter
 }
 
+// TryWrite never blocks: the parser's lock is held across it, so that an
+// answer to these bytes is parsed after them.
 func (o *observedTry) TryWrite(b []byte) (int, error) {
+	if o.dead.Load() {
+		return o.tw.TryWrite(b)
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
 	n, err := o.tw.TryWrite(b)
-	o.feed(!o.clientReads, b[:n])
+	if n > 0 && !o.dead.Load() {
+		o.feedLocked(!o.clientReads, b[:n])
+	}
 	return n, err
 }

@@ -23,19 +23,22 @@ func (a *Acceptor) trackInbound(req Request, dst *pods.Pod, podConn net.Conn) (i
 	t := a.cfg.Flows.Open(flowlog.Conn{
 		// The pod sees the client pod's address with a port of the
 		// stack's choosing (podConn's local end).
-		Proxy: flowlog.In, Src: addrPort(podConn.LocalAddr()), Dst: req.Header.Dst, TLS: flowlog.TLSTrue,
+		Proxy: flowlog.In, Src: srcOf(podConn, req), Dst: req.Header.Dst, TLS: flowlog.TLSTrue,
 		ClientID: req.ClientID.String(), ServerID: dst.ID.String(), Peer: req.Peer,
 	})
 	// The pod's connection reads the server's bytes.
 	return inboundFlow{t}, t.Observe(podConn, false)
 }
 
-func addrPort(a net.Addr) netip.AddrPort {
-	if t, ok := a.(*net.TCPAddr); ok {
-		return t.AddrPort()
+// srcOf is the client's address as the pod sees it: podConn's local end,
+// else the header's source.
+func srcOf(podConn net.Conn, req Request) netip.AddrPort {
+	if t, ok := podConn.LocalAddr().(*net.TCPAddr); ok {
+		if ap := t.AddrPort(); ap.IsValid() {
+			return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		}
 	}
-	ap, _ := netip.ParseAddrPort(a.String()) // zero when unknown: accounting only
-	return ap
+	return netip.AddrPortFrom(req.Header.Src, 0)
 }
 
 // close records the end: stats.AToB went from the tunnel (client) to the
