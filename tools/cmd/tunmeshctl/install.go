@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -52,6 +53,8 @@ Settings (--set key=value, repeatable):
 	fs.BoolVar(&o.ExternalIssuer, "identity-external-issuer", false, "the issuer Secret is managed outside tunmeshctl (cert-manager); needs --identity-trust-anchors")
 	fs.StringVar(&anchorsFile, "identity-trust-anchors", "", "PEM trust anchors the external issuer chains to")
 	fs.StringArrayVar(&sets, "set", nil, "a setting, key=value (repeatable; see above)")
+	transport := fs.String("transport", "", "transport between nodes: tcp or wireguard (same as --set transport=...; docs/wireguard.md)")
+	encryptAll := fs.Bool("encrypt-all", false, "with --transport wireguard: all cross-node pod traffic rides WireGuard (same as --set encryptAll=true)")
 	_ = cmd.MarkFlagFilename("identity-trust-anchors", "crt", "pem")
 	_ = cmd.RegisterFlagCompletionFunc("set", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
 		var keys []string
@@ -65,6 +68,12 @@ Settings (--set key=value, repeatable):
 		// The manifests name their namespace; -n cannot move them.
 		if ns := *cf.Namespace; cmd.Flags().Changed("namespace") && ns != deploy.Namespace {
 			return usageError{fmt.Errorf("tunmesh installs into namespace %q; -n %q is not supported", deploy.Namespace, ns)}
+		}
+		if cmd.Flags().Changed("transport") {
+			sets = append(sets, "transport="+*transport)
+		}
+		if cmd.Flags().Changed("encrypt-all") {
+			sets = append(sets, "encryptAll="+strconv.FormatBool(*encryptAll))
 		}
 		set, err := installcli.ParseSettings(sets)
 		if err != nil {

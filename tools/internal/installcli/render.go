@@ -76,6 +76,9 @@ func Render(o Options) ([]*unstructured.Unstructured, error) {
 			return nil, fmt.Errorf("%w: %s=%q: %w", ErrBadSetting, k, v, err)
 		}
 	}
+	if set["encryptAll"] == "true" && set["transport"] != "wireguard" {
+		return nil, fmt.Errorf("%w: encryptAll=true needs transport=wireguard", ErrBadSetting)
+	}
 	identityObjs, err := identityObjects(o, set["trustDomain"])
 	if err != nil {
 		return nil, err
