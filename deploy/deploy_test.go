@@ -112,7 +112,7 @@ func TestDaemonSet(t *testing.T) {
 	if ds.Spec.UpdateStrategy.Type != appsv1.RollingUpdateDaemonSetStrategyType || ru == nil || ru.MaxUnavailable == nil || ru.MaxUnavailable.IntValue() != 1 {
 		t.Errorf("update strategy %+v: want RollingUpdate, maxUnavailable 1", ds.Spec.UpdateStrategy)
 	}
-	wantCaps := map[string][]corev1.Capability{"agent": {"NET_ADMIN", "SYS_ADMIN"}, "cni-install": nil}
+	wantCaps := map[string][]corev1.Capability{"agent": {"NET_ADMIN", "SYS_ADMIN", "NET_RAW"}, "cni-install": nil}
 	if len(spec.Containers) != len(wantCaps) {
 		t.Fatalf("%d containers, want agent and cni-install", len(spec.Containers))
 	}

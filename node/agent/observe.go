@@ -156,11 +156,13 @@ func (a *Agent) serveObservability(ctx context.Context, st *netstack.Stack) erro
 	}
 	// Connections into pods from the node's side (kubelet probes: their
 	// replies skip tm0) are seen as SYNs crossing the node's namespace.
-	stopSYNs, err := capture.WatchSYNs(func(src, dst netip.AddrPort) { a.plaintextInbound(src, dst) })
-	if err != nil {
-		return fmt.Errorf("watch plaintext connections into pods: %w", err)
+	// Without CAP_NET_RAW the watch (and capture's eth0 and wire sides)
+	// cannot open packet sockets: the rest of the API still works.
+	if stopSYNs, err := capture.WatchSYNs(func(src, dst netip.AddrPort) { a.plaintextInbound(src, dst) }); err != nil {
+		a.log.Warn("plaintext connections into pods from the node's side (kubelet probes) will not show in edges and tap", "err", err)
+	} else {
+		defer stopSYNs()
 	}
-	defer stopSYNs()
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, TLSConfig: tlsCfg}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
