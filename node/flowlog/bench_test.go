@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // nopConn is a connection whose reads and writes cost nothing: what a
@@ -31,11 +33,20 @@ func (c *nopConn) SetLinger(int) error              { return nil }
 //	not-http      wrapped, the stream is not HTTP (given up after its first bytes)
 //	http-body     wrapped, inside a large HTTP body (counted, not parsed)
 //	http-small    wrapped, a small request and response per iteration
+//	http-small-metrics  the same, counted in the HTTP series
 func BenchmarkObserve(b *testing.B) {
 	chunk := make([]byte, 16<<10)
 	open := func(http bool) *Track {
 		l := New(nil, nil, Options{HTTP: http})
 		return l.Open(Conn{Proxy: Out, Src: clientAddr, Dst: serverAddr, TLS: TLSTrue})
+	}
+	openMetrics := func() *Track {
+		m, err := NewMetrics(prometheus.NewRegistry(), 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		l := New(names, m, Options{HTTP: true})
+		return l.Open(Conn{Proxy: In, Src: clientAddr, Dst: serverAddr, TLS: TLSTrue})
 	}
 	b.Run("off", func(b *testing.B) {
 		c := open(false).Observe(&nopConn{data: chunk}, true)
@@ -66,6 +77,19 @@ func BenchmarkObserve(b *testing.B) {
 		rsp := []byte("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 64\r\n\r\n" + strings.Repeat("x", 64))
 		// The pod is the server here: writes carry requests, reads responses.
 		c := open(true).Observe(&nopConn{data: rsp}, false)
+		buf := make([]byte, len(rsp))
+		b.SetBytes(int64(len(req) + len(rsp)))
+		b.ReportAllocs()
+		for b.Loop() {
+			_, _ = c.Write(req)
+			_, _ = c.Read(buf)
+		}
+	})
+	b.Run("http-small-metrics", func(b *testing.B) {
+		req := []byte("GET /api/items?id=42 HTTP/1.1\r\nHost: web.shop.svc:8080\r\nAccept: */*\r\n\r\n")
+		rsp := []byte("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 64\r\n\r\n" + strings.Repeat("x", 64))
+		// The pod is the server here: writes carry requests, reads responses.
+		c := openMetrics().Observe(&nopConn{data: rsp}, false)
 		buf := make([]byte, len(rsp))
 		b.SetBytes(int64(len(req) + len(rsp)))
 		b.ReportAllocs()
