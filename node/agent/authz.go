@@ -3,9 +3,13 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
+	"sync"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/tools/record"
 
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/node/authz"
@@ -26,6 +30,11 @@ type enforcer struct {
 	policies *clusterview.Policies
 	report   *authz.Reporter
 	nodeIP   netip.Addr
+	recorder record.EventRecorder
+	log      *slog.Logger
+
+	warnedMu sync.Mutex        // guards warned
+	warned   map[string]string // pod UID -> the invalid default-inbound-policy value already reported
 }
 
 // newEnforcer builds the policy informers and the engine, and adds the
@@ -48,7 +57,9 @@ func (a *Agent) newEnforcer(pol policy.Config) error {
 	if err != nil {
 		return err
 	}
-	a.enforcer = &enforcer{engine: eng, view: a.view, policies: pv, report: rep, nodeIP: a.cfg.NodeIP}
+	a.enforcer = &enforcer{engine: eng, view: a.view, policies: pv, report: rep, nodeIP: a.cfg.NodeIP,
+		recorder: a.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "tunmesh-node", Host: a.cfg.NodeName}),
+		log:      a.log.With("component", "policy"), warned: map[string]string{}}
 	a.gate.Parts = append(a.gate.Parts, pv.Synced)
 	return nil
 }
@@ -123,8 +134,40 @@ func (e *enforcer) Plaintext(f netstack.Flow, src *pods.Pod, skipped bool) (bool
 	}
 	if !d.Allowed {
 		e.report.Denied(authz.AtPlaintext, f.Dst, f.Src, d, "dst_pod", src.FullName())
+		e.warnInvalid(sp, d)
 	}
 	return d.Allowed, nil
+}
+
+// warnInvalid reports, once per pod and value, a default inbound policy
+// annotation that could not be used (the pod gets deny): a Warning event
+// on the pod and a log line. CNI ADD reports values present at attach
+// time; this covers values changed later.
+func (e *enforcer) warnInvalid(p *corev1.Pod, d authz.Decision) {
+	if d.Kind != authz.KindDefaultInbound {
+		return
+	}
+	di, src, err := e.engine.DefaultInbound(p)
+	if err != nil || di != policy.Deny || src != authz.SourceInvalidAnnotation {
+		return
+	}
+	// The pod's values (a namespace's bad value is reported once per pod).
+	v := p.Annotations[policy.AnnotationDefaultInboundPolicy] + "\x00" + p.Annotations[policy.LinkerdAnnotationDefaultInboundPolicy]
+	e.warnedMu.Lock()
+	seen, ok := e.warned[string(p.UID)]
+	if ok && seen == v {
+		e.warnedMu.Unlock()
+		return
+	}
+	if len(e.warned) > 4096 {
+		clear(e.warned) // bounded; at worst a warning repeats
+	}
+	e.warned[string(p.UID)] = v
+	e.warnedMu.Unlock()
+	msg := "invalid default-inbound-policy annotation (on the pod or its namespace): inbound connections denied until it is fixed; " +
+		`want one of "all-unauthenticated", "cluster-unauthenticated", "all-authenticated", "cluster-authenticated", "deny"`
+	e.recorder.Eventf(p, corev1.EventTypeWarning, "InvalidMeshAnnotation", "%s", msg)
+	e.log.Warn("invalid default inbound policy: denying", "pod", p.Name, "pod_namespace", p.Namespace)
 }
 
 // AuthorizeInbound implements inbound.Authorizer.
@@ -143,6 +186,7 @@ func (e *enforcer) AuthorizeInbound(r inbound.Request, src *corev1.Pod, dst *pod
 	}
 	if !d.Allowed {
 		e.report.DeniedStream(netip.AddrPortFrom(r.Header.Src, 0), r.Header.Dst, d, "dst_pod", dst.FullName(), "client_id", id.String())
+		e.warnInvalid(dp, d)
 	}
 	return d.Allowed, true, d.Detail
 }

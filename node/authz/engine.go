@@ -275,6 +275,10 @@ func (e *Engine) Inbound(client Client, dst *corev1.Pod, port uint16) Decision {
 	return allow(KindDefaultInbound, pol, fmt.Sprintf("default inbound policy %s (%s) allows %s", di, src, who))
 }
 
+// SourceInvalidAnnotation is DefaultInbound's source for a value it could
+// not use (the pod gets deny).
+const SourceInvalidAnnotation = "invalid annotation, fail closed"
+
 // DefaultInbound resolves the pod's default inbound policy from the live
 // pod and namespace annotations (so a change applies to new connections),
 // and says where it came from. A bad value is Deny (policy.Config.For); a
@@ -291,7 +295,7 @@ func (e *Engine) DefaultInbound(p *corev1.Pod) (policy.DefaultInbound, string, e
 	src := "default"
 	switch {
 	case len(errs) > 0 && pol.DefaultInbound == policy.Deny && hasDefaultInboundError(errs):
-		src = "invalid annotation, fail closed"
+		src = SourceInvalidAnnotation
 	case hasKey(p.Annotations):
 		src = "pod annotation"
 	case ns != nil && hasKey(ns.Annotations):
