@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -130,10 +131,28 @@ func slimPolicy(obj any) (any, error) {
 func (p *Policies) Run(ctx context.Context) error {
 	p.factory.Start(ctx.Done())
 	p.dynamic.Start(ctx.Done())
-	if cache.WaitForCacheSync(ctx.Done(), p.npInf.HasSynced, p.azInf.HasSynced) {
-		p.synced.Store(true)
-		p.log.Info("policy view synced", "networkpolicies", len(p.npInf.GetStore().ListKeys()), "authorizations", len(p.azInf.GetStore().ListKeys()))
+	// Not synced is never silent: the usual cause is a missing CRD or
+	// RBAC, and meanwhile the agent claims no flow.
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	start := time.Now()
+	lastWarn := start
+	for !p.npInf.HasSynced() || !p.azInf.HasSynced() {
+		select {
+		case <-ctx.Done():
+			p.factory.Shutdown()
+			p.dynamic.Shutdown()
+			return nil
+		case now := <-tick.C:
+			if now.Sub(lastWarn) >= 30*time.Second {
+				lastWarn = now
+				p.log.Warn("policy informers not synced yet: flows are held (is the Authorization CRD installed? may the agent list/watch networkpolicies and authorizations?)",
+					"networkpolicies_synced", p.npInf.HasSynced(), "authorizations_synced", p.azInf.HasSynced(), "waited", now.Sub(start).Round(time.Second))
+			}
+		}
 	}
+	p.synced.Store(true)
+	p.log.Info("policy view synced", "networkpolicies", len(p.npInf.GetStore().ListKeys()), "authorizations", len(p.azInf.GetStore().ListKeys()))
 	<-ctx.Done()
 	p.factory.Shutdown()
 	p.dynamic.Shutdown()
