@@ -267,6 +267,8 @@ func (e *Engine) Inbound(client Client, dst *corev1.Pod, port uint16) Decision {
 		return deny(KindDefaultInbound, pol, reason, fmt.Sprintf("default inbound policy %s (%s): plaintext refused", di, src))
 	case client.ID != nil && !di.AllowsMeshed():
 		return deny(KindDefaultInbound, pol, ReasonDefaultDeny, fmt.Sprintf("default inbound policy %s (%s): %s refused", di, src, client.ID))
+	case client.ID != nil && di == policy.ClusterAuthenticated && client.ID.TrustDomain != e.trustDomain:
+		return deny(KindDefaultInbound, pol, ReasonNotAuthorized, fmt.Sprintf("default inbound policy %s (%s): %s is not of trust domain %s", di, src, client.ID, e.trustDomain))
 	}
 	who := "plaintext client"
 	if client.ID != nil {

@@ -135,13 +135,15 @@ func TestEngine(t *testing.T) {
 	badAuthz := az("prod", "typo", map[string]string{"app": "api"}, nil, IdentityRef{Namespace: "web", SPIFFEID: "spiffe://cluster.local/ns/web/sa/x"})
 
 	type check struct {
-		client  *corev1.Pod // nil: a non-pod address
-		meshed  bool
-		port    uint16
-		allowed bool
-		kind    string
-		policy  string
-		reason  string
+		client *corev1.Pod // nil: a non-pod address
+		meshed bool
+		// foreignTD: the client identity is of another trust domain.
+		foreignTD bool
+		port      uint16
+		allowed   bool
+		kind      string
+		policy    string
+		reason    string
 	}
 	for _, tc := range []struct {
 		name   string
@@ -183,6 +185,11 @@ func TestEngine(t *testing.T) {
 			{client: frontend, port: 8080, kind: KindDefaultInbound, policy: "prod/all-authenticated", reason: ReasonPlaintextRefused},
 			{client: nil, port: 8080, kind: KindDefaultInbound, reason: ReasonPlaintextRefused},
 		}},
+		{name: "cluster-authenticated: this trust domain only", w: world{pods: []*corev1.Pod{withAnn(server, map[string]string{policy.AnnotationDefaultInboundPolicy: "cluster-authenticated"}), frontend}, ns: namespaces}, checks: []check{
+			{client: frontend, meshed: true, port: 8080, allowed: true, kind: KindDefaultInbound, policy: "prod/cluster-authenticated", reason: ReasonAllowed},
+			{client: frontend, meshed: true, foreignTD: true, port: 8080, kind: KindDefaultInbound, reason: ReasonNotAuthorized},
+			{client: frontend, port: 8080, kind: KindDefaultInbound, reason: ReasonPlaintextRefused},
+		}},
 		{name: "deny on the namespace (linkerd key)", w: world{pods: []*corev1.Pod{server, frontend},
 			ns: []*corev1.Namespace{nsObj("prod", nil, map[string]string{policy.LinkerdAnnotationDefaultInboundPolicy: "deny"}), namespaces[1]}}, checks: []check{
 			{client: frontend, meshed: true, port: 8080, kind: KindDefaultInbound, policy: "prod/deny", reason: ReasonDefaultDeny},
@@ -205,6 +212,9 @@ func TestEngine(t *testing.T) {
 				}
 				if c.meshed {
 					cl.ID = id(c.client.Namespace, c.client.Spec.ServiceAccountName)
+					if c.foreignTD {
+						cl.ID.TrustDomain = "other.org"
+					}
 				}
 				d := e.Inbound(cl, dst, c.port)
 				if d.Allowed != c.allowed || d.Kind != c.kind || d.Reason != c.reason || (c.policy != "" && d.Policy != c.policy) {

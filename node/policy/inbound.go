@@ -30,8 +30,8 @@ const (
 	// agents' trust anchors verify, and refuses plaintext.
 	AllAuthenticated DefaultInbound = "all-authenticated"
 	// ClusterAuthenticated accepts meshed clients of this cluster's trust
-	// domain, and refuses plaintext. Every identity a tunmesh agent
-	// accepts is of its trust domain today, so it admits what
+	// domain, and refuses plaintext. The identity service issues only
+	// identities of its trust domain, so today it admits what
 	// AllAuthenticated admits.
 	ClusterAuthenticated DefaultInbound = "cluster-authenticated"
 	// Deny refuses every client, meshed or not, that no Authorization
