@@ -99,7 +99,9 @@ func (t *Transport) readHost(ctx context.Context) {
 			if err != nil || h.GSOType != 0 || h.Flags&1 != 0 { // 1: VIRTIO_NET_HDR_F_NEEDS_CSUM
 				t.tun.dropped.Add(1) // offloads are off: not expected
 			} else {
-				t.tun.SendHost(buf[tun.VnetHdrLen:m])
+				pkt := buf[tun.VnetHdrLen:m]
+				clampSYN(pkt, t.cfg.MTU)
+				t.tun.SendHost(pkt)
 			}
 			// One packet per poll wake-up unless more are ready.
 			if p, _ := unix.Poll(pfd, 0); p == 0 {

@@ -24,7 +24,7 @@ import (
 
 const testMeshPort = 4143
 
-func freeUDPPort(t *testing.T) int {
+func freeUDPPort(t testing.TB) int {
 	t.Helper()
 	c, err := net.ListenUDP("udp", &net.UDPAddr{})
 	if err != nil {
@@ -41,7 +41,7 @@ type runningTransport struct {
 	stop func()
 }
 
-func startTransport(t *testing.T, client kubernetes.Interface, name, ip, stateDir string, port int) *runningTransport {
+func startTransport(t testing.TB, client kubernetes.Interface, name, ip, stateDir string, port int) *runningTransport {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	tr, err := New(Config{NodeName: name, NodeIP: netip.MustParseAddr(ip), Port: port, StateDir: stateDir, MeshPort: testMeshPort}, client, reg, discard())
@@ -65,7 +65,7 @@ func startTransport(t *testing.T, client kubernetes.Interface, name, ip, stateDi
 	return &runningTransport{Transport: tr, reg: reg, stop: stop}
 }
 
-func waitFor(t *testing.T, max time.Duration, what string, try func() bool) {
+func waitFor(t testing.TB, max time.Duration, what string, try func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(max)
 	for !try() {
@@ -120,7 +120,7 @@ func transfer(t *testing.T, from *runningTransport, local, dst string, n int) {
 	}
 }
 
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (the bind opens its socket after entering the node namespace)")
 	}

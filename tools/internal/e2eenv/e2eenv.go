@@ -57,6 +57,8 @@ type Options struct {
 	// with tunmesh's images built from this checkout imported; tunmesh is
 	// then installed by the tests, as a user would.
 	RealNodes bool
+	// UpArgs are more arguments of dev up (e.g. --transport wireguard).
+	UpArgs []string
 }
 
 // Current is the shared cluster; nil when the tests cannot run (not root).
@@ -118,6 +120,7 @@ func runWithCluster(m *testing.M, opts Options) (int, error) {
 	}
 	start := time.Now()
 	up := exec.CommandContext(ctx, ctl, "dev", "up", "--nodes", "2", "--name", c.Name, "--root", TestRoot, "--mesh="+strconv.FormatBool(opts.Mesh), "--real-nodes="+strconv.FormatBool(opts.RealNodes))
+	up.Args = append(up.Args, opts.UpArgs...)
 	up.Stdout, up.Stderr = os.Stdout, os.Stderr
 	upErr := up.Run()
 	fmt.Printf("e2e: cluster %q up in %s\n", c.Name, time.Since(start).Round(100*time.Millisecond))

@@ -1,0 +1,256 @@
+package wireguard
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tunmesh/tunmesh/node/wireguard"
+	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
+	"github.com/tunmesh/tunmesh/tools/internal/namedns"
+)
+
+const (
+	echoPort    = 9000
+	skippedPort = 9300
+	dnsPort     = 5353
+)
+
+// The pods every test uses: a1 and a2 on node-1, b1 on node-2 (meshed),
+// skip on node-2 (meshed, port 9300 skipped: plaintext passthrough), plain
+// on node-2 (not meshed).
+var (
+	setupOnce sync.Once
+	pods      map[string]*corev1.Pod
+)
+
+func setup(t *testing.T) (*e2eenv.Cluster, map[string]*corev1.Pod) {
+	t.Helper()
+	c := e2eenv.Need(t)
+	setupOnce.Do(func() {
+		// The namespace outlives this test: the pods serve every test of
+		// the package (the cluster goes with the package's TestMain).
+		ns := "wireguard"
+		if _, err := c.Client.CoreV1().Namespaces().Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("create namespace %s: %v", ns, err)
+		}
+		e2eenv.WaitFor(t, 30*time.Second, "default service account in "+ns, func() error {
+			_, err := c.Client.CoreV1().ServiceAccounts(ns).Get(context.Background(), "default", metav1.GetOptions{})
+			return err
+		})
+		pods = startPods(t, c, ns,
+			podSpec{name: "a1", node: "node-1"},
+			podSpec{name: "a2", node: "node-1"},
+			podSpec{name: "b1", node: "node-2"},
+			podSpec{name: "skip", node: "node-2", annotations: map[string]string{"config.tunmesh.io/skip-inbound-ports": "9300"}},
+			podSpec{name: "plain", node: "node-2", annotations: map[string]string{"tunmesh.io/inject": "disabled"}},
+		)
+	})
+	if pods == nil {
+		t.Fatal("set-up failed in an earlier test")
+	}
+	return c, pods
+}
+
+// serving starts the echo and UDP servers of the named pods for one test.
+func serving(t *testing.T, c *e2eenv.Cluster, names ...string) {
+	for _, n := range names {
+		serveEcho(t, c, pods[n], echoPort)
+		serveUDP(t, c, pods[n], dnsPort)
+	}
+}
+
+func addr(p *corev1.Pod, port int) string {
+	return net.JoinHostPort(p.Status.PodIP, itoa(port))
+}
+
+// TestMeshedTransfersCrossNode: meshed connections between nodes both ways,
+// checksums intact, dialled over the overlay.
+func TestMeshedTransfersCrossNode(t *testing.T) {
+	c, p := setup(t)
+	serving(t, c, "a1", "b1")
+	before := agentMetric(t, c, "node-1", "tunmesh_wireguard_tunnel_dials_total", `route="overlay"`)
+	transfer(t, c, p["a1"], addr(p["b1"], echoPort), 8<<20, nil)
+	transfer(t, c, p["b1"], addr(p["a1"], echoPort), 8<<20, nil)
+	if after := agentMetric(t, c, "node-1", "tunmesh_wireguard_tunnel_dials_total", `route="overlay"`); after <= before {
+		// The pool may reuse a connection made by an earlier test; then
+		// it was dialled over the overlay before.
+		if after == 0 {
+			t.Fatalf("node-1 dialled no tunnel over the overlay")
+		}
+	}
+	if n := agentMetric(t, c, "node-1", "tunmesh_wireguard_tunnel_dials_total", `route="underlay"`); n != 0 {
+		// Only same-node tunnels may use the node address.
+		t.Logf("underlay dials on node-1: %v (same-node tunnels)", n)
+	}
+}
+
+// TestUDPBetweenNodes: a DNS-like request/response between pods on two
+// nodes, both directions, and from a non-meshed pod.
+func TestUDPBetweenNodes(t *testing.T) {
+	c, p := setup(t)
+	serving(t, c, "a1", "b1")
+	for _, tc := range []struct{ from, to string }{{"a1", "b1"}, {"b1", "a1"}, {"plain", "a1"}} {
+		q := []byte("query from " + tc.from)
+		got, err := query(c, p[tc.from], addr(p[tc.to], dnsPort), q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := append([]byte("answer:"), q...); !bytes.Equal(got, want) {
+			t.Fatalf("%s -> %s: answer %q, want %q", tc.from, tc.to, got, want)
+		}
+	}
+}
+
+// TestUnderlayCarriesOnlyWireGuard: while pods talk across nodes in every
+// way (meshed TCP, a skipped port, UDP, a non-meshed pod), the underlay
+// between the two nodes carries WireGuard datagrams only: no TCP (so no
+// :4143), no other UDP, and none of the payloads in clear.
+func TestUnderlayCarriesOnlyWireGuard(t *testing.T) {
+	c, p := setup(t)
+	serving(t, c, "a1", "b1", "skip", "plain")
+	serveEcho(t, c, p["skip"], skippedPort)
+	markers := map[string][]byte{
+		"meshed":  []byte("MESHED-PAYLOAD-7f3a"),
+		"skipped": []byte("SKIPPED-PORT-PAYLOAD-91c2"),
+		"udp":     []byte("UDP-PAYLOAD-5e0d"),
+		"plain":   []byte("NON-MESHED-PAYLOAD-c4b8"),
+	}
+	pcap := captureUnderlay(t, c, func() {
+		transfer(t, c, p["a1"], addr(p["b1"], echoPort), 256<<10, markers["meshed"])
+		transfer(t, c, p["a1"], addr(p["skip"], skippedPort), 256<<10, markers["skipped"])
+		transfer(t, c, p["plain"], addr(p["a1"], echoPort), 256<<10, markers["plain"])
+		for _, from := range []string{"a1", "plain"} {
+			if _, err := query(c, p[from], addr(p["b1"], dnsPort), markers["udp"]); from == "a1" && err != nil {
+				t.Error(err)
+			}
+			if _, err := query(c, p["b1"], addr(p[from], dnsPort), markers["udp"]); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	for _, f := range []struct{ filter, what string }{
+		{"tcp", "TCP (mesh tunnels on :4143 or a skipped port in clear)"},
+		{"udp && !(udp.port==51820)", "UDP other than WireGuard"},
+		{"icmp", "ICMP"},
+	} {
+		if n := countFrames(t, pcap, f.filter); n != 0 {
+			t.Errorf("the underlay between the nodes carried %d frames of %s", n, f.what)
+		}
+	}
+	raw, err := os.ReadFile(pcap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for what, m := range markers {
+		if bytes.Contains(raw, m) {
+			t.Errorf("the %s payload crossed the underlay in clear", what)
+		}
+	}
+	t.Logf("underlay: %d WireGuard frames, nothing else", countFrames(t, pcap, "udp.port==51820"))
+}
+
+// TestSameNodeUnaffected: pods of one node talk as before (meshed TCP and
+// UDP); their packets never reach WireGuard.
+func TestSameNodeUnaffected(t *testing.T) {
+	c, p := setup(t)
+	serving(t, c, "a2")
+	before := agentMetric(t, c, "node-1", "tunmesh_wireguard_tun_packets_total", `path="from_host"`)
+	transfer(t, c, p["a1"], addr(p["a2"], echoPort), 4<<20, nil)
+	q := []byte("same node")
+	if got, err := query(c, p["a1"], addr(p["a2"], dnsPort), q); err != nil || !bytes.Equal(got, append([]byte("answer:"), q...)) {
+		t.Fatalf("same-node UDP: %q %v", got, err)
+	}
+	if after := agentMetric(t, c, "node-1", "tunmesh_wireguard_tun_packets_total", `path="from_host"`); after != before {
+		t.Fatalf("same-node traffic went to WireGuard: from_host %v -> %v", before, after)
+	}
+}
+
+// TestGarbageDatagramDropped: datagrams to the WireGuard port that are not
+// WireGuard messages are dropped and counted; the tunnel keeps working.
+func TestGarbageDatagramDropped(t *testing.T) {
+	c, p := setup(t)
+	serving(t, c, "b1")
+	ip2, _ := node(c, "node-2")
+	_, netns1 := node(c, "node-1")
+	before := agentMetric(t, c, "node-2", "tunmesh_wireguard_dropped_datagrams_total", `reason="malformed"`)
+	if err := namedns.Do(netns1, func() error {
+		u, err := net.Dial("udp", net.JoinHostPort(ip2, "51820"))
+		if err != nil {
+			return err
+		}
+		defer u.Close()
+		_, err = u.Write([]byte("GET / HTTP/1.1\r\nHost: not-wireguard\r\n\r\n"))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	e2eenv.WaitFor(t, 10*time.Second, "garbage datagram counted on node-2", func() error {
+		if n := agentMetric(t, c, "node-2", "tunmesh_wireguard_dropped_datagrams_total", `reason="malformed"`); n != before+1 {
+			return errorf("malformed %v, want %v", n, before+1)
+		}
+		return nil
+	})
+	transfer(t, c, p["a1"], addr(p["b1"], echoPort), 1<<20, nil)
+}
+
+// TestAgentRestartKeepsKey: a restarted agent keeps its key (the Node's
+// annotation is unchanged) and the other node reconnects to it.
+func TestAgentRestartKeepsKey(t *testing.T) {
+	c, p := setup(t)
+	serving(t, c, "b1")
+	key := nodeKey(t, c, "node-2")
+	restartAgent(t, c, "node-2")
+	if got := nodeKey(t, c, "node-2"); got != key {
+		t.Fatalf("key changed across a restart: %s -> %s", key, got)
+	}
+	e2eenv.WaitFor(t, 30*time.Second, "a1 -> b1 after node-2's agent restarted", func() error {
+		return tryTransfer(c, p["a1"], addr(p["b1"], echoPort), 1<<20, nil, 5*time.Second)
+	})
+}
+
+// TestKeyRotation: deleting a node's key file and restarting its agent
+// rotates the key; the other node picks the new key up from the Node.
+func TestKeyRotation(t *testing.T) {
+	c, p := setup(t)
+	serving(t, c, "a1", "b1")
+	key := nodeKey(t, c, "node-2")
+	keyFile := filepath.Join(e2eenv.TestRoot, c.Name, "mesh", "node-2", "state", wireguard.KeyFile)
+	if err := os.Remove(keyFile); err != nil {
+		t.Fatalf("remove the key: %v", err)
+	}
+	restartAgent(t, c, "node-2")
+	newKey := nodeKey(t, c, "node-2")
+	if newKey == key {
+		t.Fatal("key not rotated")
+	}
+	e2eenv.WaitFor(t, 30*time.Second, "a1 -> b1 with node-2's new key", func() error {
+		return tryTransfer(c, p["a1"], addr(p["b1"], echoPort), 1<<20, nil, 5*time.Second)
+	})
+	q := []byte("after rotation")
+	if _, err := query(c, p["b1"], addr(p["a1"], dnsPort), q); err != nil {
+		t.Fatalf("UDP after the rotation: %v", err)
+	}
+}
+
+func nodeKey(t *testing.T, c *e2eenv.Cluster, name string) string {
+	t.Helper()
+	n, err := c.Client.CoreV1().Nodes().Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := n.Annotations[wireguard.AnnotationPublicKey]
+	if strings.TrimSpace(k) == "" {
+		t.Fatalf("node %s publishes no key", name)
+	}
+	return k
+}
