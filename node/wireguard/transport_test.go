@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
 	"io"
 	"net"
 	"net/netip"
@@ -273,4 +274,43 @@ func counter(c prometheus.Counter) float64 {
 		panic(err)
 	}
 	return m.GetCounter().GetValue()
+}
+
+// TestDialRoutes: the rollout rule at the dialling side. A node without a
+// key is dialled on its node address (as with transport tcp); a node whose
+// annotations are unusable is not dialled at all (never in clear); both
+// counted.
+func TestDialRoutes(t *testing.T) {
+	client := fake.NewClientset()
+	tr, err := New(Config{NodeName: "a", NodeIP: netip.MustParseAddr("127.0.0.1"), Port: freeUDPPort(t), StateDir: t.TempDir(), MeshPort: testMeshPort}, client, prometheus.NewRegistry(), discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(tr.dev.Close)
+	ln, err := net.Listen("tcp", "127.0.0.3:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	tr.peers.Update(testNode("c", "127.0.0.3", nil, nil))
+	bad := testPublished(t, "127.0.0.4").Annotations()
+	bad[AnnotationOverlay] = "fd74:6d77:67::1"
+	tr.peers.Update(testNode("d", "127.0.0.4", nil, bad))
+
+	ctx := context.Background()
+	c, err := tr.DialTCP(netip.MustParseAddr("127.0.0.1"))(ctx, netip.MustParseAddr("127.0.0.3"), port)
+	if err != nil {
+		t.Fatalf("keyless node: %v", err)
+	}
+	if got := c.LocalAddr().(*net.TCPAddr).IP.String(); got != "127.0.0.1" {
+		t.Errorf("underlay dial from %s, want the node address", got)
+	}
+	c.Close()
+	if _, err := tr.DialTCP(netip.Addr{})(ctx, netip.MustParseAddr("127.0.0.4"), port); !errors.Is(err, ErrRefusedPeer) {
+		t.Fatalf("refused node: err %v, want ErrRefusedPeer", err)
+	}
+	if u, r := counter(tr.metrics.dials.WithLabelValues("underlay")), counter(tr.metrics.refused.WithLabelValues("refused_peer")); u != 1 || r != 1 {
+		t.Fatalf("underlay dials %v, refused %v", u, r)
+	}
 }
