@@ -37,7 +37,7 @@ func newEdgesCmd(streams genericiooptions.IOStreams) *cobra.Command {
 		output string
 	)
 	cmd := &cobra.Command{
-		Use:   "edges [-n NS | -A] [pod | deploy]",
+		Use:   "edges [-n NS | -A] [pod | deploy | ns]",
 		Short: "Show which pods talk to which, and whether the mesh secures it",
 		Long: `edges lists the connections the node agents account for (open now, or seen in
 the last 5 minutes), one row per source, destination and state. SECURED means
@@ -49,7 +49,7 @@ mTLS between the two pods' identities; otherwise MSG says why not:
                           mesh (kubelet probes, unmeshed peers)
   no_certificate, ...     the mesh claimed the connection but refused it (fail closed)
 
-Rows are pods (default) or workloads (deploy). -o wide adds the client and
+Rows are pods (default), workloads (deploy) or namespaces (ns). -o wide adds the client and
 server identities and MSG; -o json prints everything. Access: get on
 pods/edges in API group tap.tunmesh.io in the namespace (cluster-wide for -A).`,
 		Args: cobra.MaximumNArgs(1),
@@ -59,14 +59,16 @@ pods/edges in API group tap.tunmesh.io in the namespace (cluster-wide for -A).`,
 	cmd.Flags().BoolVarP(&all, "all-namespaces", "A", false, "every namespace")
 	cmd.Flags().StringVarP(&output, "output", "o", "", "wide or json")
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		byWorkload := false
+		by := byPod
 		if len(args) == 1 {
 			switch args[0] {
 			case "pod", "pods", "po":
 			case "deploy", "deployment", "deployments", "workload":
-				byWorkload = true
+				by = byWorkload
+			case "ns", "namespace", "namespaces":
+				by = byNamespace
 			default:
-				return usageError{fmt.Errorf("edges of %q: want pod or deploy", args[0])}
+				return usageError{fmt.Errorf("edges of %q: want pod, deploy or ns", args[0])}
 			}
 		}
 		if output != "" && output != "wide" && output != "json" {
@@ -107,22 +109,33 @@ pods/edges in API group tap.tunmesh.io in the namespace (cluster-wide for -A).`,
 			}
 			edges = append(edges, es...)
 		}
-		rows := edgeRows(edges, byWorkload)
+		rows := edgeRows(edges, by)
 		return printEdges(streams.Out, rows, output)
 	}
 	return cmd
 }
 
+// grouping is what a row of edges stands for.
+type grouping int
+
+const (
+	byPod grouping = iota
+	byWorkload
+	byNamespace
+)
+
 // edgeRows merges the agents' edges into rows. A plaintext connection
 // between two pods is seen by both agents (the client's says why it was
 // not meshed, the server's only that it came in plaintext): the client's
 // reason wins.
-func edgeRows(edges []flowlog.Edge, byWorkload bool) []edgeRow {
+func edgeRows(edges []flowlog.Edge, by grouping) []edgeRow {
 	name := func(p flowlog.PodRef, addr string) string {
-		if p.Name == "" {
+		switch {
+		case p.Name == "":
 			return addr
-		}
-		if byWorkload && p.Workload != "" {
+		case by == byNamespace:
+			return p.Namespace
+		case by == byWorkload && p.Workload != "":
 			return p.Workload
 		}
 		return p.Name

@@ -3,8 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
+	"net/url"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -14,6 +20,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/tunmesh/tunmesh/node/flowlog"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 )
 
 func ref(ns, name, wl string) flowlog.PodRef {
@@ -33,7 +40,7 @@ func TestEdgeRows(t *testing.T) {
 		{SrcAddr: "10.244.1.1", Dst: world, Proxy: "in", TLS: "not_provided_by_remote", Conns: 3},
 	}
 	var out bytes.Buffer
-	if err := printEdges(&out, edgeRows(edges, false), "wide"); err != nil {
+	if err := printEdges(&out, edgeRows(edges, byPod), "wide"); err != nil {
 		t.Fatal(err)
 	}
 	want := `SRC         DST      SRC_NS  DST_NS  SECURED  CLIENT_ID                    SERVER_ID                    MSG
@@ -45,7 +52,7 @@ hello-1     world-2  demo    demo    √        spiffe://c/ns/demo/sa/hello  spi
 	if out.String() != want {
 		t.Fatalf("got\n%s\nwant\n%s", out.String(), want)
 	}
-	rows := edgeRows(edges, true)
+	rows := edgeRows(edges, byWorkload)
 	var secured *edgeRow
 	for i := range rows {
 		if rows[i].Secured {
@@ -57,6 +64,11 @@ hello-1     world-2  demo    demo    √        spiffe://c/ns/demo/sa/hello  spi
 	}
 	if secured == nil || secured.Src != "hello" || secured.Dst != "world" || secured.Conns != 3 {
 		t.Fatalf("workload row %+v", secured)
+	}
+	for _, r := range edgeRows(edges, byNamespace) {
+		if r.Secured && (r.Src != "demo" || r.Dst != "demo" || r.Conns != 3) {
+			t.Fatalf("namespace row %+v", r)
+		}
 	}
 }
 
@@ -135,5 +147,44 @@ func TestObserveCommandsDoNotLinkTheAgent(t *testing.T) {
 		if strings.HasPrefix(pkg, "gvisor.dev/") || pkg == "github.com/tunmesh/tunmesh/node/observe" || pkg == "github.com/tunmesh/tunmesh/netstack" {
 			t.Errorf("tunmeshctl depends on %s", pkg)
 		}
+	}
+}
+
+// TestAgentsClient: the client finds the node's InternalIP, speaks TLS to
+// the agent's port with the bearer token, and maps refusals to
+// errForbidden with the agent's message.
+func TestAgentsClient(t *testing.T) {
+	var gotAuth, gotQuery string
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		gotAuth, gotQuery = r.Header.Get("Authorization"), r.URL.RawQuery
+		if r.URL.Query().Get("namespace") == "bank" {
+			http.Error(w, `user "x" may not get pods/edges.tap.tunmesh.io in bank`, http.StatusForbidden)
+			return
+		}
+		_, _ = w.Write([]byte("[]"))
+	}))
+	defer srv.Close()
+	host, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	p, _ := strconv.Atoi(port)
+	client := fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"},
+		Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeHostName, Address: "n1"}, {Type: corev1.NodeInternalIP, Address: host}}}})
+	tr := srv.Client().Transport.(*http.Transport).Clone()
+	tr.TLSClientConfig.InsecureSkipVerify = true
+	a := &agents{client: client, http: &http.Client{Transport: tr}, port: p, token: "tok"}
+	ctx := context.Background()
+	resp, err := a.get(ctx, "n1", observeapi.EdgesPath, url.Values{"namespace": {"shop"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if gotAuth != "Bearer tok" || gotQuery != "namespace=shop" {
+		t.Fatalf("agent got Authorization %q, query %q", gotAuth, gotQuery)
+	}
+	_, err = a.get(ctx, "n1", observeapi.EdgesPath, url.Values{"namespace": {"bank"}})
+	if !errors.Is(err, errForbidden) || !strings.Contains(err.Error(), "may not get pods/edges") {
+		t.Fatalf("refusal: %v", err)
+	}
+	if _, err := a.get(ctx, "nope", observeapi.EdgesPath, nil); err == nil {
+		t.Fatal("unknown node: no error")
 	}
 }
