@@ -34,6 +34,9 @@ command -v go >/dev/null || { echo "deps: Go is required (expected at /usr/local
 go mod download
 mkdir -p bin
 go build -o bin/ ./tools/cmd/tunmeshctl
+# make bench --transport wireguard: the wireguard-go reference pair, built
+# from the module the agent links (no kernel module, no wireguard-tools).
+go build -o bin/wireguard-go golang.zx2c4.com/wireguard
 kube_bin=$(bin/tunmeshctl dev kube-build)
 ln -sfn "$kube_bin/kubectl" bin/kubectl
 echo "deps: ok (kubernetes binaries in $kube_bin)"

@@ -45,6 +45,11 @@ type Config struct {
 	Clients      int           // hey -c
 	MsgSize      int           // sockperf -m
 	Profile      bool          // perf profile of the proxies
+	// Transport is the agents' transport ("tcp" or "wireguard"); with
+	// wireguard the tunmesh path rides WireGuard and a wireguard-go pair
+	// with kernel TUN devices between opted-out pods is measured too.
+	Transport  string
+	EncryptAll bool
 
 	// memory mode
 	Pods    int
@@ -71,6 +76,8 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.IntVar(&c.Clients, "clients", 8, "hey concurrent clients (-c), each request a new connection")
 	fs.IntVar(&c.MsgSize, "msg-size", 1024, "sockperf ping-pong message size, bytes")
 	fs.BoolVar(&c.Profile, "profile", true, "perf mode: also profile the proxies (both agents, both HAProxys) during one more throughput run (needs perf); memory mode: list where the agents' goroutines and heap are at the last point (their /debug/pprof)")
+	fs.StringVar(&c.Transport, "transport", "tcp", "agents' transport: tcp, or wireguard (adds the wireguard-go kernel-TUN pair path; needs bin/wireguard-go from make deps)")
+	fs.BoolVar(&c.EncryptAll, "encrypt-all", false, "with --transport wireguard: dev up --encrypt-all")
 	fs.IntVar(&c.Pods, "pods", 100, "memory mode: meshed pods, spread over the two nodes")
 	fs.IntVar(&c.Idle, "idle-conns", 1000, "memory mode: idle meshed connections held open, all cross-node")
 	fs.Float64Var(&c.LimitMB, "limit-mb", 64, "memory mode: target agent RSS per node, MiB")
@@ -83,6 +90,10 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	switch {
 	case c.Mode != "perf" && c.Mode != "memory":
 		return c, fmt.Errorf("--mode %q: want perf or memory", c.Mode)
+	case c.Transport != "tcp" && c.Transport != "wireguard":
+		return c, fmt.Errorf("--transport %q: want tcp or wireguard", c.Transport)
+	case c.EncryptAll && c.Transport != "wireguard":
+		return c, errors.New("--encrypt-all needs --transport wireguard")
 	case c.Name == "":
 		return c, errors.New("--name must not be empty")
 	case c.Reps < 1 || c.Parallel < 1 || c.Clients < 1 || c.MsgSize < 1:

@@ -74,6 +74,9 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 		{name: "tunmesh-server", node: "node-2", sa: "bench-server", meshed: true, containers: serverApps("")},
 		{name: "tunmesh-client", node: "node-1", sa: "bench-client", meshed: true, containers: [][]string{sleeper}},
 	}
+	if cfg.Transport == "wireguard" {
+		specs = append(specs, wireguardGoSpecs()...)
+	}
 	for _, s := range specs {
 		if err := c.createPod(ctx, s); err != nil {
 			return err
@@ -95,7 +98,19 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 	if err != nil {
 		return err
 	}
-	for _, n := range []string{"kernel-client", "haproxy-client", "tunmesh-client"} {
+	clients := []string{"kernel-client", "haproxy-client", "tunmesh-client"}
+	if cfg.Transport == "wireguard" {
+		wg, err := c.waitRunning(ctx, 2*time.Minute, "wg-client", "wg-server")
+		if err != nil {
+			return err
+		}
+		if err := setupWireGuardGo(ctx, c, wg["wg-client"], wg["wg-server"]); err != nil {
+			return err
+		}
+		pods["wg-client"], pods["wg-server"] = wg["wg-client"], wg["wg-server"]
+		clients = append(clients, "wg-client")
+	}
+	for _, n := range clients {
 		// hey opens thousands of connections a second from the client:
 		// a wide port range and TIME_WAIT reuse keep it from running out
 		// of ports (the same on every path).
@@ -112,6 +127,9 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 				m, err := c.agentPids()
 				return mapValues(m), err
 			}},
+	}
+	if cfg.Transport == "wireguard" {
+		paths = append(paths, benchPath{name: bench.WireGuardGo, client: pods["wg-client"], target: wgServerIP, procs: wireguardGoPids})
 	}
 	for _, p := range paths {
 		log.Info("warming up", "path", p.name)
@@ -174,6 +192,7 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 		}
 		sums = append(sums, bench.Summarize(p.name, samples[p.name], rss))
 	}
+	fmt.Fprintf(report, "transport: %s (encrypt-all %v)\n", cfg.Transport, cfg.EncryptAll)
 	fmt.Fprintf(report, "settings: %d repetitions, iperf3 -t %s -P %d, sockperf ping-pong --tcp -m %d -t %s --full-rtt (round trip), hey -c %d -z %s -disable-keepalive; cross-node (client on node-1, server on node-2)\n\n",
 		cfg.Reps, secs(cfg.Duration), cfg.Parallel, cfg.MsgSize, secs(cfg.RRDuration), cfg.Clients, secs(cfg.ConnDuration))
 	if err := bench.WriteTable(report, sums, bench.Evaluate(sums)); err != nil {
