@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -13,12 +14,16 @@ import (
 	"sync"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
 	"github.com/tunmesh/tunmesh/node/access"
 	"github.com/tunmesh/tunmesh/node/capture"
 	"github.com/tunmesh/tunmesh/node/flowlog"
 	"github.com/tunmesh/tunmesh/node/observe"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 )
 
 // ObserveConfig configures the observability API (capture, tap, edges)
@@ -169,5 +174,35 @@ func (a *Agent) serveObservability(ctx context.Context, st *netstack.Stack) erro
 		return fmt.Errorf("listen observe: %w", err)
 	}
 	a.log.Info("observability API listening", "addr", ln.Addr().String(), "certificate_sha256", fingerprint, "client_certificates", a.obs.gate.ClientCAs != nil)
+	// Callers pin the certificate from the Node's annotation.
+	pctx, pcancel := context.WithCancel(ctx)
+	published := make(chan struct{})
+	go func() { // RoutinePublishFingerprint: retries until it succeeds or ctx ends
+		defer close(published)
+		a.publishFingerprint(pctx, fingerprint)
+	}()
+	defer func() { pcancel(); <-published }()
 	return serveHTTP(ctx, srv, tls.NewListener(ln, tlsCfg))
+}
+
+// publishFingerprint sets the serving certificate's fingerprint on the
+// agent's Node (observeapi.FingerprintAnnotation), retrying with backoff.
+func (a *Agent) publishFingerprint(ctx context.Context, fingerprint string) {
+	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{observeapi.FingerprintAnnotation: fingerprint}}})
+	if err != nil {
+		a.log.Error("observability certificate fingerprint not published", "err", err)
+		return
+	}
+	for wait := 500 * time.Millisecond; ; wait = min(2*wait, 30*time.Second) {
+		_, err := a.client.CoreV1().Nodes().Patch(ctx, a.cfg.NodeName, types.MergePatchType, patch, metav1.PatchOptions{})
+		if err == nil {
+			return
+		}
+		a.log.Warn("publish the observability certificate fingerprint on the node (retrying)", "node", a.cfg.NodeName, "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
 }

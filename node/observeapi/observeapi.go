@@ -14,6 +14,13 @@ const (
 	PodsPath    = "/v1/pods"
 )
 
+// FingerprintAnnotation is set by each agent on its Node: the SHA-256 (hex)
+// of the observability API's serving certificate. tunmeshctl reads it
+// through the API server (which it trusts) and accepts only that
+// certificate from the node's agent, so a bearer token is never sent to an
+// impostor.
+const FingerprintAnnotation = "observe.tunmesh.io/serving-certificate-sha256"
+
 // PodCert is a meshed pod and the certificate its agent holds for it.
 type PodCert struct {
 	Namespace string `json:"namespace"`

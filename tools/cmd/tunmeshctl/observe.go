@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -36,21 +39,25 @@ import (
 // namespace (the local cluster's nodes sit in namespaces: use
 // <cluster>-cp, the control plane's).
 type agentFlags struct {
-	port  int
-	netns string
+	port     int
+	netns    string
+	insecure bool
 }
 
 func (f *agentFlags) add(cmd *cobra.Command) {
 	cmd.Flags().IntVar(&f.port, "agent-port", observeapi.DefaultPort, "the agents' observability API port")
 	cmd.Flags().StringVar(&f.netns, "netns", "", "dial the agents from inside this named network namespace (local cluster: <name>-cp)")
+	cmd.Flags().BoolVar(&f.insecure, "insecure-skip-agent-verify", false, "accept any agent certificate when its Node does not publish one (credentials may reach an impostor)")
 }
 
 // agents is a connected client of the agents' observability API.
 type agents struct {
-	client kubernetes.Interface
-	http   *http.Client
-	port   int
-	token  string
+	client   kubernetes.Interface
+	http     *http.Client
+	port     int
+	token    string
+	insecure bool
+	pins     sync.Map // host -> the certificate fingerprint its Node publishes ("" : none)
 }
 
 func newAgents(cf *genericclioptions.ConfigFlags, f agentFlags) (*agents, error) {
@@ -70,13 +77,10 @@ func newAgents(cf *genericclioptions.ConfigFlags, f agentFlags) (*agents, error)
 		tlsCfg = &tls.Config{}
 	}
 	// The agents' serving certificates are their own (self-signed unless
-	// the install gives one): not verified here. A client certificate
-	// proves nothing to an impostor that it can replay (TLS 1.3 signs the
-	// handshake); a bearer token would be handed to it. See
-	// docs/observability.md, limits.
-	tlsCfg = tlsCfg.Clone()
-	tlsCfg.RootCAs, tlsCfg.InsecureSkipVerify, tlsCfg.ServerName = nil, true, ""
-	tlsCfg.MinVersion = tls.VersionTLS13
+	// the install gives one): each agent publishes its certificate's
+	// SHA-256 on its Node, read here through the API server, and only that
+	// certificate is accepted from the node's address (verifyAgent).
+	a := &agents{port: f.port, insecure: f.insecure}
 	token := rc.BearerToken
 	if token == "" && rc.BearerTokenFile != "" {
 		b, err := os.ReadFile(rc.BearerTokenFile)
@@ -85,21 +89,82 @@ func newAgents(cf *genericclioptions.ConfigFlags, f agentFlags) (*agents, error)
 		}
 		token = strings.TrimSpace(string(b))
 	}
-	tr := &http.Transport{TLSClientConfig: tlsCfg, ForceAttemptHTTP2: false, ResponseHeaderTimeout: 30 * time.Second}
+	dial := (&net.Dialer{Timeout: 10 * time.Second}).DialContext
 	if f.netns != "" {
-		tr.DialContext = namedns.Dialer(f.netns)
-	} else {
-		tr.DialContext = (&net.Dialer{Timeout: 10 * time.Second}).DialContext
+		dial = namedns.Dialer(f.netns)
 	}
-	return &agents{client: client, http: &http.Client{Transport: tr}, port: f.port, token: token}, nil
+	a.setTransport(tlsCfg, dial)
+	a.client, a.token = client, token
+	return a, nil
+}
+
+// setTransport makes the HTTP client: TLS 1.3 with base's client
+// certificate, the agent's certificate accepted only if it is the one the
+// agent's Node publishes (verifyAgent, checked per dialed address).
+func (a *agents) setTransport(base *tls.Config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) {
+	base = base.Clone()
+	base.RootCAs, base.InsecureSkipVerify, base.ServerName = nil, true, ""
+	base.MinVersion = tls.VersionTLS13
+	base.NextProtos = []string{"http/1.1"} // the dialed conn is handed to HTTP/1
+	tr := &http.Transport{ForceAttemptHTTP2: false, ResponseHeaderTimeout: 30 * time.Second}
+	tr.DialTLSContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, err
+		}
+		raw, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		cfg := base.Clone()
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error { return a.verifyAgent(host, cs) }
+		tc := tls.Client(raw, cfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			raw.Close()
+			return nil, err
+		}
+		return tc, nil
+	}
+	a.http = &http.Client{Transport: tr}
+}
+
+// errAgentCertificate: the agent's certificate is not the one its Node
+// publishes (or none is published): nothing was sent to it.
+var errAgentCertificate = errors.New("agent certificate not verified")
+
+// verifyAgent accepts the agent's certificate only if its SHA-256 is the
+// one the agent's Node publishes (observeapi.FingerprintAnnotation).
+func (a *agents) verifyAgent(host string, cs tls.ConnectionState) error {
+	if len(cs.PeerCertificates) == 0 {
+		return fmt.Errorf("no certificate: %w", errAgentCertificate)
+	}
+	v, ok := a.pins.Load(host)
+	want, _ := v.(string)
+	if !ok || want == "" {
+		if a.insecure {
+			return nil
+		}
+		return fmt.Errorf("the node of %s publishes no %s (an agent older than the observability API, or one that could not patch its Node; --insecure-skip-agent-verify to go on): %w",
+			host, observeapi.FingerprintAnnotation, errAgentCertificate)
+	}
+	sum := sha256.Sum256(cs.PeerCertificates[0].Raw)
+	if got := hex.EncodeToString(sum[:]); got != want {
+		return fmt.Errorf("%s presents certificate %s, its Node publishes %s (the agent restarted: retry): %w", host, got, want, errAgentCertificate)
+	}
+	return nil
 }
 
 // nodeAddr is a node's InternalIP (else its first address).
-func (a *agents) nodeAddr(ctx context.Context, node string) (string, error) {
+func (a *agents) nodeAddr(ctx context.Context, node string) (addr string, err error) {
 	n, err := a.client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
 	if err != nil {
 		return "", fmt.Errorf("get node %s: %w", node, err)
 	}
+	defer func() {
+		if addr != "" {
+			a.pins.Store(addr, n.Annotations[observeapi.FingerprintAnnotation])
+		}
+	}()
 	var first string
 	for _, ad := range n.Status.Addresses {
 		if ad.Type == corev1.NodeInternalIP {

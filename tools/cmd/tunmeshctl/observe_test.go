@@ -3,6 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"net"
 	"net/http"
@@ -12,6 +15,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -166,11 +170,19 @@ func TestAgentsClient(t *testing.T) {
 	defer srv.Close()
 	host, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
 	p, _ := strconv.Atoi(port)
-	client := fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"},
-		Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeHostName, Address: "n1"}, {Type: corev1.NodeInternalIP, Address: host}}}})
-	tr := srv.Client().Transport.(*http.Transport).Clone()
-	tr.TLSClientConfig.InsecureSkipVerify = true
-	a := &agents{client: client, http: &http.Client{Transport: tr}, port: p, token: "tok"}
+	sum := sha256.Sum256(srv.Certificate().Raw)
+	node := func(name, fp string) *corev1.Node {
+		n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name},
+			Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeHostName, Address: name}, {Type: corev1.NodeInternalIP, Address: host}}}}
+		if fp != "" {
+			n.Annotations = map[string]string{observeapi.FingerprintAnnotation: fp}
+		}
+		return n
+	}
+	client := fake.NewClientset(node("n1", hex.EncodeToString(sum[:])))
+	a := &agents{client: client, port: p, token: "tok"}
+	a.setTransport(&tls.Config{}, (&net.Dialer{}).DialContext)
+	tr := a.http.Transport.(*http.Transport)
 	ctx := context.Background()
 	resp, err := a.get(ctx, "n1", observeapi.EdgesPath, url.Values{"namespace": {"shop"}})
 	if err != nil {
@@ -186,5 +198,26 @@ func TestAgentsClient(t *testing.T) {
 	}
 	if _, err := a.get(ctx, "nope", observeapi.EdgesPath, nil); err == nil {
 		t.Fatal("unknown node: no error")
+	}
+
+	// Another certificate than the Node publishes, or none published:
+	// nothing is sent.
+	for _, fp := range []string{strings.Repeat("0", 64), ""} {
+		gotAuth = ""
+		client := fake.NewClientset(node("n1", fp))
+		a.client = client
+		a.pins = sync.Map{}
+		tr.CloseIdleConnections()
+		_, err := a.get(ctx, "n1", observeapi.EdgesPath, url.Values{"namespace": {"shop"}})
+		if !errors.Is(err, errAgentCertificate) || gotAuth != "" {
+			t.Fatalf("fingerprint %q: err %v, agent got %q", fp, err, gotAuth)
+		}
+	}
+	a.insecure = true // none published, accepted on request
+	tr.CloseIdleConnections()
+	if resp, err := a.get(ctx, "n1", observeapi.EdgesPath, url.Values{"namespace": {"shop"}}); err != nil {
+		t.Fatalf("--insecure-skip-agent-verify: %v", err)
+	} else {
+		resp.Body.Close()
 	}
 }
