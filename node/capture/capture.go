@@ -145,26 +145,8 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 	if len(srcs) == 0 {
 		return Stats{}, errors.New("capture: no packet source")
 	}
-	ifs := make([]pcapgo.NgInterface, len(srcs))
-	for i, s := range srcs {
-		ifs[i] = pcapgo.NgInterface{Name: s.Name, LinkType: s.LinkType, SnapLength: Snaplen, OS: "linux", TimestampResolution: 9}
-	}
-	ng, err := pcapgo.NewNgWriterInterface(w, ifs[0], pcapgo.NgWriterOptions{SectionInfo: pcapgo.NgSectionInfo{Application: "tunmesh-node", Comment: "tunmesh capture, side " + string(r.Side)}})
-	if err != nil {
-		return Stats{}, fmt.Errorf("pcapng header: %w", err)
-	}
-	for _, intf := range ifs[1:] {
-		if _, err := ng.AddInterface(intf); err != nil {
-			return Stats{}, fmt.Errorf("pcapng interface %s: %w", intf.Name, err)
-		}
-	}
-	if err := ng.Flush(); err != nil {
-		return Stats{Reason: "client"}, fmt.Errorf("write pcapng header: %w", err)
-	}
-	if flush != nil {
-		flush()
-	}
-
+	// Sources first: one that cannot start fails the capture before a byte
+	// of pcapng is written (the caller can still answer with an error).
 	q := make(chan packet, queueLen)
 	var dropped atomic.Uint64
 	var closed atomic.Bool
@@ -204,6 +186,26 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 			return Stats{}, fmt.Errorf("capture on %s: %w", s.Name, err)
 		}
 		stops = append(stops, stop)
+	}
+
+	ifs := make([]pcapgo.NgInterface, len(srcs))
+	for i, s := range srcs {
+		ifs[i] = pcapgo.NgInterface{Name: s.Name, LinkType: s.LinkType, SnapLength: Snaplen, OS: "linux", TimestampResolution: 9}
+	}
+	ng, err := pcapgo.NewNgWriterInterface(w, ifs[0], pcapgo.NgWriterOptions{SectionInfo: pcapgo.NgSectionInfo{Application: "tunmesh-node", Comment: "tunmesh capture, side " + string(r.Side)}})
+	if err != nil {
+		return Stats{}, fmt.Errorf("pcapng header: %w", err)
+	}
+	for _, intf := range ifs[1:] {
+		if _, err := ng.AddInterface(intf); err != nil {
+			return Stats{}, fmt.Errorf("pcapng interface %s: %w", intf.Name, err)
+		}
+	}
+	if err := ng.Flush(); err != nil {
+		return Stats{Reason: "client"}, fmt.Errorf("write pcapng header: %w", err)
+	}
+	if flush != nil {
+		flush()
 	}
 
 	st := Stats{}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net/netip"
 	"os"
@@ -336,5 +337,26 @@ func TestSYNFilter(t *testing.T) {
 		if (n > 0) != c.want {
 			t.Errorf("%s: kept %v, want %v", c.name, n > 0, c.want)
 		}
+	}
+}
+
+// TestRunSourceFails: a source that cannot start (no CAP_NET_RAW, a pod
+// namespace gone) fails the capture before any pcapng is written, and the
+// sources already started are stopped.
+func TestRunSourceFails(t *testing.T) {
+	ok := &fakeSource{}
+	bad := Source{Name: "eth0", LinkType: layers.LinkTypeEthernet, Start: func(func([]byte, bool)) (func(), error) {
+		return nil, errors.New("operation not permitted")
+	}}
+	var out bytes.Buffer
+	_, err := Run(context.Background(), &out, nil, Request{}, []Source{ok.source("tm0", layers.LinkTypeRaw), bad})
+	if err == nil || !strings.Contains(err.Error(), "eth0") {
+		t.Fatalf("err %v", err)
+	}
+	if out.Len() != 0 {
+		t.Fatalf("%d bytes written before the failure", out.Len())
+	}
+	if ok.push(tcp4(pod, web, "x"), false) {
+		t.Fatal("the started source was not stopped")
 	}
 }
