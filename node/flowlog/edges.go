@@ -48,7 +48,7 @@ func (l *Log) Edges() []Edge {
 			e = &Edge{Src: c.SrcPod, Dst: c.DstPod, SrcAddr: k.srcAddr, DstAddr: k.dstAddr, Proxy: c.Proxy, TLS: c.TLS, ClientID: c.ClientID, ServerID: c.ServerID}
 			m[k] = e
 		}
-		e.Conns++
+		e.Conns += max(1, c.Count)
 		last := c.Opened
 		if c.Closed.IsZero() {
 			if c.TLS == TLSTrue {

@@ -64,6 +64,10 @@ type Conn struct {
 	ClientBytes int64  `json:"clientBytes,omitempty"`
 	ServerBytes int64  `json:"serverBytes,omitempty"`
 	End         string `json:"end,omitempty"`
+	// Count is how many connections a record of Seen stands for (the
+	// same endpoints and reason, the client's port aside), Opened the
+	// last; 0 means one.
+	Count int `json:"count,omitempty"`
 }
 
 // local is the pod on this agent's side of c.
@@ -124,8 +128,9 @@ type Options struct {
 	// Keep is how long closed and passed-through connections stay in
 	// Edges. Default 5 minutes.
 	Keep time.Duration
-	// MaxRecent bounds the connections kept after they closed. Default
-	// 4096 (the oldest go first).
+	// MaxRecent bounds the meshed connections kept after they closed,
+	// and the kinds of connections left unmeshed (Seen, counted by
+	// endpoints and reason). Default 4096 each (the oldest go first).
 	MaxRecent int
 	// HTTP attaches the HTTP/1 parser to every meshed connection (for
 	// the HTTP metrics); without it, only while someone taps.
@@ -143,9 +148,13 @@ type Log struct {
 
 	mu     sync.Mutex // guards the fields below
 	live   map[uint64]*Conn
-	recent []Conn // ring of ended or passed-through connections
+	recent []Conn // ring of ended meshed connections
 	head   int    // next slot of recent once full
-	subs   map[*Sub]struct{}
+	// seen aggregates the connections the agent did not mesh (Seen) by
+	// endpoints and reason: kubelet probes every second would otherwise
+	// push everything else out of recent.
+	seen map[seenKey]*Conn
+	subs map[*Sub]struct{}
 }
 
 // New returns a Log. names and m may be nil.
@@ -159,7 +168,7 @@ func New(names Names, m *Metrics, opts Options) *Log {
 	if names == nil {
 		names = func(netip.Addr) PodRef { return PodRef{} }
 	}
-	return &Log{names: names, metrics: m, opts: opts, now: time.Now, live: map[uint64]*Conn{}, subs: map[*Sub]struct{}{}}
+	return &Log{names: names, metrics: m, opts: opts, now: time.Now, live: map[uint64]*Conn{}, seen: map[seenKey]*Conn{}, subs: map[*Sub]struct{}{}}
 }
 
 // Track is an open connection's handle.
@@ -218,10 +227,49 @@ func (l *Log) Seen(c Conn) {
 	c.Opened = l.now()
 	l.fillNames(&c)
 	l.mu.Lock()
-	l.keepLocked(c)
+	l.seenLocked(c)
 	l.mu.Unlock()
 	l.metrics.opened(&c)
 	l.publish(Event{Type: "open", Time: c.Opened, Conn: c})
+}
+
+// seenKey groups Seen records: the client's port changes with every
+// connection, the rest names the edge.
+type seenKey struct {
+	proxy, tls string
+	src        netip.Addr
+	dst        netip.AddrPort
+}
+
+// seenLocked counts c under its key, dropping the entries older than
+// Keep (or, still full, the oldest) to stay within MaxRecent.
+func (l *Log) seenLocked(c Conn) {
+	k := seenKey{proxy: c.Proxy, tls: c.TLS, src: c.Src.Addr(), dst: c.Dst}
+	if e := l.seen[k]; e != nil {
+		count := max(1, e.Count) + 1
+		*e = c
+		e.Count = count
+		return
+	}
+	if len(l.seen) >= l.opts.MaxRecent {
+		cut := c.Opened.Add(-l.opts.Keep)
+		var oldest seenKey
+		var oldestAt time.Time
+		for k, e := range l.seen {
+			if e.Opened.Before(cut) {
+				delete(l.seen, k)
+				continue
+			}
+			if oldestAt.IsZero() || e.Opened.Before(oldestAt) {
+				oldest, oldestAt = k, e.Opened
+			}
+		}
+		if len(l.seen) >= l.opts.MaxRecent {
+			delete(l.seen, oldest)
+		}
+	}
+	cp := c
+	l.seen[k] = &cp
 }
 
 func (l *Log) fillNames(c *Conn) {
@@ -247,9 +295,14 @@ func (l *Log) Conns() []Conn {
 	cut := l.now().Add(-l.opts.Keep)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	out := make([]Conn, 0, len(l.live)+len(l.recent))
+	out := make([]Conn, 0, len(l.live)+len(l.recent)+len(l.seen))
 	for _, c := range l.live {
 		out = append(out, *c)
+	}
+	for _, c := range l.seen {
+		if c.Opened.After(cut) {
+			out = append(out, *c)
+		}
 	}
 	for _, c := range l.recent {
 		last := c.Closed

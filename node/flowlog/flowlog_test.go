@@ -162,7 +162,8 @@ func TestSlowSubscriberDrops(t *testing.T) {
 }
 
 // TestRecentBounded: old connections leave Edges after Keep, and at most
-// MaxRecent are kept.
+// MaxRecent kinds are kept; repeats of one kind (a probe every second)
+// are counted, not kept one by one.
 func TestRecentBounded(t *testing.T) {
 	l, _, _ := newLog(t, Options{Keep: time.Minute, MaxRecent: 3})
 	now := time.Unix(1000, 0)
@@ -172,6 +173,20 @@ func TestRecentBounded(t *testing.T) {
 	}
 	if n := len(l.Conns()); n != 3 {
 		t.Fatalf("%d kept, want 3", n)
+	}
+	for i := 0; i < 100; i++ {
+		now = now.Add(time.Millisecond)
+		l.Seen(Conn{Proxy: In, Src: netip.AddrPortFrom(probeAddr.Addr(), uint16(50000+i)), Dst: serverAddr, TLS: NotProvidedByRemote})
+	}
+	edges := l.Edges()
+	var probes int
+	for _, e := range edges {
+		if e.TLS == NotProvidedByRemote {
+			probes += e.Conns
+		}
+	}
+	if probes != 100 || len(l.Conns()) != 3 {
+		t.Fatalf("probes counted %d (want 100), %d kept (want 3): %+v", probes, len(l.Conns()), edges)
 	}
 	now = now.Add(2 * time.Minute)
 	if n := len(l.Conns()); n != 0 {
