@@ -136,46 +136,93 @@ func TestNetworkPolicyAndAuthorization(t *testing.T) {
 		r.expectPeer(y, "", x, "a", true)
 		r.expectPeer(z, "", x, "a", false)
 	}
+	type step struct {
+		port   int
+		before func(t *testing.T) // e.g. a namespace label change; its undo is registered with t.Cleanup
+		reach  func(r reach)      // nil: all allowed
+	}
+	labelNS := func(short, k, v string) func(t *testing.T) {
+		return func(t *testing.T) {
+			set := func(val string) {
+				patch := fmt.Sprintf(`{"metadata":{"labels":{%q:%s}}}`, k, val)
+				if _, err := c.Client.CoreV1().Namespaces().Patch(context.Background(), m.ns(short), types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			set(fmt.Sprintf("%q", v))
+			t.Cleanup(func() { set("null") })
+		}
+	}
 	for _, tc := range []struct {
 		name     string
 		policies []*networkingv1.NetworkPolicy
-		port     int
-		reach    func(r reach)
+		steps    []step
 	}{
-		{name: "upstream: should support a 'default-deny-all' policy", port: 80,
+		{name: "upstream: should support a 'default-deny-all' policy",
 			policies: []*networkingv1.NetworkPolicy{np(x, "deny-all", sel(), networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress)},
-			reach: func(r reach) {
+			steps: []step{{port: 80, reach: func(r reach) {
 				r.expectPeer("", "", x, "", false)
 				r.expectPeer(x, "", "", "", false)
-			}},
-		{name: "upstream: should enforce policy based on PodSelector or NamespaceSelector", port: 80,
+			}}}},
+		{name: "upstream: should enforce policy to allow traffic from pods within server namespace based on PodSelector",
+			policies: []*networkingv1.NetworkPolicy{withIngress(np(x, "x-a-allows-x-b", podA), nil, peer(nil, sel("pod", "b")))},
+			steps: []step{{port: 80, reach: func(r reach) {
+				r.expectAllIngress(xa, false)
+				r[xb][xa] = true
+			}}}},
+		{name: "upstream: should enforce policy to allow ingress traffic for a target",
+			policies: []*networkingv1.NetworkPolicy{np(x, "deny-all", sel()), withIngress(np(x, "allow-all-to-a", podA), nil, peer(sel(), sel()))},
+			steps: []step{{port: 80, reach: func(r reach) {
+				r.expectAllIngress(xb, false)
+				r.expectAllIngress(xc, false)
+			}}}},
+		{name: "upstream: should enforce policy based on PodSelector or NamespaceSelector",
 			policies: []*networkingv1.NetworkPolicy{withIngress(np(x, "allow-ns-y-match-selector", podA), nil,
 				peer(expr("ns", metav1.LabelSelectorOpNotIn, x), nil), peer(nil, sel("pod", "b")))},
-			reach: func(r reach) {
+			steps: []step{{port: 80, reach: func(r reach) {
 				r[xc][xa] = false // and x/a itself, left out: a self-connection
-			}},
-		{name: "upstream: should enforce policy based on PodSelector and NamespaceSelector", port: 80,
+			}}}},
+		{name: "upstream: should enforce policy based on PodSelector and NamespaceSelector",
 			policies: []*networkingv1.NetworkPolicy{withIngress(np(x, "allow-ns-y-podselector-and-nsselector", podA), nil,
 				peer(expr("ns", metav1.LabelSelectorOpNotIn, x), sel("pod", "b")))},
-			reach: func(r reach) {
+			steps: []step{{port: 80, reach: func(r reach) {
 				r.expectAllIngress(xa, false)
 				r[yb][xa] = true
 				r[zb][xa] = true
-			}},
-		{name: "upstream: should enforce policy based on Ports", port: 81,
+			}}}},
+		{name: "upstream: should enforce policy based on Ports",
 			policies: []*networkingv1.NetworkPolicy{withIngress(np(x, "allow-client-a-via-ns-selector", podA),
 				[]networkingv1.NetworkPolicyPort{tcpPort(intstr.FromInt32(81))}, peer(sel("ns", y), nil))},
-			reach: only81FromY},
-		{name: "upstream: should allow egress access on one named port", port: 81,
+			steps: []step{{port: 81, reach: only81FromY}}},
+		{name: "upstream: should allow ingress access on one named port",
+			policies: []*networkingv1.NetworkPolicy{withIngress(np(x, "allow-all", sel()), []networkingv1.NetworkPolicyPort{{Port: ptr(intstr.FromString("serve-81-tcp"))}})},
+			steps:    []step{{port: 81}, {port: 80, reach: func(r reach) { r.expectPeer("", "", x, "", false) }}}},
+		{name: "upstream: should allow egress access on one named port",
 			policies: []*networkingv1.NetworkPolicy{withEgress(np(x, "allow-egress", sel(), networkingv1.PolicyTypeEgress),
 				[]networkingv1.NetworkPolicyPort{{Port: ptr(intstr.FromString("serve-80-tcp"))}})},
-			reach: func(r reach) { r.expectPeer(x, "", "", "", false) }},
+			steps: []step{{port: 80}, {port: 81, reach: func(r reach) { r.expectPeer(x, "", "", "", false) }}}},
+		{name: "upstream: should allow ingress access from updated namespace",
+			policies: []*networkingv1.NetworkPolicy{withIngress(np(x, "allow-client-a-via-ns-selector", podA), nil, peer(sel("ns2", "updated"), nil))},
+			steps: []step{
+				{port: 80, reach: func(r reach) { r.expectAllIngress(xa, false) }},
+				{port: 80, before: labelNS(y, "ns2", "updated"), reach: func(r reach) {
+					r.expectAllIngress(xa, false)
+					r.expectPeer(y, "", x, "a", true)
+				}},
+			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			defer m.apply(t, tc.policies...)()
-			want := newReach(true, meshed, meshed)
-			tc.reach(want)
-			m.check(t, tc.port, want, propagation)
+			for _, st := range tc.steps {
+				if st.before != nil {
+					st.before(t)
+				}
+				want := newReach(true, meshed, meshed)
+				if st.reach != nil {
+					st.reach(want)
+				}
+				m.check(t, st.port, want, propagation)
+			}
 		})
 	}
 
