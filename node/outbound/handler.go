@@ -138,6 +138,11 @@ func (h *Handler) HandleFlow(f netstack.Flow) netstack.Decision {
 		h.failClosed(f, d, nil)
 		h.seen(f, d)
 		return netstack.Reset
+	case Deny:
+		// A policy refused it: Access logged it once per connection (at
+		// Info, with the policy), not as a failure of the mesh.
+		h.metrics.Refused.WithLabelValues(d.Reason).Inc()
+		return netstack.Drop
 	default:
 		h.failClosed(f, d, nil)
 		return netstack.Drop
