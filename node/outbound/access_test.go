@@ -205,3 +205,24 @@ func TestDecideSegmentPlaintextClients(t *testing.T) {
 		})
 	}
 }
+
+// TestHandleFlowDenied: a flow a policy denies is dropped (the pod's
+// connect times out, as behind a CNI that drops), counted, and reported
+// once by Access; never terminated or passed through.
+func TestHandleFlowDenied(t *testing.T) {
+	d, c := fixture()
+	a := withAccess(t, d, c, map[string]string{"app": "server"}, denyAllIngress("prod"))
+	certs := &fakeCerts{}
+	certs.ready.Store(true)
+	h, m := newTestHandler(t, d, certs, fakeDialer{})
+	f := fl(1, netip.AddrPortFrom(meshedIP, 8080))
+	if got := h.HandleFlow(f); got != netstack.Drop {
+		t.Fatalf("denied: HandleFlow = %s, want drop", got)
+	}
+	if n := counterValue(m.Refused.WithLabelValues(ReasonPolicyDenied)); n != 1 {
+		t.Errorf("refused counter %v, want 1", n)
+	}
+	if len(a.denied) != 1 {
+		t.Errorf("denials reported %v, want one", a.denied)
+	}
+}
