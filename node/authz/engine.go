@@ -241,8 +241,10 @@ func (e *Engine) Inbound(client Client, dst *corev1.Pod, port uint16) Decision {
 				fmt.Sprintf("authorization: plaintext refused: authorizations %s select the pod and admit mesh identities only", names(selecting)))
 		}
 		var ports []corev1.ContainerPort
-		for _, c := range dst.Spec.Containers {
-			ports = append(ports, c.Ports...)
+		for _, cs := range [][]corev1.Container{dst.Spec.InitContainers, dst.Spec.Containers} { // as NetpolPod: sidecars are init containers
+			for _, c := range cs {
+				ports = append(ports, c.Ports...)
+			}
 		}
 		for _, a := range selecting {
 			if a.admitsPort(int32(port), ports) && a.admitsIdentity(*client.ID, e.trustDomain) {
