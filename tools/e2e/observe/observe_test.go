@@ -1,6 +1,7 @@
 package observe
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -234,6 +236,54 @@ func TestObserve(t *testing.T) {
 		out = tshark(t, "-r", file, "-T", "fields", "-e", "frame.interface_name")
 		if !strings.Contains(out, "eth0") {
 			t.Logf("no eth0 packet in the window (probes run every second): %q", out)
+		}
+	})
+
+	t.Run("CaptureStreamsLiveToTshark", func(t *testing.T) {
+		// -w - | tshark -r -: the response shows in tshark while the
+		// capture still runs (it would end only after 60s).
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		defer cancel()
+		script := fmt.Sprintf("%s capture -n %s server --duration 60s -w - --token %s --netns %s | tshark -l -r - -Y 'http.response.code == 200' -T fields -e http.response.code",
+			filepath.Join(f.c.BinDir, "tunmeshctl"), f.ns, f.viewer, f.c.Name+"-cp")
+		cmd := exec.CommandContext(ctx, "sh", "-c", script)
+		cmd.Env = append(os.Environ(), "KUBECONFIG="+f.c.State.Kubeconfig)
+		cmd.Stderr = io.Discard
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The shell, tunmeshctl and tshark share a process group, ended
+		// together below.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+			_ = cmd.Wait()
+		}()
+		lines := make(chan string, 16)
+		go func() {
+			sc := bufio.NewScanner(out)
+			for sc.Scan() {
+				lines <- sc.Text()
+			}
+			close(lines)
+		}()
+		start := time.Now()
+		time.Sleep(2 * time.Second)
+		f.get(t, "/")
+		select {
+		case l, ok := <-lines:
+			if !ok || strings.TrimSpace(l) != "200" {
+				t.Fatalf("tshark printed %q (open %v)", l, ok)
+			}
+			if d := time.Since(start); d > 30*time.Second {
+				t.Fatalf("the response reached tshark after %s: not live", d)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("tshark saw no HTTP 200 within 30s of a 60s capture: not streamed live")
 		}
 	})
 
