@@ -24,8 +24,10 @@ type WireGuardConfig struct {
 	// TransportWireGuard (tunnels to nodes that publish a key ride a
 	// userspace WireGuard overlay).
 	Transport string
-	// Port is the WireGuard UDP port (default 51820); MTU the inner MTU
-	// (default 1420).
+	// Port is the WireGuard UDP port (default 51820); MTU the overlay's
+	// MTU for the mesh tunnels (default 1420; larger is faster, the
+	// underlay then fragments the datagrams). Pod traffic (EncryptAll) is
+	// bounded by UnderlayMTU minus WireGuard's 80 bytes instead.
 	Port, MTU int
 	// EncryptAll (wireguard only) carries every packet a local pod sends
 	// to a pod of another WireGuard node through WireGuard too.
@@ -55,8 +57,12 @@ func (a *Agent) newWireGuard() error {
 	if c.Transport != TransportWireGuard {
 		return nil
 	}
+	hostMTU := a.cfg.UnderlayMTU - 80
+	if hostMTU < 1280 {
+		return fmt.Errorf("agent config: underlay MTU %d too small for WireGuard", a.cfg.UnderlayMTU)
+	}
 	wg, err := wireguard.New(wireguard.Config{
-		NodeName: a.cfg.NodeName, NodeIP: a.cfg.NodeIP, Port: c.Port, MTU: c.MTU,
+		NodeName: a.cfg.NodeName, NodeIP: a.cfg.NodeIP, Port: c.Port, MTU: c.MTU, HostMTU: hostMTU,
 		StateDir: a.cfg.StateDir, MeshPort: a.cfg.MeshPort, EncryptAll: c.EncryptAll,
 	}, a.client, a.reg, a.log.With("component", "wireguard"))
 	if err != nil {
@@ -66,12 +72,8 @@ func (a *Agent) newWireGuard() error {
 	a.gate.Parts = append(a.gate.Parts, wg.Synced)
 	if c.EncryptAll {
 		// Passthrough TCP from meshed pods then rides WireGuard: clamp its
-		// MSS to the inner MTU, not the underlay's.
-		mtu := c.MTU
-		if mtu == 0 {
-			mtu = wireguard.DefaultMTU
-		}
-		a.cfg.UnderlayMTU = min(a.cfg.UnderlayMTU, mtu)
+		// MSS to what fits one datagram, not the underlay's.
+		a.cfg.UnderlayMTU = hostMTU
 	}
 	return nil
 }

@@ -28,30 +28,9 @@ func BenchmarkOverlayThroughput(b *testing.B) {
 	if testing.Short() {
 		b.Skip("short")
 	}
-	b.Run("tunmesh", func(b *testing.B) {
-		requireRoot(b)
-		client := fake.NewClientset(testNode("a", "127.0.0.1", nil, nil), testNode("b", "127.0.0.2", nil, nil))
-		a := startTransport(b, client, "a", "127.0.0.1", b.TempDir(), freeUDPPort(b))
-		bb := startTransport(b, client, "b", "127.0.0.2", b.TempDir(), freeUDPPort(b))
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			if r, _ := a.peers.Route(netip.MustParseAddr("127.0.0.2")); r == RouteOverlay {
-				break
-			}
-			if time.Now().After(deadline) {
-				b.Fatal("peers not configured")
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		ln, err := bb.ListenOverlay()
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer ln.Close()
-		runThroughput(b, ln, func(ctx context.Context) (net.Conn, error) {
-			return a.DialTCP(netip.Addr{})(ctx, netip.MustParseAddr("127.0.0.2"), testMeshPort)
-		})
-	})
+	for _, mtu := range []int{DefaultMTU, 8920, 65000} {
+		b.Run(fmt.Sprintf("tunmesh-mtu%d", mtu), func(b *testing.B) { benchTunmesh(b, mtu) })
+	}
 	b.Run("wireguard-go-netstack", func(b *testing.B) {
 		requireRoot(b)
 		ka, kb := mustKey(b), mustKey(b)
@@ -93,6 +72,32 @@ func BenchmarkOverlayThroughput(b *testing.B) {
 		runThroughput(b, ln, func(ctx context.Context) (net.Conn, error) {
 			return netA.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(ob, testMeshPort))
 		})
+	})
+}
+
+// benchTunmesh runs the tunmesh transport pair with the given inner MTU.
+func benchTunmesh(b *testing.B, mtu int) {
+	requireRoot(b)
+	client := fake.NewClientset(testNode("a", "127.0.0.1", nil, nil), testNode("b", "127.0.0.2", nil, nil))
+	a := startTransport(b, client, "a", "127.0.0.1", b.TempDir(), freeUDPPort(b), mtu)
+	bb := startTransport(b, client, "b", "127.0.0.2", b.TempDir(), freeUDPPort(b), mtu)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if r, _ := a.peers.Route(netip.MustParseAddr("127.0.0.2")); r == RouteOverlay {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatal("peers not configured")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	ln, err := bb.ListenOverlay()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	runThroughput(b, ln, func(ctx context.Context) (net.Conn, error) {
+		return a.DialTCP(netip.Addr{})(ctx, netip.MustParseAddr("127.0.0.2"), testMeshPort)
 	})
 }
 

@@ -72,6 +72,7 @@ func (t *Transport) readHost(ctx context.Context) {
 	t.hostMu.Lock()
 	fd := t.hostFD
 	t.hostMu.Unlock()
+	w := netstack.FDWriter(fd)
 	buf := make([]byte, tun.VnetHdrLen+65535)
 	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	for ctx.Err() == nil {
@@ -100,8 +101,17 @@ func (t *Transport) readHost(ctx context.Context) {
 				t.tun.dropped.Add(1) // offloads are off: not expected
 			} else {
 				pkt := buf[tun.VnetHdrLen:m]
-				clampSYN(pkt, t.cfg.MTU)
-				t.tun.SendHost(pkt)
+				clampSYN(pkt, t.cfg.HostMTU)
+				if icmp := fragNeeded(pkt, t.cfg.HostMTU, t.cfg.NodeIP); icmp != nil {
+					// Too big for one datagram and not to be
+					// fragmented: tell the pod, as a router would.
+					t.tun.tooBig.Add(1)
+					if err := w.WritePacket(icmp); err != nil {
+						t.tun.dropped.Add(1)
+					}
+				} else {
+					t.tun.SendHost(pkt)
+				}
 			}
 			// One packet per poll wake-up unless more are ready.
 			if p, _ := unix.Poll(pfd, 0); p == 0 {

@@ -45,7 +45,7 @@ type collector struct{ t *Transport }
 
 var (
 	descPeers   = prometheus.NewDesc("tunmesh_wireguard_peers", "Other nodes by state: configured (reached over WireGuard), refused (unusable annotations: not reached), underlay (no key published: reached on the node address).", []string{"state"}, nil)
-	descPackets = prometheus.NewDesc("tunmesh_wireguard_tun_packets_total", "Packets through the in-process TUN: to_overlay, to_host (decrypted pod traffic handed to the node's kernel), from_host (pod traffic to encrypt), dropped (decrypted, for no one), queue_full (to encrypt, dropped).", []string{"path"}, nil)
+	descPackets = prometheus.NewDesc("tunmesh_wireguard_tun_packets_total", "Packets through the in-process TUN: to_overlay, to_host (decrypted pod traffic handed to the node's kernel), from_host (pod traffic to encrypt), dropped (decrypted, for no one), queue_full (to encrypt, dropped), too_big (from the host, over the inner MTU with DF: answered with ICMP fragmentation needed).", []string{"path"}, nil)
 )
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) { ch <- descPeers; ch <- descPackets }
@@ -59,7 +59,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	for _, v := range []struct {
 		path string
 		n    uint64
-	}{{"to_overlay", s.ToOverlay}, {"to_host", s.ToHost}, {"from_host", s.FromHost}, {"dropped", s.Dropped}, {"queue_full", s.QueueFull}} {
+	}{{"to_overlay", s.ToOverlay}, {"to_host", s.ToHost}, {"from_host", s.FromHost}, {"dropped", s.Dropped}, {"queue_full", s.QueueFull}, {"too_big", s.TooBig}} {
 		ch <- prometheus.MustNewConstMetric(descPackets, prometheus.CounterValue, float64(v.n), v.path)
 	}
 }

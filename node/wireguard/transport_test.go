@@ -42,10 +42,14 @@ type runningTransport struct {
 	stop func()
 }
 
-func startTransport(t testing.TB, client kubernetes.Interface, name, ip, stateDir string, port int) *runningTransport {
+func startTransport(t testing.TB, client kubernetes.Interface, name, ip, stateDir string, port int, mtu ...int) *runningTransport {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	tr, err := New(Config{NodeName: name, NodeIP: netip.MustParseAddr(ip), Port: port, StateDir: stateDir, MeshPort: testMeshPort}, client, reg, discard())
+	cfg := Config{NodeName: name, NodeIP: netip.MustParseAddr(ip), Port: port, StateDir: stateDir, MeshPort: testMeshPort}
+	if len(mtu) > 0 {
+		cfg.MTU = mtu[0]
+	}
+	tr, err := New(cfg, client, reg, discard())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -53,7 +53,7 @@ type TUN struct {
 	closed    chan struct{}
 
 	// Counters (read with Stats).
-	toOverlay, toHost, fromHost, dropped, dropFull atomic.Uint64
+	toOverlay, toHost, fromHost, dropped, dropFull, tooBig atomic.Uint64
 }
 
 type hostSink struct {
@@ -68,6 +68,9 @@ type TUNStats struct {
 	// no host sink or a destination it refuses, malformed); QueueFull are
 	// packets to encrypt dropped because wireguard-go did not keep up.
 	Dropped, QueueFull uint64
+	// TooBig are packets from the host larger than the inner MTU with DF
+	// set, answered with ICMP fragmentation needed instead.
+	TooBig uint64
 }
 
 // NewTUN makes the TUN and its overlay stack with the given overlay
@@ -280,7 +283,7 @@ func packetDst(p []byte) (netip.Addr, tcpip.NetworkProtocolNumber, bool) {
 // Stats returns the counters.
 func (t *TUN) Stats() TUNStats {
 	return TUNStats{ToOverlay: t.toOverlay.Load(), ToHost: t.toHost.Load(), FromHost: t.fromHost.Load(),
-		Dropped: t.dropped.Load(), QueueFull: t.dropFull.Load()}
+		Dropped: t.dropped.Load(), QueueFull: t.dropFull.Load(), TooBig: t.tooBig.Load()}
 }
 
 // ErrTUNClosed is returned after Close.

@@ -70,7 +70,7 @@ func main() {
 	fs.StringVar(&cfg.agent.PodNamespace, "pod-namespace", os.Getenv("POD_NAMESPACE"), "the agent's own pod's namespace (env POD_NAMESPACE; default --control-namespace)")
 	fs.StringVar(&cfg.agent.WireGuard.Transport, "transport", agent.TransportTCP, "transport between nodes: tcp (mesh tunnels on the node address) or wireguard (over a userspace WireGuard overlay to nodes that publish a key; see docs/wireguard.md)")
 	fs.IntVar(&cfg.agent.WireGuard.Port, "wireguard-port", 51820, "WireGuard UDP port on the node (transport wireguard)")
-	fs.IntVar(&cfg.agent.WireGuard.MTU, "wireguard-mtu", 1420, "WireGuard inner MTU (transport wireguard)")
+	fs.IntVar(&cfg.agent.WireGuard.MTU, "wireguard-mtu", 1420, "MTU of the WireGuard overlay that carries the mesh tunnels (transport wireguard); larger is faster, the underlay then fragments the datagrams; pod traffic (encrypt-all) is bounded by --underlay-mtu minus 80 instead")
 	fs.BoolVar(&cfg.agent.WireGuard.EncryptAll, "encrypt-all", false, "transport wireguard: carry every packet a local pod sends to a pod on another WireGuard node (UDP, ICMP, non-meshed pods, skipped ports) through WireGuard")
 	fs.StringVar(&cfg.agent.Observe.Addr, "observe-addr", "", "observability API over TLS: capture, tap, edges, each call authenticated (client certificate or TokenReview) and authorized (SubjectAccessReview) (default <node-ip>:4192; see docs/observability.md)")
 	fs.StringVar(&cfg.agent.Observe.ClientCAFile, "client-ca-file", "", "CAs whose client certificates authenticate observability API callers (the cluster's client CA; default: bearer tokens only)")

@@ -64,7 +64,7 @@ func up(ctx context.Context, cfg Config, log *slog.Logger) (*cluster, error) {
 	}
 	start := time.Now()
 	log.Info("booting cluster", "cluster", dc.Name, "nodes", 2)
-	upErr := c.tunmeshctl(ctx, os.Stderr, "dev", "up", "--nodes", "2", "--transport", cfg.Transport, "--encrypt-all="+strconv.FormatBool(cfg.EncryptAll))
+	upErr := c.tunmeshctl(ctx, os.Stderr, "dev", "up", "--nodes", "2", "--transport", cfg.Transport, "--encrypt-all="+strconv.FormatBool(cfg.EncryptAll), "--wireguard-mtu", strconv.Itoa(cfg.WireGuardMTU))
 	unlock()
 	if upErr != nil {
 		return c, fmt.Errorf("dev up %s: %w", dc.Name, upErr)

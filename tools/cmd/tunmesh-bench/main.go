@@ -48,8 +48,9 @@ type Config struct {
 	// Transport is the agents' transport ("tcp" or "wireguard"); with
 	// wireguard the tunmesh path rides WireGuard and a wireguard-go pair
 	// with kernel TUN devices between opted-out pods is measured too.
-	Transport  string
-	EncryptAll bool
+	Transport    string
+	EncryptAll   bool
+	WireGuardMTU int // dev up --wireguard-mtu (0: default)
 
 	// memory mode
 	Pods    int
@@ -78,6 +79,7 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.BoolVar(&c.Profile, "profile", true, "perf mode: also profile the proxies (both agents, both HAProxys) during one more throughput run (needs perf); memory mode: list where the agents' goroutines and heap are at the last point (their /debug/pprof)")
 	fs.StringVar(&c.Transport, "transport", "tcp", "agents' transport: tcp, or wireguard (adds the wireguard-go kernel-TUN pair path; needs bin/wireguard-go from make deps)")
 	fs.BoolVar(&c.EncryptAll, "encrypt-all", false, "with --transport wireguard: dev up --encrypt-all")
+	fs.IntVar(&c.WireGuardMTU, "wireguard-mtu", 0, "with --transport wireguard: the agents' overlay MTU (dev up --wireguard-mtu; 0: default)")
 	fs.IntVar(&c.Pods, "pods", 100, "memory mode: meshed pods, spread over the two nodes")
 	fs.IntVar(&c.Idle, "idle-conns", 1000, "memory mode: idle meshed connections held open, all cross-node")
 	fs.Float64Var(&c.LimitMB, "limit-mb", 64, "memory mode: target agent RSS per node, MiB")

@@ -192,7 +192,7 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 		}
 		sums = append(sums, bench.Summarize(p.name, samples[p.name], rss))
 	}
-	fmt.Fprintf(report, "transport: %s (encrypt-all %v)\n", cfg.Transport, cfg.EncryptAll)
+	fmt.Fprintf(report, "transport: %s (encrypt-all %v, wireguard-mtu %d; 0 = the agent's default)\n", cfg.Transport, cfg.EncryptAll, cfg.WireGuardMTU)
 	fmt.Fprintf(report, "settings: %d repetitions, iperf3 -t %s -P %d, sockperf ping-pong --tcp -m %d -t %s --full-rtt (round trip), hey -c %d -z %s -disable-keepalive; cross-node (client on node-1, server on node-2)\n\n",
 		cfg.Reps, secs(cfg.Duration), cfg.Parallel, cfg.MsgSize, secs(cfg.RRDuration), cfg.Clients, secs(cfg.ConnDuration))
 	if err := bench.WriteTable(report, sums, bench.Evaluate(sums)); err != nil {

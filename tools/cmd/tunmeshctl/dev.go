@@ -82,6 +82,7 @@ func addClusterShapeFlags(cmd *cobra.Command, d *devFlags) {
 	fs.BoolVar(&d.cfg.RealNodes, "real-nodes", false, "nodes run a real kubelet + containerd and the real kube-scheduler; no mesh (install it with tunmeshctl install)")
 	fs.StringVar(&d.cfg.ImageDir, "image-dir", "", "OCI image archives imported into real nodes (default: <bin-dir>/images, from make images)")
 	fs.StringVar(&d.cfg.Transport, "transport", "tcp", "agents' transport between nodes: tcp or wireguard (userspace WireGuard overlay; docs/wireguard.md)")
+	fs.IntVar(&d.cfg.WireGuardMTU, "wireguard-mtu", 0, "with --transport wireguard: the agents' overlay MTU for the mesh tunnels (0: the agent's default, 1420)")
 	fs.BoolVar(&d.cfg.EncryptAll, "encrypt-all", false, "with --transport wireguard: all cross-node pod traffic (UDP, ICMP, non-meshed pods, skipped ports) rides WireGuard")
 	prev := cmd.PreRunE
 	cmd.PreRunE = func(c *cobra.Command, args []string) error {

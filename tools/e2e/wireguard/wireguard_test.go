@@ -109,6 +109,17 @@ func TestUDPBetweenNodes(t *testing.T) {
 			t.Fatalf("%s -> %s: answer %q, want %q", tc.from, tc.to, got, want)
 		}
 	}
+	// Datagrams larger than WireGuard's inner MTU (a 1500-byte packet,
+	// DF set as Linux does): the agent answers ICMP fragmentation needed,
+	// the pods' kernels fragment the retries.
+	big := bytes.Repeat([]byte("L"), 1472)
+	got, err := query(c, p["a1"], addr(p["b1"], dnsPort), big)
+	if err != nil || !bytes.Equal(got, append([]byte("answer:"), big...)) {
+		t.Fatalf("large datagram a1 -> b1: %d bytes, %v", len(got), err)
+	}
+	if n := agentMetric(t, c, "node-1", "tunmesh_wireguard_tun_packets_total", `path="too_big"`); n == 0 {
+		t.Errorf("node-1 answered no oversize packet with fragmentation needed")
+	}
 }
 
 // TestUnderlayCarriesOnlyWireGuard: while pods talk across nodes in every

@@ -74,6 +74,9 @@ type Config struct {
 	// --encrypt-all; docs/wireguard.md).
 	Transport  string
 	EncryptAll bool
+	// WireGuardMTU, if set, is the agents' --wireguard-mtu (the overlay's
+	// MTU for the mesh tunnels).
+	WireGuardMTU int
 }
 
 // WithDefaults fills empty fields and validates the result.

@@ -276,7 +276,7 @@ func (m *mesh) startAgent(n NodeSpec) error {
 		Netns: n.Netns,
 		Env:   env,
 		Path:  filepath.Join(m.cfg.BinDir, "tunmesh-node"),
-		Args: []string{
+		Args: append([]string{
 			"--node-name", n.Name,
 			"--node-ip", n.IP.String(),
 			"--cluster-cidrs", ClusterCIDR.String() + "," + ServiceCIDR.String(),
@@ -292,7 +292,7 @@ func (m *mesh) startAgent(n NodeSpec) error {
 			"--cni-conf-dir", m.cfg.path("nodes", n.Name, "cni", "net.d"),
 			"--transport", m.cfg.Transport,
 			"--encrypt-all=" + strconv.FormatBool(m.cfg.EncryptAll),
-		},
+		}, m.wireGuardArgs()...),
 		Log: m.cfg.path("logs", "tunmesh-node-"+n.Name+".log"),
 	})
 	if err != nil {
@@ -449,4 +449,13 @@ func (m *mesh) run(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// wireGuardArgs are the agent flags of the WireGuard transport beyond
+// --transport and --encrypt-all.
+func (m *mesh) wireGuardArgs() []string {
+	if m.cfg.WireGuardMTU == 0 {
+		return nil
+	}
+	return []string{"--wireguard-mtu", strconv.Itoa(m.cfg.WireGuardMTU)}
 }
