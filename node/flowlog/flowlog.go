@@ -174,7 +174,8 @@ func New(names Names, m *Metrics, opts Options) *Log {
 // Track is an open connection's handle.
 type Track struct {
 	l    *Log
-	c    *Conn
+	c    *Conn // in l.live; its end fields are written under l.mu
+	base Conn  // the record as opened, immutable: what HTTP events carry
 	once sync.Once
 	obs  *observed // the HTTP-parsing conn wrapper, if attached
 }
@@ -191,7 +192,7 @@ func (l *Log) Open(c Conn) *Track {
 	l.mu.Unlock()
 	l.metrics.opened(&c)
 	l.publish(Event{Type: "open", Time: c.Opened, Conn: c})
-	return &Track{l: l, c: &cp}
+	return &Track{l: l, c: &cp, base: c}
 }
 
 // Conn returns a copy of the connection's record.

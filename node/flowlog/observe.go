@@ -45,8 +45,9 @@ func (t *Track) Observe(conn net.Conn, clientReads bool) net.Conn {
 	return o
 }
 
-// snapshot is the connection's record without its lock held by the caller.
-func (t *Track) snapshot() Conn { return t.Conn() }
+// snapshot is the connection's record as opened (no lock: HTTP events
+// are on the data path).
+func (t *Track) snapshot() Conn { return t.base }
 
 type tryWriter interface {
 	TryWrite(p []byte) (int, error)
