@@ -176,6 +176,7 @@ type Track struct {
 	l    *Log
 	c    *Conn // in l.live; its end fields are written under l.mu
 	base Conn  // the record as opened, immutable: what HTTP events carry
+	lbl  labelSet
 	once sync.Once
 	obs  *observed // the HTTP-parsing conn wrapper, if attached
 }
@@ -190,9 +191,9 @@ func (l *Log) Open(c Conn) *Track {
 	cp := c
 	l.live[c.ID] = &cp
 	l.mu.Unlock()
-	l.metrics.opened(&c)
+	lbl := l.metrics.opened(&c)
 	l.publish(Event{Type: "open", Time: c.Opened, Conn: c})
-	return &Track{l: l, c: &cp, base: c}
+	return &Track{l: l, c: &cp, base: c, lbl: lbl}
 }
 
 // Conn returns a copy of the connection's record.
@@ -215,7 +216,7 @@ func (t *Track) Close(clientBytes, serverBytes int64, end string) {
 		delete(l.live, c.ID)
 		l.keepLocked(c)
 		l.mu.Unlock()
-		l.metrics.closed(&c)
+		l.metrics.closed(t.lbl, &c)
 		l.publish(Event{Type: "close", Time: c.Closed, Conn: c})
 	})
 }

@@ -70,14 +70,18 @@ func NewMetrics(reg prometheus.Registerer, maxWorkloads int) (*Metrics, error) {
 	return m, nil
 }
 
+// labelSet is a connection's bounded labels, worked out once when it
+// opens.
+type labelSet struct{ direction, ns, wl, tls string }
+
 // labels returns the bounded (namespace, workload) of c's local pod.
-func (m *Metrics) labels(c *Conn) (direction, ns, wl string) {
-	direction = "outbound"
+func (m *Metrics) labels(c *Conn) labelSet {
+	direction := "outbound"
 	if c.Proxy == In {
 		direction = "inbound"
 	}
 	p := c.local()
-	ns, wl = p.Namespace, p.Workload
+	ns, wl := p.Namespace, p.Workload
 	if wl == "" {
 		wl = p.Name
 	}
@@ -86,48 +90,47 @@ func (m *Metrics) labels(c *Conn) (direction, ns, wl string) {
 	defer m.mu.Unlock()
 	if !m.workloads[k] {
 		if len(m.workloads) >= m.max {
-			return direction, Other, Other
+			return labelSet{direction, Other, Other, c.TLS}
 		}
 		m.workloads[k] = true
 	}
-	return direction, ns, wl
+	return labelSet{direction, ns, wl, c.TLS}
 }
 
-func (m *Metrics) opened(c *Conn) {
+func (m *Metrics) opened(c *Conn) labelSet {
 	if m == nil {
-		return
+		return labelSet{}
 	}
-	d, ns, wl := m.labels(c)
-	m.open.WithLabelValues(d, ns, wl, c.TLS).Inc()
+	l := m.labels(c)
+	m.open.WithLabelValues(l.direction, l.ns, l.wl, l.tls).Inc()
 	if c.TLS == TLSTrue {
-		m.active.WithLabelValues(d, ns, wl, c.TLS).Inc()
+		m.active.WithLabelValues(l.direction, l.ns, l.wl, l.tls).Inc()
 	}
+	return l
 }
 
-func (m *Metrics) closed(c *Conn) {
+func (m *Metrics) closed(l labelSet, c *Conn) {
 	if m == nil {
 		return
 	}
-	d, ns, wl := m.labels(c)
-	m.closeT.WithLabelValues(d, ns, wl, c.TLS).Inc()
-	m.active.WithLabelValues(d, ns, wl, c.TLS).Dec()
+	m.closeT.WithLabelValues(l.direction, l.ns, l.wl, l.tls).Inc()
+	m.active.WithLabelValues(l.direction, l.ns, l.wl, l.tls).Dec()
 	sent, recv := c.ClientBytes, c.ServerBytes
 	if c.Proxy == In {
 		sent, recv = recv, sent
 	}
-	m.bytes.WithLabelValues(d, ns, wl, c.TLS, "sent").Add(float64(sent))
-	m.bytes.WithLabelValues(d, ns, wl, c.TLS, "received").Add(float64(recv))
+	m.bytes.WithLabelValues(l.direction, l.ns, l.wl, l.tls, "sent").Add(float64(sent))
+	m.bytes.WithLabelValues(l.direction, l.ns, l.wl, l.tls, "received").Add(float64(recv))
 }
 
-func (m *Metrics) response(c *Conn, status int, latency time.Duration) {
+func (m *Metrics) response(l labelSet, status int, latency time.Duration) {
 	if m == nil {
 		return
 	}
-	d, ns, wl := m.labels(c)
 	class := "success"
 	if status >= 500 {
 		class = "failure"
 	}
-	m.requests.WithLabelValues(d, ns, wl, class).Inc()
-	m.latency.WithLabelValues(d, ns, wl).Observe(latency.Seconds())
+	m.requests.WithLabelValues(l.direction, l.ns, l.wl, class).Inc()
+	m.latency.WithLabelValues(l.direction, l.ns, l.wl).Observe(latency.Seconds())
 }

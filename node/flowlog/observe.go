@@ -29,7 +29,7 @@ func (t *Track) Observe(conn net.Conn, clientReads bool) net.Conn {
 		},
 		Response: func(r httpsniff.Response) {
 			c := t.snapshot()
-			l.metrics.response(&c, r.Status, r.Latency)
+			l.metrics.response(t.lbl, r.Status, r.Latency)
 			l.publish(Event{Type: "rsp", Time: r.Request.Start.Add(r.Latency), Conn: c, Status: r.Status, Latency: r.Latency,
 				Method: r.Request.Method, Authority: r.Request.Authority, Path: r.Request.Path})
 		},
