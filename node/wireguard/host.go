@@ -102,7 +102,7 @@ func (t *Transport) readHost(ctx context.Context) {
 			} else {
 				pkt := buf[tun.VnetHdrLen:m]
 				clampSYN(pkt, t.cfg.HostMTU)
-				if icmp := fragNeeded(pkt, t.cfg.HostMTU, t.cfg.NodeIP); icmp != nil {
+				if icmp := fragNeeded(pkt, t.cfg.HostMTU); icmp != nil {
 					// Too big for one datagram and not to be
 					// fragmented: tell the pod, as a router would.
 					t.tun.tooBig.Add(1)

@@ -1,21 +1,20 @@
 package wireguard
 
-import (
-	"encoding/binary"
-	"net/netip"
-)
+import "encoding/binary"
 
 // fragNeeded answers an IPv4 packet from the node's kernel (encrypt-all)
 // that is larger than the inner MTU and may not be fragmented (DF) the way
 // a router on a smaller link does: an ICMP "fragmentation needed" (RFC
-// 792, RFC 1191) to its source, from src, with the inner MTU as the
+// 792, RFC 1191) to its source, from its destination (the node's own
+// address would be a martian source on the host TUN, and the kernel would
+// drop it; pods accept the error from any address), with the MTU as the
 // next-hop MTU, quoting the packet's IP header and first 8 bytes. The
 // pod's kernel then sends to that destination in pieces that fit (TCP is
 // already clamped: clampSYN). It returns nil for packets that fit, are not
 // IPv4 with DF, are themselves ICMP errors, or are malformed; the caller
 // forwards those as they are.
-func fragNeeded(p []byte, mtu int, src netip.Addr) []byte {
-	if len(p) <= mtu || len(p) < 20 || p[0]>>4 != 4 || !src.Is4() {
+func fragNeeded(p []byte, mtu int) []byte {
+	if len(p) <= mtu || len(p) < 20 || p[0]>>4 != 4 {
 		return nil
 	}
 	ihl := int(p[0]&0x0f) * 4
@@ -30,11 +29,10 @@ func fragNeeded(p []byte, mtu int, src netip.Addr) []byte {
 	// IP header.
 	out[0] = 0x45
 	binary.BigEndian.PutUint16(out[2:4], uint16(len(out)))
-	out[8] = 64 // TTL
-	out[9] = 1  // ICMP
-	s := src.As4()
-	copy(out[12:16], s[:])
-	copy(out[16:20], p[12:16]) // to the packet's source
+	out[8] = 64                // TTL
+	out[9] = 1                 // ICMP
+	copy(out[12:16], p[16:20]) // from the packet's destination
+	copy(out[16:20], p[12:16]) // to its source
 	binary.BigEndian.PutUint16(out[10:12], inetChecksum(out[:20]))
 	// ICMP destination unreachable, fragmentation needed.
 	icmp := out[20:]

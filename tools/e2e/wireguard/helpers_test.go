@@ -189,8 +189,11 @@ func query(c *e2eenv.Cluster, from *corev1.Pod, dst string, q []byte) ([]byte, e
 		}
 		_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
 		if _, err := conn.Write(q); err != nil {
+			// EMSGSIZE after an ICMP fragmentation needed: the kernel
+			// fragments the next try.
 			conn.Close()
-			return nil, err
+			lastErr = err
+			continue
 		}
 		buf := make([]byte, 65535)
 		n, err := conn.Read(buf)
