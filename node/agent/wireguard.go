@@ -62,7 +62,7 @@ func (a *Agent) newWireGuard() error {
 		return fmt.Errorf("agent config: underlay MTU %d too small for WireGuard", a.cfg.UnderlayMTU)
 	}
 	wg, err := wireguard.New(wireguard.Config{
-		NodeName: a.cfg.NodeName, NodeIP: a.cfg.NodeIP, Port: c.Port, MTU: c.MTU, HostMTU: hostMTU,
+		NodeName: a.cfg.NodeName, NodeIP: a.cfg.NodeIP, Port: c.Port, MTU: c.MTU, HostMTU: hostMTU, UnderlayMTU: a.cfg.UnderlayMTU,
 		StateDir: a.cfg.StateDir, MeshPort: a.cfg.MeshPort, EncryptAll: c.EncryptAll,
 	}, a.client, a.reg, a.log.With("component", "wireguard"))
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"runtime"
+	"slices"
 
 	"github.com/vishvananda/netns"
 	"golang.zx2c4.com/wireguard/conn"
@@ -19,6 +20,29 @@ type nsBind struct {
 	conn.Bind
 	nsPath  string
 	garbage func() // counts one malformed datagram
+	// maxDatagram is the largest UDP payload the underlay carries without
+	// fragments (0: no limit). wireguard-go coalesces a batch of
+	// same-sized datagrams into one UDP GSO send, which the kernel refuses
+	// (EINVAL: the whole batch lost) when a segment is larger than the
+	// path MTU; batches with larger datagrams (an overlay MTU above the
+	// underlay's) are sent one datagram at a time, which the kernel
+	// fragments.
+	maxDatagram int
+}
+
+// Send sends bufs to ep, one datagram at a time when one of them is over
+// maxDatagram (see there).
+func (b *nsBind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	if b.maxDatagram == 0 || len(bufs) < 2 || !slices.ContainsFunc(bufs, func(p []byte) bool { return len(p) > b.maxDatagram }) {
+		return b.Bind.Send(bufs, ep)
+	}
+	var first error
+	for i := range bufs {
+		if err := b.Bind.Send(bufs[i:i+1], ep); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
 }
 
 // Open opens the inner bind inside nsPath on a locked thread.
@@ -83,10 +107,10 @@ func wellFormed(p []byte) bool {
 	return false
 }
 
-// inNetns runs fn on a locked OS thread inside the namespace at nsPath and
-// switches back. If switching back fails the thread stays locked, so the
-// runtime discards it with the goroutine... which is this one: fn runs on
-// a goroutine of its own.
+// inNetns runs fn inside the namespace at nsPath, on a locked OS thread
+// of a goroutine of its own, and switches back. If switching back fails,
+// the thread stays locked and the runtime discards it when that goroutine
+// ends, so no other goroutine ever runs in the wrong namespace.
 func inNetns(nsPath string, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() { // RoutineInNetns: ends after fn

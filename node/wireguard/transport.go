@@ -41,9 +41,12 @@ type Config struct {
 	// DefaultMTU: a 1500-byte underlay minus WireGuard's overhead): TCP
 	// SYNs are clamped to it and larger packets with DF are answered with
 	// ICMP fragmentation needed, so pod traffic is never fragmented.
-	HostMTU  int
-	StateDir string // holds KeyFile
-	MeshPort int    // the mesh tunnel port, on the overlay address too
+	HostMTU int
+	// UnderlayMTU is the node network's MTU (default 1500): datagrams
+	// larger than it are never sent in a UDP GSO batch (see nsBind).
+	UnderlayMTU int
+	StateDir    string // holds KeyFile
+	MeshPort    int    // the mesh tunnel port, on the overlay address too
 	// EncryptAll carries all cross-node pod traffic (see routes.go).
 	EncryptAll bool
 	// NetnsPath is the node's network namespace, where the UDP socket
@@ -67,8 +70,11 @@ func (c *Config) defaults() error {
 	if c.MTU == 0 {
 		c.MTU = DefaultMTU
 	}
+	if c.UnderlayMTU == 0 {
+		c.UnderlayMTU = 1500
+	}
 	if c.HostMTU == 0 {
-		c.HostMTU = DefaultMTU
+		c.HostMTU = c.UnderlayMTU - 80
 	}
 	if c.MTU < 1280 || c.MTU > 65000 || c.HostMTU < 1280 || c.HostMTU > 65000 {
 		return fmt.Errorf("wireguard config: mtu %d, host mtu %d: want 1280 to 65000", c.MTU, c.HostMTU)
@@ -146,7 +152,7 @@ func New(cfg Config, client kubernetes.Interface, reg prometheus.Registerer, log
 		tn.Close()
 		return nil, fmt.Errorf("wireguard metrics: %w", err)
 	}
-	bind := &nsBind{Bind: conn.NewStdNetBind(), nsPath: cfg.NetnsPath,
+	bind := &nsBind{Bind: conn.NewStdNetBind(), nsPath: cfg.NetnsPath, maxDatagram: cfg.UnderlayMTU - 48, // IPv6 + UDP headers: the stricter family
 		garbage: func() { t.metrics.dropped.WithLabelValues("malformed").Inc() }}
 	t.dev = device.NewDevice(tn, bind, t.deviceLogger())
 	var onChange func([]netip.Prefix, []Peer)

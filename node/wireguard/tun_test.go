@@ -158,3 +158,32 @@ func TestBindFilterCounts(t *testing.T) {
 func tcpipAddr(s string) tcpip.Address {
 	return tcpip.AddrFromSlice(netip.MustParseAddr(s).AsSlice())
 }
+
+// sendRecorder is a Bind that records the batch sizes of Send.
+type sendRecorder struct {
+	conn.Bind
+	batches []int
+}
+
+func (r *sendRecorder) Send(bufs [][]byte, _ conn.Endpoint) error {
+	r.batches = append(r.batches, len(bufs))
+	return nil
+}
+
+// TestBindSplitsOversizeBatches: a batch holding a datagram over the
+// underlay's limit goes out one datagram at a time (no UDP GSO, which the
+// kernel refuses for segments over the path MTU); others stay batched.
+func TestBindSplitsOversizeBatches(t *testing.T) {
+	rec := &sendRecorder{}
+	b := &nsBind{Bind: rec, maxDatagram: 1452}
+	small := [][]byte{make([]byte, 1452), make([]byte, 1452), make([]byte, 100)}
+	big := [][]byte{make([]byte, 8952), make([]byte, 8952), make([]byte, 8952)}
+	for _, batch := range [][][]byte{small, big} {
+		if err := b.Send(batch, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if want := []int{3, 1, 1, 1}; len(rec.batches) != len(want) || rec.batches[0] != 3 || rec.batches[1] != 1 || rec.batches[3] != 1 {
+		t.Fatalf("send batches %v, want %v", rec.batches, want)
+	}
+}
