@@ -16,10 +16,10 @@ import (
 	"github.com/tunmesh/tunmesh/node/release"
 )
 
-// permission is an RBAC grant or need, without object names: a rule
-// without resourceNames grants a call on any name.
+// permission is an RBAC grant or need: a rule without resourceNames
+// grants a call on any name (Name empty).
 type permission struct {
-	Group, Resource, Verb, Namespace string
+	Group, Resource, Verb, Namespace, Name string
 }
 
 func (p permission) String() string {
@@ -31,6 +31,9 @@ func (p permission) String() string {
 	if g == "" {
 		g = "core"
 	}
+	if p.Name != "" {
+		where = p.Name + " " + where
+	}
 	return p.Verb + " " + g + "/" + p.Resource + " " + where
 }
 
@@ -38,7 +41,7 @@ func fromRBAC(ps ...[]rbac.Permission) []permission {
 	var out []permission
 	for _, list := range ps {
 		for _, p := range list {
-			out = append(out, permission{p.Group, p.Resource, p.Verb, p.Namespace})
+			out = append(out, permission{p.Group, p.Resource, p.Verb, p.Namespace, p.Name})
 		}
 	}
 	return out
@@ -102,8 +105,12 @@ func granted(t *testing.T) map[string][]permission {
 				continue
 			}
 			for _, r := range rules {
-				if len(r.ResourceNames) > 0 || len(r.NonResourceURLs) > 0 {
-					t.Errorf("%s: rule %+v: resourceNames/nonResourceURLs not modelled", b.roleKey, r)
+				if len(r.NonResourceURLs) > 0 {
+					t.Errorf("%s: rule %+v: nonResourceURLs not modelled", b.roleKey, r)
+				}
+				names := r.ResourceNames
+				if len(names) == 0 {
+					names = []string{""}
 				}
 				for _, g := range r.APIGroups {
 					for _, res := range r.Resources {
@@ -111,7 +118,9 @@ func granted(t *testing.T) map[string][]permission {
 							if g == "*" || res == "*" || v == "*" {
 								t.Errorf("%s grants a wildcard: %+v", b.roleKey, r)
 							}
-							out[s.Namespace+"/"+s.Name] = append(out[s.Namespace+"/"+s.Name], permission{g, res, v, b.namespace})
+							for _, name := range names {
+								out[s.Namespace+"/"+s.Name] = append(out[s.Namespace+"/"+s.Name], permission{g, res, v, b.namespace, name})
+							}
 						}
 					}
 				}
@@ -130,7 +139,7 @@ func TestRBACMatchesCode(t *testing.T) {
 	for sa, need := range requiredPermissions() {
 		have := got[Namespace+"/"+sa]
 		covers := func(g, n permission) bool {
-			return g.Group == n.Group && g.Resource == n.Resource && g.Verb == n.Verb && (g.Namespace == "" || g.Namespace == n.Namespace)
+			return g.Group == n.Group && g.Resource == n.Resource && g.Verb == n.Verb && (g.Namespace == "" || g.Namespace == n.Namespace) && (g.Name == "" || g.Name == n.Name)
 		}
 		var missing, extra []string
 		for _, n := range need {
@@ -140,7 +149,7 @@ func TestRBACMatchesCode(t *testing.T) {
 		}
 		for _, g := range have {
 			if !slices.ContainsFunc(need, func(n permission) bool {
-				return g.Group == n.Group && g.Resource == n.Resource && g.Verb == n.Verb && g.Namespace == n.Namespace
+				return g.Group == n.Group && g.Resource == n.Resource && g.Verb == n.Verb && g.Namespace == n.Namespace && (g.Name == "" || g.Name == n.Name)
 			}) {
 				extra = append(extra, g.String())
 			}

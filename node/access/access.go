@@ -26,6 +26,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
@@ -34,6 +35,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tunmesh/tunmesh/identity/rbac"
+	"github.com/tunmesh/tunmesh/node/observeapi"
 )
 
 // Group is the API group of the tunmesh resources the reviews name.
@@ -89,19 +91,31 @@ type Reviewer interface {
 	Allowed(ctx context.Context, u User, a Attributes) (ok bool, reason string, err error)
 }
 
+// Audience is the audience a bearer token must be bound to for the agents
+// to accept it (kubectl create token SA --audience tunmesh.io/observe).
+// The API server's own tokens are refused, so a caller never hands an
+// agent a credential that works against the API server, and a token an
+// agent sees is useless anywhere else.
+const Audience = observeapi.TokenAudience
+
 // Gate authenticates and authorizes requests.
 type Gate struct {
 	Reviewer Reviewer
-	// ClientCAs verify client certificates (nil: certificates are not
-	// accepted, only tokens). The TLS layer has verified the chain; Gate
-	// only reads the verified leaf.
-	ClientCAs *x509.CertPool
+	// ClientCAs returns the CAs that verify client certificates now (nil
+	// func or nil pool: certificates are not accepted, only tokens). The
+	// TLS layer has verified the chain against the same pool; Gate only
+	// reads the verified leaf.
+	ClientCAs func() *x509.CertPool
+}
+
+func (g *Gate) certsAccepted() bool {
+	return g.ClientCAs != nil && g.ClientCAs() != nil
 }
 
 // Authenticate returns the caller of r: the verified client certificate's
 // subject (CN user, O groups), else the bearer token's user.
 func (g *Gate) Authenticate(r *http.Request) (User, error) {
-	if g.ClientCAs != nil && r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.VerifiedChains[0]) > 0 {
+	if g.certsAccepted() && r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.VerifiedChains[0]) > 0 {
 		leaf := r.TLS.VerifiedChains[0][0]
 		if leaf.Subject.CommonName == "" {
 			return User{}, fmt.Errorf("client certificate without a common name: %w", ErrUnauthenticated)
@@ -154,7 +168,8 @@ func Status(err error) int {
 // KubeReviewer runs the reviews against the API server.
 type KubeReviewer struct {
 	Client kubernetes.Interface
-	// Audiences the token must be valid for (nil: the API server's).
+	// Audiences the token must be valid for (nil: the API server's; the
+	// agent asks for Audience). The review's answer must name one of them.
 	Audiences []string
 }
 
@@ -172,6 +187,9 @@ func (k KubeReviewer) ReviewToken(ctx context.Context, token string) (User, erro
 			why = "token not authenticated"
 		}
 		return User{}, fmt.Errorf("%s: %w", why, ErrUnauthenticated)
+	}
+	if len(k.Audiences) > 0 && !slices.ContainsFunc(tr.Status.Audiences, func(a string) bool { return slices.Contains(k.Audiences, a) }) {
+		return User{}, fmt.Errorf("token audiences %v include none of %v: %w", tr.Status.Audiences, k.Audiences, ErrUnauthenticated)
 	}
 	u := tr.Status.User
 	extra := map[string][]string{}
@@ -204,8 +222,8 @@ func (k KubeReviewer) Allowed(ctx context.Context, u User, a Attributes) (bool, 
 
 // RequiredPermissions are the agent's API calls for the reviews.
 func RequiredPermissions() []rbac.Permission {
-	return []rbac.Permission{
+	return append([]rbac.Permission{
 		{Group: "authentication.k8s.io", Resource: "tokenreviews", Verb: "create"},
 		{Group: "authorization.k8s.io", Resource: "subjectaccessreviews", Verb: "create"},
-	}
+	}, ClientCAPermissions()...)
 }

@@ -102,7 +102,7 @@ func TestGate(t *testing.T) {
 			}
 			g := &Gate{Reviewer: r}
 			if c.certs {
-				g.ClientCAs = x509.NewCertPool()
+				g.ClientCAs = func() *x509.CertPool { return x509.NewCertPool() }
 			}
 			u, err := g.Authenticate(c.req)
 			if err == nil {
@@ -169,5 +169,34 @@ func TestKubeReviewer(t *testing.T) {
 	}
 	if ok, _, _ := k.Allowed(ctx, u, Attributes{Capture, "bank", "web"}); ok {
 		t.Fatal("allowed in bank")
+	}
+}
+
+// TestKubeReviewerAudience: the agent's TokenReview asks for
+// tunmesh.io/observe, and a token the API server says is valid for other
+// audiences only (its own) is refused.
+func TestKubeReviewerAudience(t *testing.T) {
+	client := fake.NewClientset()
+	var asked []string
+	client.PrependReactor("create", "tokenreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		tr := a.(k8stesting.CreateAction).GetObject().(*authenticationv1.TokenReview)
+		asked = tr.Spec.Audiences
+		aud := []string{"https://kubernetes.default.svc"}
+		if tr.Spec.Token == "observe" {
+			aud = []string{Audience}
+		}
+		tr.Status = authenticationv1.TokenReviewStatus{Authenticated: true, Audiences: aud, User: authenticationv1.UserInfo{Username: "system:serviceaccount:shop:ci"}}
+		return true, tr, nil
+	})
+	k := KubeReviewer{Client: client, Audiences: []string{Audience}}
+	ctx := context.Background()
+	if u, err := k.ReviewToken(ctx, "observe"); err != nil || u.Name != "system:serviceaccount:shop:ci" {
+		t.Fatalf("audience-bound token: %+v, %v", u, err)
+	}
+	if len(asked) != 1 || asked[0] != Audience {
+		t.Fatalf("review asked for audiences %v, want [%s]", asked, Audience)
+	}
+	if _, err := k.ReviewToken(ctx, "apiserver"); !errors.Is(err, ErrUnauthenticated) {
+		t.Fatalf("API-server token: err %v, want ErrUnauthenticated", err)
 	}
 }

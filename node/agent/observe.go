@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -32,9 +31,11 @@ type ObserveConfig struct {
 	// Addr serves the API over TLS (default <node-ip>:4192).
 	Addr string
 	// ClientCAFile, if set, holds the CAs whose client certificates
-	// authenticate callers (the cluster's client CA, as the kubelet's
-	// --client-ca-file); without it only bearer tokens (TokenReview) are
-	// accepted.
+	// authenticate callers (as the kubelet's --client-ca-file). Without it
+	// the agent follows the cluster's client CA as the API server
+	// publishes it for aggregated API servers (ConfigMap
+	// kube-system/extension-apiserver-authentication), so that cert-based
+	// kubeconfigs work with no configuration and send no secret.
 	ClientCAFile string
 	// CertFile and KeyFile, if set, are the API's serving certificate;
 	// by default the agent makes a self-signed one at start.
@@ -49,7 +50,11 @@ type ObserveConfig struct {
 type observability struct {
 	flows *flowlog.Log
 	gate  *access.Gate
-	syns  recentSYNs
+	// cas are the client CAs; follow says they come from the cluster's
+	// ConfigMap (no --client-ca-file) and are re-read while serving.
+	cas    *access.ClientCAs
+	follow bool
+	syns   recentSYNs
 }
 
 // recentSYNs remembers the plaintext connections just recorded: one may be
@@ -97,19 +102,22 @@ func (a *Agent) newObservability() error {
 		}
 		return flowlog.Ref(p)
 	}
-	gate := &access.Gate{Reviewer: access.KubeReviewer{Client: a.client}}
+	// Tokens must be bound to access.Audience: an API-server token is
+	// refused, so none is ever handed to an agent.
+	cas := &access.ClientCAs{}
+	gate := &access.Gate{Reviewer: access.KubeReviewer{Client: a.client, Audiences: []string{access.Audience}}, ClientCAs: cas.Pool}
+	follow := true
 	if f := a.cfg.Observe.ClientCAFile; f != "" {
 		pem, err := os.ReadFile(f)
 		if err != nil {
 			return fmt.Errorf("observe client CAs: %w", err)
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("observe client CAs %s: no certificate", f)
+		if _, err := cas.SetPEM(pem); err != nil {
+			return fmt.Errorf("observe client CAs %s: %w", f, err)
 		}
-		gate.ClientCAs = pool
+		follow = false
 	}
-	a.obs = &observability{flows: flowlog.New(names, m, flowlog.Options{HTTP: !a.cfg.Observe.NoHTTPMetrics}), gate: gate}
+	a.obs = &observability{flows: flowlog.New(names, m, flowlog.Options{HTTP: !a.cfg.Observe.NoHTTPMetrics}), gate: gate, cas: cas, follow: follow}
 	return nil
 }
 
@@ -143,9 +151,18 @@ func (a *Agent) serveObservability(ctx context.Context, st *netstack.Stack) erro
 		}
 		cert = &c
 	}
-	tlsCfg, fingerprint, err := observe.TLSConfig(a.cfg.NodeName, a.cfg.NodeIP, cert, a.obs.gate.ClientCAs)
+	tlsCfg, fingerprint, err := observe.TLSConfig(a.cfg.NodeName, a.cfg.NodeIP, cert, a.obs.cas.Pool)
 	if err != nil {
 		return err
+	}
+	if a.obs.follow {
+		fctx, fcancel := context.WithCancel(ctx)
+		followed := make(chan struct{})
+		go func() { // RoutineFollowClientCA: re-reads the cluster's client CA until ctx ends
+			defer close(followed)
+			a.obs.cas.Follow(fctx, a.client, access.ClientCARefresh, a.log.With("component", "observe"))
+		}()
+		defer func() { fcancel(); <-followed }()
 	}
 	h, err := observe.Handler(observe.Config{
 		Auth: a.obs.gate, Pods: a.registry, Log: a.obs.flows, TapNIC: st.TapNIC,
@@ -173,7 +190,7 @@ func (a *Agent) serveObservability(ctx context.Context, st *netstack.Stack) erro
 	if err != nil {
 		return fmt.Errorf("listen observe: %w", err)
 	}
-	a.log.Info("observability API listening", "addr", ln.Addr().String(), "certificate_sha256", fingerprint, "client_certificates", a.obs.gate.ClientCAs != nil)
+	a.log.Info("observability API listening", "addr", ln.Addr().String(), "certificate_sha256", fingerprint, "client_ca", clientCASource(a.cfg.Observe.ClientCAFile))
 	// Callers pin the certificate from the Node's annotation.
 	pctx, pcancel := context.WithCancel(ctx)
 	published := make(chan struct{})
@@ -205,4 +222,11 @@ func (a *Agent) publishFingerprint(ctx context.Context, fingerprint string) {
 		case <-time.After(wait):
 		}
 	}
+}
+
+func clientCASource(file string) string {
+	if file != "" {
+		return file
+	}
+	return access.ClientCANamespace + "/" + access.ClientCAConfigMap
 }

@@ -18,12 +18,15 @@ import (
 
 // TLSConfig is the API's server side: a certificate the agent makes for
 // itself at start (ECDSA P-256, the node's name and address, one year)
-// unless cert is given, and client certificates verified against
-// clientCAs when the caller offers one (nil: none accepted; tokens only).
+// unless cert is given, and client certificates (with the client-auth
+// usage) verified against clientCAs() as it is at each handshake, when
+// the caller offers one (nil func or nil pool: none asked for; tokens
+// only). The pool is read per handshake so that a rotated cluster CA is
+// accepted without a restart.
 // TLS 1.3 only. It also returns the certificate's SHA-256 fingerprint
 // (hex), which the agent logs so that an operator can compare it with
 // what tunmeshctl was shown.
-func TLSConfig(node string, ip netip.Addr, cert *tls.Certificate, clientCAs *x509.CertPool) (*tls.Config, string, error) {
+func TLSConfig(node string, ip netip.Addr, cert *tls.Certificate, clientCAs func() *x509.CertPool) (*tls.Config, string, error) {
 	if cert == nil {
 		c, err := selfSigned(node, ip)
 		if err != nil {
@@ -32,14 +35,20 @@ func TLSConfig(node string, ip netip.Addr, cert *tls.Certificate, clientCAs *x50
 		cert = c
 	}
 	sum := sha256.Sum256(cert.Certificate[0])
-	cfg := &tls.Config{
+	base := &tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{*cert},
-		ClientAuth:   tls.VerifyClientCertIfGiven,
-		ClientCAs:    clientCAs,
+		ClientAuth:   tls.NoClientCert,
 	}
-	if clientCAs == nil {
-		cfg.ClientAuth = tls.NoClientCert
+	cfg := base.Clone()
+	cfg.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		c := base.Clone()
+		if clientCAs != nil {
+			if pool := clientCAs(); pool != nil {
+				c.ClientAuth, c.ClientCAs = tls.VerifyClientCertIfGiven, pool
+			}
+		}
+		return c, nil
 	}
 	return cfg, hex.EncodeToString(sum[:]), nil
 }

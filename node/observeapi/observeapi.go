@@ -6,6 +6,12 @@ package observeapi
 // DefaultPort is the observability API's port on the node address.
 const DefaultPort = 4192
 
+// TokenAudience is the audience a bearer token must be bound to for the
+// agents to accept it (kubectl create token SA --audience
+// tunmesh.io/observe): a token the API server accepts is refused, so
+// callers never hand a node one.
+const TokenAudience = "tunmesh.io/observe"
+
 // Paths of the API.
 const (
 	CapturePath = "/v1/capture"

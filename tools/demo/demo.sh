@@ -85,7 +85,7 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: tunmesh-observe
 subjects:
 - {kind: ServiceAccount, name: demo-viewer, namespace: demo}
 YAML
-obs=(--kubeconfig "$kubeconfig" --token "$(k -n demo create token demo-viewer)" --netns "$name-cp" -n demo)
+obs=(--kubeconfig "$kubeconfig" --agent-token "$(k -n demo create token demo-viewer --audience tunmesh.io/observe)" --netns "$name-cp" -n demo)
 $ctl edges "${obs[@]}" -o wide
 $ctl tap "${obs[@]}" deploy/world --duration 4s &
 tap_pid=$!

@@ -32,22 +32,29 @@ import (
 
 // agentFlags are how capture, tap and edges reach the node agents: the
 // agent's observability API on each node's address (InternalIP) and
-// --agent-port, over TLS, with the caller's kubeconfig credentials (its
-// client certificate, or its bearer token: --token, or the kubeconfig's).
-// The agent checks them with the API server (TokenReview or its client CA,
-// then a SubjectAccessReview). --netns dials from inside a named network
-// namespace (the local cluster's nodes sit in namespaces: use
-// <cluster>-cp, the control plane's).
+// --agent-port, over TLS. The caller proves who it is with the
+// kubeconfig's client certificate (the agent follows the cluster's client
+// CA), or with a token given explicitly for the agents (--agent-token,
+// --agent-token-file) that is bound to the audience tunmesh.io/observe:
+// the kubeconfig's own token (or an exec plugin's) is never sent to a node,
+// where a compromised agent would collect it and use it against the API
+// server. The agent checks the caller with a SubjectAccessReview. --netns
+// dials from inside a named network namespace (the local cluster's nodes
+// sit in namespaces: use <cluster>-cp, the control plane's).
 type agentFlags struct {
-	port     int
-	netns    string
-	insecure bool
+	port      int
+	netns     string
+	insecure  bool
+	token     string
+	tokenFile string
 }
 
 func (f *agentFlags) add(cmd *cobra.Command) {
 	cmd.Flags().IntVar(&f.port, "agent-port", observeapi.DefaultPort, "the agents' observability API port")
 	cmd.Flags().StringVar(&f.netns, "netns", "", "dial the agents from inside this named network namespace (local cluster: <name>-cp)")
 	cmd.Flags().BoolVar(&f.insecure, "insecure-skip-agent-verify", false, "accept any agent certificate when its Node does not publish one (credentials may reach an impostor)")
+	cmd.Flags().StringVar(&f.token, "agent-token", "", "a token for the node agents, bound to their audience: kubectl create token SA --audience "+observeapi.TokenAudience+" (default: the kubeconfig's client certificate; its token is never sent to the agents)")
+	cmd.Flags().StringVar(&f.tokenFile, "agent-token-file", "", "read --agent-token from this file")
 }
 
 // agents is a connected client of the agents' observability API.
@@ -58,7 +65,13 @@ type agents struct {
 	token    string
 	insecure bool
 	pins     sync.Map // host -> the certificate fingerprint its Node publishes ("" : none)
+	// noCredential, when the caller has neither a client certificate nor
+	// an agent token, says why and what to do (added to a 401).
+	noCredential string
 }
+
+// errNoAgentCredential: the agent refused a caller that sent no credential.
+var errNoAgentCredential = errors.New("no credential for the node agents")
 
 func newAgents(cf *genericclioptions.ConfigFlags, f agentFlags) (*agents, error) {
 	rc, err := cf.ToRESTConfig()
@@ -69,33 +82,61 @@ func newAgents(cf *genericclioptions.ConfigFlags, f agentFlags) (*agents, error)
 	if err != nil {
 		return nil, err
 	}
-	tlsCfg, err := rest.TLSConfigFor(rc)
-	if err != nil {
-		return nil, fmt.Errorf("kubeconfig TLS: %w", err)
-	}
-	if tlsCfg == nil {
-		tlsCfg = &tls.Config{}
-	}
 	// The agents' serving certificates are their own (self-signed unless
 	// the install gives one): each agent publishes its certificate's
 	// SHA-256 on its Node, read here through the API server, and only that
 	// certificate is accepted from the node's address (verifyAgent).
-	a := &agents{port: f.port, insecure: f.insecure}
-	token := rc.BearerToken
-	if token == "" && rc.BearerTokenFile != "" {
-		b, err := os.ReadFile(rc.BearerTokenFile)
+	a := &agents{port: f.port, insecure: f.insecure, token: f.token}
+	if a.token == "" && f.tokenFile != "" {
+		b, err := os.ReadFile(f.tokenFile)
 		if err != nil {
-			return nil, fmt.Errorf("read token file: %w", err)
+			return nil, fmt.Errorf("read agent token file: %w", err)
 		}
-		token = strings.TrimSpace(string(b))
+		a.token = strings.TrimSpace(string(b))
 	}
+	tlsCfg := &tls.Config{}
+	if a.token == "" {
+		// Only the client certificate is taken from the kubeconfig (an exec
+		// plugin may supply one): rest.TLSConfigFor carries no token.
+		c, err := rest.TLSConfigFor(rc)
+		if err != nil {
+			return nil, fmt.Errorf("kubeconfig TLS: %w", err)
+		}
+		if c != nil {
+			tlsCfg = c
+		}
+		a.noCredential = missingCredential(rc)
+	}
+	// With --agent-token the caller acts as the token's user: the
+	// kubeconfig's certificate is not offered (it would win at the agent).
 	dial := (&net.Dialer{Timeout: 10 * time.Second}).DialContext
 	if f.netns != "" {
 		dial = namedns.Dialer(f.netns)
 	}
 	a.setTransport(tlsCfg, dial)
-	a.client, a.token = client, token
+	a.client = client
 	return a, nil
+}
+
+// missingCredential explains, for a kubeconfig without a client
+// certificate, why the agents will refuse the caller ("" when it has one
+// or an exec plugin may provide one).
+func missingCredential(rc *rest.Config) string {
+	if len(rc.CertData) > 0 || rc.CertFile != "" {
+		return ""
+	}
+	how := "a token"
+	switch {
+	case rc.ExecProvider != nil:
+		how = "an exec plugin (" + rc.ExecProvider.Command + ")"
+	case rc.AuthProvider != nil:
+		how = "the auth provider " + rc.AuthProvider.Name
+	case rc.BearerToken == "" && rc.BearerTokenFile == "":
+		how = "no credential"
+	}
+	return fmt.Sprintf("the kubeconfig authenticates with %s and has no client certificate; tunmeshctl never sends the API server's credentials to node agents: "+
+		"pass --agent-token \"$(kubectl create token SERVICEACCOUNT --audience %s)\" (the ServiceAccount needs the RBAC of docs/observability.md), or use a kubeconfig with a client certificate",
+		how, observeapi.TokenAudience)
 }
 
 // setTransport makes the HTTP client: TLS 1.3 with base's client
@@ -216,7 +257,11 @@ func (a *agents) get(ctx context.Context, node, path string, q url.Values) (*htt
 	if resp.StatusCode != http.StatusOK {
 		defer resp.Body.Close()
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return nil, &agentError{node: node, status: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
+		e := &agentError{node: node, status: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
+		if resp.StatusCode == http.StatusUnauthorized && a.token == "" && a.noCredential != "" {
+			return nil, fmt.Errorf("%w: %s: %w", e, a.noCredential, errNoAgentCredential)
+		}
+		return nil, e
 	}
 	return resp, nil
 }

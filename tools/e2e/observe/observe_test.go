@@ -22,6 +22,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/tunmesh/tunmesh/node/observeapi"
 	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 )
@@ -38,8 +39,8 @@ type fixture struct {
 	c              *e2eenv.Cluster
 	ns             string
 	client, server *corev1.Pod
-	viewer, nobody string // tokens
-	admin          string // a token with cluster-wide edges (check --proxy)
+	viewer, nobody string // tokens for the agents' audience
+	viewerAPIToken string // the viewer's token for the API server (refused by the agents)
 }
 
 func setup(t *testing.T) *fixture {
@@ -89,41 +90,30 @@ func setup(t *testing.T) *fixture {
 		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Name: "viewer", Namespace: ns}}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	token := func(sa string) string {
-		tr, err := c.Client.CoreV1().ServiceAccounts(ns).CreateToken(ctx, sa, &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{}}, metav1.CreateOptions{})
+	// Tokens for the agents are bound to their audience (kubectl create
+	// token SA --audience tunmesh.io/observe); apiToken is the API
+	// server's kind, which the agents must refuse.
+	token := func(sa string, audiences ...string) string {
+		tr, err := c.Client.CoreV1().ServiceAccounts(ns).CreateToken(ctx, sa, &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{Audiences: audiences}}, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatalf("token for %s: %v", sa, err)
 		}
 		return tr.Status.Token
 	}
-	f.viewer, f.nobody = token("viewer"), token("nobody")
-	// check --proxy reads every node's pods: edges cluster-wide.
-	name := "tunmesh-observe-" + ns
-	if _, err := c.Client.RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: name},
-		Rules: []rbacv1.PolicyRule{{APIGroups: []string{"tap.tunmesh.io"}, Resources: []string{"pods/edges"}, Verbs: []string{"get"}}}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Client.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: name},
-		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: name},
-		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Name: "cluster-viewer", Namespace: ns}}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = c.Client.RbacV1().ClusterRoleBindings().Delete(context.Background(), name, metav1.DeleteOptions{})
-		_ = c.Client.RbacV1().ClusterRoles().Delete(context.Background(), name, metav1.DeleteOptions{})
-	})
-	if _, err := c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "cluster-viewer"}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	f.admin = token("cluster-viewer")
+	f.viewer, f.nobody = token("viewer", observeapi.TokenAudience), token("nobody", observeapi.TokenAudience)
+	f.viewerAPIToken = token("viewer")
 	return f
 }
 
-// ctl runs tunmeshctl against the cluster with a token, dialing the agents
+// ctl runs tunmeshctl against the cluster with a token for the agents
+// (none: the kubeconfig's admin client certificate), dialing the agents
 // from the control plane's namespace. It returns stdout and stderr.
 func (f *fixture) ctl(t *testing.T, ctx context.Context, token string, args ...string) (string, string, error) {
 	t.Helper()
-	args = append(args, "--token", token, "--netns", f.c.Name+"-cp")
+	if token != "" {
+		args = append(args, "--agent-token", token)
+	}
+	args = append(args, "--netns", f.c.Name+"-cp")
 	cmd := exec.CommandContext(ctx, filepath.Join(f.c.BinDir, "tunmeshctl"), args...)
 	cmd.Env = append(os.Environ(), "KUBECONFIG="+f.c.State.Kubeconfig)
 	var out, errb bytes.Buffer
@@ -214,6 +204,12 @@ func TestObserve(t *testing.T) {
 		if err == nil || !strings.Contains(stderr, "Unauthorized") {
 			t.Fatalf("edges with a bad token: err %v, stderr %q; want Unauthorized", err, stderr)
 		}
+		// The viewer's API-server token (granted, but not for the agents'
+		// audience) is refused: callers never hand one to a node.
+		_, stderr, err = f.ctl(t, ctx, f.viewerAPIToken, "edges", "-n", f.ns)
+		if err == nil || !strings.Contains(stderr, "Unauthorized") || !strings.Contains(stderr, "audience") {
+			t.Fatalf("edges with an API-server token: err %v, stderr %q; want Unauthorized naming the audience", err, stderr)
+		}
 	})
 
 	t.Run("CapturePodSidePlaintext", func(t *testing.T) {
@@ -244,7 +240,7 @@ func TestObserve(t *testing.T) {
 		// capture still runs (it would end only after 60s).
 		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 		defer cancel()
-		script := fmt.Sprintf("%s capture -n %s server --duration 60s -w - --token %s --netns %s | tshark -l -r - -Y 'http.response.code == 200' -T fields -e http.response.code",
+		script := fmt.Sprintf("%s capture -n %s server --duration 60s -w - --agent-token %s --netns %s | tshark -l -r - -Y 'http.response.code == 200' -T fields -e http.response.code",
 			filepath.Join(f.c.BinDir, "tunmeshctl"), f.ns, f.viewer, f.c.Name+"-cp")
 		cmd := exec.CommandContext(ctx, "sh", "-c", script)
 		cmd.Env = append(os.Environ(), "KUBECONFIG="+f.c.State.Kubeconfig)
@@ -385,8 +381,10 @@ func TestObserve(t *testing.T) {
 	t.Run("CheckProxy", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		// Pod certificates need edges cluster-wide: the admin's token.
-		out, stderr, err := f.ctl(t, ctx, f.admin, "check", "--proxy")
+		// Pod certificates need edges cluster-wide: the admin, by the
+		// kubeconfig's client certificate (the agents follow the
+		// cluster's client CA; no secret is sent).
+		out, stderr, err := f.ctl(t, ctx, "", "check", "--proxy")
 		if err != nil {
 			t.Fatalf("check --proxy: %v\n%s%s", err, out, stderr)
 		}
