@@ -48,7 +48,7 @@ type Peers struct {
 	encryptAll bool
 	dev        Configurer
 	log        *slog.Logger
-	onChange   func(local []netip.Prefix, peers []Peer) // may be nil
+	onChange   func(local []netip.Prefix, routed, held []Peer) // may be nil
 
 	mu sync.RWMutex // guards the fields below
 	// nodes is every node by name, self included.
@@ -57,12 +57,18 @@ type Peers struct {
 	configured map[string]Peer
 	byIP       map[netip.Addr]string
 	byOverlay  map[netip.Addr]string
+	// lastLocal, lastRouted and lastHeld are what onChange was last given.
+	lastLocal            []netip.Prefix
+	lastRouted, lastHeld []Peer
+	notified             bool
 }
 
 // NewPeers makes an empty table for the node named self. onChange, if not
 // nil, is called (serialized, without the lock held) after every change
-// with this node's pod CIDRs and the configured peers.
-func NewPeers(self string, encryptAll bool, dev Configurer, onChange func(local []netip.Prefix, peers []Peer), log *slog.Logger) *Peers {
+// with this node's pod CIDRs, the configured peers (routed into
+// WireGuard) and the peers that claim WireGuard but are not configured
+// (refused, or their configuration failed: held, never reached in clear).
+func NewPeers(self string, encryptAll bool, dev Configurer, onChange func(local []netip.Prefix, routed, held []Peer), log *slog.Logger) *Peers {
 	return &Peers{
 		self: self, encryptAll: encryptAll, dev: dev, log: log, onChange: onChange,
 		nodes: map[string]Peer{}, configured: map[string]Peer{},
@@ -116,11 +122,15 @@ func (p *Peers) apply(name string, peer *Peer) {
 		fmt.Fprintf(&uapi, "public_key=%s\nremove=true\n", prev.PublicKey.Hex())
 		delete(p.configured, name)
 	}
-	changed := uapi.Len() > 0 || (name == p.self && (!had || peer == nil || !slices.Equal(old.PodCIDRs, peer.PodCIDRs)))
 	var local []netip.Prefix
-	var peers []Peer
-	if changed && p.onChange != nil {
-		local, peers = p.snapshotLocked()
+	var routed, held []Peer
+	changed := false
+	if p.onChange != nil {
+		local, routed, held = p.snapshotLocked()
+		changed = !p.notified || !slices.Equal(local, p.lastLocal) || !samePeers(routed, p.lastRouted) || !samePeers(held, p.lastHeld)
+		if changed {
+			p.notified, p.lastLocal, p.lastRouted, p.lastHeld = true, local, routed, held
+		}
 	}
 	if uapi.Len() > 0 {
 		if err := p.dev.IpcSet(uapi.String()); err != nil {
@@ -134,9 +144,13 @@ func (p *Peers) apply(name string, peer *Peer) {
 		}
 	}
 	p.mu.Unlock()
-	if changed && p.onChange != nil {
-		p.onChange(local, peers)
+	if changed {
+		p.onChange(local, routed, held)
 	}
+}
+
+func samePeers(a, b []Peer) bool {
+	return slices.EqualFunc(a, b, func(x, y Peer) bool { return x.Node == y.Node && slices.Equal(x.PodCIDRs, y.PodCIDRs) })
 }
 
 func (p *Peers) samePeer(a, b Peer) bool {
@@ -156,15 +170,27 @@ func (p *Peers) peerConf(peer Peer) string {
 	return b.String()
 }
 
-func (p *Peers) snapshotLocked() (local []netip.Prefix, peers []Peer) {
+// snapshotLocked is what onChange gets: every other node that claims
+// WireGuard is either routed (configured) or held (not configured:
+// refused annotations or a failed configuration), so that its pod CIDRs
+// stay blackholed rather than fall through to the main table in clear.
+func (p *Peers) snapshotLocked() (local []netip.Prefix, routed, held []Peer) {
 	if self, ok := p.nodes[p.self]; ok {
 		local = slices.Clone(self.PodCIDRs)
 	}
-	for _, c := range p.configured {
-		peers = append(peers, c)
+	for name, n := range p.nodes {
+		if name == p.self || !n.HasKey() {
+			continue
+		}
+		if c, ok := p.configured[name]; ok && n.Err == nil {
+			routed = append(routed, c)
+		} else {
+			held = append(held, n)
+		}
 	}
-	sort.Slice(peers, func(i, j int) bool { return peers[i].Node < peers[j].Node })
-	return local, peers
+	sort.Slice(routed, func(i, j int) bool { return routed[i].Node < routed[j].Node })
+	sort.Slice(held, func(i, j int) bool { return held[i].Node < held[j].Node })
+	return local, routed, held
 }
 
 // Route says how to reach the node with address nodeIP, and its overlay

@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -34,9 +35,13 @@ func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, ni
 
 func TestPeersFollowNodes(t *testing.T) {
 	dev := &fakeDevice{}
-	var changes [][]Peer
+	var changes, helds [][]Peer
 	var local []netip.Prefix
-	p := NewPeers("a", true, dev, func(l []netip.Prefix, peers []Peer) { local = l; changes = append(changes, peers) }, discard())
+	p := NewPeers("a", true, dev, func(l []netip.Prefix, peers, held []Peer) {
+		local = l
+		changes = append(changes, peers)
+		helds = append(helds, held)
+	}, discard())
 
 	pubA := testPublished(t, "10.0.0.1")
 	p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24"}, pubA.Annotations()))
@@ -115,6 +120,11 @@ func TestPeersFollowNodes(t *testing.T) {
 	if c, r, u := p.Counts(); c != 0 || r != 1 || u != 1 {
 		t.Fatalf("counts configured %d refused %d underlay %d", c, r, u)
 	}
+	// Its pod CIDRs stay held (blackholed), never left to the main table.
+	if got, held := changes[len(changes)-1], helds[len(helds)-1]; len(got) != 0 || len(held) != 1 || held[0].Node != "b" ||
+		!slices.Equal(held[0].PodCIDRs, []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}) {
+		t.Fatalf("refused peer: onChange routed %+v held %+v", got, held)
+	}
 
 	// Leave.
 	p.Update(testNode("b", "10.0.0.12", []string{"10.244.1.0/24"}, pubB3.Annotations()))
@@ -126,8 +136,8 @@ func TestPeersFollowNodes(t *testing.T) {
 	if r, _ := p.Route(netip.MustParseAddr("10.0.0.12")); r != RouteUnderlay {
 		t.Fatalf("left node route %v", r)
 	}
-	if got := changes[len(changes)-1]; len(got) != 0 {
-		t.Fatalf("onChange after leave: %+v", got)
+	if got, held := changes[len(changes)-1], helds[len(helds)-1]; len(got) != 0 || len(held) != 0 {
+		t.Fatalf("onChange after leave: %+v held %+v", got, held)
 	}
 }
 

@@ -28,6 +28,14 @@ import (
 // routes drop the packets instead of letting the main table send them in
 // clear; they and the rules are removed when the peer leaves, or by
 // Release (uninstall).
+//
+// A starting agent only adds to what the previous one left until its
+// node informer has synced and its own Node (with a pod CIDR) is known:
+// before that an empty view means "not known yet", not "no peers", and
+// deleting the rule or the blackholes would send cross-node pod traffic
+// in clear through the main table (unboundedly, if the API server is
+// down). The rule is never deleted because this node's pod CIDRs are
+// unknown.
 const (
 	DefaultRouteTable   = 4143
 	DefaultRulePriority = 4143
@@ -43,7 +51,11 @@ type routes struct {
 	hErr     error
 	hostLink int // ifindex of the host TUN; 0 until attached
 	local    []netip.Prefix
-	peerNets []netip.Prefix
+	peerNets []netip.Prefix // routed into the host TUN (blackholed too)
+	holdNets []netip.Prefix // only blackholed (refused peers)
+	// synced: the view is complete (node informer synced); until then
+	// reconcile only adds.
+	synced bool
 }
 
 func newRoutes(table, prio int, log *slog.Logger) *routes {
@@ -78,26 +90,40 @@ func (r *routes) attach(ifindex int) {
 	r.reconcileLocked()
 }
 
-// sync takes this node's pod CIDRs and the configured peers (Peers'
-// onChange).
-func (r *routes) sync(local []netip.Prefix, peers []Peer) {
-	var nets []netip.Prefix
-	for _, p := range peers {
-		for _, c := range p.PodCIDRs {
-			if c.Addr().Is4() {
-				nets = append(nets, c)
-			}
-		}
-	}
+// sync takes this node's pod CIDRs and the peers (Peers' onChange):
+// the pod CIDRs of routed peers go into the host TUN, those of held
+// peers (refused: they claim WireGuard but cannot be configured) are
+// only blackholed.
+func (r *routes) sync(local []netip.Prefix, routed, held []Peer) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.local, r.peerNets = nil, nets
-	for _, c := range local {
-		if c.Addr().Is4() {
-			r.local = append(r.local, c)
-		}
+	r.local, r.peerNets, r.holdNets = v4(local), nil, nil
+	for _, p := range routed {
+		r.peerNets = append(r.peerNets, v4(p.PodCIDRs)...)
+	}
+	for _, p := range held {
+		r.holdNets = append(r.holdNets, v4(p.PodCIDRs)...)
 	}
 	r.reconcileLocked()
+}
+
+// markSynced says the view given to sync is now complete (the node
+// informer has synced): from now on what it lacks is deleted.
+func (r *routes) markSynced() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.synced = true
+	r.reconcileLocked()
+}
+
+func v4(ps []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, c := range ps {
+		if c.Addr().Is4() {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 func (r *routes) reconcileLocked() {
@@ -105,7 +131,9 @@ func (r *routes) reconcileLocked() {
 		r.log.Error("encrypt-all routes", "err", err)
 		return
 	}
-	if err := reconcile(r.h, r.table, r.prio, r.hostLink, r.local, r.peerNets); err != nil {
+	// Prune only with a complete view that knows this node's pod CIDRs.
+	prune := r.synced && len(r.local) > 0
+	if err := reconcile(r.h, r.table, r.prio, r.hostLink, r.local, r.peerNets, r.holdNets, prune); err != nil {
 		r.log.Error("encrypt-all routes", "err", err)
 	}
 }
@@ -129,13 +157,14 @@ func (r *routes) release() error {
 	if err := r.openLocked(nodeNetns); err != nil {
 		return err
 	}
-	return reconcile(r.h, r.table, r.prio, 0, nil, nil)
+	return reconcile(r.h, r.table, r.prio, 0, nil, nil, nil, true)
 }
 
-// reconcile makes the rules for local and the routes of table for
-// peerNets (dev hostLink when non-zero, blackholes always) what they
-// should be, deleting what else the table holds.
-func reconcile(h *netlink.Handle, table, prio, hostLink int, local, peerNets []netip.Prefix) error {
+// reconcile adds the rules for local and the routes of table for
+// peerNets (dev hostLink when non-zero, blackholes always) and holdNets
+// (blackholes only). With prune it also deletes what else the table
+// holds; without, it deletes nothing.
+func reconcile(h *netlink.Handle, table, prio, hostLink int, local, peerNets, holdNets []netip.Prefix, prune bool) error {
 	var errs []error
 	// Rules.
 	rules, err := h.RuleListFiltered(netlink.FAMILY_V4, &netlink.Rule{Table: table}, netlink.RT_FILTER_TABLE)
@@ -150,6 +179,9 @@ func reconcile(h *netlink.Handle, table, prio, hostLink int, local, peerNets []n
 		src := prefixOf(ru.Src)
 		if want[src] && ru.Priority == prio && ru.Dst == nil {
 			delete(want, src)
+			continue
+		}
+		if !prune {
 			continue
 		}
 		ru := ru
@@ -176,6 +208,9 @@ func reconcile(h *netlink.Handle, table, prio, hostLink int, local, peerNets []n
 			wantR[key{c, false}] = true
 		}
 	}
+	for _, c := range holdNets {
+		wantR[key{c, true}] = true
+	}
 	have, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
 		return errors.Join(append(errs, fmt.Errorf("list routes of table %d: %w", table, err))...)
@@ -185,6 +220,9 @@ func reconcile(h *netlink.Handle, table, prio, hostLink int, local, peerNets []n
 		ok := wantR[k] && (k.blackhole && rt.Priority == blackholeMetric || !k.blackhole && rt.LinkIndex == hostLink && rt.Priority == 0)
 		if ok {
 			delete(wantR, k)
+			continue
+		}
+		if !prune {
 			continue
 		}
 		rt := rt

@@ -155,7 +155,7 @@ func New(cfg Config, client kubernetes.Interface, reg prometheus.Registerer, log
 	bind := &nsBind{Bind: conn.NewStdNetBind(), nsPath: cfg.NetnsPath, maxDatagram: cfg.UnderlayMTU - 48, // IPv6 + UDP headers: the stricter family
 		garbage: func() { t.metrics.dropped.WithLabelValues("malformed").Inc() }}
 	t.dev = device.NewDevice(tn, bind, t.deviceLogger())
-	var onChange func([]netip.Prefix, []Peer)
+	var onChange func([]netip.Prefix, []Peer, []Peer)
 	if t.routes != nil {
 		onChange = t.routes.sync
 	}
@@ -296,6 +296,11 @@ func (t *Transport) Run(ctx context.Context) error {
 		return nil // ctx ended
 	}
 	t.synced.Store(true)
+	if t.routes != nil {
+		// The handlers have seen every node: the routes may now delete
+		// what the view lacks (never before: routes.go).
+		t.routes.markSynced()
+	}
 	t.log.Info("wireguard transport running", "port", t.cfg.Port, "overlay", t.Overlay().String(), "encrypt_all", t.cfg.EncryptAll, "mtu", t.cfg.MTU)
 
 	var wg sync.WaitGroup
