@@ -185,7 +185,10 @@ func (a *Agent) serveObservability(ctx context.Context, st *netstack.Stack) erro
 	} else {
 		defer stopSYNs()
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, TLSConfig: tlsCfg}
+	// WriteTimeout bounds the plain answers (edges, pods); the streams set
+	// their own write deadlines (a capture's duration plus grace, a tap's
+	// per write), so a reader that stops reading frees its stream.
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, WriteTimeout: 30 * time.Second, TLSConfig: tlsCfg}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("listen observe: %w", err)

@@ -21,11 +21,13 @@
 package capture
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,6 +68,11 @@ const (
 	Snaplen = 65536 + 128
 	// queueLen packets wait for the writer; more are dropped.
 	queueLen = 4096
+	// WriteGrace is how long one write to the reader may block: a reader
+	// that stops reading ends the capture (and frees its taps and packet
+	// sockets) after at most this, and never later than the capture's
+	// duration plus this.
+	WriteGrace = 10 * time.Second
 )
 
 // Request is one capture.
@@ -79,6 +86,13 @@ type Request struct {
 	Duration   time.Duration
 	MaxPackets int
 	MaxBytes   int64
+	// WriteDeadline, if set, bounds the writes to the reader
+	// (http.ResponseController.SetWriteDeadline): the deadline is the
+	// capture's end plus Grace, and at most Grace after each batch starts,
+	// so a stalled reader cannot keep a capture running.
+	WriteDeadline func(time.Time) error
+	// Grace overrides WriteGrace (tests).
+	Grace time.Duration
 }
 
 // Normalize applies the defaults and the caps.
@@ -124,7 +138,7 @@ type Source struct {
 // Stats is what a capture saw.
 type Stats struct {
 	Packets, Bytes, Dropped uint64
-	Reason                  string // why it ended: duration, count, size, client, cancelled, error
+	Reason                  string // why it ended: duration, count, size, client, stalled (the reader stopped reading), cancelled, error
 }
 
 type packet struct {
@@ -188,6 +202,27 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 		stops = append(stops, stop)
 	}
 
+	grace := cmp.Or(r.Grace, WriteGrace)
+	hardEnd := time.Now().Add(r.Duration + grace)
+	// deadline gives the next batch of writes at most grace, and the
+	// capture as a whole at most its duration plus grace.
+	deadline := func() {
+		if r.WriteDeadline != nil {
+			d := time.Now().Add(grace)
+			if d.After(hardEnd) {
+				d = hardEnd
+			}
+			_ = r.WriteDeadline(d)
+		}
+	}
+	// ended is the reason for a failed write.
+	ended := func(err error) string {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return "stalled"
+		}
+		return "client"
+	}
+	deadline()
 	ifs := make([]pcapgo.NgInterface, len(srcs))
 	for i, s := range srcs {
 		ifs[i] = pcapgo.NgInterface{Name: s.Name, LinkType: s.LinkType, SnapLength: Snaplen, OS: "linux", TimestampResolution: 9}
@@ -202,7 +237,7 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 		}
 	}
 	if err := ng.Flush(); err != nil {
-		return Stats{Reason: "client"}, fmt.Errorf("write pcapng header: %w", err)
+		return Stats{Reason: ended(err)}, fmt.Errorf("write pcapng header: %w", err)
 	}
 	if flush != nil {
 		flush()
@@ -231,8 +266,9 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 		case <-timer.C:
 			st.Reason = "duration"
 		case p := <-q:
+			deadline()
 			if err := write(p); err != nil {
-				st.Reason, st.Dropped = "client", dropped.Load()
+				st.Reason, st.Dropped = ended(err), dropped.Load()
 				return st, nil // the reader went away: an ordinary end
 			}
 			// Write what is queued, then flush once.
@@ -240,7 +276,7 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 				select {
 				case p := <-q:
 					if err := write(p); err != nil {
-						st.Reason, st.Dropped = "client", dropped.Load()
+						st.Reason, st.Dropped = ended(err), dropped.Load()
 						return st, nil
 					}
 				default:
@@ -253,7 +289,7 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 				}
 			}
 			if err := ng.Flush(); err != nil {
-				st.Reason, st.Dropped = "client", dropped.Load()
+				st.Reason, st.Dropped = ended(err), dropped.Load()
 				return st, nil
 			}
 			if flush != nil {
@@ -265,6 +301,7 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 		}
 	}
 	st.Dropped = dropped.Load()
+	deadline()
 	// The interface statistics block records the drops for the reader.
 	for i := range srcs {
 		_ = ng.WriteInterfaceStats(i, pcapgo.NgInterfaceStatistics{LastUpdate: time.Now(), PacketsDropped: st.Dropped, PacketsReceived: st.Packets})

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -358,5 +359,72 @@ func TestRunSourceFails(t *testing.T) {
 	}
 	if ok.push(tcp4(pod, web, "x"), false) {
 		t.Fatal("the started source was not stopped")
+	}
+}
+
+// TestRunStalledReader: a reader that stops reading (the header, or a
+// batch of packets) ends the capture within its grace, and never after
+// the duration plus grace; the sources are stopped.
+func TestRunStalledReader(t *testing.T) {
+	cases := []struct {
+		name            string
+		readHeader      bool
+		duration, grace time.Duration
+		want            string
+	}{
+		{"never reads the header", false, 5 * time.Second, 300 * time.Millisecond, "stalled"},
+		{"stops after the header", true, 5 * time.Second, 300 * time.Millisecond, "stalled"},
+		{"stalled past the duration", true, 100 * time.Millisecond, 400 * time.Millisecond, "stalled"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			src := &fakeSource{}
+			server, client := net.Pipe()
+			t.Cleanup(func() { server.Close(); client.Close() })
+			if c.readHeader {
+				go func() {
+					buf := make([]byte, 64<<10)
+					_ = client.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+					for {
+						if _, err := client.Read(buf); err != nil {
+							return // then never reads again
+						}
+					}
+				}()
+			}
+			type result struct {
+				st  Stats
+				err error
+			}
+			done := make(chan result, 1)
+			start := time.Now()
+			go func() {
+				st, err := Run(context.Background(), server, nil, Request{Duration: c.duration, Grace: c.grace, WriteDeadline: server.SetWriteDeadline},
+					[]Source{src.source("tm0", layers.LinkTypeRaw)})
+				done <- result{st, err}
+			}()
+			if c.readHeader {
+				waitStarted(t, src)
+				time.Sleep(80 * time.Millisecond) // the reader has stopped
+				for i := 0; i < 100; i++ {
+					src.push(tcp4(pod, web, strings.Repeat("x", 1000)), false)
+				}
+			}
+			var r result
+			select {
+			case r = <-done:
+			case <-time.After(c.duration + c.grace + 3*time.Second):
+				t.Fatalf("capture still running %s after start with a stalled reader", time.Since(start))
+			}
+			if r.st.Reason != c.want {
+				t.Fatalf("stats %+v, err %v: want reason %s", r.st, r.err, c.want)
+			}
+			if d, limit := time.Since(start), min(c.duration+c.grace, c.grace+500*time.Millisecond)+500*time.Millisecond; d > limit {
+				t.Fatalf("ended after %s, want within %s (duration %s, grace %s)", d, limit, c.duration, c.grace)
+			}
+			if src.push(tcp4(pod, web, "after"), false) {
+				t.Fatal("source still running after the capture ended")
+			}
+		})
 	}
 }

@@ -85,8 +85,14 @@ type Config struct {
 	// TapBuffer is how many events a slow tap reader may lag (default
 	// 1024) before events are dropped (and the stream says how many).
 	TapBuffer int
-	Logger    *slog.Logger
+	// TapWriteTimeout bounds each write of a tap stream (default
+	// TapWriteTimeout): a reader that stops reading ends its tap.
+	TapWriteTimeout time.Duration
+	Logger          *slog.Logger
 }
+
+// TapWriteTimeout is how long one write of a tap stream may block.
+const TapWriteTimeout = 10 * time.Second
 
 // Handler returns the API's handler.
 func Handler(cfg Config) (http.Handler, error) {
@@ -95,6 +101,9 @@ func Handler(cfg Config) (http.Handler, error) {
 	}
 	if cfg.MeshPort == 0 {
 		cfg.MeshPort = 4143
+	}
+	if cfg.TapWriteTimeout == 0 {
+		cfg.TapWriteTimeout = TapWriteTimeout
 	}
 	if cfg.TapBuffer == 0 {
 		cfg.TapBuffer = 1024
@@ -182,6 +191,7 @@ func (s *server) capture(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/vnd.tcpdump.pcapng")
 	w.Header().Set("Content-Disposition", fmt.Sprintf("attachment; filename=%q", name+".pcapng"))
 	rc := http.NewResponseController(w)
+	req.WriteDeadline = rc.SetWriteDeadline
 	start := time.Now()
 	st, err := capture.Run(ctx, w, func() { _ = rc.Flush() }, req, srcs)
 	if err != nil {
@@ -314,8 +324,14 @@ func (s *server) tap(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	rc := http.NewResponseController(w)
+	// Every write (a batch, a keepalive) must finish within
+	// TapWriteTimeout: a stalled reader ends its tap.
+	deadline := func() { _ = rc.SetWriteDeadline(time.Now().Add(s.cfg.TapWriteTimeout)) }
 	enc := json.NewEncoder(w)
-	_ = rc.Flush()
+	deadline()
+	if err := rc.Flush(); err != nil {
+		return
+	}
 	var events, reported uint64
 	defer func() {
 		log.Info("tap ended", "duration", time.Since(start).Round(time.Millisecond), "events", events, "dropped", sub.Dropped())
@@ -328,11 +344,15 @@ func (s *server) tap(w http.ResponseWriter, r *http.Request) {
 			return
 		case <-keepalive.C:
 			// A write notices a caller that went away.
+			deadline()
 			if _, err := w.Write([]byte("\n")); err != nil {
 				return
 			}
-			_ = rc.Flush()
+			if err := rc.Flush(); err != nil {
+				return
+			}
 		case e := <-sub.C():
+			deadline()
 			if d := sub.Dropped(); d != reported {
 				if err := enc.Encode(flowlog.Event{Type: "dropped", Time: time.Now(), ResponseLength: int64(d - reported)}); err != nil {
 					return

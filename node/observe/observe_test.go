@@ -49,6 +49,7 @@ type fakePods []*pods.Pod
 func (f fakePods) All() []*pods.Pod { return f }
 
 type env struct {
+	h    http.Handler
 	srv  *httptest.Server
 	log  *flowlog.Log
 	mu   sync.Mutex
@@ -56,7 +57,10 @@ type env struct {
 	logs *bytes.Buffer
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { return newEnvWith(t, nil) }
+
+// newEnvWith lets a test change the Config before the handler is made.
+func newEnvWith(t *testing.T, change func(*Config)) *env {
 	e := &env{logs: &bytes.Buffer{}}
 	e.log = flowlog.New(func(a netip.Addr) flowlog.PodRef {
 		if a == netip.MustParseAddr("10.1.0.5") {
@@ -64,7 +68,7 @@ func newEnv(t *testing.T) *env {
 		}
 		return flowlog.PodRef{}
 	}, nil, flowlog.Options{})
-	h, err := Handler(Config{
+	cfg := Config{
 		Auth: fakeAuth{grants: map[string]bool{"alice capture shop": true, "alice tap shop": true, "alice edges shop": true}},
 		Pods: fakePods{{Namespace: "shop", Name: "web-1", NIC: 3, Addrs: []netip.Addr{netip.MustParseAddr("10.1.0.5")}}},
 		Log:  e.log,
@@ -84,10 +88,15 @@ func newEnv(t *testing.T) *env {
 			return &tls.Certificate{Certificate: [][]byte{[]byte("leaf-der"), []byte("issuer-der")}}, nil
 		},
 		Logger: slog.New(slog.NewTextHandler(e.logs, nil)),
-	})
+	}
+	if change != nil {
+		change(&cfg)
+	}
+	h, err := Handler(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.h = h
 	e.srv = httptest.NewServer(h)
 	t.Cleanup(e.srv.Close)
 	return e
