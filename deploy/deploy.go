@@ -23,8 +23,9 @@ var Manifests embed.FS
 
 // Base lists, in apply order, the manifests every installation needs
 // before its workloads: namespace, the Authorization CRD (the agents
-// cannot sync without it), RBAC and ServiceAccounts.
-var Base = []string{"namespace.yaml", "authorization-crd.yaml", "identity-rbac.yaml", "node-rbac.yaml"}
+// cannot sync without it), RBAC and ServiceAccounts, and the admission
+// policy that narrows the agents' node writes to their own Node.
+var Base = []string{"namespace.yaml", "authorization-crd.yaml", "identity-rbac.yaml", "node-rbac.yaml", "node-guard.yaml"}
 
 // Namespace is tunmesh's namespace, as the manifests name it.
 const Namespace = "tunmesh"
@@ -35,6 +36,7 @@ const (
 	TrustAnchorsName  = "tunmesh-trust-anchors"   // ConfigMap, key ca.crt (not in the base)
 	IssuerSecretName  = "tunmesh-identity-issuer" // Secret, cert-manager layout (not in the base)
 	NodeDaemonSetName = "tunmesh-node"
+	NodeGuardName     = "tunmesh-node-guard" // ValidatingAdmissionPolicy and its binding (node-guard.yaml)
 	IdentityName      = "tunmesh-identity"
 )
 

@@ -14,10 +14,14 @@ import (
 	"strings"
 	"testing"
 
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+
+	"github.com/tunmesh/tunmesh/node/observeapi"
+	"github.com/tunmesh/tunmesh/node/wireguard"
 )
 
 func objects(t *testing.T) []*unstructured.Unstructured {
@@ -70,7 +74,8 @@ func TestKustomizationListsEveryFile(t *testing.T) {
 	}
 }
 
-var clusterScoped = []string{"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+var clusterScoped = []string{"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+	"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 
 // elsewhere are the objects that live outside tunmesh's namespace: the
 // agent's read of the cluster's client CA (in kube-system).
@@ -315,5 +320,69 @@ func TestArgsAreFlags(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestNodeGuard pins node-guard.yaml to the code: it applies to the
+// agents' ServiceAccount (as the DaemonSet names it), to every write of a
+// node or its subresources, fails closed, is bound with Deny, and lets
+// through exactly the annotations the agents publish. Its behaviour is
+// tested against a real API server (tools/e2e TestNodeGuard).
+func TestNodeGuard(t *testing.T) {
+	var p admissionregistrationv1.ValidatingAdmissionPolicy
+	typed(t, "ValidatingAdmissionPolicy", NodeGuardName, &p)
+	if p.Spec.FailurePolicy == nil || *p.Spec.FailurePolicy != admissionregistrationv1.Fail {
+		t.Errorf("failurePolicy %v, want Fail", p.Spec.FailurePolicy)
+	}
+	mc := p.Spec.MatchConstraints
+	if mc == nil || len(mc.ResourceRules) != 1 {
+		t.Fatalf("matchConstraints %+v: want one resource rule", mc)
+	}
+	r := mc.ResourceRules[0].Rule
+	if !slices.Equal(r.APIGroups, []string{""}) || !slices.Contains(r.Resources, "nodes") || !slices.Contains(r.Resources, "nodes/*") {
+		t.Errorf("rule %+v: want nodes and nodes/* of the core group", r)
+	}
+	if ops := mc.ResourceRules[0].Operations; !slices.Contains(ops, admissionregistrationv1.Update) {
+		t.Errorf("operations %v: want UPDATE (a patch)", ops)
+	}
+
+	var ds appsv1.DaemonSet
+	typed(t, "DaemonSet", NodeDaemonSetName, &ds)
+	user := "system:serviceaccount:" + Namespace + ":" + ds.Spec.Template.Spec.ServiceAccountName
+	if len(p.Spec.MatchConditions) != 1 || p.Spec.MatchConditions[0].Expression != "request.userInfo.username == '"+user+"'" {
+		t.Errorf("matchConditions %+v: want exactly the agents' user %s", p.Spec.MatchConditions, user)
+	}
+
+	var listed []string
+	for _, v := range p.Spec.Variables {
+		if v.Name == "tunmeshAnnotations" {
+			for _, m := range regexp.MustCompile(`'([^']*)'`).FindAllStringSubmatch(v.Expression, -1) {
+				listed = append(listed, m[1])
+			}
+		}
+	}
+	published := []string{wireguard.AnnotationPublicKey, wireguard.AnnotationEndpoint, wireguard.AnnotationOverlay, observeapi.FingerprintAnnotation}
+	sort.Strings(listed)
+	sort.Strings(published)
+	if !slices.Equal(listed, published) {
+		t.Errorf("node-guard.yaml lets agents change annotations %v; they publish %v", listed, published)
+	}
+	var rules []string
+	for _, v := range p.Spec.Validations {
+		rules = append(rules, v.Expression)
+	}
+	for _, want := range []string{"!has(request.subResource) || request.subResource == ''", "object.metadata.name == variables.nodeName"} {
+		if !slices.Contains(rules, want) {
+			t.Errorf("no validation %q in %q", want, rules)
+		}
+	}
+
+	var b admissionregistrationv1.ValidatingAdmissionPolicyBinding
+	typed(t, "ValidatingAdmissionPolicyBinding", NodeGuardName, &b)
+	if b.Spec.PolicyName != NodeGuardName || !slices.Equal(b.Spec.ValidationActions, []admissionregistrationv1.ValidationAction{admissionregistrationv1.Deny}) {
+		t.Errorf("binding %+v: want policy %s with Deny", b.Spec, NodeGuardName)
+	}
+	if b.Spec.ParamRef != nil || b.Spec.MatchResources != nil {
+		t.Errorf("binding %+v narrows the policy (paramRef or matchResources)", b.Spec)
 	}
 }

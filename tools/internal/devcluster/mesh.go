@@ -268,7 +268,7 @@ func (c Config) cniSocket(node string) string { return c.path("mesh", node, "cni
 
 func (m *mesh) startAgent(n NodeSpec) error {
 	kc := m.dir(n.Name, "kubeconfig")
-	if err := m.saKubeconfig(kc, "tunmesh-node"); err != nil {
+	if err := m.agentKubeconfig(kc, n); err != nil {
 		return err
 	}
 	env := agentEnv(os.Environ())
