@@ -276,7 +276,7 @@ func (t *Transport) Run(ctx context.Context) error {
 	}
 	factory := informers.NewSharedInformerFactoryWithOptions(t.client, 0)
 	inf := factory.Core().V1().Nodes().Informer()
-	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { t.onNode(obj) },
 		UpdateFunc: func(_, obj any) { t.onNode(obj) },
 		DeleteFunc: func(obj any) {
@@ -287,12 +287,16 @@ func (t *Transport) Run(ctx context.Context) error {
 				t.peers.Delete(n.Name)
 			}
 		},
-	}); err != nil {
+	})
+	if err != nil {
 		return fmt.Errorf("node informer: %w", err)
 	}
 	factory.Start(ctx.Done())
 	defer factory.Shutdown()
-	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+	// The registration's HasSynced, not the informer's: it is true only
+	// once our handlers have seen every node of the initial list, so the
+	// peer table (and the routes pruned after markSynced) is complete.
+	if !cache.WaitForCacheSync(ctx.Done(), reg.HasSynced) {
 		return nil // ctx ended
 	}
 	t.synced.Store(true)

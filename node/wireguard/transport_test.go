@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	goruntime "runtime"
 	"strconv"
 	"sync"
 	"testing"
@@ -19,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 )
@@ -316,5 +318,45 @@ func TestDialRoutes(t *testing.T) {
 	}
 	if u, r := counter(tr.metrics.dials.WithLabelValues("underlay")), counter(tr.metrics.refused.WithLabelValues("refused_peer")); u != 1 || r != 1 {
 		t.Fatalf("underlay dials %v, refused %v", u, r)
+	}
+}
+
+// TestSyncedMeansPeersKnown: when Synced turns true the peer table holds
+// every node of the initial list (the handler registration's HasSynced:
+// the informer's own turns true before its handlers have run).
+func TestSyncedMeansPeersKnown(t *testing.T) {
+	requireRoot(t)
+	const n = 400
+	var objs []runtime.Object
+	objs = append(objs, testNode("a", "127.0.0.1", []string{"10.244.0.0/24"}, nil))
+	for i := 1; i <= n; i++ {
+		ip := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}).String()
+		objs = append(objs, testNode("n"+itoa(i), ip, []string{"10.245." + itoa(i%256) + ".0/24"}, testPublished(t, ip).Annotations()))
+	}
+	client := fake.NewClientset(objs...)
+	tr, err := New(Config{NodeName: "a", NodeIP: netip.MustParseAddr("127.0.0.1"), Port: freeUDPPort(t), StateDir: t.TempDir(), MeshPort: testMeshPort},
+		client, prometheus.NewRegistry(), discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- tr.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	waitForTight(t, 20*time.Second, "synced", tr.Synced)
+	if c, r, u := tr.peers.Counts(); c != n {
+		t.Fatalf("synced with %d of %d peers configured (refused %d, underlay %d)", c, n, r, u)
+	}
+}
+
+// waitForTight polls without sleeping (to catch the first moment try holds).
+func waitForTight(t testing.TB, max time.Duration, what string, try func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(max)
+	for !try() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		goruntime.Gosched()
 	}
 }
