@@ -166,7 +166,7 @@ func (a *Agent) serveObservability(ctx context.Context, st *netstack.Stack) erro
 	}
 	h, err := observe.Handler(observe.Config{
 		Auth: a.obs.gate, Pods: a.registry, Log: a.obs.flows, TapNIC: st.TapNIC,
-		MeshPort: uint16(a.cfg.MeshPort), Logger: a.log.With("component", "observe"),
+		MeshPort: uint16(a.cfg.MeshPort), Logger: a.log.With("component", "observe"), Registerer: a.reg,
 		Certificate: func(id spiffe.ID) (*tls.Certificate, error) {
 			cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 			defer cancel()

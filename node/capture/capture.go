@@ -66,8 +66,10 @@ const (
 	// Snaplen caps the bytes kept of one packet (a TSO super-packet from
 	// tm0 can be 64 KiB).
 	Snaplen = 65536 + 128
-	// queueLen packets wait for the writer; more are dropped.
-	queueLen = 4096
+	// queueLen packets, of queueBytes in all, wait for the writer; more
+	// are dropped (a stalled capture holds at most queueBytes).
+	queueLen   = 4096
+	queueBytes = 16 << 20
 	// WriteGrace is how long one write to the reader may block: a reader
 	// that stops reading ends the capture (and frees its taps and packet
 	// sockets) after at most this, and never later than the capture's
@@ -163,6 +165,7 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 	// of pcapng is written (the caller can still answer with an error).
 	q := make(chan packet, queueLen)
 	var dropped atomic.Uint64
+	var queued atomic.Int64 // bytes in q
 	var closed atomic.Bool
 	var qmu sync.RWMutex // held (read) while emitting, (write) to stop emitting
 	var stops []func()
@@ -189,10 +192,16 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 				return
 			}
 			n := min(len(pkt), Snaplen)
+			if queued.Add(int64(n)) > queueBytes {
+				queued.Add(-int64(n))
+				dropped.Add(1)
+				return
+			}
 			p := packet{intf: intf, out: out, ts: time.Now(), data: append([]byte(nil), pkt[:n]...), orig: len(pkt)}
 			select {
 			case q <- p:
 			default:
+				queued.Add(-int64(n))
 				dropped.Add(1)
 			}
 		})
@@ -247,6 +256,7 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 	timer := time.NewTimer(r.Duration)
 	defer timer.Stop()
 	write := func(p packet) error {
+		queued.Add(-int64(len(p.data)))
 		dir := pcapgo.NgEpbFlagDirectionInbound
 		if p.out {
 			dir = pcapgo.NgEpbFlagDirectionOutbound

@@ -154,7 +154,12 @@ type Log struct {
 	// endpoints and reason: kubelet probes every second would otherwise
 	// push everything else out of recent.
 	seen map[seenKey]*Conn
-	subs map[*Sub]struct{}
+
+	// subs are the tap subscribers indexed by their exact Filter, so that
+	// publish looks up the few filters an event can match instead of
+	// walking every subscriber; under their own lock, not mu.
+	subsMu sync.RWMutex
+	subs   map[Filter]map[*Sub]struct{}
 }
 
 // New returns a Log. names and m may be nil.
@@ -168,7 +173,7 @@ func New(names Names, m *Metrics, opts Options) *Log {
 	if names == nil {
 		names = func(netip.Addr) PodRef { return PodRef{} }
 	}
-	return &Log{names: names, metrics: m, opts: opts, now: time.Now, live: map[uint64]*Conn{}, seen: map[seenKey]*Conn{}, subs: map[*Sub]struct{}{}}
+	return &Log{names: names, metrics: m, opts: opts, now: time.Now, live: map[uint64]*Conn{}, seen: map[seenKey]*Conn{}, subs: map[Filter]map[*Sub]struct{}{}}
 }
 
 // Track is an open connection's handle.
@@ -346,9 +351,14 @@ type Sub struct {
 // reader; beyond that, events are dropped and counted.
 func (l *Log) Subscribe(f Filter, buf int) *Sub {
 	s := &Sub{l: l, f: f, c: make(chan Event, buf)}
-	l.mu.Lock()
-	l.subs[s] = struct{}{}
-	l.mu.Unlock()
+	l.subsMu.Lock()
+	set := l.subs[f]
+	if set == nil {
+		set = map[*Sub]struct{}{}
+		l.subs[f] = set
+	}
+	set[s] = struct{}{}
+	l.subsMu.Unlock()
 	l.nSubs.Add(1)
 	return s
 }
@@ -362,9 +372,14 @@ func (s *Sub) Dropped() uint64 { return s.dropped.Load() }
 // Close ends the subscription (idempotent). C is not closed.
 func (s *Sub) Close() {
 	s.once.Do(func() {
-		s.l.mu.Lock()
-		delete(s.l.subs, s)
-		s.l.mu.Unlock()
+		s.l.subsMu.Lock()
+		if set := s.l.subs[s.f]; set != nil {
+			delete(set, s)
+			if len(set) == 0 {
+				delete(s.l.subs, s.f)
+			}
+		}
+		s.l.subsMu.Unlock()
 		s.l.nSubs.Add(-1)
 	})
 }
@@ -376,16 +391,39 @@ func (l *Log) publish(e Event) {
 	if !l.tapping() {
 		return
 	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for s := range l.subs {
-		if !s.f.match(&e.Conn) {
+	// The filters that match e (Filter.match): everything, and per end
+	// that is a known pod its namespace, the pod, and the pod's name in
+	// any namespace. A subscriber sits under exactly one filter, so
+	// distinct filters reach each subscriber at most once.
+	var keys [7]Filter
+	n := 0
+	add := func(f Filter) {
+		for _, k := range keys[:n] {
+			if k == f {
+				return
+			}
+		}
+		keys[n] = f
+		n++
+	}
+	add(Filter{})
+	for _, p := range [2]PodRef{e.Conn.SrcPod, e.Conn.DstPod} {
+		if p.Name == "" {
 			continue
 		}
-		select {
-		case s.c <- e:
-		default:
-			s.dropped.Add(1)
+		add(Filter{Namespace: p.Namespace})
+		add(Filter{Namespace: p.Namespace, Name: p.Name})
+		add(Filter{Name: p.Name})
+	}
+	l.subsMu.RLock()
+	defer l.subsMu.RUnlock()
+	for _, k := range keys[:n] {
+		for s := range l.subs[k] {
+			select {
+			case s.c <- e:
+			default:
+				s.dropped.Add(1)
+			}
 		}
 	}
 }

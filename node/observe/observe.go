@@ -33,6 +33,7 @@ import (
 	"time"
 
 	"github.com/gopacket/gopacket/layers"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
@@ -83,12 +84,16 @@ type Config struct {
 	// /v1/pods reports no certificates.
 	Certificate func(spiffe.ID) (*tls.Certificate, error)
 	// TapBuffer is how many events a slow tap reader may lag (default
-	// 1024) before events are dropped (and the stream says how many).
+	// DefaultTapBuffer) before events are dropped (and the stream says how many).
 	TapBuffer int
 	// TapWriteTimeout bounds each write of a tap stream (default
 	// TapWriteTimeout): a reader that stops reading ends its tap.
 	TapWriteTimeout time.Duration
-	Logger          *slog.Logger
+	// Limits cap the concurrent streams (zero fields: DefaultLimits).
+	Limits Limits
+	// Registerer, if set, gets the streams' series.
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
 }
 
 // TapWriteTimeout is how long one write of a tap stream may block.
@@ -106,9 +111,13 @@ func Handler(cfg Config) (http.Handler, error) {
 		cfg.TapWriteTimeout = TapWriteTimeout
 	}
 	if cfg.TapBuffer == 0 {
-		cfg.TapBuffer = 1024
+		cfg.TapBuffer = DefaultTapBuffer
 	}
-	s := &server{cfg: cfg}
+	lim, err := newLimiter(cfg.Limits, cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	s := &server{cfg: cfg, lim: lim}
 	if s.cfg.Sources == nil {
 		s.cfg.Sources = s.packetSockets
 	}
@@ -120,7 +129,25 @@ func Handler(cfg Config) (http.Handler, error) {
 	return mux, nil
 }
 
-type server struct{ cfg Config }
+type server struct {
+	cfg Config
+	lim *limiter
+}
+
+// DefaultTapBuffer is how many events a tap reader may lag: small, since
+// every open tap holds it (an Event is about 460 bytes).
+const DefaultTapBuffer = 128
+
+// stream takes a stream slot for u, or answers 503 and returns nil.
+func (s *server) stream(w http.ResponseWriter, r *http.Request, u access.User, kind string, a access.Attributes) func() {
+	release, err := s.lim.acquire(u.Name, kind)
+	if err != nil {
+		s.cfg.Logger.Warn("observability call refused", "user", u.Name, "what", a.String(), "remote", r.RemoteAddr, "err", err)
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return nil
+	}
+	return release
+}
 
 // allow authenticates r and authorizes a; on refusal it answers and
 // returns false.
@@ -158,7 +185,8 @@ func (s *server) capture(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	u, ok := s.allow(w, r, access.Attributes{Subresource: access.Capture, Namespace: ns, Name: name})
+	attrs := access.Attributes{Subresource: access.Capture, Namespace: ns, Name: name}
+	u, ok := s.allow(w, r, attrs)
 	if !ok {
 		return
 	}
@@ -167,6 +195,11 @@ func (s *server) capture(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, fmt.Sprintf("pod %s/%s is not meshed on this node", ns, name), http.StatusNotFound)
 		return
 	}
+	release := s.stream(w, r, u, "capture", attrs)
+	if release == nil {
+		return
+	}
+	defer release()
 	peers := &peerSet{log: s.cfg.Log, pod: p}
 	peers.update()
 	ctx, cancel := context.WithCancel(r.Context())
@@ -313,10 +346,16 @@ func (s *server) tap(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "pod needs a namespace", http.StatusBadRequest)
 		return
 	}
-	u, ok := s.allow(w, r, access.Attributes{Subresource: access.Tap, Namespace: ns, Name: name})
+	attrs := access.Attributes{Subresource: access.Tap, Namespace: ns, Name: name}
+	u, ok := s.allow(w, r, attrs)
 	if !ok {
 		return
 	}
+	release := s.stream(w, r, u, "tap", attrs)
+	if release == nil {
+		return
+	}
+	defer release()
 	sub := s.cfg.Log.Subscribe(flowlog.Filter{Namespace: ns, Name: name}, s.cfg.TapBuffer)
 	defer sub.Close()
 	log := s.cfg.Logger.With("user", u.Name, "auth", u.Method, "pod", name, "pod_namespace", ns, "remote", r.RemoteAddr)
