@@ -65,6 +65,11 @@ type Policies struct {
 	report  InvalidReporter
 	log     *slog.Logger
 	synced  atomic.Bool
+	// regs are the event handler registrations: an informer's HasSynced
+	// says its store has listed, a registration's that the handler (the
+	// rebuild of the compiled maps) has seen every listed object. Synced
+	// before the maps caught up would admit flows with no isolation.
+	regs []cache.ResourceEventHandlerRegistration
 
 	mu       sync.RWMutex                      // guards the maps below
 	netpols  map[string][]*netpol.Policy       // by namespace, sorted by name
@@ -107,11 +112,13 @@ func NewPolicies(client kubernetes.Interface, dyn dynamic.Interface, report Inva
 				rebuild(nsName)
 			}
 		}
-		if _, err := h.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		reg, err := h.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc: on, UpdateFunc: func(_, n any) { on(n) }, DeleteFunc: on,
-		}); err != nil {
+		})
+		if err != nil {
 			return nil, fmt.Errorf("policy view: watch: %w", err)
 		}
+		p.regs = append(p.regs, reg)
 	}
 	return p, nil
 }
@@ -137,7 +144,7 @@ func (p *Policies) Run(ctx context.Context) error {
 	defer tick.Stop()
 	start := time.Now()
 	lastWarn := start
-	for !p.npInf.HasSynced() || !p.azInf.HasSynced() {
+	for !p.handlersSynced() {
 		select {
 		case <-ctx.Done():
 			p.factory.Shutdown()
@@ -159,7 +166,19 @@ func (p *Policies) Run(ctx context.Context) error {
 	return nil
 }
 
-// Synced reports whether both informers have synced.
+// handlersSynced reports whether both informers have listed and their
+// handlers have compiled every listed object.
+func (p *Policies) handlersSynced() bool {
+	for _, r := range p.regs {
+		if !r.HasSynced() {
+			return false
+		}
+	}
+	return p.npInf.HasSynced() && p.azInf.HasSynced()
+}
+
+// Synced reports whether both informers have synced and their handlers
+// have compiled what they listed.
 func (p *Policies) Synced() bool { return p.synced.Load() }
 
 // Policies implements netpol.PolicySource.

@@ -107,3 +107,45 @@ func TestPolicies(t *testing.T) {
 		return len(p.Policies("prod")) == 0 && len(p.Policies("dev")) == 1 && len(p.Authorizations("prod")) == 1 && counts.get("authorization") == 0
 	})
 }
+
+// TestPoliciesSyncedMeansCompiled: Synced waits for the event handlers to
+// have compiled what the informers listed, not just for the informers'
+// stores (finding 4: synced before the compiled maps caught up admitted
+// flows without isolation right after a restart).
+func TestPoliciesSyncedMeansCompiled(t *testing.T) {
+	deny := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "prod", Name: "deny"},
+		Spec: networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}}}
+	client := fake.NewClientset(deny)
+	az := authzObj("prod", "good", map[string]any{"podSelector": map[string]any{}, "from": []any{map[string]any{"namespace": "web"}}})
+	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
+		map[schema.GroupVersionResource]string{authz.GroupVersionResource: "AuthorizationList"}, az)
+	p, err := NewPolicies(client, dyn, &invalidCounts{n: map[string]int{}}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The handlers' rebuilds block on the maps' lock: the informers list,
+	// the compiled maps cannot catch up.
+	p.mu.Lock()
+	locked := true
+	unlock := func() {
+		if locked {
+			locked = false
+			p.mu.Unlock()
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	t.Cleanup(unlock) // first: the informers' shutdown waits for the handlers
+	waitUntil(t, "the informers' stores", func() bool { return p.npInf.HasSynced() && p.azInf.HasSynced() })
+	time.Sleep(300 * time.Millisecond) // Run polls every 100ms
+	if p.Synced() {
+		t.Fatal("synced while the handlers have not compiled the listed policies")
+	}
+	unlock()
+	waitUntil(t, "sync", p.Synced)
+	if n, a := len(p.Policies("prod")), len(p.Authorizations("prod")); n != 1 || a != 1 {
+		t.Fatalf("synced with %d network policies and %d authorizations compiled, want 1 and 1", n, a)
+	}
+}
