@@ -15,6 +15,10 @@ const (
 	AnnotationPublicKey = "wireguard.tunmesh.io/public-key" // base64 Curve25519 public key
 	AnnotationEndpoint  = "wireguard.tunmesh.io/endpoint"   // node-ip:udp-port
 	AnnotationOverlay   = "wireguard.tunmesh.io/overlay-ip" // the node's overlay address
+	// AnnotationEncryptAll is "true" on nodes whose agent runs
+	// encrypt-all: only their pod CIDRs are routed into WireGuard (a node
+	// without it has no host TUN to deliver decrypted pod packets).
+	AnnotationEncryptAll = "wireguard.tunmesh.io/encrypt-all"
 )
 
 // OverlayPrefix holds the overlay addresses: a node's is the prefix with
@@ -49,23 +53,36 @@ func NodeOfOverlay(overlay netip.Addr) (netip.Addr, bool) {
 
 // Published is what a node publishes.
 type Published struct {
-	PublicKey Key
-	Endpoint  netip.AddrPort
-	Overlay   netip.Addr
+	PublicKey  Key
+	Endpoint   netip.AddrPort
+	Overlay    netip.Addr
+	EncryptAll bool // the node carries its pods' traffic through WireGuard
 }
 
 // Annotations are the Node annotations of p.
 func (p Published) Annotations() map[string]string {
-	return map[string]string{
+	a := map[string]string{
 		AnnotationPublicKey: p.PublicKey.String(),
 		AnnotationEndpoint:  p.Endpoint.String(),
 		AnnotationOverlay:   p.Overlay.String(),
 	}
+	if p.EncryptAll {
+		a[AnnotationEncryptAll] = "true"
+	}
+	return a
 }
 
-// MergePatch is a JSON merge patch that sets p's annotations on a Node.
+// MergePatch is a JSON merge patch that sets p's annotations on a Node
+// (and removes the encrypt-all one when p has not).
 func (p Published) MergePatch() ([]byte, error) {
-	return json.Marshal(map[string]any{"metadata": map[string]any{"annotations": p.Annotations()}})
+	ann := map[string]any{}
+	for k, v := range p.Annotations() {
+		ann[k] = v
+	}
+	if !p.EncryptAll {
+		ann[AnnotationEncryptAll] = nil
+	}
+	return json.Marshal(map[string]any{"metadata": map[string]any{"annotations": ann}})
 }
 
 // ErrNotPublished: the node has no WireGuard annotations (no agent with
@@ -104,6 +121,7 @@ func ParsePublished(ann map[string]string) (Published, error) {
 	if p.Overlay != want {
 		return p, fmt.Errorf("annotation %s %s: want %s for endpoint %s", AnnotationOverlay, p.Overlay, want, p.Endpoint)
 	}
+	p.EncryptAll = ann[AnnotationEncryptAll] == "true"
 	return p, nil
 }
 

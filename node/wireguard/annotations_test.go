@@ -30,7 +30,7 @@ func TestOverlayAddr(t *testing.T) {
 func testPublished(t testing.TB, node string) Published {
 	ip := netip.MustParseAddr(node)
 	o, _ := OverlayAddr(ip)
-	return Published{PublicKey: mustKey(t).PublicKey(), Endpoint: netip.AddrPortFrom(ip, 51820), Overlay: o}
+	return Published{PublicKey: mustKey(t).PublicKey(), Endpoint: netip.AddrPortFrom(ip, 51820), Overlay: o, EncryptAll: true}
 }
 
 func TestParsePublished(t *testing.T) {
@@ -116,4 +116,22 @@ func FuzzParsePublished(f *testing.F) {
 			t.Fatalf("round trip %+v -> %+v %v", got, again, err)
 		}
 	})
+}
+
+// TestMergePatchEncryptAll: the encrypt-all annotation is set, and
+// removed (null in the merge patch) when the node turns it off.
+func TestMergePatchEncryptAll(t *testing.T) {
+	p := testPublished(t, "10.0.0.2")
+	on, err := p.MergePatch()
+	if err != nil || !strings.Contains(string(on), `"`+AnnotationEncryptAll+`":"true"`) {
+		t.Fatalf("on: %s %v", on, err)
+	}
+	p.EncryptAll = false
+	off, err := p.MergePatch()
+	if err != nil || !strings.Contains(string(off), `"`+AnnotationEncryptAll+`":null`) {
+		t.Fatalf("off: %s %v", off, err)
+	}
+	if got, err := ParsePublished(p.Annotations()); err != nil || got.EncryptAll {
+		t.Fatalf("parsed %+v %v", got, err)
+	}
 }

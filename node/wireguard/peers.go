@@ -162,7 +162,7 @@ func (p *Peers) peerConf(peer Peer) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "public_key=%s\nreplace_allowed_ips=true\nendpoint=%s\npersistent_keepalive_interval=%d\nallowed_ip=%s\n",
 		peer.PublicKey.Hex(), peer.Endpoint, PersistentKeepalive, netip.PrefixFrom(peer.Overlay, 128))
-	if p.encryptAll {
+	if p.encryptAll && peer.EncryptAll {
 		for _, c := range peer.PodCIDRs {
 			fmt.Fprintf(&b, "allowed_ip=%s\n", c)
 		}
@@ -182,10 +182,17 @@ func (p *Peers) snapshotLocked() (local []netip.Prefix, routed, held []Peer) {
 		if name == p.self || !n.HasKey() {
 			continue
 		}
-		if c, ok := p.configured[name]; ok && n.Err == nil {
-			routed = append(routed, c)
-		} else {
+		c, ok := p.configured[name]
+		switch {
+		case !ok || n.Err != nil:
 			held = append(held, n)
+		case c.EncryptAll:
+			routed = append(routed, c)
+		default:
+			// A WireGuard node without encrypt-all (a rolling change of
+			// the setting): it could not deliver pod packets that came
+			// through WireGuard, so pod traffic to it takes the main
+			// table, as to a keyless node (docs/wireguard.md).
 		}
 	}
 	sort.Slice(routed, func(i, j int) bool { return routed[i].Node < routed[j].Node })

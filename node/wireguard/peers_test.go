@@ -163,3 +163,45 @@ func TestPeersDeviceErrorFailsClosed(t *testing.T) {
 		t.Fatal("a peer with a key fell back to the underlay")
 	}
 }
+
+// TestPeersEncryptAllNeedsBothEnds: a peer's pod CIDRs go into its
+// AllowedIPs and the encrypt-all routes only when it publishes encrypt-all
+// too (during a rolling change of the setting, a node without it could not
+// deliver pod packets that came through WireGuard); toggling reconfigures.
+func TestPeersEncryptAllNeedsBothEnds(t *testing.T) {
+	dev := &fakeDevice{}
+	var routed, held []Peer
+	p := NewPeers("a", true, dev, func(_ []netip.Prefix, r, h []Peer) { routed, held = r, h }, discard())
+	p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24"}, testPublished(t, "10.0.0.1").Annotations()))
+
+	pubB := testPublished(t, "10.0.0.2")
+	pubB.EncryptAll = false
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB.Annotations()))
+	if conf := dev.last(t); strings.Contains(conf, "allowed_ip=10.244.1.0/24") || !strings.Contains(conf, "allowed_ip="+pubB.Overlay.String()+"/128\n") {
+		t.Fatalf("peer without encrypt-all: %q", conf)
+	}
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteOverlay {
+		t.Fatalf("its mesh tunnels: %v", r)
+	}
+	if len(routed) != 0 || len(held) != 0 {
+		t.Fatalf("peer without encrypt-all routed %+v held %+v", routed, held)
+	}
+
+	pubB.EncryptAll = true
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB.Annotations()))
+	if conf := dev.last(t); !strings.Contains(conf, "allowed_ip=10.244.1.0/24\n") {
+		t.Fatalf("peer turned encrypt-all on: %q", conf)
+	}
+	if len(routed) != 1 || routed[0].Node != "b" || len(held) != 0 {
+		t.Fatalf("encrypt-all peer routed %+v held %+v", routed, held)
+	}
+
+	pubB.EncryptAll = false
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB.Annotations()))
+	if conf := dev.last(t); strings.Contains(conf, "allowed_ip=10.244.1.0/24") {
+		t.Fatalf("peer turned encrypt-all off: %q", conf)
+	}
+	if len(routed) != 0 {
+		t.Fatalf("peer turned encrypt-all off still routed: %+v", routed)
+	}
+}

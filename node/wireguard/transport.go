@@ -212,7 +212,7 @@ func (t *Transport) Ready() error {
 
 // Published is what this node publishes.
 func (t *Transport) Published() Published {
-	return Published{PublicKey: t.PublicKey(), Endpoint: netip.AddrPortFrom(t.cfg.NodeIP.Unmap(), uint16(t.cfg.Port)), Overlay: t.Overlay()}
+	return Published{PublicKey: t.PublicKey(), Endpoint: netip.AddrPortFrom(t.cfg.NodeIP.Unmap(), uint16(t.cfg.Port)), Overlay: t.Overlay(), EncryptAll: t.cfg.EncryptAll}
 }
 
 // ErrRefusedPeer is returned by DialTCP for a node that claims WireGuard
