@@ -59,32 +59,36 @@ type observability struct {
 
 // recentSYNs remembers the plaintext connections just recorded: one may be
 // seen several times (a SYN routed out a bridge and then out the pod's
-// veth; the pod's SYN-ACK through tm0).
+// veth; the pod's SYN-ACK through tm0). It runs on the TUN path, so every
+// call is O(1): two generations of at most synGeneration keys, the older
+// dropped whole when the newer is synMemory old or full.
 type recentSYNs struct {
-	mu sync.Mutex // guards m
-	m  map[[2]netip.AddrPort]time.Time
+	mu        sync.Mutex // guards the fields below
+	cur, prev map[[2]netip.AddrPort]time.Time
+	curSince  time.Time
 }
 
-const synMemory = 3 * time.Second
+const (
+	synMemory     = 3 * time.Second
+	synGeneration = 4096
+)
 
-// first reports whether k was not seen within synMemory.
+// first reports whether k was not seen within synMemory (a key may be
+// forgotten sooner when more than synGeneration arrive within it: then it
+// counts twice, which only the edges' counts show).
 func (r *recentSYNs) first(k [2]netip.AddrPort, now time.Time) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if t, ok := r.m[k]; ok && now.Sub(t) < synMemory {
+	if t, ok := r.cur[k]; ok && now.Sub(t) < synMemory {
 		return false
 	}
-	if r.m == nil {
-		r.m = map[[2]netip.AddrPort]time.Time{}
+	if t, ok := r.prev[k]; ok && now.Sub(t) < synMemory {
+		return false
 	}
-	if len(r.m) >= 4096 {
-		for k, t := range r.m {
-			if now.Sub(t) >= synMemory {
-				delete(r.m, k)
-			}
-		}
+	if r.cur == nil || now.Sub(r.curSince) >= synMemory || len(r.cur) >= synGeneration {
+		r.prev, r.cur, r.curSince = r.cur, make(map[[2]netip.AddrPort]time.Time, 64), now
 	}
-	r.m[k] = now
+	r.cur[k] = now
 	return true
 }
 

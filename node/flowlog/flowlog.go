@@ -13,6 +13,7 @@
 package flowlog
 
 import (
+	"container/list"
 	"fmt"
 	"net/netip"
 	"sync"
@@ -153,7 +154,10 @@ type Log struct {
 	// seen aggregates the connections the agent did not mesh (Seen) by
 	// endpoints and reason: kubelet probes every second would otherwise
 	// push everything else out of recent.
-	seen map[seenKey]*Conn
+	seen map[seenKey]*list.Element // of seenOrder
+	// seenOrder holds the seen records (*seenEntry) oldest update first,
+	// so that eviction takes the front: O(1) per new key.
+	seenOrder *list.List
 
 	// subs are the tap subscribers indexed by their exact Filter, so that
 	// publish looks up the few filters an event can match instead of
@@ -173,7 +177,7 @@ func New(names Names, m *Metrics, opts Options) *Log {
 	if names == nil {
 		names = func(netip.Addr) PodRef { return PodRef{} }
 	}
-	return &Log{names: names, metrics: m, opts: opts, now: time.Now, live: map[uint64]*Conn{}, seen: map[seenKey]*Conn{}, subs: map[Filter]map[*Sub]struct{}{}}
+	return &Log{names: names, metrics: m, opts: opts, now: time.Now, live: map[uint64]*Conn{}, seen: map[seenKey]*list.Element{}, seenOrder: list.New(), subs: map[Filter]map[*Sub]struct{}{}}
 }
 
 // Track is an open connection's handle.
@@ -248,35 +252,35 @@ type seenKey struct {
 	dst        netip.AddrPort
 }
 
+// seenEntry is a seen record and its key.
+type seenEntry struct {
+	key  seenKey
+	conn Conn
+}
+
 // seenLocked counts c under its key, dropping the entries older than
-// Keep (or, still full, the oldest) to stay within MaxRecent.
+// Keep (or, still full, the oldest) to stay within MaxRecent. The records
+// are kept in the order of their last update: the front is the oldest.
 func (l *Log) seenLocked(c Conn) {
 	k := seenKey{proxy: c.Proxy, tls: c.TLS, src: c.Src.Addr(), dst: c.Dst}
-	if e := l.seen[k]; e != nil {
-		count := max(1, e.Count) + 1
-		*e = c
-		e.Count = count
+	if el := l.seen[k]; el != nil {
+		e := el.Value.(*seenEntry)
+		count := max(1, e.conn.Count) + 1
+		e.conn = c
+		e.conn.Count = count
+		l.seenOrder.MoveToBack(el)
 		return
 	}
-	if len(l.seen) >= l.opts.MaxRecent {
-		cut := c.Opened.Add(-l.opts.Keep)
-		var oldest seenKey
-		var oldestAt time.Time
-		for k, e := range l.seen {
-			if e.Opened.Before(cut) {
-				delete(l.seen, k)
-				continue
-			}
-			if oldestAt.IsZero() || e.Opened.Before(oldestAt) {
-				oldest, oldestAt = k, e.Opened
-			}
+	cut := c.Opened.Add(-l.opts.Keep)
+	for front := l.seenOrder.Front(); front != nil; front = l.seenOrder.Front() {
+		e := front.Value.(*seenEntry)
+		if !e.conn.Opened.Before(cut) && l.seenOrder.Len() < l.opts.MaxRecent {
+			break
 		}
-		if len(l.seen) >= l.opts.MaxRecent {
-			delete(l.seen, oldest)
-		}
+		delete(l.seen, e.key)
+		l.seenOrder.Remove(front)
 	}
-	cp := c
-	l.seen[k] = &cp
+	l.seen[k] = l.seenOrder.PushBack(&seenEntry{key: k, conn: c})
 }
 
 func (l *Log) fillNames(c *Conn) {
@@ -306,10 +310,12 @@ func (l *Log) Conns() []Conn {
 	for _, c := range l.live {
 		out = append(out, *c)
 	}
-	for _, c := range l.seen {
-		if c.Opened.After(cut) {
-			out = append(out, *c)
+	for el := l.seenOrder.Back(); el != nil; el = el.Prev() {
+		c := &el.Value.(*seenEntry).conn
+		if !c.Opened.After(cut) {
+			break // the rest are older
 		}
+		out = append(out, *c)
 	}
 	for _, c := range l.recent {
 		last := c.Closed
