@@ -22,15 +22,13 @@ import (
 // an incoming one does (pod side: toward the pod).
 func PacketSocket(name, netnsPath, ifname string, filterPort uint16, outIsOutgoing bool) Source {
 	return Source{Name: name, LinkType: layers.LinkTypeEthernet, Start: func(emit func([]byte, bool)) (func(), error) {
-		fd, err := openPacketSocket(netnsPath, ifname)
+		var filter []bpf.Instruction
+		if filterPort != 0 {
+			filter = portFilter(filterPort)
+		}
+		fd, err := openPacketSocket(netnsPath, ifname, filter)
 		if err != nil {
 			return nil, err
-		}
-		if filterPort != 0 {
-			if err := attachPortFilter(fd, filterPort); err != nil {
-				unix.Close(fd)
-				return nil, err
-			}
 		}
 		tv := unix.NsecToTimeval(int64(200 * time.Millisecond))
 		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
@@ -97,9 +95,9 @@ func (r *sockReader) routineRead(emit func([]byte, bool), outIsOutgoing bool) {
 
 // openPacketSocket opens the socket inside netnsPath on a locked thread
 // (a socket stays in the namespace it was created in).
-func openPacketSocket(netnsPath, ifname string) (int, error) {
+func openPacketSocket(netnsPath, ifname string, filter []bpf.Instruction) (int, error) {
 	if netnsPath == "" {
-		return packetSocketHere(ifname)
+		return packetSocketHere(ifname, filter)
 	}
 	type result struct {
 		fd  int
@@ -127,7 +125,7 @@ func openPacketSocket(netnsPath, ifname string) (int, error) {
 			runtime.UnlockOSThread()
 			return
 		}
-		fd, err := packetSocketHere(ifname)
+		fd, err := packetSocketHere(ifname, filter)
 		ch <- result{fd, err}
 		if netns.Set(orig) == nil {
 			runtime.UnlockOSThread()
@@ -139,37 +137,53 @@ func openPacketSocket(netnsPath, ifname string) (int, error) {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-func packetSocketHere(ifname string) (int, error) {
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
+// packetSocketHere opens an AF_PACKET socket in the current namespace
+// that receives nothing until its filter is in place: it is made with
+// protocol 0 (no packets queued), the filter attached, and only then bound
+// to ETH_P_ALL (and ifname, "" for every interface). Opened with
+// ETH_P_ALL it would queue every packet of the namespace, unfiltered,
+// from socket() until the filter is attached.
+func packetSocketHere(ifname string, filter []bpf.Instruction) (int, error) {
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("packet socket: %w", err)
 	}
+	if len(filter) > 0 {
+		if err := attachFilter(fd, filter); err != nil {
+			unix.Close(fd)
+			return -1, err
+		}
+	}
+	ifindex := 0
 	if ifname != "" {
 		ifi, err := net.InterfaceByName(ifname)
 		if err != nil {
 			unix.Close(fd)
 			return -1, fmt.Errorf("interface %q: %w", ifname, err)
 		}
-		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifi.Index}); err != nil {
-			unix.Close(fd)
-			return -1, fmt.Errorf("bind packet socket to %q: %w", ifname, err)
-		}
+		ifindex = ifi.Index
+	}
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifindex}); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("bind packet socket to %q: %w", ifname, err)
 	}
 	return fd, nil
 }
 
-// attachPortFilter keeps TCP segments with port on either end, IPv4 and
-// IPv6 over Ethernet (and loopback), in the kernel.
-func attachPortFilter(fd int, port uint16) error {
-	prog, err := bpf.Assemble(portFilter(port))
+// attachFilter sets a classic BPF program on fd.
+func attachFilter(fd int, filter []bpf.Instruction) error {
+	prog, err := bpf.Assemble(filter)
 	if err != nil {
-		return fmt.Errorf("assemble port filter: %w", err)
+		return fmt.Errorf("assemble packet filter: %w", err)
 	}
 	f := make([]unix.SockFilter, len(prog))
 	for i, ins := range prog {
 		f[i] = unix.SockFilter{Code: ins.Op, Jt: ins.Jt, Jf: ins.Jf, K: ins.K}
 	}
-	return unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: uint16(len(f)), Filter: &f[0]})
+	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: uint16(len(f)), Filter: &f[0]}); err != nil {
+		return fmt.Errorf("attach packet filter: %w", err)
+	}
+	return nil
 }
 
 // portFilter is the classic BPF program of attachPortFilter.

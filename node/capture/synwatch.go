@@ -23,22 +23,9 @@ import (
 // more than once (routed out a bridge, then out the pod's veth): callers
 // dedupe.
 func WatchSYNs(report func(src, dst netip.AddrPort)) (stop func(), err error) {
-	fd, err := packetSocketHere("")
+	fd, err := packetSocketHere("", synFilter())
 	if err != nil {
 		return nil, err
-	}
-	prog, err := bpf.Assemble(synFilter())
-	if err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("assemble syn filter: %w", err)
-	}
-	f := make([]unix.SockFilter, len(prog))
-	for i, ins := range prog {
-		f[i] = unix.SockFilter{Code: ins.Op, Jt: ins.Jt, Jf: ins.Jf, K: ins.K}
-	}
-	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: uint16(len(f)), Filter: &f[0]}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("attach syn filter: %w", err)
 	}
 	tv := unix.NsecToTimeval(int64(250 * time.Millisecond))
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
