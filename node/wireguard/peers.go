@@ -57,6 +57,8 @@ type Peers struct {
 	configured map[string]Peer
 	byIP       map[netip.Addr]string
 	byOverlay  map[netip.Addr]string
+	// dirty are the nodes whose last configuration the device refused.
+	dirty map[string]bool
 	// lastLocal, lastRouted and lastHeld are what onChange was last given.
 	lastLocal            []netip.Prefix
 	lastRouted, lastHeld []Peer
@@ -72,7 +74,7 @@ func NewPeers(self string, encryptAll bool, dev Configurer, onChange func(local 
 	return &Peers{
 		self: self, encryptAll: encryptAll, dev: dev, log: log, onChange: onChange,
 		nodes: map[string]Peer{}, configured: map[string]Peer{},
-		byIP: map[netip.Addr]string{}, byOverlay: map[netip.Addr]string{},
+		byIP: map[netip.Addr]string{}, byOverlay: map[netip.Addr]string{}, dirty: map[string]bool{},
 	}
 }
 
@@ -93,35 +95,17 @@ func (p *Peers) apply(name string, peer *Peer) {
 	p.mu.Lock()
 	old, had := p.nodes[name]
 	if had {
-		delete(p.byIP, old.NodeIP)
-		delete(p.byOverlay, old.Overlay)
 		delete(p.nodes, name)
+		p.unclaimLocked(name, old)
 	}
 	if peer != nil {
 		p.nodes[name] = *peer
-		p.byIP[peer.NodeIP] = name
-		if peer.Overlay.IsValid() {
-			p.byOverlay[peer.Overlay] = name
-		}
+		p.claimLocked(name, *peer)
 		if peer.Err != nil && (!had || old.Err == nil || old.Err.Error() != peer.Err.Error()) {
 			p.log.Warn("wireguard peer refused: its annotations are not usable; not reached until fixed", "node", name, "err", peer.Err)
 		}
 	}
-	var uapi strings.Builder
-	prev, wasConfigured := p.configured[name]
-	want := peer != nil && name != p.self && peer.Err == nil && !peer.PublicKey.IsZero()
-	switch {
-	case want && wasConfigured && p.samePeer(prev, *peer):
-	case want:
-		if wasConfigured && prev.PublicKey != peer.PublicKey {
-			fmt.Fprintf(&uapi, "public_key=%s\nremove=true\n", prev.PublicKey.Hex())
-		}
-		uapi.WriteString(p.peerConf(*peer))
-		p.configured[name] = *peer
-	case wasConfigured:
-		fmt.Fprintf(&uapi, "public_key=%s\nremove=true\n", prev.PublicKey.Hex())
-		delete(p.configured, name)
-	}
+	p.configureLocked(name, peer)
 	var local []netip.Prefix
 	var routed, held []Peer
 	changed := false
@@ -132,21 +116,121 @@ func (p *Peers) apply(name string, peer *Peer) {
 			p.notified, p.lastLocal, p.lastRouted, p.lastHeld = true, local, routed, held
 		}
 	}
-	if uapi.Len() > 0 {
-		if err := p.dev.IpcSet(uapi.String()); err != nil {
-			// The peer stays in configured: the next change of the node
-			// retries it; meanwhile it is not reached in clear (Route).
-			p.log.Error("configure wireguard peer", "node", name, "err", err)
-		} else if want {
-			p.log.Info("wireguard peer configured", "node", name, "endpoint", peer.Endpoint.String(), "public_key", peer.PublicKey.String())
-		} else {
-			p.log.Info("wireguard peer removed", "node", name)
-		}
-	}
 	p.mu.Unlock()
 	if changed {
 		p.onChange(local, routed, held)
 	}
+}
+
+// configureLocked makes the device's configuration of node name what
+// peer (nil: gone) wants. configured changes only when the device took
+// the change; a failure marks the node dirty for Retry (until then the
+// node is refused by Route, never reached in clear).
+func (p *Peers) configureLocked(name string, peer *Peer) {
+	var uapi strings.Builder
+	prev, wasConfigured := p.configured[name]
+	want := peer != nil && name != p.self && peer.Err == nil && !peer.PublicKey.IsZero()
+	switch {
+	case want && wasConfigured && p.samePeer(prev, *peer):
+	case want:
+		if wasConfigured && prev.PublicKey != peer.PublicKey {
+			fmt.Fprintf(&uapi, "public_key=%s\nremove=true\n", prev.PublicKey.Hex())
+		}
+		uapi.WriteString(p.peerConf(*peer))
+	case wasConfigured:
+		fmt.Fprintf(&uapi, "public_key=%s\nremove=true\n", prev.PublicKey.Hex())
+	}
+	if uapi.Len() == 0 {
+		delete(p.dirty, name)
+		return
+	}
+	if err := p.dev.IpcSet(uapi.String()); err != nil {
+		p.dirty[name] = true
+		p.log.Error("configure wireguard peer; retrying", "node", name, "err", err)
+		return
+	}
+	delete(p.dirty, name)
+	if want {
+		p.configured[name] = *peer
+		p.log.Info("wireguard peer configured", "node", name, "endpoint", peer.Endpoint.String(), "public_key", peer.PublicKey.String())
+	} else {
+		delete(p.configured, name)
+		p.log.Info("wireguard peer removed", "node", name)
+	}
+}
+
+// Retry applies again the nodes whose configuration the device refused
+// (Transport.Run calls it with backoff). It reports how many are still
+// dirty.
+func (p *Peers) Retry() int {
+	p.mu.Lock()
+	names := make([]string, 0, len(p.dirty))
+	for name := range p.dirty {
+		names = append(names, name)
+	}
+	p.mu.Unlock()
+	for _, name := range names {
+		p.mu.RLock()
+		n, ok := p.nodes[name]
+		p.mu.RUnlock()
+		if ok {
+			p.apply(name, &n)
+		} else {
+			p.apply(name, nil)
+		}
+	}
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return len(p.dirty)
+}
+
+// claimLocked records that node name has peer's addresses. Two nodes
+// claiming one InternalIP (a reused address whose old Node is not gone
+// yet, or a node lying in its status) make that address refused until
+// one lets go.
+func (p *Peers) claimLocked(name string, peer Peer) {
+	if other, ok := p.byIP[peer.NodeIP]; ok && other != name {
+		p.log.Warn("two nodes claim one InternalIP: refusing WireGuard to it until one lets go", "ip", peer.NodeIP.String(), "node", name, "other", other)
+	}
+	p.byIP[peer.NodeIP] = name
+	if peer.Overlay.IsValid() {
+		p.byOverlay[peer.Overlay] = name
+	}
+}
+
+// unclaimLocked drops node name's (already removed from nodes) claims on
+// old's addresses: only the entries that are still its own, handing them
+// to another node that claims the same address, if any.
+func (p *Peers) unclaimLocked(name string, old Peer) {
+	if p.byIP[old.NodeIP] == name {
+		delete(p.byIP, old.NodeIP)
+		for other, n := range p.nodes {
+			if n.NodeIP == old.NodeIP {
+				p.byIP[old.NodeIP] = other
+				break
+			}
+		}
+	}
+	if old.Overlay.IsValid() && p.byOverlay[old.Overlay] == name {
+		delete(p.byOverlay, old.Overlay)
+		for other, n := range p.nodes {
+			if n.Overlay == old.Overlay {
+				p.byOverlay[old.Overlay] = other
+				break
+			}
+		}
+	}
+}
+
+// contestedLocked reports whether more than one node claims ip.
+func (p *Peers) contestedLocked(ip netip.Addr) bool {
+	owner := p.byIP[ip]
+	for name, n := range p.nodes {
+		if name != owner && n.NodeIP == ip {
+			return true
+		}
+	}
+	return false
 }
 
 func samePeers(a, b []Peer) bool {
@@ -211,10 +295,15 @@ func (p *Peers) Route(nodeIP netip.Addr) (Route, netip.Addr) {
 		return RouteUnderlay, netip.Addr{}
 	}
 	n := p.nodes[name]
+	if p.contestedLocked(nodeIP.Unmap()) {
+		return RouteRefused, netip.Addr{}
+	}
 	if !n.HasKey() {
 		return RouteUnderlay, netip.Addr{}
 	}
-	if c, ok := p.configured[name]; ok && n.Err == nil {
+	// Overlay only when the device has what the node publishes now (not
+	// an older key or address whose update failed).
+	if c, ok := p.configured[name]; ok && n.Err == nil && !p.dirty[name] && c.Published == n.Published {
 		return RouteOverlay, c.Overlay
 	}
 	return RouteRefused, netip.Addr{}

@@ -205,3 +205,97 @@ func TestPeersEncryptAllNeedsBothEnds(t *testing.T) {
 		t.Fatalf("peer turned encrypt-all off still routed: %+v", routed)
 	}
 }
+
+// TestPeersRetryFailedConfiguration: a configuration the device refused
+// changes nothing in the table (the peer is refused, not configured) and
+// is applied by Retry once the device takes it; a failed removal keeps
+// the peer configured (the device still has its key) until it succeeds.
+func TestPeersRetryFailedConfiguration(t *testing.T) {
+	dev := &fakeDevice{fail: errors.New("boom")}
+	var routed, held []Peer
+	p := NewPeers("a", true, dev, func(_ []netip.Prefix, r, h []Peer) { routed, held = r, h }, discard())
+	p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24"}, testPublished(t, "10.0.0.1").Annotations()))
+	pubB := testPublished(t, "10.0.0.2")
+	nodeB := testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB.Annotations())
+	p.Update(nodeB)
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteRefused {
+		t.Fatalf("unconfigured peer: route %v", r)
+	}
+	if c, _, _ := p.Counts(); c != 0 || len(routed) != 0 || len(held) != 1 {
+		t.Fatalf("failed configuration: configured %d routed %+v held %+v", c, routed, held)
+	}
+	// Still failing: the same node again retries (no samePeer shortcut).
+	dev.sets = nil
+	p.Update(nodeB)
+	if len(dev.sets) != 1 {
+		t.Fatalf("unchanged node after a failure: %d configurations, want a retry", len(dev.sets))
+	}
+	if n := p.Retry(); n != 1 {
+		t.Fatalf("Retry while the device fails: %d dirty, want 1", n)
+	}
+	dev.fail = nil
+	if n := p.Retry(); n != 0 {
+		t.Fatalf("Retry: %d still dirty", n)
+	}
+	if r, o := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteOverlay || o != pubB.Overlay {
+		t.Fatalf("after retry: %v %s", r, o)
+	}
+	if len(routed) != 1 || len(held) != 0 {
+		t.Fatalf("after retry routed %+v held %+v", routed, held)
+	}
+
+	// A key change the device refuses: refused, not overlay to the old key.
+	dev.fail = errors.New("boom")
+	pubB2 := testPublished(t, "10.0.0.2")
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB2.Annotations()))
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteRefused {
+		t.Fatalf("failed key change: route %v", r)
+	}
+	// A removal the device refuses keeps the peer configured and dirty.
+	p.Delete("b")
+	if c, _, _ := p.Counts(); c != 0 { // b is no node any more
+		t.Fatalf("counts %d", c)
+	}
+	dev.fail, dev.sets = nil, nil
+	if n := p.Retry(); n != 0 {
+		t.Fatalf("Retry of the removal: %d dirty", n)
+	}
+	if conf := dev.last(t); conf != "public_key="+pubB.PublicKey.Hex()+"\nremove=true\n" {
+		t.Fatalf("retried removal: %q", conf)
+	}
+	dev.sets = nil
+	if n := p.Retry(); n != 0 || len(dev.sets) != 0 {
+		t.Fatalf("nothing left to retry: %d dirty, sets %q", n, dev.sets)
+	}
+}
+
+// TestPeersReusedNodeIP: a node whose InternalIP another (older) node
+// still claims makes that address refused; the old node's deletion
+// leaves the new node's entries alone.
+func TestPeersReusedNodeIP(t *testing.T) {
+	dev := &fakeDevice{}
+	p := NewPeers("a", false, dev, nil, discard())
+	pubX := testPublished(t, "10.0.0.2")
+	p.Update(testNode("x", "10.0.0.2", nil, pubX.Annotations()))
+	pubY := testPublished(t, "10.0.0.2")
+	p.Update(testNode("y", "10.0.0.2", nil, pubY.Annotations()))
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteRefused {
+		t.Fatalf("two nodes claim 10.0.0.2: route %v", r)
+	}
+	p.Delete("x")
+	if r, o := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteOverlay || o != pubY.Overlay {
+		t.Fatalf("after x left: %v %s", r, o)
+	}
+	if n, ok := p.NodeOfOverlay(pubY.Overlay); !ok || n != netip.MustParseAddr("10.0.0.2") {
+		t.Fatalf("y's overlay address: %s %v", n, ok)
+	}
+	// The other order: y's deletion hands the address back to x.
+	p.Update(testNode("x", "10.0.0.2", nil, pubX.Annotations()))
+	p.Delete("y")
+	if r, o := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteOverlay || o != pubX.Overlay {
+		t.Fatalf("after y left: %v %s", r, o)
+	}
+	if name := p.byIP[netip.MustParseAddr("10.0.0.2")]; name != "x" {
+		t.Fatalf("10.0.0.2 belongs to %q, want x", name)
+	}
+}

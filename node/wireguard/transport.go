@@ -321,12 +321,25 @@ func (t *Transport) Run(ctx context.Context) error {
 			t.readHost(ctx)
 		}()
 	}
+	// Peers whose configuration the device refused are retried with
+	// backoff (peers.go: they are refused, not reached in clear, until).
+	const minRetry, maxRetry = 500 * time.Millisecond, 30 * time.Second
+	retryIn := minRetry
+	retry := time.NewTimer(retryIn)
+	defer retry.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-t.republish:
 			t.publish(ctx)
+		case <-retry.C:
+			if t.peers.Retry() > 0 {
+				retryIn = min(2*retryIn, maxRetry)
+			} else {
+				retryIn = minRetry
+			}
+			retry.Reset(retryIn)
 		}
 	}
 }
