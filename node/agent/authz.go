@@ -108,6 +108,33 @@ func (e *enforcer) Denied(f netstack.Flow, src *pods.Pod, dst netip.AddrPort, ds
 	e.report.Denied(authz.AtSource, f.Src, dst, d, "src_pod", src.FullName(), "client_id", src.ID.String())
 }
 
+// Egress implements outbound.Access: src's egress NetworkPolicy for a
+// plaintext (passed through) TCP flow to dst.
+func (e *enforcer) Egress(f netstack.Flow, src *pods.Pod, dst netip.AddrPort) (bool, error) {
+	return e.egress(f.Src, src, dst, "")
+}
+
+// egress judges src's egress NetworkPolicy for a plaintext flow from
+// from to dst over proto ("" is TCP), and reports a denial.
+func (e *enforcer) egress(from netip.AddrPort, src *pods.Pod, dst netip.AddrPort, proto corev1.Protocol) (bool, error) {
+	if !e.policies.Synced() {
+		return false, clusterview.ErrNotSynced
+	}
+	sp, err := e.pod(src)
+	if err != nil {
+		return false, err
+	}
+	dp, err := e.view.PodByAddr(dst.Addr())
+	if err != nil {
+		return false, fmt.Errorf("egress peer lookup: %w", err)
+	}
+	d := e.engine.Egress(sp, dst, dp, proto)
+	if !d.Allowed {
+		e.report.Denied(authz.AtSource, from, dst, d, "src_pod", src.FullName(), "client_id", src.ID.String())
+	}
+	return d.Allowed, nil
+}
+
 // Plaintext implements outbound.Access: src is the local meshed pod
 // answering the plaintext client at f.Dst. The node's own address
 // (kubelet probes, if the pod's gateway bypass does not already keep them

@@ -172,6 +172,29 @@ func (e *Engine) Outbound(src *corev1.Pod, srcID spiffe.ID, dst netip.AddrPort, 
 	return d
 }
 
+// Egress is the source agent's NetworkPolicy egress check of a flow the
+// mesh passes through in plaintext from the local pod src (verified: the
+// NIC it came from) to dst, held by dstPod (nil: not a pod). Passed
+// through flows leave the pod's TUN into the host through the agent's
+// host TUN, not through the pod's veth, so a CNI that enforces egress on
+// the veth never sees them: the agent applies it instead. Only egress:
+// the destination's ingress is its own CNI's (or agent's) business.
+// proto is "" for TCP.
+func (e *Engine) Egress(src *corev1.Pod, dst netip.AddrPort, dstPod *corev1.Pod, proto corev1.Protocol) Decision {
+	v := e.netpol.Egress(netpol.Conn{
+		Src:      netpol.Endpoint{IP: podIP(src), Pod: NetpolPod(src)},
+		Dst:      netpol.Endpoint{IP: dst.Addr(), Pod: NetpolPod(dstPod)},
+		Port:     int32(dst.Port()),
+		Protocol: proto,
+	})
+	step := "networkpolicy " + v.String() + " (plaintext, not meshed)"
+	if !v.Allowed {
+		return Decision{Direction: "egress", Kind: KindNetworkPolicy, Policy: first(v.Isolating), Reason: ReasonNetpolDefaultDeny,
+			Detail: step, Steps: []string{step}}
+	}
+	return Decision{Allowed: true, Direction: "egress", Kind: KindNetworkPolicy, Policy: v.Policy, Reason: ReasonAllowed, Detail: step, Steps: []string{step}}
+}
+
 // Plaintext is the check of a plaintext connection from peer to port of
 // the local meshed pod dst, seen on the pod's reply: the peer is whatever
 // pod holds the address (unverified, as in any CNI's enforcement), or none.

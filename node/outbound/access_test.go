@@ -15,6 +15,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/netpol"
 	"github.com/tunmesh/tunmesh/node/pods"
 	"github.com/tunmesh/tunmesh/node/policy"
+	"github.com/tunmesh/tunmesh/node/resolve"
 )
 
 // engineAccess is the agent's Access reduced to its core: the real
@@ -49,6 +50,17 @@ func (a *engineAccess) Plaintext(f netstack.Flow, src *pods.Pod, skipped bool) (
 	d := a.e.Plaintext(dst, f.Src.Port(), f.Dst.Addr())
 	if !d.Allowed {
 		a.denied = append(a.denied, f.Dst.String())
+	}
+	return d.Allowed, nil
+}
+
+func (a *engineAccess) Egress(f netstack.Flow, src *pods.Pod, dst netip.AddrPort) (bool, error) {
+	if a.err != nil {
+		return false, a.err
+	}
+	d := a.e.Egress(a.c.pods[src.Addrs[0]], dst, a.c.pods[dst.Addr()], "")
+	if !d.Allowed {
+		a.denied = append(a.denied, dst.String())
 	}
 	return d.Allowed, nil
 }
@@ -224,5 +236,86 @@ func TestHandleFlowDenied(t *testing.T) {
 	}
 	if len(a.denied) != 1 {
 		t.Errorf("denials reported %v, want one", a.denied)
+	}
+}
+
+// denyAllEgress isolates every pod of ns for egress, but for DNS.
+func denyAllEgress(ns string) *networkingv1.NetworkPolicy {
+	udp, dns := corev1.ProtocolUDP, intstr.FromInt32(53)
+	return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "egress-dns-only"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+			Egress:      []networkingv1.NetworkPolicyEgressRule{{Ports: []networkingv1.NetworkPolicyPort{{Protocol: &udp, Port: &dns}}}},
+		}}
+}
+
+// allowEgressToLegacy lets every pod of ns reach pods labelled app=legacy
+// on port 8080.
+func allowEgressToLegacy(ns string) *networkingv1.NetworkPolicy {
+	p := intstr.FromInt32(8080)
+	return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "to-legacy"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+			Egress: []networkingv1.NetworkPolicyEgressRule{{
+				To:    []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "legacy"}}}},
+				Ports: []networkingv1.NetworkPolicyPort{{Protocol: &tcpProto, Port: &p}},
+			}},
+		}}
+}
+
+// TestDecideEgressPassthrough (review finding 2): a flow the mesh passes
+// through in plaintext leaves through the agent's host TUN, where the
+// CNI's egress enforcement on the pod's veth never sees it, so Decide
+// applies the source's egress NetworkPolicy to it: a denied one is
+// dropped and reported once, like a denied meshed flow.
+func TestDecideEgressPassthrough(t *testing.T) {
+	svcLegacy := netip.MustParseAddrPort("10.96.0.20:80")
+	deny := []*networkingv1.NetworkPolicy{denyAllEgress("prod")}
+	allowLegacy := []*networkingv1.NetworkPolicy{denyAllEgress("prod"), allowEgressToLegacy("prod")}
+	for _, tc := range []struct {
+		name     string
+		policies []*networkingv1.NetworkPolicy
+		flow     netstack.Flow
+		err      error
+		verdict  Verdict
+		reason   string
+		denied   int
+	}{
+		{name: "no egress policy: passes", flow: fl(1, netip.AddrPortFrom(plainIP, 8080)), verdict: Pass, reason: ReasonNotMeshed},
+		{name: "egress default deny: a non-meshed pod is dropped", policies: deny,
+			flow: fl(1, netip.AddrPortFrom(plainIP, 8080)), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "egress default deny: an off-cluster address is dropped", policies: deny,
+			flow: fl(1, netip.MustParseAddrPort("203.0.113.7:443")), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "allowed by an egress rule", policies: allowLegacy,
+			flow: fl(1, netip.AddrPortFrom(plainIP, 8080)), verdict: Pass, reason: ReasonNotMeshed},
+		{name: "another port than the allowed one", policies: allowLegacy,
+			flow: fl(1, netip.AddrPortFrom(plainIP, 9090)), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "a meshed pod's skip-inbound port", policies: deny,
+			flow: fl(1, netip.AddrPortFrom(skipIP, 5432)), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "the source's skip-outbound port", policies: deny,
+			flow: fl(2, netip.AddrPortFrom(meshedIP, 3306)), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "ClusterIP with no meshed endpoint: every endpoint allowed", policies: allowLegacy,
+			flow: fl(1, svcLegacy), verdict: Pass, reason: ReasonNotMeshed},
+		{name: "ClusterIP: one endpoint not allowed denies the Service (kube-proxy picks)", policies: allowLegacy,
+			flow: fl(1, svcPlain), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "ClusterIP skipped port", policies: deny,
+			flow: fl(1, svcSkip), verdict: Deny, reason: ReasonPolicyDenied, denied: 1},
+		{name: "lookup failed: held", policies: deny, err: errors.New("cannot tell"),
+			flow: fl(1, netip.AddrPortFrom(plainIP, 8080)), verdict: Hold, reason: ReasonLookupFailed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d, c := fixture()
+			a := withAccess(t, d, c, nil, tc.policies...)
+			a.err = tc.err
+			c.pods[plainIP].Labels = map[string]string{"app": "legacy"}
+			d.Services.(fakeServices)[svcLegacy] = []resolve.Endpoint{{Addr: netip.AddrPortFrom(plainIP, 8080)}}
+			got := d.Decide(tc.flow)
+			if got.Verdict != tc.verdict || got.Reason != tc.reason {
+				t.Fatalf("Decide = %s/%q, want %s/%q", got.Verdict, got.Reason, tc.verdict, tc.reason)
+			}
+			if len(a.denied) != tc.denied {
+				t.Fatalf("denials reported %v, want %d", a.denied, tc.denied)
+			}
+		})
 	}
 }

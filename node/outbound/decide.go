@@ -129,6 +129,13 @@ type Access interface {
 	// skip-inbound ports (only NetworkPolicy applies there). It counts and
 	// logs a denial once per connection.
 	Plaintext(f netstack.Flow, src *pods.Pod, skipped bool) (allowed bool, err error)
+	// Egress judges, by src's NetworkPolicy egress rules, the plaintext
+	// flow f from the verified local pod src to dst (for a ClusterIP,
+	// one of its endpoints). Passed through packets reach the host from
+	// the agent's host TUN, so a CNI enforcing egress on the pod's veth
+	// never sees them: without this, installing the mesh would widen
+	// egress. It counts and logs a denial once per connection.
+	Egress(f netstack.Flow, src *pods.Pod, dst netip.AddrPort) (allowed bool, err error)
 }
 
 // Decider makes the outbound decision. Every field is required but
@@ -172,7 +179,7 @@ func (d *Decider) Decide(f netstack.Flow) Decision {
 			return decision(Refuse, ReasonNoEndpoints)
 		}
 		if src.Policy.SkipsOutbound(f.Dst.Port()) {
-			return decision(Pass, ReasonSkippedPort)
+			return d.pass(f, src, ReasonSkippedPort, eps)
 		}
 		var meshed []resolve.Endpoint
 		targets := map[netip.AddrPort]Target{}
@@ -192,9 +199,9 @@ func (d *Decider) Decide(f netstack.Flow) Decision {
 		}
 		if len(meshed) == 0 {
 			if skipped {
-				return decision(Pass, ReasonSkippedPort)
+				return d.pass(f, src, ReasonSkippedPort, eps)
 			}
-			return decision(Pass, ReasonNotMeshed)
+			return d.pass(f, src, ReasonNotMeshed, eps)
 		}
 		if d.Access != nil {
 			// Only endpoints the policies allow are candidates; none
@@ -226,9 +233,9 @@ func (d *Decider) Decide(f netstack.Flow) Decision {
 	case err != nil:
 		return decision(Hold, ReasonLookupFailed)
 	case c == classNotMeshed:
-		return decision(Pass, ReasonNotMeshed)
+		return d.passTo(f, src, ReasonNotMeshed, f.Dst)
 	case c == classSkipped || src.Policy.SkipsOutbound(f.Dst.Port()):
-		return decision(Pass, ReasonSkippedPort)
+		return d.passTo(f, src, ReasonSkippedPort, f.Dst)
 	}
 	if d.Access != nil {
 		ok, err := d.Access.Outbound(f, src, t.Dst, t.DstPod)
@@ -242,6 +249,38 @@ func (d *Decider) Decide(f netstack.Flow) Decision {
 	}
 	t.Src = src
 	return Decision{Verdict: Mesh, Target: t}
+}
+
+// pass is Decide's Pass of a ClusterIP flow after src's egress
+// NetworkPolicy: kube-proxy, not the agent, picks the endpoint, so the
+// flow passes only when src may reach every candidate (fail closed: the
+// mesh never widens egress; a policy that admits only some endpoints of a
+// Service denies the Service, where a CNI would let some connections
+// through).
+func (d *Decider) pass(f netstack.Flow, src *pods.Pod, reason string, eps []resolve.Endpoint) Decision {
+	for _, ep := range eps {
+		if v := d.passTo(f, src, reason, ep.Addr); v.Verdict != Pass {
+			return v
+		}
+	}
+	return decision(Pass, reason)
+}
+
+// passTo is Decide's Pass of a flow to dst after src's egress
+// NetworkPolicy (Access.Egress): a denied flow is dropped like a meshed
+// one (Deny), a failed lookup held.
+func (d *Decider) passTo(f netstack.Flow, src *pods.Pod, reason string, dst netip.AddrPort) Decision {
+	if d.Access == nil {
+		return decision(Pass, reason)
+	}
+	ok, err := d.Access.Egress(f, src, dst)
+	switch {
+	case err != nil:
+		return decision(Hold, ReasonLookupFailed)
+	case !ok:
+		return decision(Deny, ReasonPolicyDenied)
+	}
+	return decision(Pass, reason)
 }
 
 // DecideSegment judges a TCP segment from a local pod that belongs to no
