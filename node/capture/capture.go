@@ -277,25 +277,24 @@ func Run(ctx context.Context, w io.Writer, flush func(), r Request, srcs []Sourc
 			st.Reason = "duration"
 		case p := <-q:
 			deadline()
-			if err := write(p); err != nil {
-				st.Reason, st.Dropped = ended(err), dropped.Load()
-				return st, nil // the reader went away: an ordinary end
-			}
-			// Write what is queued, then flush once.
-			for more := true; more && st.Reason == ""; {
-				select {
-				case p := <-q:
-					if err := write(p); err != nil {
-						st.Reason, st.Dropped = ended(err), dropped.Load()
-						return st, nil
-					}
-				default:
-					more = false
+			// Write what is queued, then flush once; the caps are checked
+			// after every packet, so -c N writes exactly N.
+			for more := true; more; {
+				if err := write(p); err != nil {
+					st.Reason, st.Dropped = ended(err), dropped.Load()
+					return st, nil // the reader went away: an ordinary end
 				}
 				if r.MaxPackets > 0 && st.Packets >= uint64(r.MaxPackets) {
 					st.Reason = "count"
+					break
 				} else if int64(st.Bytes) >= r.MaxBytes {
 					st.Reason = "size"
+					break
+				}
+				select {
+				case p = <-q:
+				default:
+					more = false
 				}
 			}
 			if err := ng.Flush(); err != nil {

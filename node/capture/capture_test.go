@@ -460,3 +460,55 @@ func TestRunQueueBoundedByBytes(t *testing.T) {
 		t.Fatalf("stats %+v: %d packets of %d bytes pushed to a stalled reader, want at least %d dropped (queue of %d bytes)", st, pushed, len(big), pushed-fit-2, queueBytes)
 	}
 }
+
+// TestRunCountExact: with packets already queued when the capture starts
+// writing, -c N writes exactly N.
+func TestRunCountExact(t *testing.T) {
+	for _, n := range []int{1, 2, 5} {
+		src := &fakeSource{}
+		pr, pw := io.Pipe()
+		done := make(chan Stats, 1)
+		go func() {
+			st, _ := Run(context.Background(), pw, nil, Request{MaxPackets: n}, []Source{src.source("tm0", layers.LinkTypeRaw)})
+			pw.Close()
+			done <- st
+		}()
+		header := make([]byte, 4096)
+		hn, err := pr.Read(header)
+		if err != nil {
+			t.Fatal(err)
+		}
+		header = header[:hn]
+		waitStarted(t, src)
+		for i := 0; i < n+5; i++ { // queued while the writer waits for the reader
+			src.push(tcp4(pod, web, "x"), false)
+		}
+		rest, err := io.ReadAll(pr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := <-done
+		if st.Packets != uint64(n) || st.Reason != "count" {
+			t.Fatalf("-c %d: stats %+v", n, st)
+		}
+		if got := countPackets(t, append(header[:len(header):len(header)], rest...)); got != n {
+			t.Fatalf("-c %d: the file holds %d packets", n, got)
+		}
+	}
+}
+
+// countPackets reads a pcapng stream back.
+func countPackets(t *testing.T, b []byte) int {
+	t.Helper()
+	r, err := pcapgo.NewNgReader(bytes.NewReader(b), pcapgo.DefaultNgReaderOptions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for {
+		if _, _, err := r.ReadPacketData(); err != nil {
+			return n
+		}
+		n++
+	}
+}
