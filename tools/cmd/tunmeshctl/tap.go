@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
 	"github.com/tunmesh/tunmesh/node/flowlog"
@@ -74,29 +75,28 @@ HTTP/1 is shown inside meshed connections only. Runs until interrupted or
 		if err != nil {
 			return err
 		}
-		// What to tap: one pod, a workload's pods, or a namespace.
+		// What to tap: one pod, a workload's pods, or a namespace. Pods
+		// are tapped one stream each (pod=): the agent sends only their
+		// events, and a grant on those pods is enough.
 		var names map[string]bool // nil: the whole namespace
-		var nodes []string
+		var taps []tapStream
 		if k, n, ok := strings.Cut(args[0], "/"); ok && (k == "ns" || k == "namespace") {
 			ns = n
-			if nodes, err = ag.nodes(ctx); err != nil {
+			nodes, err := ag.nodes(ctx)
+			if err != nil {
 				return err
 			}
+			taps = tapStreams(ns, nil, nodes)
 		} else {
 			ps, err := resolvePods(ctx, ag.client, ns, args[0])
 			if err != nil {
 				return err
 			}
 			names = map[string]bool{}
-			seen := map[string]bool{}
 			for _, p := range ps {
 				names[p.Name] = true
-				if p.Spec.NodeName != "" && !seen[p.Spec.NodeName] {
-					seen[p.Spec.NodeName] = true
-					nodes = append(nodes, p.Spec.NodeName)
-				}
 			}
-			sort.Strings(nodes)
+			taps = tapStreams(ns, ps, nil)
 		}
 		var toNames map[string]bool
 		if to != "" {
@@ -112,10 +112,11 @@ HTTP/1 is shown inside meshed connections only. Runs until interrupted or
 		f := tapFilter{ns: ns, names: names, to: toNames, method: method, path: path, reqs: map[string]flowlog.Event{}}
 
 		events := make(chan taggedEvent, 256)
-		errs := make(chan error, len(nodes))
+		errs := make(chan error, len(taps))
 		var wg sync.WaitGroup
-		for _, n := range nodes {
-			resp, err := ag.get(ctx, n, observeapi.TapPath, url.Values{"namespace": {ns}})
+		for _, ts := range taps {
+			n := ts.node
+			resp, err := ag.get(ctx, n, observeapi.TapPath, ts.query)
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil
@@ -138,7 +139,7 @@ HTTP/1 is shown inside meshed connections only. Runs until interrupted or
 						return
 					}
 					select {
-					case events <- nodeEvent(n, e):
+					case events <- taggedEvent{Event: e, Node: n, pod: ts.pod}:
 					case <-ctx.Done():
 						return
 					}
@@ -151,7 +152,7 @@ HTTP/1 is shown inside meshed connections only. Runs until interrupted or
 		go func() { wg.Wait(); close(events) }()
 		enc := json.NewEncoder(streams.Out)
 		for e := range events {
-			if !f.keep(e.Event) {
+			if !f.keepFrom(e) {
 				continue
 			}
 			if output == "json" {
@@ -177,13 +178,40 @@ HTTP/1 is shown inside meshed connections only. Runs until interrupted or
 	return cmd
 }
 
-// taggedEvent is an event and the node whose agent saw it.
+// taggedEvent is an event and the node whose agent saw it (and the pod
+// whose stream brought it, "" for a namespace's).
 type taggedEvent struct {
 	flowlog.Event
 	Node string `json:"node"`
+	pod  string
 }
 
-func nodeEvent(node string, e flowlog.Event) taggedEvent { return taggedEvent{Event: e, Node: node} }
+// tapStream is one tap request: a pod on its node, or a namespace on a
+// node.
+type tapStream struct {
+	node, pod string
+	query     url.Values
+}
+
+// tapStreams are the requests of a tap: one per pod (pods not yet
+// scheduled are skipped), or, for a whole namespace, one per node.
+func tapStreams(ns string, pods []corev1.Pod, nodes []string) []tapStream {
+	var out []tapStream
+	if pods == nil {
+		for _, n := range nodes {
+			out = append(out, tapStream{node: n, query: url.Values{"namespace": {ns}}})
+		}
+		return out
+	}
+	for _, p := range pods {
+		if p.Spec.NodeName == "" {
+			continue
+		}
+		out = append(out, tapStream{node: p.Spec.NodeName, pod: p.Name, query: url.Values{"namespace": {ns}, "pod": {p.Name}}})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].node+"/"+out[i].pod < out[j].node+"/"+out[j].pod })
+	return out
+}
 
 // tapFilter selects the events tap prints.
 type tapFilter struct {
@@ -191,6 +219,21 @@ type tapFilter struct {
 	names, to    map[string]bool // nil: any
 	method, path string
 	reqs         map[string]flowlog.Event // node/id -> the request of an open exchange (end lines)
+}
+
+// keepFrom is keep for an event of a pod's stream: only that pod's own
+// (two tapped pods on one node both get their connection's events).
+func (f tapFilter) keepFrom(e taggedEvent) bool {
+	if e.pod != "" && e.Type != "dropped" {
+		local := e.Conn.SrcPod
+		if e.Conn.Proxy == flowlog.In {
+			local = e.Conn.DstPod
+		}
+		if local.Name != e.pod {
+			return false
+		}
+	}
+	return f.keep(e.Event)
 }
 
 func (f tapFilter) keep(e flowlog.Event) bool {
