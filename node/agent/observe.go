@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -206,7 +207,37 @@ func (a *Agent) serveObservability(ctx context.Context, st *netstack.Stack) erro
 		a.publishFingerprint(pctx, fingerprint)
 	}()
 	defer func() { pcancel(); <-published }()
-	return serveHTTP(ctx, srv, tls.NewListener(ln, tlsCfg))
+	return serveStreams(ctx, srv, tls.NewListener(ln, tlsCfg), 3*time.Second)
+}
+
+// serveStreams serves until ctx ends, then stops the streams too: every
+// request's context derives from ctx (a capture or tap ends as ctx does),
+// Shutdown waits up to grace for the handlers, and Close then cuts the
+// connections of any that are still writing.
+func serveStreams(ctx context.Context, srv *http.Server, ln net.Listener, grace time.Duration) error {
+	srv.BaseContext = func(net.Listener) context.Context { return ctx }
+	served, stopped := make(chan struct{}), make(chan struct{})
+	go func() { // RoutineObserveShutdown: ends with ctx, or when Serve fails
+		defer close(stopped)
+		select {
+		case <-ctx.Done():
+		case <-served:
+			return
+		}
+		sctx, cancel := context.WithTimeout(context.Background(), grace)
+		defer cancel()
+		if srv.Shutdown(sctx) != nil {
+			_ = srv.Close()
+		}
+	}()
+	err := srv.Serve(ln)
+	close(served)
+	<-stopped // Shutdown has returned: the handlers too, or their connections are closed
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	_ = srv.Close()
+	return err
 }
 
 // publishFingerprint sets the serving certificate's fingerprint on the
