@@ -117,6 +117,14 @@ func (ft *flowTable) forget(k flowKey) {
 	ft.mu.Unlock()
 }
 
+// remove forgets the passthrough flow k (a SegmentDecider refused a new
+// connection on its tuple): its later segments are judged again.
+func (ft *flowTable) remove(k flowKey) {
+	ft.mu.Lock()
+	delete(ft.passthrough, k)
+	ft.mu.Unlock()
+}
+
 // touch notes a non-SYN packet of a flow the stack does not own and
 // reports whether the flow is a known passthrough flow.
 func (ft *flowTable) touch(k flowKey, now int64, finOrRST bool) (known bool) {

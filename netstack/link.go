@@ -180,7 +180,20 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 		e.Endpoint.DeliverNetworkPacket(proto, pkt)
 		return
 	}
-	if !n.flows.touch(k, n.s.now(), info.flags&(tcpFlagFIN|tcpFlagRST) != 0) && !n.strayAllowed(k, info.flags&(tcpFlagSYN|tcpFlagACK) == tcpFlagSYN|tcpFlagACK) {
+	if info.flags&(tcpFlagSYN|tcpFlagACK) == tcpFlagSYN|tcpFlagACK {
+		// The pod answers a connection: always judged, even on a
+		// remembered tuple. A client reusing its source port opens a new
+		// connection on the old 4-tuple, and the fast path would let
+		// its SYN-ACK through after a policy change denied it.
+		if !n.strayAllowed(k, true) {
+			n.flows.remove(k)
+			n.counters.failClosedDrops.Add(1)
+			return
+		}
+		n.passthrough(pkt, &info, off)
+		return
+	}
+	if !n.flows.touch(k, n.s.now(), info.flags&(tcpFlagFIN|tcpFlagRST) != 0) && !n.strayAllowed(k, false) {
 		n.counters.failClosedDrops.Add(1)
 		return
 	}
