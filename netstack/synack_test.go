@@ -100,7 +100,9 @@ func TestSynAckOnRememberedTupleJudged(t *testing.T) {
 	}
 	p.ns.Inject(t, "tm0", synAck.bytes())
 	p.ns.Inject(t, "tm0", data.bytes())
-	rec.wait(t, "the first connection's data", func(info packetInfo, _ []byte) bool { return info.tcp && info.dport == 42000 && info.flags&tcpFlagSYN == 0 })
+	rec.wait(t, "the first connection's data", func(info packetInfo, _ []byte) bool {
+		return info.tcp && info.dport == 42000 && info.flags&tcpFlagSYN == 0
+	})
 	if st, _ := s.NICStats(p.nic); st.TrackedFlows != 1 {
 		t.Fatalf("tracked flows %d, want the allowed flow remembered", st.TrackedFlows)
 	}
