@@ -110,7 +110,8 @@ func (a *Agent) newObservability() error {
 	// Tokens must be bound to access.Audience: an API-server token is
 	// refused, so none is ever handed to an agent.
 	cas := &access.ClientCAs{}
-	gate := &access.Gate{Reviewer: access.KubeReviewer{Client: a.client, Audiences: []string{access.Audience}}, ClientCAs: cas.Pool}
+	// Answers are cached with the kubelet's TTLs (access.TokenTTL, ...).
+	gate := &access.Gate{Reviewer: access.NewCachedReviewer(access.KubeReviewer{Client: a.client, Audiences: []string{access.Audience}}), ClientCAs: cas.Pool}
 	follow := true
 	if f := a.cfg.Observe.ClientCAFile; f != "" {
 		pem, err := os.ReadFile(f)

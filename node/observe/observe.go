@@ -91,6 +91,10 @@ type Config struct {
 	TapWriteTimeout time.Duration
 	// Limits cap the concurrent streams (zero fields: DefaultLimits).
 	Limits Limits
+	// RatePerSecond and RateBurst bound each remote address's requests
+	// (defaults DefaultRatePerSecond, DefaultRateBurst); past them: 429.
+	RatePerSecond float64
+	RateBurst     int
 	// Registerer, if set, gets the streams' series.
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
@@ -126,7 +130,7 @@ func Handler(cfg Config) (http.Handler, error) {
 	mux.HandleFunc("GET "+TapPath, s.tap)
 	mux.HandleFunc("GET "+EdgesPath, s.edges)
 	mux.HandleFunc("GET "+PodsPath, s.pods)
-	return mux, nil
+	return newAddrLimiter(cfg.RatePerSecond, cfg.RateBurst).wrap(mux), nil
 }
 
 type server struct {
