@@ -271,8 +271,10 @@ func TestObserveKeepsTryWrite(t *testing.T) {
 	}
 }
 
-// TestLabelCardinalityBounded: past MaxWorkloads, new workloads share the
-// _other series; the series count stops growing.
+// TestLabelCardinalityBounded: churning workloads (Jobs) take the place
+// of the workload used longest ago once their connections are closed:
+// the series stay within MaxWorkloads, the newest workloads keep their
+// own series, and nothing goes to _other while a place can be freed.
 func TestLabelCardinalityBounded(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m, err := NewMetrics(reg, 5)
@@ -285,11 +287,51 @@ func TestLabelCardinalityBounded(t *testing.T) {
 		tr := l.Open(Conn{Proxy: Out, Src: clientAddr, Dst: serverAddr, TLS: TLSTrue})
 		tr.Close(1, 1, "clean")
 	}
-	if _, n := gather(t, reg, "tunmesh_tcp_open_total"); n != 6 { // five workloads and _other
-		t.Fatalf("%d series, want 6", n)
+	if _, n := gather(t, reg, "tunmesh_tcp_open_total"); n != 5 {
+		t.Fatalf("%d series, want 5", n)
 	}
-	if v := value(t, reg, "tunmesh_tcp_open_total", "outbound", Other, Other, "true"); v != 195 {
-		t.Fatalf("_other opens = %v", v)
+	for _, name := range []string{"tunmesh_tcp_close_total", "tunmesh_tcp_open_connections"} {
+		if _, n := gather(t, reg, name); n != 5 {
+			t.Fatalf("%s: %d series, want 5 (evicted workloads' series deleted)", name, n)
+		}
+	}
+	if v := value(t, reg, "tunmesh_tcp_open_total", "outbound", "jobs", "job-199", "true"); v != 1 {
+		t.Fatalf("the newest workload's opens = %v, want its own series", v)
+	}
+	if v := value(t, reg, "tunmesh_tcp_open_total", "outbound", Other, Other, "true"); v != 0 {
+		t.Fatalf("_other opens = %v, want none", v)
+	}
+}
+
+// TestLabelEvictionKeepsOpenWorkloads: a workload with open connections
+// keeps its series; when every kept workload has some, a new one is
+// counted under _other.
+func TestLabelEvictionKeepsOpenWorkloads(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := NewMetrics(reg, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func(wl string) *Track {
+		pod := PodRef{Namespace: "shop", Name: wl + "-1", Workload: wl}
+		return New(func(netip.Addr) PodRef { return pod }, m, Options{}).Open(Conn{Proxy: Out, Src: clientAddr, Dst: serverAddr, TLS: TLSTrue})
+	}
+	a := open("a") // stays open
+	open("b").Close(1, 1, "clean")
+	open("c").Close(1, 1, "clean") // b goes, not a
+	if v := value(t, reg, "tunmesh_tcp_open_connections", "outbound", "shop", "a", "true"); v != 1 {
+		t.Fatalf("a's open connections = %v after eviction, want 1", v)
+	}
+	c := open("c") // c again: kept, now open
+	open("d").Close(1, 1, "clean")
+	if v := value(t, reg, "tunmesh_tcp_open_total", "outbound", Other, Other, "true"); v != 1 {
+		t.Fatalf("_other opens = %v, want 1 (a and c open)", v)
+	}
+	a.Close(1, 1, "clean")
+	c.Close(1, 1, "clean")
+	open("e").Close(1, 1, "clean")
+	if v := value(t, reg, "tunmesh_tcp_open_total", "outbound", "shop", "e", "true"); v != 1 {
+		t.Fatalf("e's opens = %v once a place is free", v)
 	}
 }
 
@@ -303,6 +345,9 @@ func TestWorkload(t *testing.T) {
 			OwnerReferences: []metav1.OwnerReference{{Kind: "ReplicaSet", Name: "web-7d9f", Controller: &yes}}}}, "web"},
 		{corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "db-0", OwnerReferences: []metav1.OwnerReference{{Kind: "StatefulSet", Name: "db", Controller: &yes}}}}, "db"},
 		{corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "bare"}}, "bare"},
+		{corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "backup-29138520-x7k2p", OwnerReferences: []metav1.OwnerReference{{Kind: "Job", Name: "backup-29138520", Controller: &yes}}}}, "backup"},
+		{corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "migrate-v2-abcde", OwnerReferences: []metav1.OwnerReference{{Kind: "Job", Name: "migrate-v2", Controller: &yes}}}}, "migrate-v2"},
+		{corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "run-42-abcde", OwnerReferences: []metav1.OwnerReference{{Kind: "Job", Name: "run-42", Controller: &yes}}}}, "run-42"},
 		{corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "x", OwnerReferences: []metav1.OwnerReference{{Kind: "Foo", Name: "notcontroller"}}}}, "x"},
 	}
 	for _, c := range cases {

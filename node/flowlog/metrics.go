@@ -1,6 +1,7 @@
 package flowlog
 
 import (
+	"container/list"
 	"errors"
 	"fmt"
 	"sync"
@@ -20,17 +21,28 @@ import (
 //
 // direction is outbound (the local pod is the client) or inbound; tls is
 // "true" or why the connection was not meshed. Labels are bounded: at most
-// MaxWorkloads (namespace, workload) pairs get their own series, later
-// ones are counted under namespace="_other", workload="_other", so a
-// node with pod churn (Jobs, bare pods) cannot grow the series without end.
+// MaxWorkloads (namespace, workload) pairs have series at once. A new
+// workload past the bound takes the place of the one used longest ago
+// that has no open connection (its series are deleted: Prometheus sees
+// them end, and a counter reset if it comes back), so churning Jobs never
+// push later workloads aside; only when every kept workload has open
+// connections is a new one counted under namespace="_other",
+// workload="_other".
 type Metrics struct {
 	open, closeT, bytes, requests *prometheus.CounterVec
 	active                        *prometheus.GaugeVec
 	latency                       *prometheus.HistogramVec
 
-	mu        sync.Mutex // guards workloads
-	workloads map[[2]string]bool
+	mu        sync.Mutex // guards workloads and lru
+	workloads map[[2]string]*list.Element
+	lru       *list.List // of *workloadUse, least recently used first
 	max       int
+}
+
+// workloadUse is a workload with series and its open meshed connections.
+type workloadUse struct {
+	key  [2]string
+	open int
 }
 
 // DefaultMaxWorkloads bounds the workload label values per agent.
@@ -59,7 +71,8 @@ func NewMetrics(reg prometheus.Registerer, maxWorkloads int) (*Metrics, error) {
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "tunmesh_http_response_latency_seconds", Help: "HTTP/1 response latency (request start to response head) in meshed connections.",
 			Buckets: []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}},
 			[]string{"direction", "namespace", "workload"}),
-		workloads: map[[2]string]bool{},
+		workloads: map[[2]string]*list.Element{},
+		lru:       list.New(),
 		max:       maxWorkloads,
 	}
 	for _, c := range []prometheus.Collector{m.open, m.closeT, m.bytes, m.active, m.requests, m.latency} {
@@ -88,13 +101,55 @@ func (m *Metrics) labels(c *Conn) labelSet {
 	k := [2]string{ns, wl}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if !m.workloads[k] {
-		if len(m.workloads) >= m.max {
+	el := m.workloads[k]
+	if el == nil {
+		if len(m.workloads) >= m.max && !m.evictLocked() {
 			return labelSet{direction, Other, Other, c.TLS}
 		}
-		m.workloads[k] = true
+		el = m.lru.PushBack(&workloadUse{key: k})
+		m.workloads[k] = el
+	}
+	m.lru.MoveToBack(el)
+	if c.TLS == TLSTrue {
+		el.Value.(*workloadUse).open++
 	}
 	return labelSet{direction, ns, wl, c.TLS}
+}
+
+// evictLocked deletes the series of the least recently used workload
+// without open connections; false when every one has some.
+func (m *Metrics) evictLocked() bool {
+	for el := m.lru.Front(); el != nil; el = el.Next() {
+		w := el.Value.(*workloadUse)
+		if w.open > 0 {
+			continue
+		}
+		match := prometheus.Labels{"namespace": w.key[0], "workload": w.key[1]}
+		m.open.DeletePartialMatch(match)
+		m.closeT.DeletePartialMatch(match)
+		m.bytes.DeletePartialMatch(match)
+		m.active.DeletePartialMatch(match)
+		m.requests.DeletePartialMatch(match)
+		m.latency.DeletePartialMatch(match)
+		m.lru.Remove(el)
+		delete(m.workloads, w.key)
+		return true
+	}
+	return false
+}
+
+// release: one of the workload's meshed connections ended.
+func (m *Metrics) release(l labelSet) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if l.tls != TLSTrue {
+		return
+	}
+	if el := m.workloads[[2]string{l.ns, l.wl}]; el != nil {
+		if w := el.Value.(*workloadUse); w.open > 0 {
+			w.open--
+		}
+	}
 }
 
 func (m *Metrics) opened(c *Conn) labelSet {
@@ -113,6 +168,7 @@ func (m *Metrics) closed(l labelSet, c *Conn) {
 	if m == nil {
 		return
 	}
+	defer m.release(l)
 	m.closeT.WithLabelValues(l.direction, l.ns, l.wl, l.tls).Inc()
 	m.active.WithLabelValues(l.direction, l.ns, l.wl, l.tls).Dec()
 	sent, recv := c.ClientBytes, c.ServerBytes
