@@ -17,10 +17,14 @@ import (
 	"github.com/tunmesh/tunmesh/node/policy"
 )
 
-type noNamespaces struct{}
+// prodOnly is a cluster with one namespace, prod, and no pods.
+type prodOnly struct{}
 
-func (noNamespaces) PodByAddr(netip.Addr) (*corev1.Pod, error) { return nil, nil }
-func (noNamespaces) Namespace(name string) (*corev1.Namespace, error) {
+func (prodOnly) PodByAddr(netip.Addr) (*corev1.Pod, error) { return nil, nil }
+func (prodOnly) Namespace(name string) (*corev1.Namespace, error) {
+	if name == "prod" {
+		return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, nil
+	}
 	return nil, apierrors.NewNotFound(schema.GroupResource{Resource: "namespaces"}, name)
 }
 
@@ -28,7 +32,7 @@ func (noNamespaces) Namespace(name string) (*corev1.Namespace, error) {
 // cannot use is reported on the pod once per value, not per connection.
 func TestWarnInvalidDefaultInbound(t *testing.T) {
 	snap, _ := netpol.NewSnapshot(nil, nil)
-	eng, err := authz.New(noNamespaces{}, snap, authz.Index{}, policy.Config{}, "cluster.local")
+	eng, err := authz.New(prodOnly{}, snap, authz.Index{}, policy.Config{}, "cluster.local")
 	if err != nil {
 		t.Fatal(err)
 	}

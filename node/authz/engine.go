@@ -7,7 +7,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/node/netpol"
@@ -15,8 +14,9 @@ import (
 )
 
 // Cluster reads pods and namespaces (clusterview.View; a static snapshot
-// in tunmeshctl). Namespace returns an error satisfying
-// apierrors.IsNotFound for a namespace that does not exist.
+// in tunmeshctl). Namespace returns an error (apierrors.IsNotFound for a
+// namespace that does not exist); the default inbound policy of a pod
+// whose namespace cannot be read is a lookup failure, never a default.
 type Cluster interface {
 	PodByAddr(netip.Addr) (*corev1.Pod, error)
 	Namespace(name string) (*corev1.Namespace, error)
@@ -308,37 +308,35 @@ const SourceInvalidAnnotation = "invalid annotation, fail closed"
 
 // DefaultInbound resolves the pod's default inbound policy from the live
 // pod and namespace annotations (so a change applies to new connections),
-// and says where it came from. A bad value is Deny (policy.Config.For); a
-// failed namespace lookup is an error (the caller denies).
+// and says where it came from. A bad value is Deny. It is resolved
+// whatever the pod's other settings say: a pod the agent still serves
+// keeps the policy it declares even if its inject annotation now says
+// disabled. A namespace lookup that fails, NotFound included, is an
+// error (the caller holds or refuses): a pod seen before its namespace
+// must not be judged without the namespace's annotations (review
+// finding 6).
 func (e *Engine) DefaultInbound(p *corev1.Pod) (policy.DefaultInbound, string, error) {
 	ns, err := e.cluster.Namespace(p.Namespace)
 	switch {
-	case apierrors.IsNotFound(err):
-		ns = nil
 	case err != nil:
-		return policy.Deny, "", err
+		return policy.Deny, "", fmt.Errorf("namespace %s: %w", p.Namespace, err)
+	case ns == nil:
+		return policy.Deny, "", fmt.Errorf("namespace %s: %w", p.Namespace, errNamespaceUnknown)
 	}
-	pol, errs := e.policy.For(p, ns)
+	di, err := policy.DefaultInboundFor(p, ns)
 	src := "default"
 	switch {
-	case len(errs) > 0 && pol.DefaultInbound == policy.Deny && hasDefaultInboundError(errs):
+	case err != nil && di == policy.Deny && errors.Is(err, policy.ErrInvalidDefaultInbound):
 		src = SourceInvalidAnnotation
 	case hasKey(p.Annotations):
 		src = "pod annotation"
-	case ns != nil && hasKey(ns.Annotations):
+	case hasKey(ns.Annotations):
 		src = "namespace annotation"
 	}
-	return pol.DefaultInbound, src, nil
+	return di, src, nil
 }
 
-func hasDefaultInboundError(errs []error) bool {
-	for _, err := range errs {
-		if errors.Is(err, policy.ErrInvalidDefaultInbound) {
-			return true
-		}
-	}
-	return false
-}
+var errNamespaceUnknown = errors.New("namespace not in the cluster view")
 
 func hasKey(a map[string]string) bool {
 	_, t := a[policy.AnnotationDefaultInboundPolicy]

@@ -201,6 +201,19 @@ func TestEngine(t *testing.T) {
 		{name: "namespace lookup failure denies", w: world{pods: []*corev1.Pod{server, frontend}, ns: namespaces, nsErr: errors.New("not synced")}, checks: []check{
 			{client: frontend, meshed: true, port: 8080, kind: KindLookup, reason: ReasonLookupFailed},
 		}},
+		// Review finding 6: the pod seen before its namespace (which says
+		// deny) was judged on its own annotations only: open.
+		{name: "namespace missing from the view: a lookup failure, not a default", w: world{pods: []*corev1.Pod{server, frontend}, ns: namespaces[1:]}, checks: []check{
+			{client: frontend, meshed: true, port: 8080, kind: KindLookup, reason: ReasonLookupFailed},
+			{client: frontend, port: 8080, kind: KindLookup, reason: ReasonLookupFailed},
+		}},
+		// Review finding 7: a pod still served after its inject annotation
+		// changed to disabled kept no default inbound policy: open.
+		{name: "inject disabled on a served pod: its default inbound policy still applies", w: world{pods: []*corev1.Pod{withAnn(server, map[string]string{
+			policy.AnnotationInject: "disabled", policy.AnnotationDefaultInboundPolicy: "all-authenticated"}), frontend}, ns: namespaces}, checks: []check{
+			{client: frontend, port: 8080, kind: KindDefaultInbound, policy: "prod/all-authenticated", reason: ReasonPlaintextRefused},
+			{client: frontend, meshed: true, port: 8080, allowed: true, kind: KindDefaultInbound, policy: "prod/all-authenticated", reason: ReasonAllowed},
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := tc.w.engine(t)

@@ -319,3 +319,17 @@ func TestDecideEgressPassthrough(t *testing.T) {
 		})
 	}
 }
+
+// TestDecideNamespaceMissing (review finding 6): a destination pod whose
+// namespace the view does not have yet is held, not judged as if its
+// namespace had no annotations (which could open it or drop its opt-out).
+func TestDecideNamespaceMissing(t *testing.T) {
+	d, c := fixture()
+	delete(c.ns, "optout")
+	if got := d.Decide(fl(1, netip.AddrPortFrom(otherNSIP, 8080))); got.Verdict != Hold || got.Reason != ReasonLookupFailed {
+		t.Fatalf("Decide = %s/%q, want hold/%q", got.Verdict, got.Reason, ReasonLookupFailed)
+	}
+	if got := d.DecideSegment(fl(1, netip.AddrPortFrom(otherNSIP, 8080))); got.Verdict != Hold {
+		t.Fatalf("DecideSegment = %s/%q, want hold", got.Verdict, got.Reason)
+	}
+}

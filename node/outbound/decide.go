@@ -15,7 +15,6 @@ import (
 	"net/netip"
 
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
@@ -404,17 +403,18 @@ func (d *Decider) classify(dst netip.AddrPort) (Target, class, error) {
 	}, classMeshed, nil
 }
 
-// policy is the pod's mesh policy. A namespace that does not exist counts
-// as one without annotations; any other lookup failure is an error (the
-// caller holds the flow) rather than a silent loss of the namespace's
-// opt-outs and skips.
+// policy is the pod's mesh policy. Any namespace lookup failure, NotFound
+// included, is an error (the caller holds the flow): a pod seen before its
+// namespace must not lose the namespace's opt-outs, skips and default
+// inbound policy (review finding 6); the namespace arrives within moments
+// and the pod's retransmission is decided again.
 func (d *Decider) policy(pod *corev1.Pod) (policy.Policy, error) {
 	ns, err := d.Cluster.Namespace(pod.Namespace)
-	if err != nil && !apierrors.IsNotFound(err) {
+	if err != nil {
 		return policy.Policy{}, err
 	}
-	if err != nil {
-		ns = nil
+	if ns == nil {
+		return policy.Policy{}, errors.New("namespace " + pod.Namespace + " not in the cluster view")
 	}
 	pol, _ := d.Policy.For(pod, ns) // annotation errors fall back to defaults, reported at ADD
 	return pol, nil

@@ -99,6 +99,7 @@ func fixture() (*Decider, *fakeCluster) {
 			clientAddr: pod("prod", "client", clientAddr.String(), "192.168.0.2", nil),
 		},
 		ns: map[string]*corev1.Namespace{
+			"prod":   {ObjectMeta: metav1.ObjectMeta{Name: "prod"}},
 			"optout": {ObjectMeta: metav1.ObjectMeta{Name: "optout", Annotations: map[string]string{policy.AnnotationInject: "disabled"}}},
 		},
 	}

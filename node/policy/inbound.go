@@ -3,6 +3,8 @@ package policy
 import (
 	"errors"
 	"fmt"
+
+	corev1 "k8s.io/api/core/v1"
 )
 
 // Annotation keys of the default inbound policy, with Linkerd's spelling
@@ -75,6 +77,21 @@ var defaultInboundSetting = setting{
 	// Fail closed: a value that was meant to restrict must not open the
 	// pod to everyone because of a typo.
 	fallback: "using deny (fail closed) until the value is fixed",
+}
+
+// DefaultInboundFor resolves only the pod's default inbound policy from
+// its annotations and its namespace's (ns nil: none), whatever the other
+// settings say. For leaves DefaultInbound empty (all-unauthenticated) for
+// a pod it would not mesh; a pod that is still attached when it should
+// not be (its inject annotation changed after attach, or a failed CNI
+// DEL) must keep the policy it declares, not become open (review finding
+// 7). A bad value is Deny with the error.
+func DefaultInboundFor(pod *corev1.Pod, ns *corev1.Namespace) (DefaultInbound, error) {
+	srcs := []source{{name: fmt.Sprintf("pod %q", pod.Namespace+"/"+pod.Name), annotations: pod.Annotations}}
+	if ns != nil && ns.Name == pod.Namespace {
+		srcs = append(srcs, source{name: fmt.Sprintf("namespace %q", ns.Name), annotations: ns.Annotations})
+	}
+	return defaultInbound(srcs)
 }
 
 // defaultInbound resolves the setting over srcs (pod, then namespace). A

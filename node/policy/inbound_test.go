@@ -3,6 +3,9 @@ package policy
 import (
 	"errors"
 	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 func TestDefaultInbound(t *testing.T) {
@@ -91,4 +94,29 @@ func FuzzParseDefaultInbound(f *testing.F) {
 			t.Fatalf("ParseDefaultInbound(%q) = %q", s, d)
 		}
 	})
+}
+
+// TestDefaultInboundForIgnoresInject (review finding 7): the default
+// inbound policy is resolved whatever the inject setting says, so a pod
+// still attached after opting out keeps the policy it declares.
+func TestDefaultInboundForIgnoresInject(t *testing.T) {
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "prod", Name: "api",
+		Annotations: map[string]string{AnnotationInject: "disabled"}}}
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "prod",
+		Annotations: map[string]string{AnnotationDefaultInboundPolicy: "deny"}}}
+	if p, _ := (Config{}).For(pod, ns); p.Meshed || p.DefaultInbound != "" {
+		t.Fatalf("For: %+v, want not meshed (the case this covers)", p)
+	}
+	if d, err := DefaultInboundFor(pod, ns); err != nil || d != Deny {
+		t.Fatalf("DefaultInboundFor = %q, %v; want deny from the namespace", d, err)
+	}
+	pod.Annotations[AnnotationDefaultInboundPolicy] = "bogus"
+	if d, err := DefaultInboundFor(pod, ns); !errors.Is(err, ErrInvalidDefaultInbound) || d != Deny {
+		t.Fatalf("bad value: %q, %v; want deny and ErrInvalidDefaultInbound", d, err)
+	}
+	other := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "dev", Annotations: map[string]string{AnnotationDefaultInboundPolicy: "deny"}}}
+	delete(pod.Annotations, AnnotationDefaultInboundPolicy)
+	if d, err := DefaultInboundFor(pod, other); err != nil || d != AllUnauthenticated {
+		t.Fatalf("another namespace's object: %q, %v; want it ignored", d, err)
+	}
 }
