@@ -302,17 +302,33 @@ func restartAgent(t *testing.T, c *e2eenv.Cluster, nodeName string) {
 }
 
 // captureUnderlay runs tshark on the underlay bridge, capturing what
-// passes between the two nodes' addresses while fn runs, and returns the
-// pcap path. Captures that miss the WireGuard traffic fn makes (a loaded
-// machine: dumpcap starts late) are retried.
+// passes between the two nodes' addresses and any packet from or to their
+// pod CIDRs (the dev cluster routes pod CIDRs via the node addresses
+// without encapsulation: a pod packet in clear carries pod addresses, not
+// node ones) while fn runs, and returns the pcap path. Captures that miss
+// the WireGuard traffic fn makes (a loaded machine: dumpcap starts late)
+// are retried.
 func captureUnderlay(t *testing.T, c *e2eenv.Cluster, fn func()) string {
 	t.Helper()
 	ip1, _ := node(c, "node-1")
 	ip2, _ := node(c, "node-2")
+	filter := "(host " + ip1 + " and host " + ip2 + ")"
+	for _, name := range []string{"node-1", "node-2"} {
+		n, err := c.Client.CoreV1().Nodes().Get(context.Background(), name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatalf("node %s: %v", name, err)
+		}
+		if len(n.Spec.PodCIDRs) == 0 {
+			t.Fatalf("node %s has no pod CIDR", name)
+		}
+		for _, cidr := range n.Spec.PodCIDRs {
+			filter += " or net " + cidr
+		}
+	}
 	for attempt := 1; ; attempt++ {
 		pcap := filepath.Join(t.TempDir(), "underlay.pcap")
 		cmd := exec.Command("nsenter", "--net=/run/netns/"+c.Name+"-ul", "--", "tshark", "-i", "br0",
-			"-f", "host "+ip1+" and host "+ip2, "-w", pcap)
+			"-f", filter, "-w", pcap)
 		stderr := &strings.Builder{}
 		cmd.Stderr = stderr
 		if err := cmd.Start(); err != nil {

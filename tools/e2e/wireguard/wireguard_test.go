@@ -5,6 +5,7 @@ import (
 	"context"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -138,24 +139,59 @@ func TestUnderlayCarriesOnlyWireGuard(t *testing.T) {
 	}
 	pcap := captureUnderlay(t, c, func() {
 		transfer(t, c, p["a1"], addr(p["b1"], echoPort), 256<<10, markers["meshed"])
-		transfer(t, c, p["a1"], addr(p["skip"], skippedPort), 256<<10, markers["skipped"])
-		transfer(t, c, p["plain"], addr(p["a1"], echoPort), 256<<10, markers["plain"])
+		// The skipped port and the non-meshed pod are pod traffic that
+		// encrypt-all carries: it must go through the host TUN both ways.
+		hostPath(t, c, "skipped port a1 -> skip", func() {
+			transfer(t, c, p["a1"], addr(p["skip"], skippedPort), 256<<10, markers["skipped"])
+		})
+		hostPath(t, c, "non-meshed plain -> a1", func() {
+			transfer(t, c, p["plain"], addr(p["a1"], echoPort), 256<<10, markers["plain"])
+		})
 		for _, from := range []string{"a1", "plain"} {
-			if _, err := query(c, p[from], addr(p["b1"], dnsPort), markers["udp"]); from == "a1" && err != nil {
-				t.Error(err)
+			if _, err := query(c, p[from], addr(p["b1"], dnsPort), markers["udp"]); err != nil {
+				t.Errorf("%s -> b1: %v", from, err)
 			}
 			if _, err := query(c, p["b1"], addr(p[from], dnsPort), markers["udp"]); err != nil {
-				t.Error(err)
+				t.Errorf("b1 -> %s: %v", from, err)
 			}
 		}
 	})
+	onlyWireGuard(t, pcap, markers, "icmp")
+}
+
+// hostPath runs fn (traffic between a pod of node-1 and one of node-2
+// that is not a mesh tunnel) and checks that encrypt-all carried it:
+// packets from the host into WireGuard and out of it to the host grow on
+// both nodes.
+func hostPath(t *testing.T, c *e2eenv.Cluster, what string, fn func()) {
+	t.Helper()
+	type key struct{ node, path string }
+	before := map[key]float64{}
+	for _, n := range []string{"node-1", "node-2"} {
+		for _, path := range []string{"from_host", "to_host"} {
+			before[key{n, path}] = agentMetric(t, c, n, "tunmesh_wireguard_tun_packets_total", `path="`+path+`"`)
+		}
+	}
+	fn()
+	for k, v := range before {
+		if after := agentMetric(t, c, k.node, "tunmesh_wireguard_tun_packets_total", `path="`+k.path+`"`); after <= v {
+			t.Errorf("%s: %s's %s packets did not grow (%v -> %v): not carried by encrypt-all", what, k.node, k.path, v, after)
+		}
+	}
+}
+
+// onlyWireGuard checks a capture of the underlay: WireGuard datagrams
+// only, ICMP only as icmpFilter selects, none of the markers in clear.
+func onlyWireGuard(t *testing.T, pcap string, markers map[string][]byte, icmpFilter string) {
+	t.Helper()
 	for _, f := range []struct{ filter, what string }{
 		{"tcp", "TCP (mesh tunnels on :4143 or a skipped port in clear)"},
 		{"udp && !(udp.port==51820)", "UDP other than WireGuard"},
-		{"icmp", "ICMP"},
+		{icmpFilter, "ICMP"},
 	} {
 		if n := countFrames(t, pcap, f.filter); n != 0 {
-			t.Errorf("the underlay between the nodes carried %d frames of %s", n, f.what)
+			out, _ := exec.Command("tshark", "-r", pcap, "-Y", f.filter).Output()
+			t.Errorf("the underlay between the nodes carried %d frames of %s:\n%s", n, f.what, out)
 		}
 	}
 	raw, err := os.ReadFile(pcap)
@@ -168,6 +204,54 @@ func TestUnderlayCarriesOnlyWireGuard(t *testing.T) {
 		}
 	}
 	t.Logf("underlay: %d WireGuard frames, nothing else", countFrames(t, pcap, "udp.port==51820"))
+}
+
+// TestRestartNeverInClear: while node-1's agent restarts, pods of node-1
+// keep sending UDP to a pod of node-2 (and a non-meshed pod of node-2 to
+// one of node-1): nothing crosses the underlay in clear (the encrypt-all
+// rule and blackholes stay while no agent, or a not yet synced one, serves
+// the node).
+func TestRestartNeverInClear(t *testing.T) {
+	c, p := setup(t)
+	serving(t, c, "a1", "b1")
+	markers := map[string][]byte{"udp-a1": []byte("RESTART-UDP-a1-2b7e"), "udp-plain": []byte("RESTART-UDP-plain-6d1f")}
+	pcap := captureUnderlay(t, c, func() {
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for from, m := range map[string][]byte{"a1": markers["udp-a1"], "plain": markers["udp-plain"]} {
+			to := "b1"
+			if from == "plain" {
+				to = "a1"
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					// Errors expected while the agent restarts: dropped,
+					// never sent in clear.
+					_, _ = query(c, p[from], addr(p[to], dnsPort), m)
+				}
+			}()
+		}
+		time.Sleep(time.Second)
+		restartAgent(t, c, "node-1")
+		time.Sleep(2 * time.Second)
+		close(stop)
+		wg.Wait()
+	})
+	// While node-1 has no agent, its kernel answers WireGuard datagrams
+	// with port unreachable (node address to node address, quoting the
+	// encrypted datagram's start): not pod traffic.
+	onlyWireGuard(t, pcap, markers, "icmp && !(icmp.type==3 && icmp.code==3 && udp.dstport==51820)")
+	e2eenv.WaitFor(t, 30*time.Second, "a1 -> b1 UDP after node-1's agent restarted", func() error {
+		_, err := query(c, p["a1"], addr(p["b1"], dnsPort), []byte("after restart"))
+		return err
+	})
 }
 
 // TestSameNodeUnaffected: pods of one node talk as before (meshed TCP and
