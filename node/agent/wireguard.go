@@ -63,7 +63,7 @@ func (a *Agent) newWireGuard() error {
 	}
 	wg, err := wireguard.New(wireguard.Config{
 		NodeName: a.cfg.NodeName, NodeIP: a.cfg.NodeIP, Port: c.Port, MTU: c.MTU, HostMTU: hostMTU, UnderlayMTU: a.cfg.UnderlayMTU,
-		StateDir: a.cfg.StateDir, MeshPort: a.cfg.MeshPort, EncryptAll: c.EncryptAll,
+		StateDir: a.cfg.StateDir, MeshPort: a.cfg.MeshPort, EncryptAll: c.EncryptAll, PodNetworks: a.cfg.Cluster,
 	}, a.client, a.reg, a.log.With("component", "wireguard"))
 	if err != nil {
 		return err

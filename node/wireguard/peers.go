@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -59,6 +60,9 @@ type Peers struct {
 	byOverlay  map[netip.Addr]string
 	// dirty are the nodes whose last configuration the device refused.
 	dirty map[string]bool
+	// podNetworks are the cluster's pod (and service) networks: peers'
+	// pod CIDRs must lie inside (unchecked when empty). Set before use.
+	podNetworks []netip.Prefix
 	// lastLocal, lastRouted and lastHeld are what onChange was last given.
 	lastLocal            []netip.Prefix
 	lastRouted, lastHeld []Peer
@@ -99,6 +103,11 @@ func (p *Peers) apply(name string, peer *Peer) {
 		p.unclaimLocked(name, old)
 	}
 	if peer != nil {
+		if peer.Err == nil && !peer.PublicKey.IsZero() && name != p.self {
+			if ok, err := p.checkPodCIDRsLocked(name, peer.PodCIDRs); err != nil {
+				peer.Err, peer.PodCIDRs = err, ok
+			}
+		}
 		p.nodes[name] = *peer
 		p.claimLocked(name, *peer)
 		if peer.Err != nil && (!had || old.Err == nil || old.Err.Error() != peer.Err.Error()) {
@@ -182,6 +191,53 @@ func (p *Peers) Retry() int {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	return len(p.dirty)
+}
+
+// ErrBadPodCIDR: a peer's pod CIDR is not one this node may route into
+// WireGuard or accept from it (the peer is refused).
+var ErrBadPodCIDR = errors.New("pod CIDR refused")
+
+// checkPodCIDRsLocked checks a WireGuard peer's pod CIDRs before they go
+// into its AllowedIPs and the encrypt-all routes (ahead of the main
+// table): each must lie inside the cluster's pod networks (when known),
+// not overlap this node's pod CIDRs or those of another accepted peer,
+// and hold no node's address. Otherwise a node could claim 0.0.0.0/0 or a
+// victim's range to draw its traffic, or inject packets from node
+// addresses. It returns the acceptable subset with the error.
+func (p *Peers) checkPodCIDRsLocked(name string, cidrs []netip.Prefix) ([]netip.Prefix, error) {
+	var ok []netip.Prefix
+	var errs []error
+	for _, c := range cidrs {
+		if err := p.checkPodCIDRLocked(name, c); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		ok = append(ok, c)
+	}
+	return ok, errors.Join(errs...)
+}
+
+func (p *Peers) checkPodCIDRLocked(name string, c netip.Prefix) error {
+	if len(p.podNetworks) > 0 && !slices.ContainsFunc(p.podNetworks, func(n netip.Prefix) bool { return n.Bits() <= c.Bits() && n.Contains(c.Addr()) }) {
+		return fmt.Errorf("%w: %s is outside the cluster's pod networks %v", ErrBadPodCIDR, c, p.podNetworks)
+	}
+	for other, n := range p.nodes {
+		if other == name {
+			continue
+		}
+		if n.NodeIP.IsValid() && c.Contains(n.NodeIP) {
+			return fmt.Errorf("%w: %s holds node %s's address %s", ErrBadPodCIDR, c, other, n.NodeIP)
+		}
+		if other != p.self && (n.Err != nil || !n.HasKey()) {
+			continue // only this node's and accepted peers' ranges are owned
+		}
+		for _, oc := range n.PodCIDRs {
+			if oc.Overlaps(c) {
+				return fmt.Errorf("%w: %s overlaps node %s's %s", ErrBadPodCIDR, c, other, oc)
+			}
+		}
+	}
+	return nil
 }
 
 // claimLocked records that node name has peer's addresses. Two nodes

@@ -299,3 +299,61 @@ func TestPeersReusedNodeIP(t *testing.T) {
 		t.Fatalf("10.0.0.2 belongs to %q, want x", name)
 	}
 }
+
+// TestPeersPodCIDRsChecked: a peer's pod CIDRs reach its AllowedIPs and
+// the encrypt-all routes only inside the cluster's pod networks, not
+// overlapping this node's, another peer's, or a node address; otherwise
+// the peer is refused (only its acceptable ranges are held).
+func TestPeersPodCIDRsChecked(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		cidrs []string
+		held  []string // the refused peer's ranges still blackholed
+	}{
+		{"everything", []string{"0.0.0.0/0"}, nil},
+		{"outside the cluster", []string{"192.168.0.0/24"}, nil},
+		{"wider than the cluster", []string{"10.244.0.0/15"}, nil},
+		{"this node's", []string{"10.244.0.0/25"}, nil},
+		{"another peer's", []string{"10.244.1.0/24"}, nil},
+		{"one good one bad", []string{"10.244.3.0/24", "10.244.1.128/25"}, []string{"10.244.3.0/24"}},
+		{"a node address", []string{"10.244.9.0/24"}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev := &fakeDevice{}
+			var routed, held []Peer
+			p := NewPeers("a", true, dev, func(_ []netip.Prefix, r, h []Peer) { routed, held = r, h }, discard())
+			p.podNetworks = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12")}
+			p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24"}, testPublished(t, "10.0.0.1").Annotations()))
+			p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, testPublished(t, "10.0.0.2").Annotations()))
+			p.Update(testNode("k", "10.244.9.7", nil, nil)) // a keyless node whose address is in the cluster range
+			dev.sets = nil
+
+			p.Update(testNode("m", "10.0.0.3", tc.cidrs, testPublished(t, "10.0.0.3").Annotations()))
+			if len(dev.sets) != 0 {
+				t.Fatalf("refused peer configured: %q", dev.sets)
+			}
+			if r, _ := p.Route(netip.MustParseAddr("10.0.0.3")); r != RouteRefused {
+				t.Fatalf("route %v", r)
+			}
+			if _, refused, _ := p.Counts(); refused != 1 {
+				t.Fatalf("refused count %d", refused)
+			}
+			if len(routed) != 1 || routed[0].Node != "b" {
+				t.Fatalf("routed %+v", routed)
+			}
+			var got []string
+			for _, h := range held {
+				for _, c := range h.PodCIDRs {
+					got = append(got, c.String())
+				}
+			}
+			if !slices.Equal(got, tc.held) {
+				t.Fatalf("held ranges %q, want %q", got, tc.held)
+			}
+			// The peer whose range it claimed is untouched.
+			if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteOverlay {
+				t.Fatalf("b: %v", r)
+			}
+		})
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -55,6 +56,10 @@ type Config struct {
 	// RouteTable and RulePriority are used by encrypt-all (defaults
 	// DefaultRouteTable, DefaultRulePriority).
 	RouteTable, RulePriority int
+	// PodNetworks are the cluster's pod (and service) CIDRs: a peer whose
+	// spec.podCIDRs are not inside is refused (peers.go). Unchecked when
+	// empty.
+	PodNetworks []netip.Prefix
 }
 
 func (c *Config) defaults() error {
@@ -160,6 +165,7 @@ func New(cfg Config, client kubernetes.Interface, reg prometheus.Registerer, log
 		onChange = t.routes.sync
 	}
 	t.peers = NewPeers(cfg.NodeName, cfg.EncryptAll, t.dev, onChange, log)
+	t.peers.podNetworks = slices.Clone(cfg.PodNetworks)
 	log.Info("wireguard key", "public_key", priv.PublicKey().String(), "created", created, "overlay", overlay.String())
 	return t, nil
 }
@@ -206,6 +212,11 @@ func (t *Transport) Ready() error {
 	}
 	if !t.synced.Load() {
 		return errors.New("wireguard: node informer not synced")
+	}
+	if t.routes != nil && !slices.ContainsFunc(t.peers.LocalPodCIDRs(), func(c netip.Prefix) bool { return c.Addr().Is4() }) {
+		// Encrypt-all routes from this node's IPv4 pod CIDR: without one
+		// nothing of its pods' traffic would be encrypted.
+		return errors.New("wireguard: encrypt-all: this node's Node has no IPv4 pod CIDR (spec.podCIDRs)")
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	goruntime "runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -331,7 +332,7 @@ func TestSyncedMeansPeersKnown(t *testing.T) {
 	objs = append(objs, testNode("a", "127.0.0.1", []string{"10.244.0.0/24"}, nil))
 	for i := 1; i <= n; i++ {
 		ip := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}).String()
-		objs = append(objs, testNode("n"+itoa(i), ip, []string{"10.245." + itoa(i%256) + ".0/24"}, testPublished(t, ip).Annotations()))
+		objs = append(objs, testNode("n"+itoa(i), ip, []string{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(200 + i>>8), byte(i), 0}), 24).String()}, testPublished(t, ip).Annotations()))
 	}
 	client := fake.NewClientset(objs...)
 	tr, err := New(Config{NodeName: "a", NodeIP: netip.MustParseAddr("127.0.0.1"), Port: freeUDPPort(t), StateDir: t.TempDir(), MeshPort: testMeshPort},
@@ -358,5 +359,28 @@ func waitForTight(t testing.TB, max time.Duration, what string, try func() bool)
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		goruntime.Gosched()
+	}
+}
+
+// TestReadyNeedsLocalPodCIDR: with encrypt-all the transport is not
+// ready while its own Node has no IPv4 pod CIDR.
+func TestReadyNeedsLocalPodCIDR(t *testing.T) {
+	requireRoot(t)
+	client := fake.NewClientset(testNode("a", "127.0.0.1", []string{"fd00:1::/64"}, nil))
+	tr, err := New(Config{NodeName: "a", NodeIP: netip.MustParseAddr("127.0.0.1"), Port: freeUDPPort(t), StateDir: t.TempDir(), MeshPort: testMeshPort, EncryptAll: true},
+		client, prometheus.NewRegistry(), discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(tr.dev.Close)
+	tr.published.Store(true)
+	tr.synced.Store(true)
+	tr.peers.Update(testNode("a", "127.0.0.1", []string{"fd00:1::/64"}, nil))
+	if err := tr.Ready(); err == nil || !strings.Contains(err.Error(), "IPv4 pod CIDR") {
+		t.Fatalf("no IPv4 pod CIDR: Ready %v", err)
+	}
+	tr.peers.Update(testNode("a", "127.0.0.1", []string{"10.244.0.0/24"}, nil))
+	if err := tr.Ready(); err != nil {
+		t.Fatalf("with a pod CIDR: %v", err)
 	}
 }
