@@ -17,6 +17,7 @@ import (
 
 	"github.com/tunmesh/tunmesh/deploy"
 	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/node/policy"
 	"github.com/tunmesh/tunmesh/node/observeapi"
 	"github.com/tunmesh/tunmesh/tools/internal/identitycli"
 )
@@ -109,7 +110,15 @@ func CheckProxy(ctx context.Context, client kubernetes.Interface, ns, selector s
 	}
 	checks := []identitycli.Check{ready, chained, proxyVersion(ctx, client, ns, versions)}
 
-	// Certificates of every meshed pod, as each agent holds them.
+	// Certificates of every meshed pod, as each agent holds them. The
+	// identity each should name comes from the Pod (its namespace and
+	// ServiceAccount, read from the API), not from the agent: an agent
+	// cannot vouch for itself. And every pod the mesh should serve on a
+	// node must be in its agent's list.
+	want, err := expectedMeshed(ctx, client, ns)
+	if err != nil {
+		return nil, err
+	}
 	var bad []string
 	total := 0
 	for _, n := range reached {
@@ -118,10 +127,26 @@ func CheckProxy(ctx context.Context, client kubernetes.Interface, ns, selector s
 			bad = append(bad, fmt.Sprintf("%s: %v", n, err))
 			continue
 		}
+		listed := map[string]bool{}
 		for _, pc := range pcs {
 			total++
-			if err := verifyPodCert(pc, anchors, now); err != nil {
-				bad = append(bad, fmt.Sprintf("%s/%s on %s: %v", pc.Namespace, pc.Name, n, err))
+			key := pc.Namespace + "/" + pc.Name
+			listed[key] = true
+			wp, known := want.pods[key]
+			switch {
+			case !known || wp.node != n:
+				bad = append(bad, fmt.Sprintf("%s on %s: the agent serves a pod the API does not list as running there", key, n))
+			case pc.Identity != wp.id:
+				bad = append(bad, fmt.Sprintf("%s on %s: the agent reports identity %s, the pod runs as %s", key, n, pc.Identity, wp.id))
+			default:
+				if err := verifyPodCert(pc, anchors, now); err != nil {
+					bad = append(bad, fmt.Sprintf("%s on %s: %v", key, n, err))
+				}
+			}
+		}
+		for _, key := range want.onNode[n] {
+			if !listed[key] {
+				bad = append(bad, fmt.Sprintf("%s on %s: meshed by policy but not served by the node's agent (started before tunmesh, or attached in fail-open: restart it)", key, n))
 			}
 		}
 	}
@@ -217,4 +242,57 @@ func proxyVersion(ctx context.Context, client kubernetes.Interface, ns string, v
 		}
 	}
 	return c
+}
+
+// meshedPods is what the API says the agents should serve.
+type meshedPods struct {
+	pods   map[string]runningPod // ns/name -> every running pod
+	onNode map[string][]string   // node -> ns/name of its pods the policy meshes
+}
+
+// runningPod is a pod's node and SPIFFE ID.
+type runningPod struct{ node, id string }
+
+// expectedMeshed reads the running pods, their namespaces and the trust
+// domain (tunmesh-config's trustDomain, default cluster.local), and works
+// out each pod's identity and whether the mesh policy meshes it (as the
+// agents do: not host-network, not in kube-system or the control
+// namespace, not opted out by annotation).
+func expectedMeshed(ctx context.Context, client kubernetes.Interface, controlNS string) (meshedPods, error) {
+	td := "cluster.local"
+	if cm, err := client.CoreV1().ConfigMaps(controlNS).Get(ctx, deploy.ConfigMapName, metav1.GetOptions{}); err == nil && cm.Data["trustDomain"] != "" {
+		td = cm.Data["trustDomain"]
+	} else if err != nil && !apierrors.IsNotFound(err) {
+		return meshedPods{}, fmt.Errorf("read %s/%s: %w", controlNS, deploy.ConfigMapName, err)
+	}
+	pods, err := client.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return meshedPods{}, fmt.Errorf("list pods: %w", err)
+	}
+	nsList, err := client.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return meshedPods{}, fmt.Errorf("list namespaces: %w", err)
+	}
+	namespaces := map[string]*corev1.Namespace{}
+	for i := range nsList.Items {
+		namespaces[nsList.Items[i].Name] = &nsList.Items[i]
+	}
+	pol := policy.Config{ExcludedNamespaces: []string{"kube-system", controlNS}}
+	out := meshedPods{pods: map[string]runningPod{}, onNode: map[string][]string{}}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		if p.Status.Phase != corev1.PodRunning || p.DeletionTimestamp != nil || p.Spec.NodeName == "" {
+			continue
+		}
+		key := p.Namespace + "/" + p.Name
+		sa := p.Spec.ServiceAccountName
+		if sa == "" {
+			sa = "default"
+		}
+		out.pods[key] = runningPod{node: p.Spec.NodeName, id: spiffe.ID{TrustDomain: td, Namespace: p.Namespace, ServiceAccount: sa}.String()}
+		if pp, _ := pol.For(p, namespaces[p.Namespace]); pp.Meshed && p.Status.PodIP != "" {
+			out.onNode[p.Spec.NodeName] = append(out.onNode[p.Spec.NodeName], key)
+		}
+	}
+	return out, nil
 }
