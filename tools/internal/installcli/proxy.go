@@ -17,8 +17,8 @@ import (
 
 	"github.com/tunmesh/tunmesh/deploy"
 	"github.com/tunmesh/tunmesh/identity/spiffe"
-	"github.com/tunmesh/tunmesh/node/policy"
 	"github.com/tunmesh/tunmesh/node/observeapi"
+	"github.com/tunmesh/tunmesh/node/policy"
 	"github.com/tunmesh/tunmesh/tools/internal/identitycli"
 )
 
