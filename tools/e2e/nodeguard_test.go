@@ -83,7 +83,8 @@ func TestNodeGuard(t *testing.T) {
 	if _, err := c.Client.CoreV1().Nodes().Patch(ctx, "node-1", types.MergePatchType, annotationPatch(foreign, "set-by-admin"), metav1.PatchOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	ours := []string{wireguard.AnnotationPublicKey, wireguard.AnnotationEndpoint, wireguard.AnnotationOverlay, observeapi.FingerprintAnnotation}
+	ours := []string{wireguard.AnnotationPublicKey, wireguard.AnnotationEndpoint, wireguard.AnnotationOverlay,
+		wireguard.AnnotationEncryptAll, observeapi.FingerprintAnnotation}
 	t.Cleanup(func() {
 		for _, k := range append(ours, foreign) {
 			_, _ = c.Client.CoreV1().Nodes().Patch(context.Background(), "node-1", types.MergePatchType, []byte(`{"metadata":{"annotations":{"`+k+`":null}}}`), metav1.PatchOptions{})
@@ -123,6 +124,7 @@ func TestNodeGuard(t *testing.T) {
 		{"another node's observability pin", agent, "node-2", `{"metadata":{"annotations":{"` + observeapi.FingerprintAnnotation + `":"00"}}}`, nil, "may not write node node-2"},
 		{"a label", agent, "node-1", `{"metadata":{"labels":{"e2e-nodeguard":"x"}}}`, nil, "labels"},
 		{"another annotation", agent, "node-1", `{"metadata":{"annotations":{"e2e.tunmesh.io/other":"x"}}}`, nil, "e2e.tunmesh.io/other"},
+		{"another tunmesh annotation", agent, "node-1", `{"metadata":{"annotations":{"tunmesh.io/inject":"disabled"}}}`, nil, "tunmesh.io/inject"},
 		{"removing the admin's annotation", agent, "node-1", `{"metadata":{"annotations":{"` + foreign + `":null}}}`, nil, foreign},
 		{"a tunmesh and another annotation", agent, "node-1", `{"metadata":{"annotations":{"` + wireguard.AnnotationPublicKey + `":"k","e2e.tunmesh.io/other":"x"}}}`, nil, "e2e.tunmesh.io/other"},
 		{"a taint", agent, "node-1", `{"spec":{"taints":[{"key":"e2e-nodeguard","effect":"NoSchedule"}]}}`, nil, "spec"},
