@@ -333,3 +333,19 @@ func TestDecideNamespaceMissing(t *testing.T) {
 		t.Fatalf("DecideSegment = %s/%q, want hold", got.Verdict, got.Reason)
 	}
 }
+
+// TestDecideSegmentSynAckToClusterIP (review finding 8): a SYN-ACK to a
+// ClusterIP is dropped, whatever the Service's endpoints; other segments
+// to a Service without meshed endpoints pass as before.
+func TestDecideSegmentSynAckToClusterIP(t *testing.T) {
+	d, _ := fixture()
+	for _, dst := range []netip.AddrPort{svcPlain, svcEmpty, svcMeshed} {
+		f := netstack.Flow{NIC: 1, Src: netip.AddrPortFrom(clientAddr, 8080), Dst: dst, SYNACK: true}
+		if got := d.DecideSegment(f); got.Verdict != Hold {
+			t.Errorf("SYN-ACK to %s: %s/%q, want hold", dst, got.Verdict, got.Reason)
+		}
+	}
+	if got := d.DecideSegment(netstack.Flow{NIC: 1, Src: netip.AddrPortFrom(clientAddr, 40000), Dst: svcPlain}); got.Verdict != Pass {
+		t.Errorf("a client's segment to an unmeshed Service: %s/%q, want pass", got.Verdict, got.Reason)
+	}
+}

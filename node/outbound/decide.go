@@ -300,6 +300,13 @@ func (d *Decider) DecideSegment(f netstack.Flow) Decision {
 	}
 	eps, isSvc, err := d.Services.Candidates(f.Dst)
 	if isSvc {
+		if f.SYNACK {
+			// No client connects from a ClusterIP (kube-proxy translates
+			// it on the client's side): a SYN-ACK to one is never
+			// legitimate, and it would dodge the plaintext check below
+			// (review finding 8).
+			return decision(Hold, ReasonClaimed)
+		}
 		if err != nil || src.Policy.SkipsOutbound(f.Dst.Port()) {
 			return decision(Pass, ReasonNotMeshed)
 		}
