@@ -197,6 +197,11 @@ func (e *enforcer) warnInvalid(p *corev1.Pod, d authz.Decision) {
 	e.log.Warn("invalid default inbound policy: denying", "pod", p.Name, "pod_namespace", p.Namespace)
 }
 
+var _ inbound.SyncWaiter = (*enforcer)(nil)
+
+// PoliciesSynced implements inbound.SyncWaiter.
+func (e *enforcer) PoliciesSynced() <-chan struct{} { return e.policies.SyncedC() }
+
 // AuthorizeInbound implements inbound.Authorizer.
 func (e *enforcer) AuthorizeInbound(r inbound.Request, src *corev1.Pod, dst *pods.Pod) (allowed, known bool, detail string) {
 	if !e.policies.Synced() {

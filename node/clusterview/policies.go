@@ -65,6 +65,8 @@ type Policies struct {
 	report  InvalidReporter
 	log     *slog.Logger
 	synced  atomic.Bool
+	// syncedC is closed when synced is set (SyncedC).
+	syncedC chan struct{}
 	// regs are the event handler registrations: an informer's HasSynced
 	// says its store has listed, a registration's that the handler (the
 	// rebuild of the compiled maps) has seen every listed object. Synced
@@ -88,7 +90,7 @@ func NewPolicies(client kubernetes.Interface, dyn dynamic.Interface, report Inva
 		factory: f, dynamic: df,
 		npInf:  f.Networking().V1().NetworkPolicies().Informer(),
 		azInf:  df.ForResource(authz.GroupVersionResource).Informer(),
-		report: report, log: log,
+		report: report, log: log, syncedC: make(chan struct{}),
 		netpols: map[string][]*netpol.Policy{}, authzs: map[string][]*authz.Authorization{}, invalidN: map[string]bool{},
 	}
 	// The dynamic informer comes with the namespace index already (adding
@@ -159,6 +161,7 @@ func (p *Policies) Run(ctx context.Context) error {
 		}
 	}
 	p.synced.Store(true)
+	close(p.syncedC)
 	p.log.Info("policy view synced", "networkpolicies", len(p.npInf.GetStore().ListKeys()), "authorizations", len(p.azInf.GetStore().ListKeys()))
 	<-ctx.Done()
 	p.factory.Shutdown()
@@ -180,6 +183,10 @@ func (p *Policies) handlersSynced() bool {
 // Synced reports whether both informers have synced and their handlers
 // have compiled what they listed.
 func (p *Policies) Synced() bool { return p.synced.Load() }
+
+// SyncedC returns a channel closed once Synced is true: waiters wake at
+// the sync instead of polling.
+func (p *Policies) SyncedC() <-chan struct{} { return p.syncedC }
 
 // Policies implements netpol.PolicySource.
 func (p *Policies) Policies(namespace string) []*netpol.Policy {

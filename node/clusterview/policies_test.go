@@ -143,8 +143,20 @@ func TestPoliciesSyncedMeansCompiled(t *testing.T) {
 	if p.Synced() {
 		t.Fatal("synced while the handlers have not compiled the listed policies")
 	}
+	select {
+	case <-p.SyncedC():
+		t.Fatal("SyncedC closed before the sync")
+	default:
+	}
 	unlock()
-	waitUntil(t, "sync", p.Synced)
+	select {
+	case <-p.SyncedC():
+	case <-time.After(5 * time.Second):
+		t.Fatal("SyncedC not closed at the sync")
+	}
+	if !p.Synced() {
+		t.Fatal("SyncedC closed before Synced")
+	}
 	if n, a := len(p.Policies("prod")), len(p.Authorizations("prod")); n != 1 || a != 1 {
 		t.Fatalf("synced with %d network policies and %d authorizations compiled, want 1 and 1", n, a)
 	}

@@ -367,9 +367,35 @@ func (a *Acceptor) check(r Request) (dst *pods.Pod, reason tunnel.Reason, detail
 	return dst, tunnel.ReasonNone, "", false
 }
 
+// SyncWaiter is optionally implemented by an Authorizer: PoliciesSynced
+// returns a channel closed once its policies have synced, so that
+// CheckWait, waiting while the Authorizer cannot tell, wakes at the sync
+// rather than at its bound (review finding 10: streams that arrived right
+// after an agent start waited the whole bound, then were refused).
+type SyncWaiter interface {
+	PoliciesSynced() <-chan struct{}
+}
+
+// policiesSynced is the Authorizer's sync channel while it is still open,
+// else nil (a closed one would wake every wait at once).
+func (a *Acceptor) policiesSynced() <-chan struct{} {
+	w, ok := a.cfg.Authorizer.(SyncWaiter)
+	if !ok {
+		return nil
+	}
+	c := w.PoliciesSynced()
+	select {
+	case <-c:
+		return nil
+	default:
+		return c
+	}
+}
+
 // CheckWait is Check that, while the only trouble is a source the cluster
-// view does not know yet, waits for the view to learn it (woken by its pod
-// events, bounded by SourceWait and ctx) and runs the whole check again.
+// view does not know yet (or an Authorizer that cannot tell yet), waits
+// for the view to learn it (woken by its pod events and the policies'
+// sync, bounded by SourceWait and ctx) and runs the whole check again.
 // It fails closed: still unknown at the bound is a refusal. waited is how
 // long it waited (zero when the first check decided).
 func (a *Acceptor) CheckWait(ctx context.Context, r Request) (dst *pods.Pod, reason tunnel.Reason, detail string, waited time.Duration) {
@@ -377,6 +403,7 @@ func (a *Acceptor) CheckWait(ctx context.Context, r Request) (dst *pods.Pod, rea
 	var timeout <-chan time.Time
 	for {
 		changed := a.cluster.Changed() // before the check: an event between the two wakes us
+		synced := a.policiesSynced()
 		dst, reason, detail, unknown := a.check(r)
 		if reason == tunnel.ReasonNone || !unknown {
 			if timeout != nil {
@@ -391,6 +418,7 @@ func (a *Acceptor) CheckWait(ctx context.Context, r Request) (dst *pods.Pod, rea
 		}
 		select {
 		case <-changed:
+		case <-synced:
 		case <-timeout:
 			return dst, reason, detail + fmt.Sprintf(" (still unknown after waiting %s for the cluster view)", a.cfg.SourceWait), time.Since(start)
 		case <-ctx.Done():

@@ -331,3 +331,42 @@ func TestHandshakeLimits(t *testing.T) {
 	}
 	_ = silent
 }
+
+// syncingAuthorizer cannot tell until synced is closed, then allows.
+type syncingAuthorizer struct{ synced chan struct{} }
+
+func (a syncingAuthorizer) PoliciesSynced() <-chan struct{} { return a.synced }
+func (a syncingAuthorizer) AuthorizeInbound(Request, *corev1.Pod, *pods.Pod) (bool, bool, string) {
+	select {
+	case <-a.synced:
+		return true, true, "allowed"
+	default:
+		return false, false, "policies not synced"
+	}
+}
+
+// TestCheckWaitWokenByPolicySync (review finding 10): a stream that
+// arrives before the policies have synced is decided at the sync, not
+// after the whole SourceWait.
+func TestCheckWaitWokenByPolicySync(t *testing.T) {
+	const bound = 3 * time.Second
+	cluster := &learningCluster{pods: map[netip.Addr][]*corev1.Pod{srcIP: {srcPod("job", "default", srcIP.String(), nodeA.String(), false)}}, changed: make(chan struct{})}
+	dst := &pods.Pod{Namespace: "prod", Name: "server", Addrs: []netip.Addr{dstIP}, NIC: 3, ID: id("prod", "server")}
+	authz := syncingAuthorizer{synced: make(chan struct{})}
+	a, err := New(Config{TrustDomain: "cluster.local", ControlNamespace: "tunmesh", SourceWait: bound, Authorizer: authz},
+		fakeLocal{dstIP: dst}, cluster, noCerts{}, noDial{}, nodemetrics.ForTest(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	timer := time.AfterFunc(50*time.Millisecond, func() { close(authz.synced) })
+	defer timer.Stop()
+	r := Request{ClientID: id("prod", "default"), ServerName: id("prod", "server").DNSName("tunmesh"), Peer: nodeA,
+		Header: tunnel.Header{Src: srcIP, Dst: netip.AddrPortFrom(dstIP, 8080)}}
+	got, reason, detail, waited := a.CheckWait(context.Background(), r)
+	if reason != tunnel.ReasonNone || got != dst {
+		t.Fatalf("CheckWait = %s (%s), want accepted after the sync", reason, detail)
+	}
+	if waited < 40*time.Millisecond || waited > bound/2 {
+		t.Fatalf("waited %s, want woken by the sync (~50ms), not the bound %s", waited, bound)
+	}
+}
