@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/netip"
 	"sort"
@@ -204,7 +205,7 @@ func (s *server) capture(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer release()
-	peers := &peerSet{log: s.cfg.Log, pod: p}
+	peers := &peerSet{log: s.cfg.Log, pod: p, local: localAddrs()}
 	peers.update()
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
@@ -300,12 +301,32 @@ func (s *server) packetSockets(p *pods.Pod, side capture.Side, keepWire func([]b
 // peerSet is the set of nodes a pod's meshed connections go through,
 // read by the wire source's reader (atomic), refreshed every second and,
 // at most every 100ms, when a packet matches no known peer (a connection
-// to a new node just opened).
+// to a new node just opened). A wire packet is kept when one end is such a
+// peer and the other an address of this node (local): a tunnel between
+// this node and a node the pod talks to. With a same-node pair this
+// node's own address is a peer too, and still only packets between this
+// node and a peer match, not every tunnel of the node.
 type peerSet struct {
 	set      atomic.Pointer[map[netip.Addr]bool]
+	local    map[netip.Addr]bool // this node's addresses, read once
 	log      *flowlog.Log
 	pod      *pods.Pod
 	lastMiss atomic.Int64 // unix nanos of the last refresh on a miss
+}
+
+// localAddrs are the addresses of the agent's (the node's) interfaces.
+func localAddrs() map[netip.Addr]bool {
+	m := map[netip.Addr]bool{}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return m
+	}
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil {
+			m[p.Addr().Unmap()] = true
+		}
+	}
+	return m
 }
 
 func (ps *peerSet) update() {
@@ -325,13 +346,19 @@ func (ps *peerSet) update() {
 	ps.set.Store(&m)
 }
 
+// match: one end a peer, the other this node.
+func (ps *peerSet) match(m map[netip.Addr]bool, src, dst netip.Addr) bool {
+	return m[src] && ps.local[dst] || m[dst] && ps.local[src]
+}
+
 // keep: a wire packet between this node and one of the pod's peers.
 func (ps *peerSet) keep(pkt []byte) bool {
 	_, src, dst, ok := capture.Ports(pkt, layers.LinkTypeEthernet)
 	if !ok {
 		return false
 	}
-	if m := ps.set.Load(); m != nil && ((*m)[src.Addr()] || (*m)[dst.Addr()]) {
+	sa, da := src.Addr().Unmap(), dst.Addr().Unmap()
+	if m := ps.set.Load(); m != nil && ps.match(*m, sa, da) {
 		return true
 	}
 	now := time.Now().UnixNano()
@@ -339,8 +366,7 @@ func (ps *peerSet) keep(pkt []byte) bool {
 		return false
 	}
 	ps.update()
-	m := ps.set.Load()
-	return (*m)[src.Addr()] || (*m)[dst.Addr()]
+	return ps.match(*ps.set.Load(), sa, da)
 }
 
 func (s *server) tap(w http.ResponseWriter, r *http.Request) {
