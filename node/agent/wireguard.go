@@ -32,6 +32,10 @@ type WireGuardConfig struct {
 	// EncryptAll (wireguard only) carries every packet a local pod sends
 	// to a pod of another WireGuard node through WireGuard too.
 	EncryptAll bool
+	// Required (wireguard only; strict, for after a rollout): nodes that
+	// publish no WireGuard key are refused (and, with EncryptAll, their
+	// pods' traffic dropped) instead of being reached on the underlay.
+	Required bool
 }
 
 func (c *WireGuardConfig) check() error {
@@ -39,6 +43,9 @@ func (c *WireGuardConfig) check() error {
 	case "", TransportTCP:
 		if c.EncryptAll {
 			return errors.New("agent config: encrypt-all needs transport wireguard")
+		}
+		if c.Required {
+			return errors.New("agent config: wireguard-required needs transport wireguard")
 		}
 	case TransportWireGuard:
 	default:
@@ -64,6 +71,7 @@ func (a *Agent) newWireGuard() error {
 	wg, err := wireguard.New(wireguard.Config{
 		NodeName: a.cfg.NodeName, NodeIP: a.cfg.NodeIP, Port: c.Port, MTU: c.MTU, HostMTU: hostMTU, UnderlayMTU: a.cfg.UnderlayMTU,
 		StateDir: a.cfg.StateDir, MeshPort: a.cfg.MeshPort, EncryptAll: c.EncryptAll, PodNetworks: a.cfg.Cluster,
+		Required: c.Required,
 	}, a.client, a.reg, a.log.With("component", "wireguard"))
 	if err != nil {
 		return err

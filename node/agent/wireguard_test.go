@@ -17,6 +17,8 @@ func TestWireGuardConfigCheck(t *testing.T) {
 		{WireGuardConfig{EncryptAll: true}, false},
 		{WireGuardConfig{Transport: TransportTCP, EncryptAll: true}, false},
 		{WireGuardConfig{Transport: "ipsec"}, false},
+		{WireGuardConfig{Transport: TransportWireGuard, EncryptAll: true, Required: true}, true},
+		{WireGuardConfig{Required: true}, false},
 	} {
 		if err := tc.c.check(); (err == nil) != tc.ok {
 			t.Errorf("%+v: err %v, want ok %v", tc.c, err, tc.ok)

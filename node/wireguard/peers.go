@@ -63,6 +63,10 @@ type Peers struct {
 	// podNetworks are the cluster's pod (and service) networks: peers'
 	// pod CIDRs must lie inside (unchecked when empty). Set before use.
 	podNetworks []netip.Prefix
+	// required (strict mode, after a rollout): a node that publishes no
+	// key is refused and its pod CIDRs held, never reached in clear.
+	// Set before use.
+	required bool
 	// lastLocal, lastRouted and lastHeld are what onChange was last given.
 	lastLocal            []netip.Prefix
 	lastRouted, lastHeld []Peer
@@ -103,7 +107,7 @@ func (p *Peers) apply(name string, peer *Peer) {
 		p.unclaimLocked(name, old)
 	}
 	if peer != nil {
-		if peer.Err == nil && !peer.PublicKey.IsZero() && name != p.self {
+		if peer.Err == nil && (!peer.PublicKey.IsZero() || p.required) && name != p.self {
 			if ok, err := p.checkPodCIDRsLocked(name, peer.PodCIDRs); err != nil {
 				peer.Err, peer.PodCIDRs = err, ok
 			}
@@ -319,7 +323,7 @@ func (p *Peers) snapshotLocked() (local []netip.Prefix, routed, held []Peer) {
 		local = slices.Clone(self.PodCIDRs)
 	}
 	for name, n := range p.nodes {
-		if name == p.self || !n.HasKey() {
+		if name == p.self || !n.HasKey() && !p.required {
 			continue
 		}
 		c, ok := p.configured[name]
@@ -328,6 +332,8 @@ func (p *Peers) snapshotLocked() (local []netip.Prefix, routed, held []Peer) {
 			held = append(held, n)
 		case c.EncryptAll:
 			routed = append(routed, c)
+		case p.required:
+			held = append(held, n) // strict: its pods are not reached in clear
 		default:
 			// A WireGuard node without encrypt-all (a rolling change of
 			// the setting): it could not deliver pod packets that came
@@ -347,7 +353,13 @@ func (p *Peers) Route(nodeIP netip.Addr) (Route, netip.Addr) {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	name, ok := p.byIP[nodeIP.Unmap()]
-	if !ok || name == p.self {
+	if ok && name == p.self {
+		return RouteUnderlay, netip.Addr{}
+	}
+	if !ok {
+		if p.required {
+			return RouteRefused, netip.Addr{} // not a node we know
+		}
 		return RouteUnderlay, netip.Addr{}
 	}
 	n := p.nodes[name]
@@ -355,6 +367,9 @@ func (p *Peers) Route(nodeIP netip.Addr) (Route, netip.Addr) {
 		return RouteRefused, netip.Addr{}
 	}
 	if !n.HasKey() {
+		if p.required {
+			return RouteRefused, netip.Addr{}
+		}
 		return RouteUnderlay, netip.Addr{}
 	}
 	// Overlay only when the device has what the node publishes now (not
@@ -388,6 +403,8 @@ func (p *Peers) Counts() (configured, refused, underlay int) {
 	for name, n := range p.nodes {
 		switch {
 		case name == p.self:
+		case !n.HasKey() && p.required:
+			refused++
 		case !n.HasKey():
 			underlay++
 		case n.Err != nil:

@@ -357,3 +357,49 @@ func TestPeersPodCIDRsChecked(t *testing.T) {
 		})
 	}
 }
+
+// TestPeersRequired: in strict mode a node that publishes no key (new, or
+// its key annotation deleted) is refused and its pod CIDRs held, as is a
+// WireGuard node without encrypt-all; this node itself stays underlay.
+func TestPeersRequired(t *testing.T) {
+	dev := &fakeDevice{}
+	var routed, held []Peer
+	p := NewPeers("a", true, dev, func(_ []netip.Prefix, r, h []Peer) { routed, held = r, h }, discard())
+	p.required = true
+	p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24"}, nil))
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.1")); r != RouteUnderlay {
+		t.Fatalf("self: %v", r)
+	}
+	pubB := testPublished(t, "10.0.0.2")
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB.Annotations()))
+	p.Update(testNode("c", "10.0.0.3", []string{"10.244.2.0/24"}, nil))
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.3")); r != RouteRefused {
+		t.Fatalf("keyless node in strict mode: %v", r)
+	}
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.99")); r != RouteRefused {
+		t.Fatalf("unknown address in strict mode: %v", r)
+	}
+	if len(routed) != 1 || routed[0].Node != "b" || len(held) != 1 || held[0].Node != "c" {
+		t.Fatalf("routed %+v held %+v", routed, held)
+	}
+	if c, r, u := p.Counts(); c != 1 || r != 1 || u != 0 {
+		t.Fatalf("counts configured %d refused %d underlay %d", c, r, u)
+	}
+	// b's key annotation deleted: refused and held, not downgraded.
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, nil))
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteRefused {
+		t.Fatalf("key deleted in strict mode: %v", r)
+	}
+	if len(routed) != 0 || len(held) != 2 {
+		t.Fatalf("after b's key went: routed %+v held %+v", routed, held)
+	}
+	// A WireGuard node without encrypt-all: held too.
+	pubB.EncryptAll = false
+	p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, pubB.Annotations()))
+	if len(routed) != 0 || len(held) != 2 {
+		t.Fatalf("b without encrypt-all: routed %+v held %+v", routed, held)
+	}
+	if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteOverlay {
+		t.Fatalf("b's mesh tunnels: %v", r)
+	}
+}

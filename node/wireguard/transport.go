@@ -60,6 +60,10 @@ type Config struct {
 	// spec.podCIDRs are not inside is refused (peers.go). Unchecked when
 	// empty.
 	PodNetworks []netip.Prefix
+	// Required (strict mode, once every node runs transport wireguard):
+	// nodes that publish no key are refused and, with EncryptAll, their
+	// pod CIDRs blackholed, instead of being reached on the underlay.
+	Required bool
 }
 
 func (c *Config) defaults() error {
@@ -166,6 +170,7 @@ func New(cfg Config, client kubernetes.Interface, reg prometheus.Registerer, log
 	}
 	t.peers = NewPeers(cfg.NodeName, cfg.EncryptAll, t.dev, onChange, log)
 	t.peers.podNetworks = slices.Clone(cfg.PodNetworks)
+	t.peers.required = cfg.Required
 	log.Info("wireguard key", "public_key", priv.PublicKey().String(), "created", created, "overlay", overlay.String())
 	return t, nil
 }
