@@ -42,8 +42,8 @@ func TestWirePeers(t *testing.T) {
 	meshed := func(src string, peer netip.Addr) {
 		log.Open(flowlog.Conn{Proxy: flowlog.Out, Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort("10.2.0.9:80"), TLS: flowlog.TLSTrue, Peer: peer})
 	}
-	meshed("10.1.0.5:4000", peer) // web-1 to a pod on peer
-	meshed("10.1.0.5:4001", self) // web-1 to a pod on this node
+	meshed("10.1.0.5:4000", peer)  // web-1 to a pod on peer
+	meshed("10.1.0.5:4001", self)  // web-1 to a pod on this node
 	meshed("10.1.0.6:4000", other) // bank's pod to other
 	ps := &peerSet{log: log, pod: pod, local: map[netip.Addr]bool{self: true}}
 	ps.update()
