@@ -37,8 +37,13 @@ func (f fakeAuth) Authenticate(r *http.Request) (access.User, error) {
 	return access.User{Name: tok, Method: "token"}, nil
 }
 
+// Authorize: a grant "user subresource ns" covers every pod of ns (and
+// namespace-wide calls), "user subresource ns/pod" that pod only.
 func (f fakeAuth) Authorize(_ context.Context, u access.User, a access.Attributes) error {
 	if f.grants[u.Name+" "+a.Subresource+" "+a.Namespace] {
+		return nil
+	}
+	if a.Name != "" && f.grants[u.Name+" "+a.Subresource+" "+a.Namespace+"/"+a.Name] {
 		return nil
 	}
 	return access.ErrForbidden
@@ -69,7 +74,7 @@ func newEnvWith(t *testing.T, change func(*Config)) *env {
 		return flowlog.PodRef{}
 	}, nil, flowlog.Options{})
 	cfg := Config{
-		Auth: fakeAuth{grants: map[string]bool{"alice capture shop": true, "alice tap shop": true, "alice edges shop": true}},
+		Auth: fakeAuth{grants: map[string]bool{"alice capture shop": true, "alice tap shop": true, "alice edges shop": true, "carol tap shop/web-1": true, "carol capture shop/web-1": true}},
 		Pods: fakePods{{Namespace: "shop", Name: "web-1", NIC: 3, Addrs: []netip.Addr{netip.MustParseAddr("10.1.0.5")}}},
 		Log:  e.log,
 		TapNIC: func(netstack.NICID, netstack.PacketTap) (func(), error) {
@@ -132,6 +137,12 @@ func TestAccess(t *testing.T) {
 		{"alice", EdgesPath, 403}, // cluster-wide needs a cluster-wide grant
 		{"alice", EdgesPath + "?namespace=shop", 200},
 		{"bob", PodsPath + "?namespace=shop", 403},
+		// A grant on one pod: that pod's tap, not the namespace's, not
+		// another pod's capture.
+		{"carol", TapPath + "?namespace=shop&pod=web-1", 200},
+		{"carol", TapPath + "?namespace=shop", 403},
+		{"carol", CapturePath + "?namespace=shop&pod=web-2", 403},
+		{"carol", CapturePath + "?namespace=bank&pod=web-1", 403},
 	}
 	for _, c := range cases {
 		resp := e.get(t, c.user, c.path)
@@ -242,5 +253,23 @@ func TestPods(t *testing.T) {
 	}
 	if len(pcs) != 1 || pcs[0].Name != "web-1" || strings.Count(pcs[0].Chain, "BEGIN CERTIFICATE") != 2 {
 		t.Fatalf("pods %+v", pcs)
+	}
+}
+
+// TestEdgesOfOneNamespace: a namespace's edges leave out the connections
+// of another namespace's pods.
+func TestEdgesOfOneNamespace(t *testing.T) {
+	e := newEnv(t)
+	e.log.Open(flowlog.Conn{Proxy: flowlog.Out, Src: netip.MustParseAddrPort("10.1.0.5:5000"), Dst: netip.MustParseAddrPort("10.1.1.9:80"), TLS: flowlog.TLSTrue})
+	e.log.Open(flowlog.Conn{Proxy: flowlog.Out, Src: netip.MustParseAddrPort("10.3.0.1:5000"), Dst: netip.MustParseAddrPort("10.3.0.2:80"), TLS: flowlog.TLSTrue,
+		SrcPod: flowlog.PodRef{Namespace: "bank", Name: "api-1"}, DstPod: flowlog.PodRef{Namespace: "bank", Name: "db-1"}})
+	resp := e.get(t, "alice", EdgesPath+"?namespace=shop")
+	defer resp.Body.Close()
+	var edges []flowlog.Edge
+	if err := json.NewDecoder(resp.Body).Decode(&edges); err != nil {
+		t.Fatal(err)
+	}
+	if len(edges) != 1 || edges[0].Src.Namespace != "shop" {
+		t.Fatalf("shop's edges %+v, want web-1's connection only", edges)
 	}
 }
