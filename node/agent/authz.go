@@ -78,7 +78,10 @@ func (e *enforcer) pod(p *pods.Pod) (*corev1.Pod, error) {
 	return obj, nil
 }
 
-func (e *enforcer) outbound(src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) (authz.Decision, error) {
+// outbound judges a meshed flow from the local pod src at from (the
+// flow's source address: netstack admits only the NIC's own addresses)
+// to dst.
+func (e *enforcer) outbound(src *pods.Pod, from netip.Addr, dst netip.AddrPort, dstPod *corev1.Pod) (authz.Decision, error) {
 	if !e.policies.Synced() {
 		return authz.Decision{}, clusterview.ErrNotSynced
 	}
@@ -86,7 +89,7 @@ func (e *enforcer) outbound(src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Po
 	if err != nil {
 		return authz.Decision{}, err
 	}
-	d := e.engine.Outbound(sp, src.ID, dst, dstPod)
+	d := e.engine.Outbound(sp, from, src.ID, dst, dstPod)
 	if d.Kind == authz.KindLookup {
 		return d, errors.New(d.Detail)
 	}
@@ -94,14 +97,14 @@ func (e *enforcer) outbound(src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Po
 }
 
 // Outbound implements outbound.Access.
-func (e *enforcer) Outbound(_ netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) (bool, error) {
-	d, err := e.outbound(src, dst, dstPod)
+func (e *enforcer) Outbound(f netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) (bool, error) {
+	d, err := e.outbound(src, f.Src.Addr(), dst, dstPod)
 	return d.Allowed, err
 }
 
 // Denied implements outbound.Access.
 func (e *enforcer) Denied(f netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) {
-	d, err := e.outbound(src, dst, dstPod)
+	d, err := e.outbound(src, f.Src.Addr(), dst, dstPod)
 	if err != nil || d.Allowed {
 		return // changed meanwhile; the next SYN is judged again
 	}
@@ -128,7 +131,7 @@ func (e *enforcer) egress(from netip.AddrPort, src *pods.Pod, dst netip.AddrPort
 	if err != nil {
 		return false, fmt.Errorf("egress peer lookup: %w", err)
 	}
-	d := e.engine.Egress(sp, dst, dp, proto)
+	d := e.engine.Egress(sp, from.Addr(), dst, dp, proto)
 	if !d.Allowed {
 		e.report.Denied(authz.AtSource, from, dst, d, "src_pod", src.FullName(), "client_id", src.ID.String())
 	}

@@ -40,13 +40,13 @@ func BenchmarkOutbound(b *testing.B) {
 			IdentityRef{ServiceAccount: &ServiceAccountRef{Name: "frontend", Namespace: "web"}}))
 		e := w.engine(b)
 		dst := netip.MustParseAddrPort("10.244.1.10:8080")
-		if d := e.Outbound(client, *id("web", "frontend"), dst, server); !d.Allowed {
+		if d := e.Outbound(client, podIP(client), *id("web", "frontend"), dst, server); !d.Allowed {
 			b.Fatalf("n=%d: %+v", n, d)
 		}
 		b.Run(fmt.Sprintf("policies=%d", n), func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				e.Outbound(client, *id("web", "frontend"), dst, server)
+				e.Outbound(client, podIP(client), *id("web", "frontend"), dst, server)
 			}
 		})
 	}

@@ -142,6 +142,18 @@ func NetpolPod(p *corev1.Pod) *netpol.Pod {
 	return np
 }
 
+// PodAddr is p's address of addr's family (Status.PodIPs), else its
+// first: the source address of p's connection to addr where no verified
+// one is at hand (tunmeshctl).
+func PodAddr(p *corev1.Pod, addr netip.Addr) netip.Addr {
+	for _, pi := range p.Status.PodIPs {
+		if a, err := netip.ParseAddr(pi.IP); err == nil && a.Is4() == addr.Unmap().Is4() {
+			return a
+		}
+	}
+	return podIP(p)
+}
+
 func podIP(p *corev1.Pod) netip.Addr {
 	if p == nil {
 		return netip.Addr{}
@@ -151,13 +163,15 @@ func podIP(p *corev1.Pod) netip.Addr {
 }
 
 // Outbound is the source agent's check of a meshed flow from the local pod
-// src (verified: the NIC it came from) with identity srcID to dst, the
+// src at srcIP (verified: the NIC it came from and one of the NIC's
+// addresses, so of dst's family on a dual-stack pod, where
+// Status.PodIP is only the first) with identity srcID to dst, the
 // meshed pod dstPod: src's egress policies, then dst's whole inbound
 // policy as its agent will apply it. Deciding at the source lets a denied
 // flow be dropped before the pod's connection is accepted.
-func (e *Engine) Outbound(src *corev1.Pod, srcID spiffe.ID, dst netip.AddrPort, dstPod *corev1.Pod) Decision {
+func (e *Engine) Outbound(src *corev1.Pod, srcIP netip.Addr, srcID spiffe.ID, dst netip.AddrPort, dstPod *corev1.Pod) Decision {
 	c := netpol.Conn{
-		Src:  netpol.Endpoint{IP: podIP(src), Pod: NetpolPod(src)},
+		Src:  netpol.Endpoint{IP: srcIP, Pod: NetpolPod(src)},
 		Dst:  netpol.Endpoint{IP: dst.Addr(), Pod: NetpolPod(dstPod)},
 		Port: int32(dst.Port()),
 	}
@@ -179,10 +193,10 @@ func (e *Engine) Outbound(src *corev1.Pod, srcID spiffe.ID, dst netip.AddrPort, 
 // host TUN, not through the pod's veth, so a CNI that enforces egress on
 // the veth never sees them: the agent applies it instead. Only egress:
 // the destination's ingress is its own CNI's (or agent's) business.
-// proto is "" for TCP.
-func (e *Engine) Egress(src *corev1.Pod, dst netip.AddrPort, dstPod *corev1.Pod, proto corev1.Protocol) Decision {
+// srcIP is src's verified address (as for Outbound); proto is "" for TCP.
+func (e *Engine) Egress(src *corev1.Pod, srcIP netip.Addr, dst netip.AddrPort, dstPod *corev1.Pod, proto corev1.Protocol) Decision {
 	v := e.netpol.Egress(netpol.Conn{
-		Src:      netpol.Endpoint{IP: podIP(src), Pod: NetpolPod(src)},
+		Src:      netpol.Endpoint{IP: srcIP, Pod: NetpolPod(src)},
 		Dst:      netpol.Endpoint{IP: dst.Addr(), Pod: NetpolPod(dstPod)},
 		Port:     int32(dst.Port()),
 		Protocol: proto,

@@ -245,11 +245,11 @@ func TestEngine(t *testing.T) {
 		w := world{pods: []*corev1.Pod{server, frontend, other}, ns: namespaces, netpols: []*networkingv1.NetworkPolicy{egressDeny}, authzs: []*AuthorizationObject{onlyFrontendSA}}
 		e := w.engine(t)
 		dst := netip.MustParseAddrPort("10.244.1.10:8080")
-		d := e.Outbound(frontend, *id("web", "frontend"), dst, server)
+		d := e.Outbound(frontend, podIP(frontend), *id("web", "frontend"), dst, server)
 		if d.Allowed || d.Direction != "egress" || d.Policy != "web/no-egress" {
 			t.Fatalf("egress-denied source: %+v", d)
 		}
-		d = e.Outbound(other, *id("web", "other"), dst, server)
+		d = e.Outbound(other, podIP(other), *id("web", "other"), dst, server)
 		if d.Allowed || d.Direction != "ingress" || d.Reason != ReasonNotAuthorized || len(d.Steps) != 3 {
 			t.Fatalf("unauthorized source: %+v", d)
 		}
@@ -274,3 +274,29 @@ func podName(p *corev1.Pod) string {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestOutboundSourceAddress (review finding 11): the destination's
+// ipBlock rules see the flow's verified source address, of the flow's
+// family, not the pod's first Status.PodIP.
+func TestOutboundSourceAddress(t *testing.T) {
+	server := testPod("prod", "api", "10.244.1.10", "api", map[string]string{"app": "api"}, nil)
+	client := testPod("web", "frontend", "10.244.2.10", "frontend", nil, nil)
+	client.Status.PodIPs = []corev1.PodIP{{IP: "10.244.2.10"}, {IP: "fd00:10:244:2::10"}}
+	onlyV6 := np("prod", "from-v6-block", nil, ingressAll, []networkingv1.NetworkPolicyIngressRule{{
+		From: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: "fd00:10:244:2::/64"}}},
+	}}, nil)
+	w := world{pods: []*corev1.Pod{server, client}, ns: []*corev1.Namespace{nsObj("prod", nil, nil), nsObj("web", nil, nil)},
+		netpols: []*networkingv1.NetworkPolicy{onlyV6}}
+	e := w.engine(t)
+	dst := netip.MustParseAddrPort("[fd00:10:244:1::10]:8080")
+	v6 := netip.MustParseAddr("fd00:10:244:2::10")
+	if d := e.Outbound(client, v6, *id("web", "frontend"), dst, server); !d.Allowed {
+		t.Fatalf("from the v6 address: %+v, want allowed by the v6 ipBlock", d)
+	}
+	if got := PodAddr(client, dst.Addr()); got != v6 {
+		t.Fatalf("PodAddr for a v6 destination = %s, want %s", got, v6)
+	}
+	if d := e.Outbound(client, podIP(client), *id("web", "frontend"), dst, server); d.Allowed {
+		t.Fatalf("from the v4 PodIP: %+v, want denied (the case the source address decides)", d)
+	}
+}

@@ -27,11 +27,11 @@ type engineAccess struct {
 	denied []string // dst of each Denied call
 }
 
-func (a *engineAccess) Outbound(_ netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) (bool, error) {
+func (a *engineAccess) Outbound(f netstack.Flow, src *pods.Pod, dst netip.AddrPort, dstPod *corev1.Pod) (bool, error) {
 	if a.err != nil {
 		return false, a.err
 	}
-	return a.e.Outbound(a.c.pods[src.Addrs[0]], src.ID, dst, dstPod).Allowed, nil
+	return a.e.Outbound(a.c.pods[src.Addrs[0]], f.Src.Addr(), src.ID, dst, dstPod).Allowed, nil
 }
 
 func (a *engineAccess) Denied(_ netstack.Flow, _ *pods.Pod, dst netip.AddrPort, _ *corev1.Pod) {
@@ -58,7 +58,7 @@ func (a *engineAccess) Egress(f netstack.Flow, src *pods.Pod, dst netip.AddrPort
 	if a.err != nil {
 		return false, a.err
 	}
-	d := a.e.Egress(a.c.pods[src.Addrs[0]], dst, a.c.pods[dst.Addr()], "")
+	d := a.e.Egress(a.c.pods[src.Addrs[0]], f.Src.Addr(), dst, a.c.pods[dst.Addr()], "")
 	if !d.Allowed {
 		a.denied = append(a.denied, dst.String())
 	}

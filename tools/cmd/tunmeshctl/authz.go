@@ -259,7 +259,7 @@ func runAuthz(ctx context.Context, client kubernetes.Interface, dyn dynamic.Inte
 	var d authz.Decision
 	if srcPol.Meshed && !srcPol.SkipsOutbound(uint16(port)) && !dstPol.SkipsInbound(uint16(port)) {
 		fmt.Fprintf(w, "\nfrom %s/%s (meshed, identity %s) to port %d:\n", src.Namespace, src.Name, srcID, port)
-		d = eng.Outbound(src, srcID, netip.AddrPortFrom(dstIP, uint16(port)), dst)
+		d = eng.Outbound(src, authz.PodAddr(src, dstIP), srcID, netip.AddrPortFrom(dstIP, uint16(port)), dst)
 	} else {
 		fmt.Fprintf(w, "\nfrom %s/%s (plaintext) to port %d:\n", src.Namespace, src.Name, port)
 		srcIP, _ := netip.ParseAddr(src.Status.PodIP)
