@@ -6,12 +6,15 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"golang.org/x/crypto/curve25519"
+	"golang.org/x/sys/unix"
 )
 
 // KeyFile is the private key's file name under the agent's state
@@ -73,15 +76,30 @@ func (k Key) PublicKey() Key {
 // one and writes it (0600, atomically) when there is none. A file that is
 // there but does not parse, or that others can read, is an error: the
 // agent does not silently replace (rotate) a key, nor use one that leaked.
+//
+// The file is opened with O_NOFOLLOW and must be a regular file owned by
+// the agent's user: a symlink or someone else's file in the state
+// directory is not taken as the node's identity.
 func LoadOrCreateKey(dir string) (priv Key, created bool, err error) {
 	path := filepath.Join(dir, KeyFile)
-	fi, err := os.Stat(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 	switch {
 	case err == nil:
+		defer f.Close()
+		fi, err := f.Stat()
+		if err != nil {
+			return priv, false, fmt.Errorf("stat wireguard key: %w", err)
+		}
+		if !fi.Mode().IsRegular() {
+			return priv, false, fmt.Errorf("wireguard key %s: %v, want a regular file", path, fi.Mode().Type())
+		}
 		if fi.Mode().Perm()&0o077 != 0 {
 			return priv, false, fmt.Errorf("wireguard key %s: mode %v, want 0600", path, fi.Mode().Perm())
 		}
-		b, err := os.ReadFile(path)
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+			return priv, false, fmt.Errorf("wireguard key %s: owned by uid %d, not this agent's %d", path, st.Uid, os.Geteuid())
+		}
+		b, err := io.ReadAll(io.LimitReader(f, 1024))
 		if err != nil {
 			return priv, false, fmt.Errorf("read wireguard key: %w", err)
 		}
@@ -90,8 +108,10 @@ func LoadOrCreateKey(dir string) (priv Key, created bool, err error) {
 			return priv, false, fmt.Errorf("wireguard key %s: %w", path, err)
 		}
 		return priv, false, nil
+	case errors.Is(err, unix.ELOOP):
+		return priv, false, fmt.Errorf("wireguard key %s: a symlink: %w", path, err)
 	case !errors.Is(err, fs.ErrNotExist):
-		return priv, false, fmt.Errorf("stat wireguard key: %w", err)
+		return priv, false, fmt.Errorf("open wireguard key: %w", err)
 	}
 	if priv, err = NewPrivateKey(); err != nil {
 		return priv, false, err

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 )
 
@@ -121,4 +122,52 @@ func hexKey(t *testing.T, s string) Key {
 		t.Fatalf("hex round trip %s", k.Hex())
 	}
 	return k
+}
+
+// TestLoadOrCreateKeyRefusesSymlinkAndStranger: a symlink in place of the
+// key (even to a good key), a FIFO, or a key file owned by another user
+// is refused, and left as it is.
+func TestLoadOrCreateKeyRefusesSymlinkAndStranger(t *testing.T) {
+	good := mustKey(t).String() + "\n"
+	t.Run("symlink", func(t *testing.T) {
+		dir := t.TempDir()
+		target := filepath.Join(t.TempDir(), "elsewhere.key")
+		if err := os.WriteFile(target, []byte(good), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(target, filepath.Join(dir, KeyFile)); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := LoadOrCreateKey(dir); err == nil {
+			t.Fatal("a symlinked key was accepted")
+		}
+		if fi, err := os.Lstat(filepath.Join(dir, KeyFile)); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+			t.Fatalf("the symlink was replaced: %v %v", fi, err)
+		}
+	})
+	t.Run("fifo", func(t *testing.T) {
+		dir := t.TempDir()
+		if err := syscall.Mkfifo(filepath.Join(dir, KeyFile), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := LoadOrCreateKey(dir); err == nil {
+			t.Fatal("a FIFO was accepted")
+		}
+	})
+	t.Run("owned by another user", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root to chown")
+		}
+		dir := t.TempDir()
+		p := filepath.Join(dir, KeyFile)
+		if err := os.WriteFile(p, []byte(good), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(p, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := LoadOrCreateKey(dir); err == nil {
+			t.Fatal("another user's key file was accepted")
+		}
+	})
 }
