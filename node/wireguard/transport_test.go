@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -242,8 +243,8 @@ func TestUnderlayListenerRefusesWireGuardNodes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var refused int
-	ln := &underlayListener{Listener: inner, route: p.Route, refused: func() { refused++ }}
+	var refused atomic.Int32 // counted on the accept goroutine
+	ln := &underlayListener{Listener: inner, route: p.Route, refused: func() { refused.Add(1) }}
 	defer ln.Close()
 	accepted := make(chan string, 4)
 	go func() {
@@ -268,8 +269,8 @@ func TestUnderlayListenerRefusesWireGuardNodes(t *testing.T) {
 		c.Close()
 	}
 	got := []string{<-accepted, <-accepted}
-	if !bytes.Equal([]byte(got[0]+got[1]), []byte("127.0.0.3127.0.0.1")) || refused != 1 {
-		t.Fatalf("accepted %v refused %d, want 127.0.0.3 and 127.0.0.1 accepted, 127.0.0.2 refused", got, refused)
+	if !bytes.Equal([]byte(got[0]+got[1]), []byte("127.0.0.3127.0.0.1")) || refused.Load() != 1 {
+		t.Fatalf("accepted %v refused %d, want 127.0.0.3 and 127.0.0.1 accepted, 127.0.0.2 refused", got, refused.Load())
 	}
 }
 
