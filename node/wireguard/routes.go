@@ -44,6 +44,7 @@ const (
 
 type routes struct {
 	table, prio int
+	nsPath      string // the node's network namespace
 	log         *slog.Logger
 
 	mu       sync.Mutex // guards the fields below
@@ -58,8 +59,8 @@ type routes struct {
 	synced bool
 }
 
-func newRoutes(table, prio int, log *slog.Logger) *routes {
-	return &routes{table: table, prio: prio, log: log}
+func newRoutes(table, prio int, nsPath string, log *slog.Logger) *routes {
+	return &routes{table: table, prio: prio, nsPath: nsPath, log: log}
 }
 
 // open makes the netlink handle in the node's namespace (once).
@@ -79,8 +80,6 @@ func (r *routes) openLocked(nsPath string) error {
 	}
 	return r.hErr
 }
-
-var nodeNetns = "/proc/self/ns/net"
 
 // attach records the host TUN's ifindex and reconciles.
 func (r *routes) attach(ifindex int) {
@@ -127,7 +126,7 @@ func v4(ps []netip.Prefix) []netip.Prefix {
 }
 
 func (r *routes) reconcileLocked() {
-	if err := r.openLocked(nodeNetns); err != nil {
+	if err := r.openLocked(r.nsPath); err != nil {
 		r.log.Error("encrypt-all routes", "err", err)
 		return
 	}
@@ -154,7 +153,7 @@ func (r *routes) close() {
 func (r *routes) release() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if err := r.openLocked(nodeNetns); err != nil {
+	if err := r.openLocked(r.nsPath); err != nil {
 		return err
 	}
 	return reconcile(r.h, r.table, r.prio, 0, nil, nil, nil, true)

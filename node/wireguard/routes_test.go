@@ -14,9 +14,9 @@ import (
 )
 
 // testRoutesNetns makes a fresh named network namespace with a dummy
-// "host TUN" link, points nodeNetns at it, and returns a handle in it and
-// the link's ifindex. Everything goes in t.Cleanup.
-func testRoutesNetns(t *testing.T) (*netlink.Handle, int) {
+// "host TUN" link, and returns its path, a handle in it and the link's
+// ifindex. Everything goes in t.Cleanup.
+func testRoutesNetns(t *testing.T) (string, *netlink.Handle, int) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (network namespaces)")
@@ -59,10 +59,7 @@ func testRoutesNetns(t *testing.T) (*netlink.Handle, int) {
 	if err := h.LinkSetUp(l); err != nil {
 		t.Fatal(err)
 	}
-	old := nodeNetns
-	nodeNetns = "/var/run/netns/" + name
-	t.Cleanup(func() { nodeNetns = old })
-	return h, l.Attrs().Index
+	return "/var/run/netns/" + name, h, l.Attrs().Index
 }
 
 // tableState is the encrypt-all rules ("from <src>") and routes ("<dst>
@@ -105,7 +102,7 @@ func wantTable(t *testing.T, h *netlink.Handle, step string, rules, routes []str
 // never remove the rule or the blackholes the previous agent left; only a
 // synced view deletes, and only what left; release removes everything.
 func TestRoutesSurviveRestart(t *testing.T) {
-	h, link := testRoutesNetns(t)
+	nsPath, h, link := testRoutesNetns(t)
 	local := []netip.Prefix{netip.MustParsePrefix("10.244.0.0/24")}
 	b := Peer{Node: "b", PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}}
 	c := Peer{Node: "c", PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")}}
@@ -113,7 +110,7 @@ func TestRoutesSurviveRestart(t *testing.T) {
 
 	// Agent 1 runs: rule, routes into the host TUN, blackholes (the
 	// refused peer d only blackholed).
-	r1 := newRoutes(DefaultRouteTable, DefaultRulePriority, discard())
+	r1 := newRoutes(DefaultRouteTable, DefaultRulePriority, nsPath, discard())
 	r1.attach(link)
 	r1.sync(local, []Peer{b, c}, []Peer{bad})
 	r1.markSynced()
@@ -122,7 +119,7 @@ func TestRoutesSurviveRestart(t *testing.T) {
 	r1.close()
 
 	// Agent 2 starts on the same device: nothing is removed until synced.
-	r2 := newRoutes(DefaultRouteTable, DefaultRulePriority, discard())
+	r2 := newRoutes(DefaultRouteTable, DefaultRulePriority, nsPath, discard())
 	t.Cleanup(r2.close)
 	r2.attach(link)
 	wantTable(t, h, "agent 2 after attach", []string{"from 10.244.0.0/24"}, full)
@@ -146,4 +143,48 @@ func TestRoutesSurviveRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantTable(t, h, "released", nil, nil)
+}
+
+// TestHoldNodeNetns: the namespace New holds is its calling thread's, not
+// whatever /proc/self/ns/net (the thread-group leader's) names, and the
+// path keeps naming it after the thread moves on.
+func TestHoldNodeNetns(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (network namespaces)")
+	}
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	other, err := netns.New() // this thread only
+	if err != nil {
+		runtime.UnlockOSThread()
+		t.Fatal(err)
+	}
+	defer other.Close()
+	path, herr := holdNodeNetns()
+	if err := netns.Set(orig); err != nil {
+		t.Fatalf("back to the original netns: %v", err) // the thread stays locked and dies with the test goroutine
+	}
+	runtime.UnlockOSThread()
+	if herr != nil {
+		t.Fatal(herr)
+	}
+	held, err := netns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if !held.Equal(other) {
+		t.Fatalf("held %s, want the calling thread's namespace %s", held, other)
+	}
+	if self, err := netns.GetFromPath("/proc/self/ns/net"); err == nil {
+		defer self.Close()
+		if held.Equal(self) {
+			t.Fatal("held the thread-group leader's namespace")
+		}
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	goruntime "runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	corev1 "k8s.io/api/core/v1"
@@ -51,7 +54,10 @@ type Config struct {
 	// EncryptAll carries all cross-node pod traffic (see routes.go).
 	EncryptAll bool
 	// NetnsPath is the node's network namespace, where the UDP socket
-	// opens (default /proc/self/ns/net: the agent's own, the node's).
+	// opens and encrypt-all programs its routes (default: the namespace
+	// of the thread that calls New, held open from then on, so that a
+	// thread-group leader later locked into a pod's namespace, which
+	// /proc/self/ns/net names, is never taken for the node's).
 	NetnsPath string
 	// RouteTable and RulePriority are used by encrypt-all (defaults
 	// DefaultRouteTable, DefaultRulePriority).
@@ -87,9 +93,6 @@ func (c *Config) defaults() error {
 	}
 	if c.MTU < 1280 || c.MTU > 65000 || c.HostMTU < 1280 || c.HostMTU > 65000 {
 		return fmt.Errorf("wireguard config: mtu %d, host mtu %d: want 1280 to 65000", c.MTU, c.HostMTU)
-	}
-	if c.NetnsPath == "" {
-		c.NetnsPath = "/proc/self/ns/net"
 	}
 	if c.RouteTable == 0 {
 		c.RouteTable = DefaultRouteTable
@@ -148,6 +151,11 @@ func New(cfg Config, client kubernetes.Interface, reg prometheus.Registerer, log
 	if err != nil {
 		return nil, err
 	}
+	if cfg.NetnsPath == "" {
+		if cfg.NetnsPath, err = holdNodeNetns(); err != nil {
+			return nil, err
+		}
+	}
 	tn, err := NewTUN(overlay, cfg.MTU)
 	if err != nil {
 		return nil, err
@@ -155,7 +163,7 @@ func New(cfg Config, client kubernetes.Interface, reg prometheus.Registerer, log
 	t := &Transport{cfg: cfg, client: client, log: log, priv: priv, tun: tn, hostFD: -1,
 		hostReady: make(chan struct{}), republish: make(chan struct{}, 1)}
 	if cfg.EncryptAll {
-		t.routes = newRoutes(cfg.RouteTable, cfg.RulePriority, log)
+		t.routes = newRoutes(cfg.RouteTable, cfg.RulePriority, cfg.NetnsPath, log)
 	}
 	if t.metrics, err = newMetrics(reg, t); err != nil {
 		tn.Close()
@@ -400,4 +408,18 @@ func (t *Transport) publish(ctx context.Context) {
 		}
 		backoff = min(2*backoff, 10*time.Second)
 	}
+}
+
+// holdNodeNetns opens the calling thread's network namespace (the node's:
+// New runs before the agent enters any pod's) and returns a path that
+// names it for the process's lifetime (/proc/self/fd/N; the fd is never
+// closed: the transport uses it until the process exits).
+func holdNodeNetns() (string, error) {
+	goruntime.LockOSThread()
+	defer goruntime.UnlockOSThread()
+	ns, err := netns.GetFromPath(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
+	if err != nil {
+		return "", fmt.Errorf("wireguard: open the node's network namespace: %w", err)
+	}
+	return fmt.Sprintf("/proc/self/fd/%d", int(ns)), nil
 }
