@@ -114,6 +114,11 @@ func (p *Peers) apply(name string, peer *Peer) {
 		}
 		p.nodes[name] = *peer
 		p.claimLocked(name, *peer)
+		if name == p.self && p.encryptAll && (!had || !slices.Equal(old.PodCIDRs, peer.PodCIDRs)) &&
+			slices.ContainsFunc(peer.PodCIDRs, func(c netip.Prefix) bool { return c.Addr().Is6() }) {
+			p.log.Warn("DUAL STACK: encrypt-all carries IPv4 pod traffic only; this node's pods' IPv6 traffic to other nodes is NOT encrypted (mesh tunnels still are)",
+				"pod_cidrs", fmt.Sprint(peer.PodCIDRs))
+		}
 		if peer.Err != nil && (!had || old.Err == nil || old.Err.Error() != peer.Err.Error()) {
 			p.log.Warn("wireguard peer refused: its annotations are not usable; not reached until fixed", "node", name, "err", peer.Err)
 		}

@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"log/slog"
@@ -401,5 +402,22 @@ func TestPeersRequired(t *testing.T) {
 	}
 	if r, _ := p.Route(netip.MustParseAddr("10.0.0.2")); r != RouteOverlay {
 		t.Fatalf("b's mesh tunnels: %v", r)
+	}
+}
+
+// TestPeersWarnDualStack: with encrypt-all, an IPv6 pod CIDR on this node
+// is warned about (its pods' IPv6 traffic is not encrypted), once.
+func TestPeersWarnDualStack(t *testing.T) {
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	p := NewPeers("a", true, &fakeDevice{}, nil, log)
+	p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24"}, nil))
+	if strings.Contains(logs.String(), "DUAL STACK") {
+		t.Fatalf("IPv4 only warned: %s", logs.String())
+	}
+	p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24", "fd00:10:244::/64"}, nil))
+	p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24", "fd00:10:244::/64"}, nil))
+	if n := strings.Count(logs.String(), "DUAL STACK"); n != 1 {
+		t.Fatalf("dual stack warned %d times, want once: %s", n, logs.String())
 	}
 }
