@@ -139,19 +139,21 @@ func (e *enforcer) egress(from netip.AddrPort, src *pods.Pod, dst netip.AddrPort
 }
 
 // Plaintext implements outbound.Access: src is the local meshed pod
-// answering the plaintext client at f.Dst. The node's own address
-// (kubelet probes, if the pod's gateway bypass does not already keep them
-// off tm0) is always let through, as NetworkPolicy implementations do.
+// answering the plaintext client at f.Dst. The node's own address (the
+// kubelet, if the pod's gateway bypass does not already keep its probes
+// off tm0) is let through to the pod's declared probe ports only, as
+// NetworkPolicy implementations let the node probe: a probe on the
+// serving port opens that port to every process of the node (docs/policy.md).
 func (e *enforcer) Plaintext(f netstack.Flow, src *pods.Pod, skipped bool) (bool, error) {
-	if f.Dst.Addr() == e.nodeIP {
-		return true, nil
-	}
-	if !e.policies.Synced() {
-		return false, clusterview.ErrNotSynced
-	}
 	sp, err := e.pod(src)
 	if err != nil {
 		return false, err
+	}
+	if f.Dst.Addr() == e.nodeIP && authz.ProbePort(sp, f.Src.Port()) {
+		return true, nil // before the policies' sync: probes keep working across an agent restart
+	}
+	if !e.policies.Synced() {
+		return false, clusterview.ErrNotSynced
 	}
 	var d authz.Decision
 	if skipped {

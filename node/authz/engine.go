@@ -7,6 +7,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/node/netpol"
@@ -140,6 +141,50 @@ func NetpolPod(p *corev1.Pod) *netpol.Pod {
 		}
 	}
 	return np
+}
+
+// ProbePort reports whether port is one of p's declared network probes'
+// ports (liveness, readiness, startup; TCP, HTTP or gRPC; a named port
+// resolved against the same container's ports). The agent lets its
+// node's address (the kubelet) reach only these in plaintext whatever
+// the pod's policy, as NetworkPolicy implementations let the node probe.
+func ProbePort(p *corev1.Pod, port uint16) bool {
+	for _, cs := range [][]corev1.Container{p.Spec.InitContainers, p.Spec.Containers} {
+		for _, c := range cs {
+			for _, pr := range []*corev1.Probe{c.LivenessProbe, c.ReadinessProbe, c.StartupProbe} {
+				if pr == nil {
+					continue
+				}
+				var pv intstr.IntOrString
+				switch {
+				case pr.TCPSocket != nil:
+					pv = pr.TCPSocket.Port
+				case pr.HTTPGet != nil:
+					pv = pr.HTTPGet.Port
+				case pr.GRPC != nil:
+					pv = intstr.FromInt32(pr.GRPC.Port)
+				default:
+					continue
+				}
+				if probePortIs(pv, c.Ports, port) {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+func probePortIs(pv intstr.IntOrString, ports []corev1.ContainerPort, port uint16) bool {
+	if pv.Type == intstr.Int {
+		return pv.IntVal == int32(port)
+	}
+	for _, cp := range ports {
+		if cp.Name == pv.StrVal {
+			return cp.ContainerPort == int32(port)
+		}
+	}
+	return false
 }
 
 // PodAddr is p's address of addr's family (Status.PodIPs), else its

@@ -300,3 +300,23 @@ func TestOutboundSourceAddress(t *testing.T) {
 		t.Fatalf("from the v4 PodIP: %+v, want denied (the case the source address decides)", d)
 	}
 }
+
+// TestProbePort: the ports of network probes, named ones resolved in
+// their container; exec probes and other ports are not probe ports.
+func TestProbePort(t *testing.T) {
+	p := &corev1.Pod{Spec: corev1.PodSpec{
+		InitContainers: []corev1.Container{{Name: "sidecar", StartupProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{GRPC: &corev1.GRPCAction{Port: 9000}}}}},
+		Containers: []corev1.Container{
+			{Name: "app", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}, {Name: "health", ContainerPort: 8081}},
+				ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Port: intstr.FromString("health")}}},
+				LivenessProbe:  &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"true"}}}}},
+			{Name: "db", LivenessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(5432)}}},
+				ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromString("http")}}}}, // not its own port name: matches nothing
+		},
+	}}
+	for port, want := range map[uint16]bool{8081: true, 5432: true, 9000: true, 8080: false, 22: false} {
+		if got := ProbePort(p, port); got != want {
+			t.Errorf("ProbePort(%d) = %v, want %v", port, got, want)
+		}
+	}
+}

@@ -73,20 +73,38 @@ func slimPod(p *corev1.Pod) *corev1.Pod {
 }
 
 // slimContainers keeps the containers' ports (NetworkPolicy and
-// Authorization named ports) and names, nothing else; nil when no
-// container declares a port.
+// Authorization named ports), names, and their probes' ports (the node's
+// kubelet is let through to those only: authz.ProbePort), nothing else;
+// nil when no container declares a port or a probe.
 func slimContainers(cs []corev1.Container) []corev1.Container {
 	var out []corev1.Container
 	for i, c := range cs {
-		if len(c.Ports) == 0 {
+		lp, rp, sp := slimProbe(c.LivenessProbe), slimProbe(c.ReadinessProbe), slimProbe(c.StartupProbe)
+		if len(c.Ports) == 0 && lp == nil && rp == nil && sp == nil {
 			continue
 		}
 		if out == nil {
 			out = make([]corev1.Container, 0, len(cs)-i)
 		}
-		out = append(out, corev1.Container{Name: c.Name, Ports: c.Ports})
+		out = append(out, corev1.Container{Name: c.Name, Ports: c.Ports, LivenessProbe: lp, ReadinessProbe: rp, StartupProbe: sp})
 	}
 	return out
+}
+
+// slimProbe keeps the port of a network probe (TCP, HTTP, gRPC); nil for
+// none or an exec probe.
+func slimProbe(p *corev1.Probe) *corev1.Probe {
+	switch {
+	case p == nil:
+		return nil
+	case p.TCPSocket != nil:
+		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: p.TCPSocket.Port}}}
+	case p.HTTPGet != nil:
+		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Port: p.HTTPGet.Port}}}
+	case p.GRPC != nil:
+		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{GRPC: &corev1.GRPCAction{Port: p.GRPC.Port}}}
+	}
+	return nil
 }
 
 // slimNamespace keeps a namespace's metadata (its annotations carry the

@@ -12,6 +12,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/cache"
 
@@ -90,6 +91,20 @@ func TestSlimPodKeepsWhatTheAgentReads(t *testing.T) {
 	}
 	if _, ok := p.Annotations[lastApplied]; !ok {
 		t.Error("slimPod changed the original's annotations")
+	}
+	// Probes keep their port only (the node's probes are let through to
+	// those ports: authz.ProbePort); a container with only a probe stays.
+	withProbe := benchPod(t)
+	withProbe.Spec.Containers[0].Ports = nil
+	withProbe.Spec.Containers[0].ReadinessProbe = &corev1.Probe{PeriodSeconds: 3,
+		ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz", Port: intstr.FromString("health")}}}
+	withProbe.Spec.Containers[0].LivenessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"true"}}}}
+	sp := slimPod(withProbe)
+	if len(sp.Spec.Containers) != 1 || sp.Spec.Containers[0].ReadinessProbe == nil ||
+		sp.Spec.Containers[0].ReadinessProbe.HTTPGet.Port != intstr.FromString("health") ||
+		sp.Spec.Containers[0].ReadinessProbe.HTTPGet.Path != "" || sp.Spec.Containers[0].ReadinessProbe.PeriodSeconds != 0 ||
+		sp.Spec.Containers[0].LivenessProbe != nil {
+		t.Errorf("slim probes: %+v, want the readiness probe's port only", sp.Spec.Containers)
 	}
 	// Idempotent, as a TransformFunc should be.
 	if again := slimPod(s); again.Name != s.Name || again.Status.PodIP != s.Status.PodIP {
