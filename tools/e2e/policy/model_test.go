@@ -2,6 +2,7 @@ package policy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -151,23 +153,58 @@ func serveOK(t *testing.T, c *e2eenv.Cluster, pod *corev1.Pod, port int) {
 
 const probeTimeout = 3 * time.Second
 
-// probe reports whether from reaches to:port: the connection opens and
-// the server's byte arrives. A denied meshed flow times out (the source
-// agent drops the SYN) or is reset (the destination agent refuses it); a
-// denied plaintext flow times out (the server's SYN-ACK is dropped).
-func (m *model) probe(from, to podRef, port int) bool {
+// Outcomes of a probe. Every denial the agents enforce drops (the source
+// agent drops the SYN, or the server's agent its SYN-ACK to a plaintext
+// client), so the client times out; a reset or any other error is not a
+// policy denial (a missing server, a refusal of the mesh) and never
+// counts as one.
+const (
+	outcomeOK      = "ok"
+	outcomeTimeout = "timeout"
+	outcomeReset   = "reset"
+)
+
+// probe tells how from's connection to to:port ends: outcomeOK (the
+// connection opens and the server's byte arrives), outcomeTimeout,
+// outcomeReset (refused or reset), or the error.
+func (m *model) probe(from, to podRef, port int) string {
 	ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
 	defer cancel()
 	dst := net.JoinHostPort(m.pods[to].Status.PodIP, fmt.Sprint(port))
 	conn, err := namedns.DialContext(ctx, m.c.PodNetns(m.pods[from]), "tcp", dst)
 	if err != nil {
-		return false
+		return classify(err)
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(probeTimeout))
 	b := make([]byte, 1)
 	n, err := conn.Read(b)
-	return err == nil && n == 1 && b[0] == 'k'
+	switch {
+	case err != nil:
+		return classify(err)
+	case n != 1 || b[0] != 'k':
+		return fmt.Sprintf("read %q", b[:n])
+	}
+	return outcomeOK
+}
+
+func classify(err error) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return outcomeTimeout
+	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET), errors.Is(err, io.EOF):
+		return outcomeReset
+	}
+	return "error: " + err.Error()
+}
+
+// outcome is what a probe must observe for an expected reachability.
+func outcome(allowed bool) string {
+	if allowed {
+		return outcomeOK
+	}
+	return outcomeTimeout
 }
 
 // reach is an expected reachability: from -> to -> allowed.
@@ -219,17 +256,20 @@ func (m *model) check(t *testing.T, port int, want reach, timeout time.Duration)
 	deadline := time.Now().Add(timeout)
 	for {
 		got := reach{}
+		kinds := map[podRef]map[podRef]string{}
 		var mu sync.Mutex
 		var wg sync.WaitGroup
 		for f, row := range want {
 			got[f] = map[podRef]bool{}
+			kinds[f] = map[podRef]string{}
 			for to := range row {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					ok := m.probe(f, to, port)
+					o := m.probe(f, to, port)
 					mu.Lock()
-					got[f][to] = ok
+					got[f][to] = o == outcomeOK
+					kinds[f][to] = o
 					mu.Unlock()
 				}()
 			}
@@ -238,8 +278,8 @@ func (m *model) check(t *testing.T, port int, want reach, timeout time.Duration)
 		var wrong []string
 		for f, row := range want {
 			for to, v := range row {
-				if got[f][to] != v {
-					wrong = append(wrong, fmt.Sprintf("%s -> %s:%d reached=%v, want %v", f, to, port, got[f][to], v))
+				if kinds[f][to] != outcome(v) {
+					wrong = append(wrong, fmt.Sprintf("%s -> %s:%d %s, want %s", f, to, port, kinds[f][to], outcome(v)))
 				}
 			}
 		}

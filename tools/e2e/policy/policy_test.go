@@ -80,6 +80,22 @@ func TestNetworkPolicyAndAuthorization(t *testing.T) {
 		m.check(t, 80, newReach(true, withPlain, meshed), propagation)
 	})
 
+	t.Run("egress default-deny in x stops its meshed pods reaching a non-meshed pod", func(t *testing.T) {
+		// Passed-through (plaintext) flows of meshed pods leave through the
+		// agent's host TUN, not the pod's veth where a CNI enforces egress:
+		// the agent applies the egress policy itself (review finding 2).
+		rows, cols := []podRef{xa, xb, ya}, []podRef{m.plain}
+		m.check(t, 80, newReach(true, rows, cols), propagation)
+		before := agentMetric(t, c, "tunmesh_policy_denials_total", `policy_name="deny-egress"`)
+		defer m.apply(t, np(x, "deny-egress", sel(), networkingv1.PolicyTypeEgress))()
+		want := newReach(true, rows, cols)
+		want.expectPeer(x, "", "", "", false)
+		m.check(t, 80, want, propagation)
+		if after := agentMetric(t, c, "tunmesh_policy_denials_total", `policy_name="deny-egress"`); after <= before {
+			t.Errorf("tunmesh_policy_denials_total for deny-egress %v -> %v: want the plaintext egress denials counted", before, after)
+		}
+	})
+
 	t.Run("default-deny ingress in x blocks meshed and plaintext clients", func(t *testing.T) {
 		before := agentMetric(t, c, "tunmesh_policy_denials_total", `policy_name="deny-ingress"`)
 		defer m.apply(t, np(x, "deny-ingress", sel()))()
