@@ -231,7 +231,7 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	}
 	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Synced: a.gate.Synced, Policy: pol, TrustDomain: cfg.TrustDomain, Access: a.enforcer}
 	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace, LocalAddr: cfg.NodeIP,
-		DisableV3: cfg.TunnelV2Only, DialTCP: a.wgDialTCP(), Metrics: m, Log: log.With("component", "dialer")}
+		DisableV3: cfg.TunnelV2Only, DialTCP: a.wgDialTCP(), RouteOf: a.wgRouteOf(), Metrics: m, Log: log.With("component", "dialer")}
 	a.dialer = dl
 	a.outbound, err = outbound.NewHandler(decider, dl, res, certs, outbound.Options{Flows: a.obs.flows}, m, log.With("component", "outbound"))
 	if err != nil {

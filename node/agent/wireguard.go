@@ -94,6 +94,14 @@ func (a *Agent) wgDialTCP() func(ctx context.Context, node netip.Addr, port int)
 	return a.wg.DialTCP(a.cfg.NodeIP)
 }
 
+// wgRouteOf is the dialer's RouteOf hook: nil with transport tcp.
+func (a *Agent) wgRouteOf() func(node netip.Addr) string {
+	if a.wg == nil {
+		return nil
+	}
+	return a.wg.RouteOf
+}
+
 // wgAttachHost hands the host TUN to the transport (encrypt-all).
 func (a *Agent) wgAttachHost(fd int) error {
 	if a.wg == nil {

@@ -82,6 +82,12 @@ type Dialer struct {
 	// peers that publish a key through the overlay (and fails rather than
 	// fall back to the underlay).
 	DialTCP func(ctx context.Context, node netip.Addr, port int) (net.Conn, error)
+	// RouteOf, if set, names the path DialTCP takes to a node now (the
+	// WireGuard transport: underlay, or overlay to an address). A pooled
+	// connection made on another path than the node's current one is
+	// drained (no new streams; its streams go on): a node that switches
+	// to WireGuard is not reached on the underlay for MaxConnAge more.
+	RouteOf func(node netip.Addr) string
 	// MaxStreamsPerConn is how many streams a pooled connection carries
 	// before another connection is opened for its key (default 100);
 	// MaxConnsPerKey caps the connections of one key (default 8), past
@@ -138,6 +144,7 @@ type keyPool struct {
 type pooledConn struct {
 	created time.Time
 	leaf    []byte // the client certificate it was made with (DER); nil: unknown
+	route   string // RouteOf its node when it was added
 }
 
 // leafCheckEvery is how often a Dial compares the pooled connections'
@@ -271,6 +278,7 @@ func (d *Dialer) pick(key poolKey) (s *mux.Session, wait <-chan struct{}, dialHe
 	if maxConns <= 0 {
 		maxConns = DefaultMaxConnsPerKey
 	}
+	route := d.routeOf(key.node) // outside d.mu: the transport has its own lock
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
@@ -289,7 +297,7 @@ func (d *Dialer) pick(key poolKey) (s *mux.Session, wait <-chan struct{}, dialHe
 		maxAge = DefaultMaxConnAge
 	}
 	for _, cand := range kp.sessions {
-		if time.Since(kp.born[cand].created) > maxAge {
+		if pc := kp.born[cand]; time.Since(pc.created) > maxAge || pc.route != route {
 			cand.Drain()
 		}
 		n, inFlight, closed := cand.Load()
@@ -391,6 +399,7 @@ func (d *Dialer) currentLeaf(key poolKey) []byte {
 // reserved on it, made with client certificate leaf) to the pool; false
 // if the dialer was closed meanwhile.
 func (d *Dialer) dialDone(key poolKey, s *mux.Session, leaf []byte) bool {
+	route := d.routeOf(key.node)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	kp := d.keyPoolLocked(key)
@@ -402,17 +411,25 @@ func (d *Dialer) dialDone(key poolKey, s *mux.Session, leaf []byte) bool {
 		return false
 	}
 	if s != nil {
-		kp.addLocked(s, leaf)
+		kp.addLocked(s, leaf, route)
 	}
 	return true
 }
 
-func (kp *keyPool) addLocked(s *mux.Session, leaf []byte) {
+// routeOf is RouteOf(node), or "" without the hook.
+func (d *Dialer) routeOf(node netip.Addr) string {
+	if d.RouteOf == nil {
+		return ""
+	}
+	return d.RouteOf(node)
+}
+
+func (kp *keyPool) addLocked(s *mux.Session, leaf []byte, route string) {
 	kp.sessions = append(kp.sessions, s)
 	if kp.born == nil {
 		kp.born = map[*mux.Session]pooledConn{}
 	}
-	kp.born[s] = pooledConn{created: time.Now(), leaf: leaf}
+	kp.born[s] = pooledConn{created: time.Now(), leaf: leaf, route: route}
 }
 
 // newSession starts a client session on tc with one stream reserved.
@@ -450,6 +467,7 @@ func (d *Dialer) newSession(tc *tls.Conn, t Target) *mux.Session {
 func (d *Dialer) addSession(t Target, tc *tls.Conn, leaf []byte) (*mux.Session, error) {
 	s := d.newSession(tc, t)
 	key := poolKey{src: t.SrcID, dst: t.DstID, node: t.DstNode}
+	route := d.routeOf(t.DstNode)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
@@ -457,7 +475,7 @@ func (d *Dialer) addSession(t Target, tc *tls.Conn, leaf []byte) (*mux.Session, 
 		return nil, ErrClosed
 	}
 	delete(d.v2, t.DstNode)
-	d.keyPoolLocked(key).addLocked(s, leaf)
+	d.keyPoolLocked(key).addLocked(s, leaf, route)
 	return s, nil
 }
 

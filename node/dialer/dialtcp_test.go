@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -50,4 +51,56 @@ func TestDialTCPHook(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestPoolDrainsOnRouteChange: a pooled connection made on one path to a
+// node (RouteOf: the underlay) is drained once the node's path changes
+// (it switched to WireGuard): the next stream opens a new connection,
+// the old one's streams go on, and an unchanged path keeps reusing.
+func TestPoolDrainsOnRouteChange(t *testing.T) {
+	p := startPeer(t, true)
+	d := newTestDialer(t, p)
+	d.IdleTimeout = time.Hour
+	var route atomic.Value
+	route.Store("underlay")
+	d.RouteOf = func(n netip.Addr) string {
+		if n != p.addr {
+			t.Errorf("RouteOf(%s), want the target's node %s", n, p.addr)
+		}
+		return route.Load().(string)
+	}
+	old, err := d.Dial(t.Context(), tgt(p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, old)
+	again, err := d.Dial(t.Context(), tgt(p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, again)
+	again.Close()
+	if got := p.conns.Load(); got != 1 {
+		t.Fatalf("same path: %d connections, want 1 (reused)", got)
+	}
+	route.Store("overlay fd74:6d77:67::7f00:1")
+	fresh, err := d.Dial(t.Context(), tgt(p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, fresh)
+	if got := p.conns.Load(); got != 2 {
+		t.Fatalf("after the path changed: %d connections, want 2 (the old one drained)", got)
+	}
+	roundTrip(t, old) // a drained connection's streams go on
+	old.Close()
+	deadline := time.Now().Add(2 * time.Second)
+	for d.Conns() != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pooled connections, want the drained one closed", d.Conns())
+		}
+		d.reap(time.Hour)
+		time.Sleep(10 * time.Millisecond)
+	}
+	fresh.Close()
 }

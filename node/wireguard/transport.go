@@ -266,6 +266,17 @@ func (t *Transport) DialTCP(localAddr netip.Addr) func(ctx context.Context, node
 	}
 }
 
+// RouteOf names the path DialTCP takes to the node at nodeIP now (the
+// dialer's RouteOf hook: pooled connections made on another path are
+// drained).
+func (t *Transport) RouteOf(nodeIP netip.Addr) string {
+	route, overlay := t.peers.Route(nodeIP)
+	if overlay.IsValid() {
+		return route.String() + " " + overlay.String()
+	}
+	return route.String()
+}
+
 // UnderlayListener wraps the mesh listener on the node address: tunnels
 // from nodes that publish a key are refused there (counted).
 func (t *Transport) UnderlayListener(ln net.Listener) net.Listener {
