@@ -209,7 +209,7 @@ var ErrBadPodCIDR = errors.New("pod CIDR refused")
 // checkPodCIDRsLocked checks a WireGuard peer's pod CIDRs before they go
 // into its AllowedIPs and the encrypt-all routes (ahead of the main
 // table): each must lie inside the cluster's pod networks (when known),
-// not overlap this node's pod CIDRs or those of another accepted peer,
+// not overlap the pod CIDRs of this node or another (not refused) node,
 // and hold no node's address. Otherwise a node could claim 0.0.0.0/0 or a
 // victim's range to draw its traffic, or inject packets from node
 // addresses. It returns the acceptable subset with the error.
@@ -227,7 +227,7 @@ func (p *Peers) checkPodCIDRsLocked(name string, cidrs []netip.Prefix) ([]netip.
 }
 
 func (p *Peers) checkPodCIDRLocked(name string, c netip.Prefix) error {
-	if len(p.podNetworks) > 0 && !slices.ContainsFunc(p.podNetworks, func(n netip.Prefix) bool { return n.Bits() <= c.Bits() && n.Contains(c.Addr()) }) {
+	if len(p.podNetworks) > 0 && !p.inPodNetworks(c) {
 		return fmt.Errorf("%w: %s is outside the cluster's pod networks %v", ErrBadPodCIDR, c, p.podNetworks)
 	}
 	for other, n := range p.nodes {
@@ -237,16 +237,27 @@ func (p *Peers) checkPodCIDRLocked(name string, c netip.Prefix) error {
 		if n.NodeIP.IsValid() && c.Contains(n.NodeIP) {
 			return fmt.Errorf("%w: %s holds node %s's address %s", ErrBadPodCIDR, c, other, n.NodeIP)
 		}
-		if other != p.self && (n.Err != nil || !n.HasKey()) {
-			continue // only this node's and accepted peers' ranges are owned
+		if n.Err != nil {
+			continue // a refused peer owns nothing (its ranges were checked too)
 		}
+		// Every other node's range counts, keyless ones' too (a peer must
+		// not draw their pods' traffic into WireGuard), as long as it is
+		// a pod network range at all (an unchecked keyless node's bogus
+		// range must not lock everyone out).
 		for _, oc := range n.PodCIDRs {
+			if len(p.podNetworks) > 0 && !p.inPodNetworks(oc) {
+				continue
+			}
 			if oc.Overlaps(c) {
 				return fmt.Errorf("%w: %s overlaps node %s's %s", ErrBadPodCIDR, c, other, oc)
 			}
 		}
 	}
 	return nil
+}
+
+func (p *Peers) inPodNetworks(c netip.Prefix) bool {
+	return slices.ContainsFunc(p.podNetworks, func(n netip.Prefix) bool { return n.Bits() <= c.Bits() && n.Contains(c.Addr()) })
 }
 
 // claimLocked records that node name has peer's addresses. Two nodes

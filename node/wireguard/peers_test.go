@@ -318,6 +318,7 @@ func TestPeersPodCIDRsChecked(t *testing.T) {
 		{"another peer's", []string{"10.244.1.0/24"}, nil},
 		{"one good one bad", []string{"10.244.3.0/24", "10.244.1.128/25"}, []string{"10.244.3.0/24"}},
 		{"a node address", []string{"10.244.9.0/24"}, nil},
+		{"a keyless node's", []string{"10.244.7.0/24"}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dev := &fakeDevice{}
@@ -327,6 +328,8 @@ func TestPeersPodCIDRsChecked(t *testing.T) {
 			p.Update(testNode("a", "10.0.0.1", []string{"10.244.0.0/24"}, testPublished(t, "10.0.0.1").Annotations()))
 			p.Update(testNode("b", "10.0.0.2", []string{"10.244.1.0/24"}, testPublished(t, "10.0.0.2").Annotations()))
 			p.Update(testNode("k", "10.244.9.7", nil, nil)) // a keyless node whose address is in the cluster range
+			p.Update(testNode("l", "10.0.0.7", []string{"10.244.7.0/24"}, nil))
+			p.Update(testNode("x", "10.0.0.8", []string{"0.0.0.0/0"}, nil)) // keyless, bogus: locks no one out
 			dev.sets = nil
 
 			p.Update(testNode("m", "10.0.0.3", tc.cidrs, testPublished(t, "10.0.0.3").Annotations()))
