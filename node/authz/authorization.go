@@ -76,6 +76,22 @@ type ServiceAccountRef struct {
 	Namespace string `json:"namespace,omitempty"`
 }
 
+// Salvage is what stands for an Authorization that FromUnstructured or
+// Compile refused: an object that admits nothing, keeping the podSelector
+// (which decides the pods it restricts) when that parses, else selecting
+// every pod of its namespace. A mistake restricts, never opens. The agent
+// and tunmeshctl both use it, so that they agree.
+func Salvage(u *unstructured.Unstructured) *AuthorizationObject {
+	obj := &AuthorizationObject{}
+	obj.Namespace, obj.Name = u.GetNamespace(), u.GetName()
+	if sel, found, _ := unstructured.NestedMap(u.Object, "spec", "podSelector"); found {
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(sel, &obj.Spec.PodSelector); err != nil {
+			obj.Spec.PodSelector = metav1.LabelSelector{} // unreadable: every pod of the namespace
+		}
+	}
+	return obj
+}
+
 // FromUnstructured converts what a dynamic informer delivers. Unknown
 // fields are an error: the API server prunes them, so seeing one means the
 // agent is older than the CRD and would misread the object.

@@ -11,9 +11,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
@@ -259,14 +257,7 @@ func (p *Policies) rebuildAuthzs(ns string) {
 			bad["authorization "+ns+"/"+u.GetName()] = true
 			p.log.Warn("authorization unusable: it admits nothing", "authorization", ns+"/"+u.GetName(), "err", err)
 			// Keep what decides which pods it restricts, if it parses.
-			obj = &authz.AuthorizationObject{}
-			obj.Namespace, obj.Name = u.GetNamespace(), u.GetName()
-			if sel, found, _ := unstructured.NestedMap(u.Object, "spec", "podSelector"); found {
-				if err := runtime.DefaultUnstructuredConverter.FromUnstructured(sel, &obj.Spec.PodSelector); err != nil {
-					// Unreadable: restrict every pod of the namespace.
-					obj.Spec.PodSelector = metav1.LabelSelector{}
-				}
-			}
+			obj = authz.Salvage(u)
 		}
 		objs = append(objs, obj)
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -123,8 +124,7 @@ func runAuthz(ctx context.Context, client kubernetes.Interface, dyn dynamic.Inte
 			obj, err := authz.FromUnstructured(&azList.Items[i])
 			if err != nil {
 				fmt.Fprintf(w, "warning: %v (the agents treat it as admitting nothing)\n", err)
-				obj = &authz.AuthorizationObject{}
-				obj.Namespace, obj.Name = azList.Items[i].GetNamespace(), azList.Items[i].GetName()
+				obj = authz.Salvage(&azList.Items[i]) // as the agents do: its pod selector still restricts
 			}
 			azObjs = append(azObjs, obj)
 		}
@@ -235,7 +235,7 @@ func runAuthz(ctx context.Context, client kubernetes.Interface, dyn dynamic.Inte
 	port := o.port
 	if port == 0 {
 		var ports []int32
-		for _, c := range dst.Spec.Containers {
+		for _, c := range slices.Concat(dst.Spec.InitContainers, dst.Spec.Containers) { // sidecars are init containers
 			for _, p := range c.Ports {
 				if p.Protocol == "" || p.Protocol == corev1.ProtocolTCP {
 					ports = append(ports, p.ContainerPort)

@@ -83,3 +83,41 @@ func TestRunAuthz(t *testing.T) {
 		}
 	}
 }
+
+// TestRunAuthzAsTheAgents (review finding 12): an unusable Authorization
+// restricts the pods its podSelector selects, as on the agents (not every
+// pod of its namespace), and the default port is looked for in init
+// containers (sidecars) too.
+func TestRunAuthzAsTheAgents(t *testing.T) {
+	sidecar := authzPod("prod", "proxy", "10.244.1.12", "proxy", map[string]string{"app": "proxy"}, 0)
+	sidecar.Spec.InitContainers = []corev1.Container{{Name: "side", Ports: []corev1.ContainerPort{{Name: "admin", ContainerPort: 9901}}}}
+	client := fake.NewClientset(
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "prod"}},
+		authzPod("prod", "api", "10.244.1.10", "api", map[string]string{"app": "api"}, 8080),
+		authzPod("prod", "other", "10.244.1.11", "other", map[string]string{"app": "other"}, 8080),
+		sidecar)
+	bad := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "policy.tunmesh.io/v1alpha1", "kind": "Authorization",
+		"metadata": map[string]any{"namespace": "prod", "name": "bad"},
+		"spec":     map[string]any{"podSelector": map[string]any{"matchLabels": map[string]any{"app": "other"}}, "from": "everyone"},
+	}}
+	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
+		map[schema.GroupVersionResource]string{authz.GroupVersionResource: "AuthorizationList"}, bad)
+	run := func(pod, from string) string {
+		t.Helper()
+		var out bytes.Buffer
+		if err := runAuthz(context.Background(), client, dyn, authzOptions{namespace: "prod", pod: pod, from: from, trustDomain: "cluster.local", controlNS: "tunmesh"}, &out); err != nil {
+			t.Fatalf("%s: %v", pod, err)
+		}
+		return out.String()
+	}
+	if got := run("api", ""); strings.Contains(got, "prod/bad select") {
+		t.Errorf("the unusable authorization selects app=other only, shown as selecting api:\n%s", got)
+	}
+	if got := run("other", ""); !strings.Contains(got, "prod/bad select") {
+		t.Errorf("the unusable authorization must still restrict app=other:\n%s", got)
+	}
+	if got := run("proxy", "prod/api"); !strings.Contains(got, "to port 9901") {
+		t.Errorf("default port from the init container: output lacks %q:\n%s", "to port 9901", got)
+	}
+}
