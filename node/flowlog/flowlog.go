@@ -15,6 +15,7 @@ package flowlog
 import (
 	"container/list"
 	"fmt"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -57,9 +58,13 @@ type Conn struct {
 	ServerID string         `json:"serverId,omitempty"`
 	// Peer is the other node's agent of a meshed connection (the
 	// tunnel's far end; this node's own address for a same-node pair).
-	Peer   netip.Addr `json:"peer,omitzero"`
-	Opened time.Time  `json:"opened"`
-	Closed time.Time  `json:"closed,omitzero"`
+	Peer netip.Addr `json:"peer,omitzero"`
+	// Tunnel is the TCP connection between the agents that carries a
+	// meshed connection's stream: this node's end, then the peer's (zero
+	// when not known). capture --side wire keeps these 4-tuples.
+	Tunnel [2]netip.AddrPort `json:"tunnel,omitzero"`
+	Opened time.Time         `json:"opened"`
+	Closed time.Time         `json:"closed,omitzero"`
 	// ClientBytes went from the client to the server, ServerBytes back
 	// (known for meshed connections only).
 	ClientBytes int64  `json:"clientBytes,omitempty"`
@@ -69,6 +74,30 @@ type Conn struct {
 	// same endpoints and reason, the client's port aside), Opened the
 	// last; 0 means one.
 	Count int `json:"count,omitempty"`
+}
+
+// TunnelOf is the 4-tuple of the connection c is (or rides on: a mux
+// stream reports its connection's addresses): local end, remote end.
+func TunnelOf(c interface {
+	LocalAddr() net.Addr
+	RemoteAddr() net.Addr
+}) [2]netip.AddrPort {
+	return [2]netip.AddrPort{addrPort(c.LocalAddr()), addrPort(c.RemoteAddr())}
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if t, ok := a.(*net.TCPAddr); ok {
+		ap := t.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	if a == nil {
+		return netip.AddrPort{}
+	}
+	ap, err := netip.ParseAddrPort(a.String())
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
 // local is the pod on this agent's side of c.

@@ -1,6 +1,7 @@
 package flowlog
 
 import (
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -56,3 +57,39 @@ func BenchmarkSeenFull(b *testing.B) {
 		l.Seen(key(4096 + i))
 	}
 }
+
+// TestTunnelOf: a TCP connection's 4-tuple, local end first.
+func TestTunnelOf(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ct, st := TunnelOf(c), TunnelOf(s)
+	if ct[0] != st[1] || ct[1] != st[0] || ct[1].String() != ln.Addr().String() || !ct[0].Addr().Is4() {
+		t.Fatalf("client %v, server %v", ct, st)
+	}
+	if p := TunnelOf(pipeAddrs{}); p[0].IsValid() || p[1].IsValid() {
+		t.Fatalf("non-IP addresses: %v", p)
+	}
+}
+
+type pipeAddrs struct{}
+
+func (pipeAddrs) LocalAddr() net.Addr  { return pipeAddr{} }
+func (pipeAddrs) RemoteAddr() net.Addr { return pipeAddr{} }
+
+type pipeAddr struct{}
+
+func (pipeAddr) Network() string { return "pipe" }
+func (pipeAddr) String() string  { return "pipe" }

@@ -24,7 +24,7 @@ func (a *Acceptor) trackInbound(req Request, dst *pods.Pod, podConn net.Conn) (i
 		// The pod sees the client pod's address with a port of the
 		// stack's choosing (podConn's local end).
 		Proxy: flowlog.In, Src: srcOf(podConn, req), Dst: req.Header.Dst, TLS: flowlog.TLSTrue,
-		ClientID: req.ClientID.String(), ServerID: dst.ID.String(), Peer: req.Peer,
+		ClientID: req.ClientID.String(), ServerID: dst.ID.String(), Peer: req.Peer, Tunnel: req.Tunnel,
 	})
 	// The pod's connection reads the server's bytes.
 	return inboundFlow{t}, t.Observe(podConn, false)

@@ -1,6 +1,7 @@
 package inbound
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -49,5 +50,10 @@ func TestInboundAccounting(t *testing.T) {
 	conns := flows.Conns()
 	if len(conns) != 1 || conns[0].Peer != loopback || conns[0].Src.Addr() != srcIP {
 		t.Fatalf("accounted %+v", conns)
+	}
+	// The carrying connection's 4-tuple, from this (the server's) side.
+	client := flowlog.TunnelOf(c)
+	if want := [2]netip.AddrPort{client[1], client[0]}; conns[0].Tunnel != want || want[0].Port() != uint16(port) {
+		t.Fatalf("tunnel %v, want %v (server port %d)", conns[0].Tunnel, want, port)
 	}
 }

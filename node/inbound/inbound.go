@@ -314,6 +314,9 @@ type Request struct {
 	ServerName string     // SNI: the identity the client expects
 	Peer       netip.Addr // the address the tunnel came from
 	Header     tunnel.Header
+	// Tunnel is the carrying TCP connection's 4-tuple (this node's end,
+	// the peer's), for the accounting (capture --side wire).
+	Tunnel [2]netip.AddrPort
 }
 
 // Check decides whether a tunnel may be delivered. A pod speaks only as
@@ -512,7 +515,7 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 	}
 	handshaking = false
 	a.handshakes.release(peer)
-	req := Request{ClientID: clientID, ServerName: cs.ServerName, Peer: peer, Header: h}
+	req := Request{ClientID: clientID, ServerName: cs.ServerName, Peer: peer, Header: h, Tunnel: flowlog.TunnelOf(raw)}
 	if which := a.streams.acquire(peer, a.cfg.MaxStreams, a.cfg.MaxStreamsPerPeer); which != "" {
 		a.metrics.Errors.WithLabelValues("limit_streams_" + which).Inc()
 		_ = tunnel.WriteReply(tc, tunnel.ReasonBusy)
@@ -555,7 +558,7 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 			a.log.Info("tunnel header refused", "peer", peer.String(), "client_id", clientID.String(), "err", err)
 			return
 		}
-		a.deliver(ctx, Request{ClientID: clientID, ServerName: serverName, Peer: peer, Header: h}, v3Stream{st})
+		a.deliver(ctx, Request{ClientID: clientID, ServerName: serverName, Peer: peer, Header: h, Tunnel: flowlog.TunnelOf(conn)}, v3Stream{st})
 	})
 	select {
 	case <-ctx.Done():

@@ -305,10 +305,13 @@ func (s *server) packetSockets(p *pods.Pod, side capture.Side, keepWire func([]b
 // peer and the other an address of this node (local): a tunnel between
 // this node and a node the pod talks to. With a same-node pair this
 // node's own address is a peer too, and still only packets between this
-// node and a peer match, not every tunnel of the node.
+// node and a peer match, not every tunnel of the node. When the
+// accounting knows the tunnel connection of a pod's meshed connection
+// (flowlog.Conn.Tunnel), only that 4-tuple is kept for it.
 type peerSet struct {
 	set      atomic.Pointer[map[netip.Addr]bool]
-	local    map[netip.Addr]bool // this node's addresses, read once
+	tunnels  atomic.Pointer[map[[2]netip.AddrPort]bool] // both orders
+	local    map[netip.Addr]bool                        // this node's addresses, read once
 	log      *flowlog.Log
 	pod      *pods.Pod
 	lastMiss atomic.Int64 // unix nanos of the last refresh on a miss
@@ -329,8 +332,12 @@ func localAddrs() map[netip.Addr]bool {
 	return m
 }
 
+// update reads the pod's meshed connections: the 4-tuples of the tunnel
+// connections that carry them, and the peer nodes of those whose tunnel
+// is not known.
 func (ps *peerSet) update() {
 	m := map[netip.Addr]bool{}
+	tun := map[[2]netip.AddrPort]bool{}
 	for _, c := range ps.log.Conns() {
 		if c.TLS != flowlog.TLSTrue || !c.Peer.IsValid() {
 			continue
@@ -339,16 +346,32 @@ func (ps *peerSet) update() {
 		if c.Proxy == flowlog.In {
 			local = c.DstPod
 		}
-		if local.Namespace == ps.pod.Namespace && local.Name == ps.pod.Name {
+		if local.Namespace != ps.pod.Namespace || local.Name != ps.pod.Name {
+			continue
+		}
+		if c.Tunnel[0].IsValid() && c.Tunnel[1].IsValid() {
+			tun[c.Tunnel] = true
+			tun[[2]netip.AddrPort{c.Tunnel[1], c.Tunnel[0]}] = true
+		} else {
 			m[c.Peer] = true
 		}
 	}
+	ps.tunnels.Store(&tun)
 	ps.set.Store(&m)
 }
 
-// match: one end a peer, the other this node.
-func (ps *peerSet) match(m map[netip.Addr]bool, src, dst netip.Addr) bool {
-	return m[src] && ps.local[dst] || m[dst] && ps.local[src]
+// match: a tunnel connection of the pod's, or (tunnel unknown) one end a
+// peer node and the other this node.
+func (ps *peerSet) match(src, dst netip.AddrPort) bool {
+	if t := ps.tunnels.Load(); t != nil && (*t)[[2]netip.AddrPort{src, dst}] {
+		return true
+	}
+	m := ps.set.Load()
+	if m == nil {
+		return false
+	}
+	sa, da := src.Addr(), dst.Addr()
+	return (*m)[sa] && ps.local[da] || (*m)[da] && ps.local[sa]
 }
 
 // keep: a wire packet between this node and one of the pod's peers.
@@ -357,8 +380,8 @@ func (ps *peerSet) keep(pkt []byte) bool {
 	if !ok {
 		return false
 	}
-	sa, da := src.Addr().Unmap(), dst.Addr().Unmap()
-	if m := ps.set.Load(); m != nil && ps.match(*m, sa, da) {
+	src, dst = netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if ps.match(src, dst) {
 		return true
 	}
 	now := time.Now().UnixNano()
@@ -366,7 +389,7 @@ func (ps *peerSet) keep(pkt []byte) bool {
 		return false
 	}
 	ps.update()
-	return ps.match(*ps.set.Load(), sa, da)
+	return ps.match(src, dst)
 }
 
 func (s *server) tap(w http.ResponseWriter, r *http.Request) {

@@ -67,3 +67,35 @@ func TestWirePeers(t *testing.T) {
 		}
 	}
 }
+
+// TestWireTunnels: when the accounting knows the tunnel connection of the
+// pod's meshed connection, only that 4-tuple is kept: another tunnel
+// connection between the same two nodes (other identities' pools) is not.
+func TestWireTunnels(t *testing.T) {
+	self, peer := netip.MustParseAddr("192.168.1.1"), netip.MustParseAddr("192.168.1.2")
+	mine := [2]netip.AddrPort{netip.AddrPortFrom(self, 40000), netip.AddrPortFrom(peer, 4143)}
+	log := flowlog.New(func(a netip.Addr) flowlog.PodRef {
+		if a == netip.MustParseAddr("10.1.0.5") {
+			return flowlog.PodRef{Namespace: "shop", Name: "web-1"}
+		}
+		return flowlog.PodRef{}
+	}, nil, flowlog.Options{})
+	log.Open(flowlog.Conn{Proxy: flowlog.Out, Src: netip.MustParseAddrPort("10.1.0.5:4000"), Dst: netip.MustParseAddrPort("10.2.0.9:80"), TLS: flowlog.TLSTrue, Peer: peer, Tunnel: mine})
+	ps := &peerSet{log: log, pod: &pods.Pod{Namespace: "shop", Name: "web-1"}, local: map[netip.Addr]bool{self: true}}
+	ps.update()
+	cases := []struct {
+		name string
+		pkt  []byte
+		want bool
+	}{
+		{"the pod's tunnel, out", wirePacket(mine[0], mine[1]), true},
+		{"the pod's tunnel, back", wirePacket(mine[1], mine[0]), true},
+		{"another tunnel to the same node", wirePacket(netip.AddrPortFrom(self, 40001), mine[1]), false},
+		{"the peer's tunnel to this node", wirePacket(netip.AddrPortFrom(peer, 50000), netip.AddrPortFrom(self, 4143)), false},
+	}
+	for _, c := range cases {
+		if got := ps.keep(c.pkt); got != c.want {
+			t.Errorf("%s: keep = %v, want %v", c.name, got, c.want)
+		}
+	}
+}

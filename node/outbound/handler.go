@@ -209,7 +209,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 	}
 	h.metrics.Opened.WithLabelValues("outbound").Inc()
 	h.metrics.Active.WithLabelValues("outbound").Inc()
-	track, conn := h.track(f, t, conn)
+	track, conn := h.track(f, t, conn, tc)
 	stats, err := tunnel.Splice(ctx, conn, tc, tunnel.SpliceOptions{IdleTimeout: time.Hour})
 	h.metrics.Active.WithLabelValues("outbound").Dec()
 	h.metrics.Closed.WithLabelValues("outbound").Inc()
@@ -242,12 +242,14 @@ func (h *Handler) seen(f netstack.Flow, d Decision) {
 
 // track records a meshed connection and wraps the pod's side for the
 // HTTP/1 observer when metrics or a tap want it (nil: no accounting).
-func (h *Handler) track(f netstack.Flow, t Target, conn net.Conn) (*flowlog.Track, net.Conn) {
+// tunnel is the stream to the peer agent: its addresses are the carrying
+// TCP connection's (capture --side wire keeps that 4-tuple).
+func (h *Handler) track(f netstack.Flow, t Target, conn net.Conn, tunnel net.Conn) (*flowlog.Track, net.Conn) {
 	if h.opts.Flows == nil {
 		return nil, conn
 	}
 	c := flowlog.Conn{Proxy: flowlog.Out, Src: f.Src, Dst: t.Dst, TLS: flowlog.TLSTrue,
-		ClientID: t.Src.ID.String(), ServerID: t.DstID.String(), Peer: t.DstNode}
+		ClientID: t.Src.ID.String(), ServerID: t.DstID.String(), Peer: t.DstNode, Tunnel: flowlog.TunnelOf(tunnel)}
 	tr := h.opts.Flows.Open(c)
 	// The pod's connection reads the client's bytes.
 	return tr, tr.Observe(conn, true)
