@@ -242,14 +242,14 @@ func (h *Handler) seen(f netstack.Flow, d Decision) {
 
 // track records a meshed connection and wraps the pod's side for the
 // HTTP/1 observer when metrics or a tap want it (nil: no accounting).
-// tunnel is the stream to the peer agent: its addresses are the carrying
+// tc is the stream to the peer agent: its addresses are the carrying
 // TCP connection's (capture --side wire keeps that 4-tuple).
-func (h *Handler) track(f netstack.Flow, t Target, conn net.Conn, tunnel net.Conn) (*flowlog.Track, net.Conn) {
+func (h *Handler) track(f netstack.Flow, t Target, conn, tc net.Conn) (*flowlog.Track, net.Conn) {
 	if h.opts.Flows == nil {
 		return nil, conn
 	}
 	c := flowlog.Conn{Proxy: flowlog.Out, Src: f.Src, Dst: t.Dst, TLS: flowlog.TLSTrue,
-		ClientID: t.Src.ID.String(), ServerID: t.DstID.String(), Peer: t.DstNode, Tunnel: flowlog.TunnelOf(tunnel)}
+		ClientID: t.Src.ID.String(), ServerID: t.DstID.String(), Peer: t.DstNode, Tunnel: flowlog.TunnelOf(tc)}
 	tr := h.opts.Flows.Open(c)
 	// The pod's connection reads the client's bytes.
 	return tr, tr.Observe(conn, true)
