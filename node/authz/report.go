@@ -127,6 +127,13 @@ func NewReporter(reg prometheus.Registerer, log *slog.Logger) (*Reporter, error)
 	return r, nil
 }
 
+// PolicyDeleted drops the denial series naming the deleted policy object
+// (clusterview.DeletionReporter): a deleted policy denies nothing more,
+// and its series must not stay forever.
+func (r *Reporter) PolicyDeleted(kind, namespace, name string) {
+	r.denials.DeletePartialMatch(prometheus.Labels{"kind": kind, "policy_namespace": namespace, "policy_name": name})
+}
+
 // SetInvalid sets the number of unusable objects of a kind.
 func (r *Reporter) SetInvalid(kind string, n int) { r.invalid.WithLabelValues(kind).Set(float64(n)) }
 

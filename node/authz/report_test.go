@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -164,5 +165,45 @@ func TestDeniedStreamRateLimited(t *testing.T) {
 	r.DeniedStream(cli, srv, d)
 	if got := h.count(msgDenied); got != 3 {
 		t.Fatalf("%d lines logged after %s, want 3", got, streamEvery)
+	}
+}
+
+// TestPolicyDeletedDropsSeries (review finding 13): the series of a
+// deleted policy are removed; those of another kind or name stay.
+func TestPolicyDeletedDropsSeries(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	r, err := NewReporter(reg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, dst := conn(1)
+	for i, d := range []Decision{
+		{Direction: "ingress", Kind: KindNetworkPolicy, Policy: "prod/gone", Reason: ReasonNetpolDefaultDeny},
+		{Direction: "egress", Kind: KindNetworkPolicy, Policy: "prod/gone", Reason: ReasonNetpolDefaultDeny},
+		{Direction: "ingress", Kind: KindAuthorization, Policy: "prod/gone", Reason: ReasonNotAuthorized},
+		{Direction: "ingress", Kind: KindNetworkPolicy, Policy: "prod/kept", Reason: ReasonNetpolDefaultDeny},
+	} {
+		r.Denied(AtSource, src, netip.AddrPortFrom(dst.Addr(), uint16(i+1)), d)
+	}
+	r.PolicyDeleted(KindNetworkPolicy, "prod", "gone")
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	for _, mf := range mfs {
+		if mf.GetName() != "tunmesh_policy_denials_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			l := map[string]string{}
+			for _, lp := range m.GetLabel() {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			left = append(left, l["kind"]+" "+l["policy_namespace"]+"/"+l["policy_name"])
+		}
+	}
+	if len(left) != 2 || !slices.Contains(left, "authorization prod/gone") || !slices.Contains(left, "networkpolicy prod/kept") {
+		t.Fatalf("series left %v, want the authorization of the same name and the other policy", left)
 	}
 }

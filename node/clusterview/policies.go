@@ -47,6 +47,15 @@ type InvalidReporter interface {
 	SetInvalid(kind string, n int)
 }
 
+// DeletionReporter is optionally implemented by the InvalidReporter
+// (authz.Reporter): told that a policy object was deleted, it drops the
+// metric series that name it, so that deleted policies do not keep
+// series forever (review finding 13). kind is authz.KindNetworkPolicy or
+// authz.KindAuthorization.
+type DeletionReporter interface {
+	PolicyDeleted(kind, namespace, name string)
+}
+
 // Policies is the agent's view of NetworkPolicies and Authorizations,
 // compiled when they change (netpol.Compile, authz.Compile) so that a
 // decision costs a map lookup and the selectors' matching. It implements
@@ -98,22 +107,33 @@ func NewPolicies(client kubernetes.Interface, dyn dynamic.Interface, report Inva
 			return nil, fmt.Errorf("policy view: index authorizations: %w", err)
 		}
 	}
+	deleted, _ := report.(DeletionReporter)
 	for _, h := range []struct {
 		inf     cache.SharedIndexInformer
+		kind    string
 		rebuild func(ns string)
-	}{{p.npInf, p.rebuildNetpols}, {p.azInf, p.rebuildAuthzs}} {
-		rebuild := h.rebuild
-		on := func(obj any) {
+	}{{p.npInf, authz.KindNetworkPolicy, p.rebuildNetpols}, {p.azInf, authz.KindAuthorization, p.rebuildAuthzs}} {
+		rebuild, kind := h.rebuild, h.kind
+		on := func(obj any) (ns, name string) {
 			if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 				obj = d.Obj
 			}
-			if ns, err := cache.MetaNamespaceKeyFunc(obj); err == nil {
-				nsName, _, _ := cache.SplitMetaNamespaceKey(ns)
-				rebuild(nsName)
+			key, err := cache.MetaNamespaceKeyFunc(obj)
+			if err != nil {
+				return "", ""
 			}
+			ns, name, _ = cache.SplitMetaNamespaceKey(key)
+			rebuild(ns)
+			return ns, name
 		}
 		reg, err := h.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc: on, UpdateFunc: func(_, n any) { on(n) }, DeleteFunc: on,
+			AddFunc:    func(o any) { on(o) },
+			UpdateFunc: func(_, n any) { on(n) },
+			DeleteFunc: func(o any) {
+				if ns, name := on(o); name != "" && deleted != nil {
+					deleted.PolicyDeleted(kind, ns, name)
+				}
+			},
 		})
 		if err != nil {
 			return nil, fmt.Errorf("policy view: watch: %w", err)

@@ -3,6 +3,7 @@ package clusterview
 import (
 	"context"
 	"log/slog"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -19,8 +20,21 @@ import (
 )
 
 type invalidCounts struct {
-	mu sync.Mutex
-	n  map[string]int
+	mu      sync.Mutex
+	n       map[string]int
+	deleted []string // "kind ns/name" of PolicyDeleted calls
+}
+
+func (c *invalidCounts) PolicyDeleted(kind, ns, name string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.deleted = append(c.deleted, kind+" "+ns+"/"+name)
+}
+
+func (c *invalidCounts) wasDeleted(s string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Contains(c.deleted, s)
 }
 
 func (c *invalidCounts) SetInvalid(kind string, n int) {
@@ -105,6 +119,10 @@ func TestPolicies(t *testing.T) {
 	}
 	waitUntil(t, "the changes", func() bool {
 		return len(p.Policies("prod")) == 0 && len(p.Policies("dev")) == 1 && len(p.Authorizations("prod")) == 1 && counts.get("authorization") == 0
+	})
+	// The deleted objects' metric series are dropped (review finding 13).
+	waitUntil(t, "the deletions reported", func() bool {
+		return counts.wasDeleted("networkpolicy prod/deny") && counts.wasDeleted("authorization prod/bad") && !counts.wasDeleted("networkpolicy dev/deny")
 	})
 }
 
