@@ -29,11 +29,26 @@ func TestAccounting(t *testing.T) {
 		if st.Accept() != nil {
 			return
 		}
+		// The request may arrive in more than one read (the Open frame
+		// carries only the first bytes the pod wrote): read up to the
+		// end of its headers.
+		var req []byte
 		buf := make([]byte, 512)
-		n, _ := st.Read(buf)
-		if strings.HasPrefix(string(buf[:n]), "GET /hi HTTP/1.1") {
+		for !strings.Contains(string(req), "\r\n\r\n") {
+			n, err := st.Read(buf)
+			req = append(req, buf[:n]...)
+			if err != nil {
+				break
+			}
+		}
+		if strings.HasPrefix(string(req), "GET /hi HTTP/1.1") {
 			_, _ = st.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"))
 		}
+		// End our side and wait for the client's end: closing a stream
+		// the peer has not finished resets it, and a reset discards the
+		// response the pod has not read yet.
+		_ = st.CloseWrite()
+		_, _ = io.Copy(io.Discard, st)
 		st.Close()
 	})
 	t.Cleanup(func() { client.Close(); server.Close(); client.Wait(); server.Wait() })
