@@ -31,6 +31,8 @@ type nic struct {
 
 	taps atomic.Pointer[tapList] // packet taps (observe.go); nil: none
 
+	datagrams datagramTable // non-TCP flow decisions (datagram.go)
+
 	counters struct {
 		spoofedDrops       atomic.Uint64
 		otherDrops         atomic.Uint64
@@ -74,6 +76,10 @@ func (n *nic) stats() NICStats {
 		FlowTableFull:      c.flowTableFull.Load(),
 		TimeWaitReused:     c.timeWaitReused.Load(),
 		SuperPackets:       c.superPackets.Load(),
+		DatagramDecisions:  n.datagrams.decisions.Load(),
+		DatagramDenied:     n.datagrams.denied.Load(),
+		DatagramTableFull:  n.datagrams.full.Load(),
+		DatagramFlows:      n.datagrams.size(),
 		TrackedFlows:       tracked,
 		PendingSYNs:        pending,
 	}
@@ -149,7 +155,9 @@ func (e *linkEndpoint) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, p
 		return
 	}
 	if !info.tcp {
-		n.passthrough(pkt, &info, off)
+		if n.datagramAllowed(hdr, &info) {
+			n.passthrough(pkt, &info, off)
+		}
 		return
 	}
 	if ep := n.s.endpoint(n.id, &info); ep != nil {

@@ -679,6 +679,14 @@ type NICStats struct {
 	// SuperPackets counts TCP super-packets (TSO) read from the pod, each
 	// counted once however many segments it stands for.
 	SuperPackets uint64
+	// DatagramDecisions counts non-TCP flows the DatagramDecider judged,
+	// DatagramDenied the non-TCP packets dropped as denied, and
+	// DatagramTableFull decisions not remembered (table at its cap);
+	// DatagramFlows is the current number of remembered decisions.
+	DatagramDecisions uint64
+	DatagramDenied    uint64
+	DatagramTableFull uint64
+	DatagramFlows     int
 	// TrackedFlows and PendingSYNs are the current sizes of the flow
 	// table: remembered passthrough flows and SYNs awaiting a decision.
 	TrackedFlows int

@@ -46,7 +46,8 @@ type Resolver struct {
 	log    *slog.Logger
 
 	mu     sync.RWMutex                                                   // guards the maps below
-	vips   map[netip.AddrPort]servicePort                                 // ClusterIP:port -> service port
+	vips   map[netip.AddrPort]servicePort                                 // ClusterIP:port -> service port (TCP)
+	dvips  map[datagramVIP]servicePort                                    // UDP and SCTP ClusterIP:port (datagram.go)
 	slices map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice // service -> slice name -> slice
 	active map[netip.AddrPort]*atomic.Int64
 	ports  map[types.NamespacedName]map[uint16]string // service -> port number -> port name
@@ -61,6 +62,7 @@ func New(client kubernetes.Interface, log *slog.Logger) (*Resolver, error) {
 	return &Resolver{
 		client: client, log: log,
 		vips:   map[netip.AddrPort]servicePort{},
+		dvips:  map[datagramVIP]servicePort{},
 		slices: map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice{},
 		active: map[netip.AddrPort]*atomic.Int64{},
 		ports:  map[types.NamespacedName]map[uint16]string{},
@@ -132,6 +134,7 @@ func (r *Resolver) setService(o any, remove bool) {
 		}
 		for _, p := range svc.Spec.Ports {
 			if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+				r.setDatagramVIP(a, p, key, remove)
 				continue
 			}
 			vip := netip.AddrPortFrom(a, uint16(p.Port))
