@@ -15,6 +15,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/authz"
 	"github.com/tunmesh/tunmesh/node/clusterview"
 	"github.com/tunmesh/tunmesh/node/inbound"
+	"github.com/tunmesh/tunmesh/node/outbound"
 	"github.com/tunmesh/tunmesh/node/pods"
 	"github.com/tunmesh/tunmesh/node/policy"
 )
@@ -115,6 +116,14 @@ func (e *enforcer) Denied(f netstack.Flow, src *pods.Pod, dst netip.AddrPort, ds
 // plaintext (passed through) TCP flow to dst.
 func (e *enforcer) Egress(f netstack.Flow, src *pods.Pod, dst netip.AddrPort) (bool, error) {
 	return e.egress(f.Src, src, dst, "")
+}
+
+var _ outbound.DatagramAccess = (*enforcer)(nil)
+
+// EgressDatagram implements outbound.DatagramAccess: src's egress
+// NetworkPolicy for a non-TCP flow (UDP, SCTP, ICMP...) to dst.
+func (e *enforcer) EgressDatagram(g netstack.Datagram, src *pods.Pod, dst netip.AddrPort, proto corev1.Protocol) (bool, error) {
+	return e.egress(g.Src, src, dst, proto)
 }
 
 // egress judges src's egress NetworkPolicy for a plaintext flow from
