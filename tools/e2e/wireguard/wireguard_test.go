@@ -238,6 +238,31 @@ func TestRestartNeverInClear(t *testing.T) {
 				}
 			}()
 		}
+		// And a fire-and-forget stream (a datagram every half
+		// millisecond) from a1, so that even a short window between the
+		// new agent's start and its informer sync would put a clear
+		// packet on the wire.
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			conn, err := namedns.DialContext(ctx, c.PodNetns(p["a1"]), "udp", addr(p["b1"], dnsPort))
+			cancel()
+			if err != nil {
+				t.Errorf("blaster: %v", err)
+				return
+			}
+			defer conn.Close()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				_, _ = conn.Write(markers["udp-a1"]) // errors (a blackhole) expected while restarting
+				time.Sleep(500 * time.Microsecond)
+			}
+		}()
 		time.Sleep(time.Second)
 		restartAgent(t, c, "node-1")
 		time.Sleep(2 * time.Second)
