@@ -96,6 +96,10 @@ func TestNetworkPolicyAndAuthorization(t *testing.T) {
 		}
 	})
 
+	t.Run("egress default-deny in x drops its meshed pods' UDP; allowing UDP 53 lets exactly that through", func(t *testing.T) {
+		testUDPEgress(t, m)
+	})
+
 	t.Run("default-deny ingress in x blocks meshed and plaintext clients", func(t *testing.T) {
 		before := agentMetric(t, c, "tunmesh_policy_denials_total", `policy_name="deny-ingress"`)
 		defer m.apply(t, np(x, "deny-ingress", sel()))()
