@@ -193,3 +193,26 @@ func BenchmarkDatagramKnownFlow(b *testing.B) {
 		b.Fatalf("decider asked %d times, want 1", len(h.asked))
 	}
 }
+
+// FuzzDatagramKeyOf: any header the classifier accepts gives a key
+// without panicking, with ports only for the protocols that have them
+// and never for a fragment.
+func FuzzDatagramKeyOf(f *testing.F) {
+	f.Add(testPacket{src: netip.MustParseAddrPort("10.201.1.2:40000"), dst: netip.MustParseAddrPort("10.201.0.9:53"), proto: protoUDP}.bytes())
+	f.Add(testPacket{src: netip.MustParseAddrPort("[fd00::1]:1"), dst: netip.MustParseAddrPort("[fd00::2]:2"), proto: protoSCTP, payload: make([]byte, 8)}.bytes())
+	f.Add([]byte{0x45, 0, 0, 20})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		info, err := parseIP(b)
+		if err != nil {
+			return
+		}
+		k := datagramKeyOf(b, &info)
+		if k.proto != info.proto || k.src.Addr() != info.src || k.dst.Addr() != info.dst {
+			t.Fatalf("key %+v does not match the header %+v", k, info)
+		}
+		hasPorts := info.proto == protoUDP || info.proto == protoUDPLite || info.proto == protoSCTP || info.proto == protoDCCP
+		if (!hasPorts || info.fragment) && (k.src.Port() != 0 || k.dst.Port() != 0) {
+			t.Fatalf("ports in the key of proto %d fragment %v: %+v", info.proto, info.fragment, k)
+		}
+	})
+}
