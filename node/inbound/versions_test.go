@@ -304,6 +304,16 @@ func dialV3(t *testing.T, port int, certs testCerts) *tls.Conn {
 func TestSessionLimitPerPeer(t *testing.T) {
 	_, m, port, certs := serveVersions(t, Config{MaxSessionsPerPeer: 1})
 	dialV3(t, port, certs)
+	// The client's handshake ends before the server's: wait until the
+	// server holds the first session (counted once acquired), or the
+	// second connection could take the slot and the first be closed.
+	deadline := time.Now().Add(5 * time.Second)
+	for counter(t, m.Handshakes.WithLabelValues("inbound", "v3")) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("first v3 session not established")
+		}
+		time.Sleep(time.Millisecond)
+	}
 	extra := dialV3(t, port, certs)
 	extra.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := extra.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
