@@ -40,8 +40,11 @@
 //   - Only the connection's first packet is judged (a verdict per connection
 //     attempt); what happens to established connections when policies change
 //     is the caller's decision.
-//   - The mesh carries TCP only: UDP and SCTP are evaluated correctly if asked,
-//     but unmeshed traffic stays with the primary CNI's enforcement.
+//   - The mesh carries TCP only, but the agents also ask this package about
+//     what meshed pods send in plaintext (passed-through TCP, UDP, SCTP,
+//     ICMP: egress at the source) and about meshed pods' replies to plaintext
+//     clients (ingress); see docs/policy.md for which traffic stays with the
+//     primary CNI alone.
 //   - AdminNetworkPolicy and BaselineAdminNetworkPolicy are not evaluated.
 //   - The special cases the API leaves to implementations are decided as
 //     follows: traffic from a pod's own node is not exempted (the agent
