@@ -351,7 +351,7 @@ func (n *nic) writeOffload(ow OffloadWriter, b []byte, info *packetInfo, off off
 // writes b to the host.
 func (n *nic) writePassthrough(b []byte, info *packetInfo) {
 	if info.tcp && info.flags&tcpFlagSYN != 0 {
-		if clampMSS(b, info.ipHdrLen, mssLimit(n.s.opts.UnderlayMTU, info.version)) {
+		if ClampMSS(b, info.ipHdrLen, mssLimit(n.s.opts.UnderlayMTU, info.version)) {
 			n.counters.mssClamped.Add(1)
 		}
 	}

@@ -131,13 +131,13 @@ func mssLimit(underlayMTU int, version uint8) uint16 {
 	return uint16(min(underlayMTU-overhead, 0xffff))
 }
 
-// clampMSS lowers the MSS option of the TCP segment in pkt (a whole IP
+// ClampMSS lowers the MSS option of the TCP segment in pkt (a whole IP
 // packet whose IP header is ipHdrLen bytes) to at most limit, and fixes the
 // TCP checksum incrementally (RFC 1624), so a correct checksum stays correct
 // and nothing else in the packet changes. It reports whether it changed pkt.
 // A segment without an MSS option, or with a malformed option list, is left
 // alone.
-func clampMSS(pkt []byte, ipHdrLen int, limit uint16) bool {
+func ClampMSS(pkt []byte, ipHdrLen int, limit uint16) bool {
 	if limit == 0 || ipHdrLen < 0 || len(pkt) < ipHdrLen+tcpHdrMin {
 		return false
 	}

@@ -253,7 +253,7 @@ func TestClampMSS(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := clampMSS(pkt, info.ipHdrLen, tc.limit); got != tc.want {
+			if got := ClampMSS(pkt, info.ipHdrLen, tc.limit); got != tc.want {
 				t.Fatalf("clampMSS = %v, want %v", got, tc.want)
 			}
 			if !tcpChecksumOK(pkt, info.ipHdrLen) {
@@ -348,7 +348,7 @@ func FuzzClampMSS(f *testing.F) {
 			t.Fatal(err)
 		}
 		before := findMSS(pkt[info.ipHdrLen:])
-		changed := clampMSS(pkt, info.ipHdrLen, limit)
+		changed := ClampMSS(pkt, info.ipHdrLen, limit)
 		if !tcpChecksumOK(pkt, info.ipHdrLen) {
 			t.Fatal("checksum broken")
 		}

@@ -1,6 +1,10 @@
 package wireguard
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+
+	"github.com/tunmesh/tunmesh/netstack"
+)
 
 // clampSYN lowers the MSS option of a TCP SYN or SYN-ACK in the IP packet p
 // to what fits the inner MTU, fixing the TCP checksum incrementally (RFC
@@ -34,53 +38,8 @@ func clampSYN(p []byte, mtu int) bool {
 		return false
 	}
 	limit := uint16(min(mtu-overhead, 0xffff))
-	t := p[ipHdr:]
-	if t[13]&0x02 == 0 { // SYN
+	if p[ipHdr+13]&0x02 == 0 { // not a SYN
 		return false
 	}
-	dataOff := int(t[12]>>4) * 4
-	if dataOff <= 20 || dataOff > len(t) {
-		return false
-	}
-	for i := 20; i < dataOff; {
-		kind := t[i]
-		switch kind {
-		case 0: // end of options
-			return false
-		case 1: // NOP
-			i++
-			continue
-		}
-		if i+1 >= dataOff {
-			return false
-		}
-		optLen := int(t[i+1])
-		if optLen < 2 || i+optLen > dataOff {
-			return false
-		}
-		if kind != 2 { // not MSS
-			i += optLen
-			continue
-		}
-		if optLen != 4 {
-			return false
-		}
-		at := i + 2
-		old := binary.BigEndian.Uint16(t[at:])
-		if old <= limit {
-			return false
-		}
-		binary.BigEndian.PutUint16(t[at:], limit)
-		oldW, newW := old, limit
-		if at%2 == 1 {
-			oldW, newW = old<<8|old>>8, limit<<8|limit>>8
-		}
-		s := uint32(^binary.BigEndian.Uint16(t[16:18])) + uint32(^oldW) + uint32(newW)
-		for s > 0xffff {
-			s = s&0xffff + s>>16
-		}
-		binary.BigEndian.PutUint16(t[16:18], ^uint16(s))
-		return true
-	}
-	return false
+	return netstack.ClampMSS(p, ipHdr, limit)
 }
