@@ -25,7 +25,7 @@ import (
 // ready.
 func killAgent(t *testing.T, c *e2eenv.Cluster, node string) {
 	t.Helper()
-	old := agentPID(c, node)
+	old := c.AgentPID(node)
 	if old == 0 {
 		t.Fatalf("agent of %s not found", node)
 	}
@@ -33,10 +33,10 @@ func killAgent(t *testing.T, c *e2eenv.Cluster, node string) {
 		t.Fatal(err)
 	}
 	e2eenv.WaitFor(t, 60*time.Second, "agent of "+node+" restarted and ready", func() error {
-		if pid := agentPID(c, node); pid == 0 || pid == old {
+		if pid := c.AgentPID(node); pid == 0 || pid == old {
 			return errors.New("no new agent yet")
 		}
-		return agentReady(c, node)
+		return c.AgentReady(node)
 	})
 }
 

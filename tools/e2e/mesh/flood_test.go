@@ -21,7 +21,7 @@ import (
 // agentRSS is the resident memory of node's agent in bytes.
 func agentRSS(t *testing.T, c *e2eenv.Cluster, node string) int64 {
 	t.Helper()
-	pid := agentPID(c, node)
+	pid := c.AgentPID(node)
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatalf("agent of %s: %v", node, err)

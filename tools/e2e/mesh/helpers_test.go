@@ -8,11 +8,9 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"net/http"
 	"net/netip"
 	osexec "os/exec"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -181,31 +179,11 @@ func transfer(t *testing.T, c *e2eenv.Cluster, from *corev1.Pod, dst string, n i
 // from the agent of node.
 func agentMetric(t *testing.T, c *e2eenv.Cluster, node, name, filter string) float64 {
 	t.Helper()
-	var nodeIP, netns string
-	for _, n := range c.State.Nodes {
-		if n.Name == node {
-			nodeIP, netns = n.IP, n.Netns
-		}
-	}
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: namedns.Dialer(netns)}}
-	defer client.CloseIdleConnections()
-	resp, err := client.Get("http://" + nodeIP + ":4191/metrics")
+	v, err := c.AgentMetric(node, name, filter)
 	if err != nil {
-		t.Fatalf("metrics of %s: %v", node, err)
+		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	var sum float64
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name) || !strings.Contains(line, filter) {
-			continue
-		}
-		f := strings.Fields(line)
-		v, _ := strconv.ParseFloat(f[len(f)-1], 64)
-		sum += v
-	}
-	return sum
+	return v
 }
 
 // inNetns runs a command inside a network namespace.

@@ -31,13 +31,13 @@ func TestAgentOutage(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.Remove(hold) })
-	pid := agentPID(c, "node-1")
+	pid := c.AgentPID("node-1")
 	if pid == 0 {
 		t.Fatal("agent of node-1 not found")
 	}
 	_ = syscall.Kill(pid, syscall.SIGKILL)
 	e2eenv.WaitFor(t, 10*time.Second, "agent of node-1 gone", func() error {
-		if agentPID(c, "node-1") != 0 {
+		if c.AgentPID("node-1") != 0 {
 			return fmt.Errorf("still running")
 		}
 		return nil

@@ -5,11 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
-	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -19,31 +14,6 @@ import (
 	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 )
-
-// agentPID finds the agent process of node in this cluster.
-func agentPID(c *e2eenv.Cluster, node string) int {
-	procs, _ := os.ReadDir("/proc")
-	for _, p := range procs {
-		pid, err := strconv.Atoi(p.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-		if filepath.Base(args[0]) != "tunmesh-node" || !strings.Contains(string(b), "/"+c.Name+"/") {
-			continue
-		}
-		for i, a := range args {
-			if a == "--node-name" && i+1 < len(args) && args[i+1] == node {
-				return pid
-			}
-		}
-	}
-	return 0
-}
 
 // TestAgentRestartKeepsPods: SIGKILL the agent of a node; it is restarted
 // (as a DaemonSet pod would be), re-attaches the running pods from its
@@ -61,7 +31,7 @@ func TestAgentRestartKeepsPods(t *testing.T) {
 	serve(t, c, pods["local"], 9951)
 	transfer(t, c, pods["client"], net.JoinHostPort(pods["server"].Status.PodIP, "9950"), 1<<10, nil)
 
-	old := agentPID(c, "node-1")
+	old := c.AgentPID("node-1")
 	if old == 0 {
 		t.Fatal("agent of node-1 not found")
 	}
@@ -70,11 +40,11 @@ func TestAgentRestartKeepsPods(t *testing.T) {
 	}
 	var ready time.Time
 	e2eenv.WaitFor(t, 60*time.Second, "agent of node-1 restarted and ready", func() error {
-		pid := agentPID(c, "node-1")
+		pid := c.AgentPID("node-1")
 		if pid == 0 || pid == old {
 			return fmt.Errorf("no new agent yet")
 		}
-		if err := agentReady(c, "node-1"); err != nil {
+		if err := c.AgentReady("node-1"); err != nil {
 			return err
 		}
 		ready = time.Now()
@@ -98,26 +68,6 @@ func TestAgentRestartKeepsPods(t *testing.T) {
 			t.Fatalf("pod %s was restarted or replaced", name)
 		}
 	}
-}
-
-func agentReady(c *e2eenv.Cluster, node string) error {
-	for _, n := range c.State.Nodes {
-		if n.Name != node {
-			continue
-		}
-		client := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: namedns.Dialer(n.Netns)}}
-		defer client.CloseIdleConnections()
-		resp, err := client.Get("http://" + n.IP + ":4191/ready")
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("ready: %s", resp.Status)
-		}
-		return nil
-	}
-	return fmt.Errorf("no node %s", node)
 }
 
 // tryTransfer echoes a short message through dst without failing the test.

@@ -8,7 +8,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -218,74 +217,18 @@ func node(c *e2eenv.Cluster, name string) (ip, netns string) {
 // agentMetric sums the samples of a series whose line contains filter.
 func agentMetric(t *testing.T, c *e2eenv.Cluster, nodeName, name, filter string) float64 {
 	t.Helper()
-	ip, netns := node(c, nodeName)
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: namedns.Dialer(netns)}}
-	defer client.CloseIdleConnections()
-	resp, err := client.Get("http://" + ip + ":4191/metrics")
+	v, err := c.AgentMetric(nodeName, name, filter)
 	if err != nil {
-		t.Fatalf("metrics of %s: %v", nodeName, err)
+		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	var sum float64
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name) || !strings.Contains(line, filter) {
-			continue
-		}
-		f := strings.Fields(line)
-		v, _ := strconv.ParseFloat(f[len(f)-1], 64)
-		sum += v
-	}
-	return sum
-}
-
-func agentReady(c *e2eenv.Cluster, nodeName string) error {
-	ip, netns := node(c, nodeName)
-	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: namedns.Dialer(netns)}}
-	defer client.CloseIdleConnections()
-	resp, err := client.Get("http://" + ip + ":4191/ready")
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(resp.Body)
-		return fmt.Errorf("ready: %s %s", resp.Status, b)
-	}
-	return nil
-}
-
-// agentPID finds the agent process of a node of this cluster.
-func agentPID(c *e2eenv.Cluster, nodeName string) int {
-	procs, _ := os.ReadDir("/proc")
-	for _, p := range procs {
-		pid, err := strconv.Atoi(p.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-		if filepath.Base(args[0]) != "tunmesh-node" || !strings.Contains(string(b), "/"+c.Name+"/") {
-			continue
-		}
-		for i, a := range args {
-			if a == "--node-name" && i+1 < len(args) && args[i+1] == nodeName {
-				return pid
-			}
-		}
-	}
-	return 0
+	return v
 }
 
 // restartAgent kills a node's agent (the cluster's supervisor starts a
 // new one, as a DaemonSet would) and waits until the new one is ready.
 func restartAgent(t *testing.T, c *e2eenv.Cluster, nodeName string) {
 	t.Helper()
-	old := agentPID(c, nodeName)
+	old := c.AgentPID(nodeName)
 	if old == 0 {
 		t.Fatalf("no agent process for %s", nodeName)
 	}
@@ -293,11 +236,11 @@ func restartAgent(t *testing.T, c *e2eenv.Cluster, nodeName string) {
 		t.Fatal(err)
 	}
 	e2eenv.WaitFor(t, 60*time.Second, "agent of "+nodeName+" restarted and ready", func() error {
-		pid := agentPID(c, nodeName)
+		pid := c.AgentPID(nodeName)
 		if pid == 0 || pid == old {
 			return fmt.Errorf("agent pid %d (old %d)", pid, old)
 		}
-		return agentReady(c, nodeName)
+		return c.AgentReady(nodeName)
 	})
 }
 
