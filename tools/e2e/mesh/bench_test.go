@@ -25,11 +25,11 @@ func BenchmarkMeshVsPlain(b *testing.B) {
 	c := e2eenv.Need(b)
 	ns := c.Namespace(b, "mesh-bench-"+e2eenv.RandomSuffix())
 	off := map[string]string{"tunmesh.io/inject": "disabled"}
-	pods := startPods(b, c, ns,
-		podSpec{name: "m-client", sa: "client", node: "node-1"},
-		podSpec{name: "m-server", sa: "server", node: "node-2"},
-		podSpec{name: "p-client", sa: "client", node: "node-1", annotations: off},
-		podSpec{name: "p-server", sa: "server", node: "node-2", annotations: off},
+	pods := c.StartPods(b, ns,
+		e2eenv.PodSpec{Name: "m-client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "m-server", SA: "server", Node: "node-2"},
+		e2eenv.PodSpec{Name: "p-client", SA: "client", Node: "node-1", Annotations: off},
+		e2eenv.PodSpec{Name: "p-server", SA: "server", Node: "node-2", Annotations: off},
 	)
 	for _, s := range []string{"m-server", "p-server"} {
 		sink(b, c, pods[s], 9700)

@@ -42,9 +42,9 @@ func soakDuration(t *testing.T) time.Duration {
 func TestChurnSoak(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-churn")
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1"},
-		podSpec{name: "server", sa: "server", node: "node-2"},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "server", SA: "server", Node: "node-2"},
 	)
 	if out, err := inNetns(c.PodNetns(pods["client"]), "sysctl", "-w", "net.ipv4.ip_local_port_range=40000 40199"); err != nil {
 		t.Fatalf("narrow the client's port range: %v: %s", err, out)

@@ -62,9 +62,9 @@ func noMarkerInClear(t *testing.T, pcap string) {
 func TestNoPlaintextThroughAgentRestart(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-fc-restart")
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1"},
-		podSpec{name: "server", sa: "server", node: "node-2"},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "server", SA: "server", Node: "node-2"},
 	)
 	serve(t, c, pods["server"], 9960)
 	dst := net.JoinHostPort(pods["server"].Status.PodIP, "9960")
@@ -119,10 +119,10 @@ func TestClusterIPMixedBackends(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-fc-mixed")
 	labels := map[string]string{"app": "mixed"}
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1"},
-		podSpec{name: "meshed", sa: "backend", node: "node-2", labels: labels, readyPort: 9970},
-		podSpec{name: "plain", sa: "backend", node: "node-2", labels: labels, readyPort: 9970, annotations: map[string]string{"tunmesh.io/inject": "disabled"}},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "meshed", SA: "backend", Node: "node-2", Labels: labels, ReadyPort: 9970},
+		e2eenv.PodSpec{Name: "plain", SA: "backend", Node: "node-2", Labels: labels, ReadyPort: 9970, Annotations: map[string]string{"tunmesh.io/inject": "disabled"}},
 	)
 	meshedSrv := serve(t, c, pods["meshed"], 9970)
 	plainSrv := serve(t, c, pods["plain"], 9970)
@@ -170,9 +170,9 @@ func TestClusterIPMixedBackends(t *testing.T) {
 func TestMidStreamAgentKillIsReset(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-fc-cut")
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1"},
-		podSpec{name: "server", sa: "server", node: "node-2"},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "server", SA: "server", Node: "node-2"},
 	)
 	ln, err := namedns.Listen(c.PodNetns(pods["server"]), "tcp", ":9980")
 	if err != nil {

@@ -46,10 +46,10 @@ func agentRSS(t *testing.T, c *e2eenv.Cluster, node string) int64 {
 func TestFloodFromOnePod(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-flood")
-	pods := startPods(t, c, ns,
-		podSpec{name: "flooder", sa: "flooder", node: "node-1"},
-		podSpec{name: "victim", sa: "victim", node: "node-1"},
-		podSpec{name: "server", sa: "server", node: "node-2"},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "flooder", SA: "flooder", Node: "node-1"},
+		e2eenv.PodSpec{Name: "victim", SA: "victim", Node: "node-1"},
+		e2eenv.PodSpec{Name: "server", SA: "server", Node: "node-2"},
 	)
 	serve(t, c, pods["server"], 9700)
 	var node1IP string

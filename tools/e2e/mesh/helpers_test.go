@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
-	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -16,58 +15,10 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 )
-
-// podSpec describes a test pod: it only sleeps; the test serves and dials
-// from inside its network namespace.
-type podSpec struct {
-	name, sa, node string
-	labels         map[string]string
-	annotations    map[string]string
-	readyPort      int // tcpSocket readiness probe when non-zero
-}
-
-func startPods(t testing.TB, c *e2eenv.Cluster, ns string, specs ...podSpec) map[string]*corev1.Pod {
-	t.Helper()
-	ctx := context.Background()
-	for _, s := range specs {
-		if s.sa != "" && s.sa != "default" {
-			_, _ = c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: s.sa}}, metav1.CreateOptions{})
-		}
-		ctr := corev1.Container{Name: "main", Image: "tunmesh-workload", Args: []string{"sleep"}}
-		if s.readyPort != 0 {
-			ctr.ReadinessProbe = &corev1.Probe{PeriodSeconds: 1, FailureThreshold: 1,
-				ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstrFrom(s.readyPort)}}}
-		}
-		pod := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: s.name, Labels: s.labels, Annotations: s.annotations},
-			Spec: corev1.PodSpec{
-				ServiceAccountName: s.sa,
-				NodeSelector:       map[string]string{"kubernetes.io/hostname": s.node},
-				Containers:         []corev1.Container{ctr},
-			},
-		}
-		if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-			t.Fatalf("create pod %s: %v", s.name, err)
-		}
-	}
-	out := map[string]*corev1.Pod{}
-	for _, s := range specs {
-		e2eenv.WaitFor(t, 60*time.Second, "pod "+s.name+" running", func() error {
-			p := c.Pod(t, ns, s.name)
-			if p.Status.Phase != corev1.PodRunning || p.Status.PodIP == "" {
-				return fmt.Errorf("phase %s", p.Status.Phase)
-			}
-			out[s.name] = p
-			return nil
-		})
-	}
-	return out
-}
 
 // server accepts on port inside a pod: each connection's bytes are
 // hashed and echoed back until the client half-closes; then it half-closes

@@ -25,7 +25,7 @@ import (
 func TestAgentOutage(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-outage")
-	pods := startPods(t, c, ns, podSpec{name: "doomed", sa: "doomed", node: "node-1"})
+	pods := c.StartPods(t, ns, e2eenv.PodSpec{Name: "doomed", SA: "doomed", Node: "node-1"})
 	hold := filepath.Join(e2eenv.TestRoot, c.Name, "mesh", "node-1", devcluster.HoldFile)
 	if err := os.WriteFile(hold, nil, 0o644); err != nil {
 		t.Fatal(err)

@@ -21,9 +21,9 @@ import (
 func TestSpoofedSourceDropped(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-spoof")
-	pods := startPods(t, c, ns,
-		podSpec{name: "spoofer", sa: "spoofer", node: "node-1"},
-		podSpec{name: "target", sa: "target", node: "node-2"},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "spoofer", SA: "spoofer", Node: "node-1"},
+		e2eenv.PodSpec{Name: "target", SA: "target", Node: "node-2"},
 	)
 	serve(t, c, pods["target"], 9800)
 	netns := c.PodNetns(pods["spoofer"])
@@ -57,7 +57,7 @@ func TestSpoofedSourceDropped(t *testing.T) {
 func TestNodeReachesMeshedPod(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-probe")
-	pods := startPods(t, c, ns, podSpec{name: "web", sa: "web", node: "node-2", readyPort: 9900})
+	pods := c.StartPods(t, ns, e2eenv.PodSpec{Name: "web", SA: "web", Node: "node-2", ReadyPort: 9900})
 	serve(t, c, pods["web"], 9900)
 	e2eenv.WaitFor(t, 30*time.Second, "probed pod ready", func() error {
 		if !e2eenv.PodReady(c.Pod(t, ns, "web")) {
@@ -87,7 +87,7 @@ func TestNodeReachesMeshedPod(t *testing.T) {
 func TestBadAnnotationWarns(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-annot")
-	startPods(t, c, ns, podSpec{name: "odd", sa: "odd", node: "node-1", annotations: map[string]string{"config.tunmesh.io/skip-inbound-ports": "80,http"}})
+	c.StartPods(t, ns, e2eenv.PodSpec{Name: "odd", SA: "odd", Node: "node-1", Annotations: map[string]string{"config.tunmesh.io/skip-inbound-ports": "80,http"}})
 	e2eenv.WaitFor(t, 30*time.Second, "InvalidMeshAnnotation event", func() error {
 		evs, err := c.Client.CoreV1().Events(ns).List(context.Background(), metav1.ListOptions{
 			FieldSelector: fields.Set{"involvedObject.name": "odd", "reason": "InvalidMeshAnnotation"}.String(),

@@ -22,10 +22,10 @@ import (
 func TestAgentRestartKeepsPods(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-restart")
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1"},
-		podSpec{name: "server", sa: "server", node: "node-2"},
-		podSpec{name: "local", sa: "server", node: "node-1"},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "server", SA: "server", Node: "node-2"},
+		e2eenv.PodSpec{Name: "local", SA: "server", Node: "node-1"},
 	)
 	serve(t, c, pods["server"], 9950)
 	serve(t, c, pods["local"], 9951)

@@ -92,10 +92,10 @@ func dialTunnelProto(t *testing.T, c *e2eenv.Cluster, cert *tls.Certificate, ser
 func TestTunnelSecurity(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-sec")
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1"},
-		podSpec{name: "other", sa: "other", node: "node-1"},
-		podSpec{name: "server", sa: "server", node: "node-2"},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "other", SA: "other", Node: "node-1"},
+		e2eenv.PodSpec{Name: "server", SA: "server", Node: "node-2"},
 	)
 	serve(t, c, pods["server"], 9600)
 	serverID := spiffe.ID{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: "server"}
@@ -181,10 +181,10 @@ func TestTunnelSecurity(t *testing.T) {
 func TestTunnelSecurityV3(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-sec3")
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1"},
-		podSpec{name: "other", sa: "other", node: "node-1"},
-		podSpec{name: "server", sa: "server", node: "node-2"},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "other", SA: "other", Node: "node-1"},
+		e2eenv.PodSpec{Name: "server", SA: "server", Node: "node-2"},
 	)
 	srv := serve(t, c, pods["server"], 9601)
 	serverID := spiffe.ID{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: "server"}

@@ -24,11 +24,11 @@ func TestClusterIPSpread(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-svc")
 	labels := map[string]string{"app": "spread"}
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1"},
-		podSpec{name: "backend-a", sa: "backend", node: "node-1", labels: labels, readyPort: 9500},
-		podSpec{name: "backend-b", sa: "backend", node: "node-2", labels: labels, readyPort: 9500},
-		podSpec{name: "backend-c", sa: "backend", node: "node-2", labels: labels, readyPort: 9500},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "backend-a", SA: "backend", Node: "node-1", Labels: labels, ReadyPort: 9500},
+		e2eenv.PodSpec{Name: "backend-b", SA: "backend", Node: "node-2", Labels: labels, ReadyPort: 9500},
+		e2eenv.PodSpec{Name: "backend-c", SA: "backend", Node: "node-2", Labels: labels, ReadyPort: 9500},
 	)
 	servers := map[string]*server{}
 	for _, b := range []string{"backend-a", "backend-b", "backend-c"} {

@@ -8,12 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"k8s.io/apimachinery/pkg/util/intstr"
-
 	"github.com/tunmesh/tunmesh/tools/internal/e2eenv"
 )
-
-func intstrFrom(p int) intstr.IntOrString { return intstr.FromInt32(int32(p)) }
 
 // TestMeshedTransfer: pod-to-pod TCP through the mesh, cross-node and
 // same-node, 1 MiB and 100 MiB with checksums both ways and half-close;
@@ -21,10 +17,10 @@ func intstrFrom(p int) intstr.IntOrString { return intstr.FromInt32(int32(p)) }
 func TestMeshedTransfer(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-xfer")
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1"},
-		podSpec{name: "server-near", sa: "server", node: "node-1"},
-		podSpec{name: "server-far", sa: "server", node: "node-2"},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1"},
+		e2eenv.PodSpec{Name: "server-near", SA: "server", Node: "node-1"},
+		e2eenv.PodSpec{Name: "server-far", SA: "server", Node: "node-2"},
 	)
 	clientIP := pods["client"].Status.PodIP
 	for _, tc := range []struct{ server, node string }{{"server-far", "node-2"}, {"server-near", "node-1"}} {
@@ -64,10 +60,10 @@ const marker = "TUNMESH-PLAINTEXT-MARKER-0123456789"
 func TestUnderlayCarriesOnlyTLS(t *testing.T) {
 	c := e2eenv.Need(t)
 	ns := c.Namespace(t, "mesh-wire")
-	pods := startPods(t, c, ns,
-		podSpec{name: "client", sa: "client", node: "node-1", annotations: map[string]string{"config.tunmesh.io/skip-outbound-ports": "9300"}},
-		podSpec{name: "server", sa: "server", node: "node-2", annotations: map[string]string{"config.linkerd.io/skip-inbound-ports": "9200"}},
-		podSpec{name: "outsider", sa: "outsider", node: "node-1", annotations: map[string]string{"tunmesh.io/inject": "disabled"}},
+	pods := c.StartPods(t, ns,
+		e2eenv.PodSpec{Name: "client", SA: "client", Node: "node-1", Annotations: map[string]string{"config.tunmesh.io/skip-outbound-ports": "9300"}},
+		e2eenv.PodSpec{Name: "server", SA: "server", Node: "node-2", Annotations: map[string]string{"config.linkerd.io/skip-inbound-ports": "9200"}},
+		e2eenv.PodSpec{Name: "outsider", SA: "outsider", Node: "node-1", Annotations: map[string]string{"tunmesh.io/inject": "disabled"}},
 	)
 	for _, port := range []int{9100, 9200, 9300} {
 		serve(t, c, pods["server"], port)

@@ -25,40 +25,6 @@ import (
 	"github.com/tunmesh/tunmesh/tools/internal/namedns"
 )
 
-type podSpec struct {
-	name, node  string
-	annotations map[string]string
-}
-
-func startPods(t testing.TB, c *e2eenv.Cluster, ns string, specs ...podSpec) map[string]*corev1.Pod {
-	t.Helper()
-	ctx := context.Background()
-	for _, s := range specs {
-		pod := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: s.name, Annotations: s.annotations},
-			Spec: corev1.PodSpec{
-				NodeSelector: map[string]string{"kubernetes.io/hostname": s.node},
-				Containers:   []corev1.Container{{Name: "main", Image: "tunmesh-workload", Args: []string{"sleep"}}},
-			},
-		}
-		if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-			t.Fatalf("create pod %s: %v", s.name, err)
-		}
-	}
-	out := map[string]*corev1.Pod{}
-	for _, s := range specs {
-		e2eenv.WaitFor(t, 60*time.Second, "pod "+s.name+" running", func() error {
-			p := c.Pod(t, ns, s.name)
-			if p.Status.Phase != corev1.PodRunning || p.Status.PodIP == "" {
-				return fmt.Errorf("phase %s", p.Status.Phase)
-			}
-			out[s.name] = p
-			return nil
-		})
-	}
-	return out
-}
-
 // serveEcho echoes TCP connections on port inside pod until the client
 // half-closes.
 func serveEcho(t *testing.T, c *e2eenv.Cluster, pod *corev1.Pod, port int) {

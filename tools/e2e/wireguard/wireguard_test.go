@@ -48,12 +48,12 @@ func setup(t *testing.T) (*e2eenv.Cluster, map[string]*corev1.Pod) {
 			_, err := c.Client.CoreV1().ServiceAccounts(ns).Get(context.Background(), "default", metav1.GetOptions{})
 			return err
 		})
-		pods = startPods(t, c, ns,
-			podSpec{name: "a1", node: "node-1"},
-			podSpec{name: "a2", node: "node-1"},
-			podSpec{name: "b1", node: "node-2"},
-			podSpec{name: "skip", node: "node-2", annotations: map[string]string{"config.tunmesh.io/skip-inbound-ports": "9300"}},
-			podSpec{name: "plain", node: "node-2", annotations: map[string]string{"tunmesh.io/inject": "disabled"}},
+		pods = c.StartPods(t, ns,
+			e2eenv.PodSpec{Name: "a1", Node: "node-1"},
+			e2eenv.PodSpec{Name: "a2", Node: "node-1"},
+			e2eenv.PodSpec{Name: "b1", Node: "node-2"},
+			e2eenv.PodSpec{Name: "skip", Node: "node-2", Annotations: map[string]string{"config.tunmesh.io/skip-inbound-ports": "9300"}},
+			e2eenv.PodSpec{Name: "plain", Node: "node-2", Annotations: map[string]string{"tunmesh.io/inject": "disabled"}},
 		)
 	})
 	if pods == nil {
