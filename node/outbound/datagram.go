@@ -103,11 +103,8 @@ func (d *Decider) DecideDatagram(g netstack.Datagram) Decision {
 	}
 	for _, dst := range targets {
 		allowed, err := da.EgressDatagram(g, src, dst, proto)
-		switch {
-		case err != nil:
-			return decision(Hold, ReasonLookupFailed)
-		case !allowed:
-			return decision(Deny, ReasonPolicyDenied)
+		if v := passIfAllowed(allowed, err, ReasonNotTCP); v.Verdict != Pass {
+			return v
 		}
 	}
 	return decision(Pass, ReasonNotTCP)

@@ -273,6 +273,13 @@ func (d *Decider) passTo(f netstack.Flow, src *pods.Pod, reason string, dst neti
 		return decision(Pass, reason)
 	}
 	ok, err := d.Access.Egress(f, src, dst)
+	return passIfAllowed(ok, err, reason)
+}
+
+// passIfAllowed turns Access's answer on a flow the mesh leaves in
+// plaintext into its decision: a failed lookup holds, a denial drops
+// (Deny), an allowed flow passes for reason.
+func passIfAllowed(ok bool, err error, reason string) Decision {
 	switch {
 	case err != nil:
 		return decision(Hold, ReasonLookupFailed)
@@ -361,13 +368,7 @@ func (d *Decider) plaintext(f netstack.Flow, src *pods.Pod, reason string) Decis
 		return decision(Pass, reason)
 	}
 	ok, err := d.Access.Plaintext(f, src, src.Policy.SkipsInbound(f.Src.Port()))
-	switch {
-	case err != nil:
-		return decision(Hold, ReasonLookupFailed)
-	case !ok:
-		return decision(Deny, ReasonPolicyDenied)
-	}
-	return decision(Pass, reason)
+	return passIfAllowed(ok, err, reason)
 }
 
 type class int
