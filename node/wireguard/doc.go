@@ -9,6 +9,10 @@
 //	annotations.go what a node publishes (public key, endpoint, overlay
 //	               address) and parsing it back from a Node (fuzzed)
 //	tun.go         the in-process TUN (batched) and its overlay gVisor stack
+//	gso.go         cutting the overlay stack's 64 KiB TCP packets into
+//	               inner-MTU segments (GSO, in the TUN's Read)
+//	gro.go         merging decrypted segments for the overlay stack (gVisor's
+//	               GRO, after checking every TCP checksum, in Write)
 //	bind.go        the UDP bind: opened in the node's namespace, malformed
 //	               datagrams dropped and counted before wireguard-go
 //	peers.go       the peer table from a Node informer and its translation

@@ -174,6 +174,12 @@ func TestTwoNodesOverWireGuard(t *testing.T) {
 	if v := counter(a.metrics.dials.WithLabelValues("overlay")); v != 1 {
 		t.Fatalf("overlay dials %v", v)
 	}
+	// The transfer went through the offloads: the sender's overlay stack
+	// handed over large packets that its TUN cut (GSO), and the receiving
+	// TUNs merged segments before their stacks (GRO; the echo goes back).
+	if sa, sb := a.tun.Stats(), b.tun.Stats(); sa.Split == 0 || sa.Coalesced+sb.Coalesced == 0 {
+		t.Fatalf("offloads unused: a %+v b %+v", sa, sb)
+	}
 
 	// Garbage to b's port: dropped and counted.
 	u, err := net.Dial("udp", net.JoinHostPort("127.0.0.2", itoa(portB)))

@@ -9,7 +9,6 @@ import (
 	"sync/atomic"
 
 	wgtun "golang.zx2c4.com/wireguard/tun"
-	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
@@ -41,9 +40,17 @@ type TUN struct {
 	mtu     int
 	overlay netip.Addr
 	st      *stack.Stack
-	ep      *channel.Endpoint
-	events  chan wgtun.Event
-	out     chan []byte // packets for wireguard-go to encrypt
+	ep      *overlayLink
+	// in receives what Write's GRO delivers: the overlay stack's NIC
+	// (through ep); a recorder in tests.
+	in     stack.NetworkDispatcher
+	events chan wgtun.Event
+	out    chan outPacket // packets for wireguard-go to encrypt
+
+	// pend is the overlay stack's packet Read is cutting into segments
+	// (only Read touches it: wireguard-go reads from one goroutine).
+	pend    superPacket
+	pending bool
 
 	// host receives decrypted packets that are not for the overlay
 	// address and whose destination hostDst allows; nil drops them.
@@ -53,8 +60,60 @@ type TUN struct {
 	closed    chan struct{}
 
 	// Counters (read with Stats).
-	toOverlay, toHost, fromHost, dropped, dropFull, tooBig atomic.Uint64
+	toOverlay, toHost, fromHost, dropped, dropFull, tooBig, split, coalesced atomic.Uint64
 }
+
+// outPacket is a packet for wireguard-go to encrypt.
+type outPacket struct {
+	b []byte
+	// gso: a packet of the overlay stack's TCP (partial checksum, maybe
+	// larger than the MTU), cut by Read into segments of at most mss
+	// payload bytes (0: what the MTU leaves).
+	gso bool
+	mss int
+}
+
+// overlayLink is the overlay stack's link: a channel endpoint whose
+// "hardware" segments TCP (Read does) up to gsoMaxSize and checks TCP
+// checksums (Write does, before GRO), and which hands the NIC's
+// dispatcher to Write's GRO.
+type overlayLink struct {
+	*channel.Endpoint
+	mu sync.RWMutex
+	d  stack.NetworkDispatcher
+}
+
+// Attach records the NIC's dispatcher for DeliverNetworkPacket.
+func (l *overlayLink) Attach(d stack.NetworkDispatcher) {
+	l.mu.Lock()
+	l.d = d
+	l.mu.Unlock()
+	l.Endpoint.Attach(d)
+}
+
+func (l *overlayLink) dispatcher() stack.NetworkDispatcher {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.d
+}
+
+// DeliverNetworkPacket hands pkt to the overlay stack (dropped while the
+// NIC is detached).
+func (l *overlayLink) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if d := l.dispatcher(); d != nil {
+		d.DeliverNetworkPacket(proto, pkt)
+	}
+}
+
+// DeliverLinkPacket is for packet sockets, which the overlay stack has none of.
+func (l *overlayLink) DeliverLinkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if d := l.dispatcher(); d != nil {
+		d.DeliverLinkPacket(proto, pkt)
+	}
+}
+
+// GSOMaxSize is gsoMaxSize (the channel endpoint says 32 KiB).
+func (*overlayLink) GSOMaxSize() uint32 { return gsoMaxSize }
 
 type hostSink struct {
 	write func([]byte) error
@@ -71,6 +130,10 @@ type TUNStats struct {
 	// TooBig are packets from the host larger than the inner MTU with DF
 	// set, answered with ICMP fragmentation needed instead.
 	TooBig uint64
+	// Split are the segments Read cut from the overlay stack's large
+	// packets beyond the first of each (GSO); Coalesced the TCP segments
+	// for the overlay stack Write merged into a previous one (GRO).
+	Split, Coalesced uint64
 }
 
 // NewTUN makes the TUN and its overlay stack with the given overlay
@@ -86,11 +149,14 @@ func NewTUN(overlay netip.Addr, mtu int) (*TUN, error) {
 			NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 			TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
 		}),
-		ep:     channel.New(4096, uint32(mtu), ""),
+		ep:     &overlayLink{Endpoint: channel.New(4096, uint32(mtu), "")},
 		events: make(chan wgtun.Event, 4),
-		out:    make(chan []byte, 4096),
+		out:    make(chan outPacket, 4096),
 		closed: make(chan struct{}),
 	}
+	t.ep.SupportedGSOKind = stack.HostGSOSupported
+	t.ep.LinkEPCapabilities = stack.CapabilityRXChecksumOffload
+	t.in = t.ep
 	sack := tcpip.TCPSACKEnabled(true)
 	if tcpipErr := t.st.SetTransportProtocolOption(tcp.ProtocolNumber, &sack); tcpipErr != nil {
 		return nil, fmt.Errorf("wireguard tun: tcp sack: %s", tcpipErr)
@@ -153,7 +219,7 @@ func (t *TUN) SetHost(write func([]byte) error, allow func(dst netip.Addr) bool)
 // copies b. It drops (counted) when wireguard-go does not keep up, as a
 // full device queue would.
 func (t *TUN) SendHost(b []byte) {
-	p := append([]byte(nil), b...)
+	p := outPacket{b: append([]byte(nil), b...)}
 	select {
 	case t.out <- p:
 		t.fromHost.Add(1)
@@ -174,8 +240,11 @@ func (t *TUN) WriteNotify() {
 			return
 		}
 		v := pkt.ToView()
-		p := append([]byte(nil), v.AsSlice()...)
+		p := outPacket{b: append([]byte(nil), v.AsSlice()...)}
 		v.Release()
+		if g := pkt.GSOOptions; g.Type == stack.GSOTCPv4 || g.Type == stack.GSOTCPv6 {
+			p.gso, p.mss = true, int(g.MSS)
+		}
 		pkt.DecRef()
 		select {
 		case t.out <- p:
@@ -201,56 +270,94 @@ func (t *TUN) Events() <-chan wgtun.Event { return t.events }
 func (t *TUN) BatchSize() int { return BatchSize }
 
 // Read blocks for one packet to encrypt, then takes what else is queued,
-// up to len(bufs).
+// up to len(bufs). The overlay stack's large TCP packets are cut into
+// inner-MTU segments here (see gso.go), across Reads when the batch is
+// full. wireguard-go calls Read from one goroutine; it is not safe for
+// concurrent use.
 func (t *TUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
-	var p []byte
-	select {
-	case p = <-t.out:
-	case <-t.closed:
-		return 0, os.ErrClosed
-	}
 	n := 0
-	for {
-		if len(p) > len(bufs[n])-offset {
-			t.dropped.Add(1) // larger than wireguard-go's buffers: cannot be carried
-		} else {
-			sizes[n] = copy(bufs[n][offset:], p)
-			n++
+	for n < len(bufs) {
+		if !t.pending {
+			var p outPacket
+			if n == 0 {
+				select {
+				case p = <-t.out:
+				case <-t.closed:
+					return 0, os.ErrClosed
+				}
+			} else {
+				select {
+				case p = <-t.out:
+				default:
+					return n, nil
+				}
+			}
+			if !p.gso {
+				if len(p.b) > len(bufs[n])-offset {
+					t.dropped.Add(1) // larger than wireguard-go's buffers: cannot be carried
+					continue
+				}
+				sizes[n] = copy(bufs[n][offset:], p.b)
+				n++
+				continue
+			}
+			sp, ok := newSuperPacket(p.b, p.mss, t.mtu)
+			if !ok {
+				t.dropped.Add(1) // its checksum is partial: never sent as it is
+				continue
+			}
+			t.pend, t.pending = sp, true
 		}
-		if n == len(bufs) {
-			return n, nil
+		cut := t.pend.cut
+		size := t.pend.next(bufs[n][offset:])
+		if size == 0 {
+			t.dropped.Add(1) // wireguard-go's buffers are smaller than the MTU
+			t.pend, t.pending = superPacket{}, false
+			continue
 		}
-		select {
-		case p = <-t.out:
-		default:
-			return n, nil
+		if cut {
+			t.split.Add(1)
+		}
+		sizes[n] = size
+		n++
+		if t.pend.done() {
+			t.pend, t.pending = superPacket{}, false
 		}
 	}
+	return n, nil
 }
 
 // Write takes decrypted packets. Every packet is consumed (delivered or
 // dropped and counted); wireguard-go has already checked that its source
-// is one the sending peer may use.
+// is one the sending peer may use. Consecutive TCP segments of one flow
+// for the overlay address are coalesced into one packet (GRO, see
+// gro.go) before the overlay stack sees them. wireguard-go writes from one
+// goroutine per peer: concurrent Writes each have their own GRO.
 func (t *TUN) Write(bufs [][]byte, offset int) (int, error) {
+	var g *overlayGRO
 	for _, b := range bufs {
-		t.deliver(b[offset:])
+		p := b[offset:]
+		dst, _, ok := packetDst(p)
+		if !ok {
+			t.dropped.Add(1)
+			continue
+		}
+		if dst == t.overlay {
+			if g == nil {
+				g = t.getGRO()
+			}
+			t.toOverlayStack(g, p)
+			continue
+		}
+		t.toHostSink(dst, p)
+	}
+	if g != nil {
+		t.putGRO(g)
 	}
 	return len(bufs), nil
 }
 
-func (t *TUN) deliver(p []byte) {
-	dst, proto, ok := packetDst(p)
-	if !ok {
-		t.dropped.Add(1)
-		return
-	}
-	if dst == t.overlay {
-		pkb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(append([]byte(nil), p...))})
-		t.ep.InjectInbound(proto, pkb)
-		pkb.DecRef()
-		t.toOverlay.Add(1)
-		return
-	}
+func (t *TUN) toHostSink(dst netip.Addr, p []byte) {
 	if h := t.host.Load(); h != nil && h.allow(dst) {
 		if err := h.write(p); err == nil {
 			t.toHost.Add(1)
@@ -283,7 +390,7 @@ func packetDst(p []byte) (netip.Addr, tcpip.NetworkProtocolNumber, bool) {
 // Stats returns the counters.
 func (t *TUN) Stats() TUNStats {
 	return TUNStats{ToOverlay: t.toOverlay.Load(), ToHost: t.toHost.Load(), FromHost: t.fromHost.Load(),
-		Dropped: t.dropped.Load(), QueueFull: t.dropFull.Load(), TooBig: t.tooBig.Load()}
+		Dropped: t.dropped.Load(), QueueFull: t.dropFull.Load(), TooBig: t.tooBig.Load(), Split: t.split.Load(), Coalesced: t.coalesced.Load()}
 }
 
 // ErrTUNClosed is returned after Close.
