@@ -84,6 +84,7 @@ func addClusterShapeFlags(cmd *cobra.Command, d *devFlags) {
 	fs.StringVar(&d.cfg.Transport, "transport", "tcp", "agents' transport between nodes: tcp or wireguard (userspace WireGuard overlay; docs/wireguard.md)")
 	fs.IntVar(&d.cfg.WireGuardMTU, "wireguard-mtu", 0, "with --transport wireguard: the agents' overlay MTU for the mesh tunnels (0: the agent's default, 1420)")
 	fs.BoolVar(&d.cfg.EncryptAll, "encrypt-all", false, "with --transport wireguard: all cross-node pod traffic (UDP, ICMP, non-meshed pods, skipped ports) rides WireGuard")
+	fs.BoolVar(&d.cfg.WireGuardRequired, "wireguard-required", false, "with --transport wireguard: the agents' strict mode (--wireguard-required: nodes without a key refused, never reached on the underlay)")
 	prev := cmd.PreRunE
 	cmd.PreRunE = func(c *cobra.Command, args []string) error {
 		if *noMesh {

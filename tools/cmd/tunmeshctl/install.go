@@ -55,6 +55,7 @@ Settings (--set key=value, repeatable):
 	fs.StringArrayVar(&sets, "set", nil, "a setting, key=value (repeatable; see above)")
 	transport := fs.String("transport", "", "transport between nodes: tcp or wireguard (same as --set transport=...; docs/wireguard.md)")
 	encryptAll := fs.Bool("encrypt-all", false, "with --transport wireguard: all cross-node pod traffic rides WireGuard (same as --set encryptAll=true)")
+	wgRequired := fs.Bool("wireguard-required", false, "with --transport wireguard, strict: nodes without a WireGuard key are refused, never reached on the underlay (same as --set wireguardRequired=true)")
 	_ = cmd.MarkFlagFilename("identity-trust-anchors", "crt", "pem")
 	_ = cmd.RegisterFlagCompletionFunc("set", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
 		var keys []string
@@ -74,6 +75,9 @@ Settings (--set key=value, repeatable):
 		}
 		if cmd.Flags().Changed("encrypt-all") {
 			sets = append(sets, "encryptAll="+strconv.FormatBool(*encryptAll))
+		}
+		if cmd.Flags().Changed("wireguard-required") {
+			sets = append(sets, "wireguardRequired="+strconv.FormatBool(*wgRequired))
 		}
 		set, err := installcli.ParseSettings(sets)
 		if err != nil {

@@ -7,7 +7,8 @@ import (
 )
 
 // TestInstallTransportFlags: install --transport wireguard --encrypt-all
-// writes the cluster-wide settings; --encrypt-all alone is refused.
+// writes the cluster-wide settings, as does --wireguard-required;
+// --encrypt-all or --wireguard-required alone is refused.
 func TestInstallTransportFlags(t *testing.T) {
 	t.Setenv("KUBECONFIG", filepath.Join(t.TempDir(), "none"))
 	code, out, stderr := runWith(t, &recorder{}, "install", "--set", "clusterCIDRs=10.244.0.0/16,10.96.0.0/12", "--transport", "wireguard", "--encrypt-all")
@@ -22,6 +23,14 @@ func TestInstallTransportFlags(t *testing.T) {
 	code, _, stderr = runWith(t, &recorder{}, "install", "--set", "clusterCIDRs=10.0.0.0/8", "--encrypt-all")
 	if code == 0 || !strings.Contains(stderr, "encryptAll=true needs transport=wireguard") {
 		t.Errorf("--encrypt-all without wireguard: exit %d, %q", code, stderr)
+	}
+	code, out, stderr = runWith(t, &recorder{}, "install", "--set", "clusterCIDRs=10.0.0.0/8", "--transport", "wireguard", "--wireguard-required")
+	if code != 0 || !strings.Contains(out, `wireguardRequired: "true"`) || !strings.Contains(out, "--wireguard-required=$(WIREGUARD_REQUIRED)") {
+		t.Errorf("--wireguard-required: exit %d, %q", code, stderr)
+	}
+	code, _, stderr = runWith(t, &recorder{}, "install", "--set", "clusterCIDRs=10.0.0.0/8", "--wireguard-required")
+	if code == 0 || !strings.Contains(stderr, "wireguardRequired=true needs transport=wireguard") {
+		t.Errorf("--wireguard-required without wireguard: exit %d, %q", code, stderr)
 	}
 	code, _, stderr = runWith(t, &recorder{}, "install", "--set", "clusterCIDRs=10.0.0.0/8", "--transport", "ipsec")
 	if code != 2 || !strings.Contains(stderr, "transport") {

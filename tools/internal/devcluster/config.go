@@ -77,6 +77,9 @@ type Config struct {
 	// WireGuardMTU, if set, is the agents' --wireguard-mtu (the overlay's
 	// MTU for the mesh tunnels).
 	WireGuardMTU int
+	// WireGuardRequired (wireguard only) is the agents'
+	// --wireguard-required (strict mode).
+	WireGuardRequired bool
 }
 
 // WithDefaults fills empty fields and validates the result.
@@ -117,6 +120,9 @@ func (c Config) WithDefaults() (Config, error) {
 	}
 	if c.EncryptAll && c.Transport != "wireguard" {
 		return c, errors.New("encrypt-all needs transport wireguard")
+	}
+	if c.WireGuardRequired && c.Transport != "wireguard" {
+		return c, errors.New("wireguard-required needs transport wireguard")
 	}
 	if !nameRE.MatchString(c.Name) {
 		return c, fmt.Errorf("cluster name %q: must match %s (it prefixes namespace names)", c.Name, nameRE)

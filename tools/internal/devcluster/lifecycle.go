@@ -117,7 +117,8 @@ func Up(ctx context.Context, cfg Config, self string, out io.Writer) error {
 		"--kube-bin-dir", cfg.KubeBinDir, "--bin-dir", cfg.BinDir,
 		"--cni-bin-dir", cfg.CNIBinDir, "--etcd", cfg.Etcd, "--mesh="+strconv.FormatBool(cfg.Mesh),
 		"--real-nodes="+strconv.FormatBool(cfg.RealNodes), "--image-dir", cfg.ImageDir,
-		"--transport", cfg.Transport, "--encrypt-all="+strconv.FormatBool(cfg.EncryptAll), "--wireguard-mtu", strconv.Itoa(cfg.WireGuardMTU))
+		"--transport", cfg.Transport, "--encrypt-all="+strconv.FormatBool(cfg.EncryptAll), "--wireguard-mtu", strconv.Itoa(cfg.WireGuardMTU),
+		"--wireguard-required="+strconv.FormatBool(cfg.WireGuardRequired))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: the cluster outlives the shell that ran `up`.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

@@ -454,8 +454,12 @@ func (m *mesh) run(ctx context.Context) error {
 // wireGuardArgs are the agent flags of the WireGuard transport beyond
 // --transport and --encrypt-all.
 func (m *mesh) wireGuardArgs() []string {
-	if m.cfg.WireGuardMTU == 0 {
-		return nil
+	var args []string
+	if m.cfg.WireGuardMTU != 0 {
+		args = append(args, "--wireguard-mtu", strconv.Itoa(m.cfg.WireGuardMTU))
 	}
-	return []string{"--wireguard-mtu", strconv.Itoa(m.cfg.WireGuardMTU)}
+	if m.cfg.WireGuardRequired {
+		args = append(args, "--wireguard-required")
+	}
+	return args
 }

@@ -79,6 +79,9 @@ func Render(o Options) ([]*unstructured.Unstructured, error) {
 	if set["encryptAll"] == "true" && set["transport"] != "wireguard" {
 		return nil, fmt.Errorf("%w: encryptAll=true needs transport=wireguard", ErrBadSetting)
 	}
+	if set["wireguardRequired"] == "true" && set["transport"] != "wireguard" {
+		return nil, fmt.Errorf("%w: wireguardRequired=true needs transport=wireguard", ErrBadSetting)
+	}
 	identityObjs, err := identityObjects(o, set["trustDomain"])
 	if err != nil {
 		return nil, err

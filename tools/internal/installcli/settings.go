@@ -34,16 +34,17 @@ type setting struct {
 
 // Settings are the keys `--set` accepts, with their defaults and checks.
 var settings = map[string]setting{
-	"clusterCIDRs":  {configMap: true, help: "pod and Service CIDRs, comma-separated (default: detected from the cluster)", check: checkCIDRs},
-	"trustDomain":   {configMap: true, def: "cluster.local", help: "SPIFFE trust domain", check: spiffe.ValidateTrustDomain},
-	"certLifetime":  {configMap: true, def: "24h", help: "workload certificate lifetime", check: checkDuration},
-	"tunMTU":        {configMap: true, def: "65520", help: "MTU of the pods' tm0", check: checkInt(1280, 65535)},
-	"underlayMTU":   {configMap: true, def: "1500", help: "MTU of the node network", check: checkInt(576, 65535)},
-	"failOpen":      {configMap: true, def: "false", help: "let pods start unmeshed while their node's agent is down", check: checkBool},
-	"logLevel":      {configMap: true, def: "info", help: "debug, info, warn or error", check: checkOneOf("debug", "info", "warn", "error")},
-	"transport":     {configMap: true, def: "tcp", help: "transport between nodes: tcp, or wireguard (userspace WireGuard; docs/wireguard.md)", check: checkOneOf("tcp", "wireguard")},
-	"encryptAll":    {configMap: true, def: "false", help: "with transport wireguard: all cross-node pod traffic (UDP, ICMP, non-meshed pods, skipped ports) rides WireGuard", check: checkBool},
-	"wireguardPort": {configMap: true, def: "51820", help: "WireGuard UDP port on the nodes", check: checkInt(1, 65535)},
+	"clusterCIDRs":      {configMap: true, help: "pod and Service CIDRs, comma-separated (default: detected from the cluster)", check: checkCIDRs},
+	"trustDomain":       {configMap: true, def: "cluster.local", help: "SPIFFE trust domain", check: spiffe.ValidateTrustDomain},
+	"certLifetime":      {configMap: true, def: "24h", help: "workload certificate lifetime", check: checkDuration},
+	"tunMTU":            {configMap: true, def: "65520", help: "MTU of the pods' tm0", check: checkInt(1280, 65535)},
+	"underlayMTU":       {configMap: true, def: "1500", help: "MTU of the node network", check: checkInt(576, 65535)},
+	"failOpen":          {configMap: true, def: "false", help: "let pods start unmeshed while their node's agent is down", check: checkBool},
+	"logLevel":          {configMap: true, def: "info", help: "debug, info, warn or error", check: checkOneOf("debug", "info", "warn", "error")},
+	"transport":         {configMap: true, def: "tcp", help: "transport between nodes: tcp, or wireguard (userspace WireGuard; docs/wireguard.md)", check: checkOneOf("tcp", "wireguard")},
+	"encryptAll":        {configMap: true, def: "false", help: "with transport wireguard: all cross-node pod traffic (UDP, ICMP, non-meshed pods, skipped ports) rides WireGuard", check: checkBool},
+	"wireguardPort":     {configMap: true, def: "51820", help: "WireGuard UDP port on the nodes", check: checkInt(1, 65535)},
+	"wireguardRequired": {configMap: true, def: "false", help: "with transport wireguard, strict (once every node runs it): nodes that publish no WireGuard key are refused and, with encryptAll, their pods' traffic dropped, never sent on the underlay", check: checkBool},
 
 	"identityReplicas":   {def: "1", help: "tunmesh-identity replicas", check: checkInt(1, 100)},
 	"imagePullPolicy":    {def: "IfNotPresent", help: "Always, IfNotPresent or Never", check: checkOneOf("Always", "IfNotPresent", "Never")},
