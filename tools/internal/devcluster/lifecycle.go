@@ -122,6 +122,9 @@ func Up(ctx context.Context, cfg Config, self string, out io.Writer) error {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: the cluster outlives the shell that ran `up`.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cloexecInherited(); err != nil {
+		return err
+	}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start supervisor: %w", err)
 	}

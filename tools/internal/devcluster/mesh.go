@@ -40,10 +40,11 @@ const (
 	// its node's network namespace (loopback: reachable only from there),
 	// so that benchmarks and people can profile a stand-in cluster's agents.
 	AgentDebugAddr = "127.0.0.1:6060"
-	// AgentEnvPrefix: TUNMESH_AGENT_GODEBUG, TUNMESH_AGENT_GOGC and
-	// TUNMESH_AGENT_GOMEMLIMIT, when set in the environment of whoever
-	// boots the cluster, become the agents' GODEBUG, GOGC and GOMEMLIMIT
-	// (and only theirs, not the control plane's): for example
+	// AgentEnvPrefix: TUNMESH_AGENT_GODEBUG, TUNMESH_AGENT_GOGC,
+	// TUNMESH_AGENT_GOMEMLIMIT and TUNMESH_AGENT_GOMAXPROCS, when set in the
+	// environment of whoever boots the cluster, become the agents' GODEBUG,
+	// GOGC, GOMEMLIMIT and GOMAXPROCS (and only theirs, not the control
+	// plane's): for example
 	// TUNMESH_AGENT_GODEBUG=memprofilerate=4096 for heap profiles finer
 	// than the default one sample per 512 KiB, or a GOMEMLIMIT to measure.
 	AgentEnvPrefix = "TUNMESH_AGENT_"
@@ -310,7 +311,7 @@ func agentEnv(caller []string) []string {
 	var extra []string
 	for _, kv := range caller {
 		k, v, _ := strings.Cut(kv, "=")
-		if name, ok := strings.CutPrefix(k, AgentEnvPrefix); ok && slices.Contains([]string{"GODEBUG", "GOGC", "GOMEMLIMIT"}, name) {
+		if name, ok := strings.CutPrefix(k, AgentEnvPrefix); ok && slices.Contains([]string{"GODEBUG", "GOGC", "GOMEMLIMIT", "GOMAXPROCS"}, name) {
 			extra = append(extra, name+"="+v)
 		}
 	}
