@@ -29,15 +29,38 @@ type Conn struct {
 	*gonet.TCPConn
 	ep tcpip.Endpoint
 	wq *waiter.Queue
+	s  *Stack // for Hold
 }
 
-func newConn(wq *waiter.Queue, ep tcpip.Endpoint) *Conn {
-	return &Conn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep, wq: wq}
+func newConn(s *Stack, wq *waiter.Queue, ep tcpip.Endpoint) *Conn {
+	return &Conn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep, wq: wq, s: s}
 }
 
 // ErrWouldBlock is TryRead's answer when nothing is buffered, and
-// TryWrite's when the send buffer is full.
-var ErrWouldBlock = errors.New("netstack conn: no data buffered")
+// TryWrite's when the send buffer is full. It has a method WouldBlock()
+// bool (true), so that packages that must not import netstack (the
+// tunnel's splice) can recognize it.
+var ErrWouldBlock error = wouldBlockError{}
+
+type wouldBlockError struct{}
+
+func (wouldBlockError) Error() string    { return "netstack conn: would block" }
+func (wouldBlockError) WouldBlock() bool { return true }
+
+// Hold lets the FlowHandler's ServeConn return while the connection lives
+// on (served by callbacks: NotifyReadable, a splice that reports its own
+// end): Stack.Close then waits for release as it waits for ServeConn.
+// ok is false once the Stack is closing (the connection is being aborted;
+// serve it synchronously or drop it), and for DialTCP's connections, which
+// have no ServeConn to outlive. release is idempotent; call it when
+// done with the connection, after closing it.
+func (c *Conn) Hold() (release func(), ok bool) {
+	if c.s == nil || !c.s.enter() {
+		return func() {}, false
+	}
+	var once sync.Once
+	return func() { once.Do(c.s.exit) }, true
+}
 
 // NotifyReadable registers f, called whenever the connection may have
 // become readable: bytes arrived, the pod's FIN or RST, or an error. f runs
@@ -154,5 +177,5 @@ func dialTCP(ctx context.Context, s *stack.Stack, local, remote tcpip.FullAddres
 		ep.Close()
 		return nil, &net.OpError{Op: "connect", Net: "tcp", Err: errors.New(tcpipErr.String())}
 	}
-	return newConn(&wq, ep), nil
+	return newConn(nil, &wq, ep), nil // not held: see Hold
 }

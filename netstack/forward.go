@@ -79,5 +79,5 @@ func (s *Stack) forward(r *tcp.ForwarderRequest) {
 	}
 	r.Complete(false)
 	n.counters.terminatedFlows.Add(1)
-	s.opts.Handler.ServeConn(s.ctx, newConn(&wq, ep), f)
+	s.opts.Handler.ServeConn(s.ctx, newConn(s, &wq, ep), f)
 }

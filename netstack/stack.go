@@ -90,7 +90,8 @@ type FlowHandler interface {
 	// conn is a *Conn (it has CloseWrite, CloseRead and SetLinger);
 	// ServeConn owns it and must close it. ctx is cancelled when the Stack
 	// closes, and Stack.Close also aborts conn and then waits for
-	// ServeConn to return.
+	// ServeConn to return, and for the release of every Conn.Hold (which
+	// lets ServeConn return while callbacks serve the connection).
 	ServeConn(ctx context.Context, conn net.Conn, f Flow)
 }
 

@@ -40,9 +40,34 @@ func (t *Track) Observe(conn net.Conn, clientReads bool) net.Conn {
 	}, nil)
 	t.obs = o
 	if tw, ok := conn.(tryWriter); ok {
+		if rd, ok := conn.(readable); ok {
+			return &observedReady{observedTry: &observedTry{observed: o, tw: tw}, rd: rd}
+		}
 		return &observedTry{observed: o, tw: tw}
 	}
 	return o
+}
+
+// readable is a connection read on demand (tunnel.Readable,
+// netstack.Conn): the splice then parks no goroutine in Read.
+type readable interface {
+	NotifyReadable(f func()) (cancel func())
+	TryRead(p []byte) (int, error)
+}
+
+// observedReady keeps readiness visible through the observer.
+type observedReady struct {
+	*observedTry
+	rd readable
+}
+
+func (o *observedReady) NotifyReadable(f func()) (cancel func()) { return o.rd.NotifyReadable(f) }
+
+// TryRead shows what it read to the parser, as Read does.
+func (o *observedReady) TryRead(b []byte) (int, error) {
+	n, err := o.rd.TryRead(b)
+	o.feed(o.clientReads, b[:n])
+	return n, err
 }
 
 // snapshot is the connection's record as opened (no lock: HTTP events

@@ -522,7 +522,7 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 		return
 	}
 	defer a.streams.release(peer)
-	a.deliver(ctx, req, v2Tunnel{tc: tc, raw: raw})
+	a.deliver(ctx, req, v2Tunnel{tc: tc, raw: raw}, nil)
 }
 
 // ServeSession serves a version 3 connection (after its handshake, with
@@ -550,15 +550,16 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 			_ = st.Refuse(tunnel.ReasonBusy)
 			return
 		}
-		defer a.streams.release(peer)
+		release := func() { a.streams.release(peer) }
 		var h tunnel.Header
 		if err := h.UnmarshalBinary(st.Payload()); err != nil {
+			release()
 			a.metrics.Errors.WithLabelValues("bad_header").Inc()
 			_ = st.Refuse(tunnel.ReasonBadHeader)
 			a.log.Info("tunnel header refused", "peer", peer.String(), "client_id", clientID.String(), "err", err)
 			return
 		}
-		a.deliver(ctx, Request{ClientID: clientID, ServerName: serverName, Peer: peer, Header: h, Tunnel: flowlog.TunnelOf(conn)}, v3Stream{st})
+		a.deliver(ctx, Request{ClientID: clientID, ServerName: serverName, Peer: peer, Header: h, Tunnel: flowlog.TunnelOf(conn)}, v3Stream{st}, release)
 	})
 	select {
 	case <-ctx.Done():
@@ -607,6 +608,10 @@ type answerer interface {
 	// setupContext is what bounds the checks and the dial into the pod:
 	// ctx, or less (a version 3 stream's ends when the client resets it).
 	setupContext(ctx context.Context) context.Context
+	// hold lets the delivering goroutine return while the connection is
+	// spliced (a version 3 stream: mux.Stream.Hold); ok false: splice on
+	// it until the end.
+	hold() (release func(), ok bool)
 }
 
 type v2Tunnel struct {
@@ -626,6 +631,7 @@ func (t v2Tunnel) setDeadline(tm time.Time) { _ = t.raw.SetDeadline(tm) }
 func (t v2Tunnel) setupContext(ctx context.Context) context.Context {
 	return ctx
 }
+func (t v2Tunnel) hold() (func(), bool) { return nil, false }
 
 type v3Stream struct{ st *mux.Stream }
 
@@ -641,9 +647,22 @@ func (s v3Stream) setDeadline(time.Time)  {}
 // setupContext: the stream's Context, a child of the session's ctx.
 func (s v3Stream) setupContext(context.Context) context.Context { return s.st.Context() }
 
+// hold: the splice reports its end itself, so the stream's handler (a
+// goroutine per stream) returns instead of waiting for it.
+func (s v3Stream) hold() (func(), bool) { return s.st.Hold(), true }
+
 // deliver checks a tunnel's request, dials the destination pod, answers,
-// and splices until the connection ends.
-func (a *Acceptor) deliver(ctx context.Context, req Request, t answerer) {
+// and splices until the connection ends. end (if not nil) is called once
+// the connection is over: before deliver returns, or, when the tunnel
+// can be held (version 3), when the splice it started in the background
+// ends.
+func (a *Acceptor) deliver(ctx context.Context, req Request, t answerer, end func()) {
+	async := false
+	defer func() {
+		if !async && end != nil {
+			end()
+		}
+	}()
 	clientID, peer, h := req.ClientID, req.Peer, req.Header
 	setup := t.setupContext(ctx)
 	dst, reason, detail, waited := a.CheckWait(setup, req)
@@ -693,7 +712,25 @@ func (a *Acceptor) deliver(ctx context.Context, req Request, t answerer) {
 	a.metrics.Active.WithLabelValues("inbound").Inc()
 	start := time.Now()
 	flow, podConn := a.trackInbound(req, dst, podConn)
-	stats, err := tunnel.Splice(ctx, tun, podConn, tunnel.SpliceOptions{IdleTimeout: time.Hour})
+	opts := tunnel.SpliceOptions{IdleTimeout: time.Hour}
+	if release, ok := t.hold(); ok {
+		async = true
+		tunnel.SpliceAsync(ctx, tun, podConn, opts, func(stats tunnel.SpliceStats, err error) {
+			defer release()
+			a.spliced(req, dst, flow, start, stats, err)
+			if end != nil {
+				end()
+			}
+		})
+		return
+	}
+	stats, err := tunnel.Splice(ctx, tun, podConn, opts)
+	a.spliced(req, dst, flow, start, stats, err)
+}
+
+// spliced accounts for a delivered connection that ended.
+func (a *Acceptor) spliced(req Request, dst *pods.Pod, flow inboundFlow, start time.Time, stats tunnel.SpliceStats, err error) {
+	clientID, h := req.ClientID, req.Header
 	flow.close(stats, err)
 	a.metrics.Active.WithLabelValues("inbound").Dec()
 	a.metrics.Closed.WithLabelValues("inbound").Inc()

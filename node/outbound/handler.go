@@ -183,7 +183,11 @@ func abort(conn net.Conn) {
 }
 
 // ServeConn carries a terminated flow to the destination node's agent.
-// Every failure resets the pod's connection.
+// Every failure resets the pod's connection. Once the tunnel is open, a
+// pod connection that can be held (netstack.Conn.Hold) is spliced
+// asynchronously and ServeConn returns: an idle meshed connection then
+// parks no goroutine here (docs/performance.md, Memory); the accounting
+// below runs when the splice ends.
 func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow) {
 	t, ok := h.pending.take(f)
 	if !ok {
@@ -195,41 +199,66 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 		h.metrics.Refused.WithLabelValues(ReasonPodConnLimit).Inc()
 		return
 	}
-	defer h.exit(f.NIC)
+	var untrack func()
 	if t.Endpoint != nil {
-		done := h.tracker.Track(*t.Endpoint)
-		defer done()
+		untrack = h.tracker.Track(*t.Endpoint)
+	}
+	// finish undoes the two above when the connection is over.
+	finish := func() {
+		if untrack != nil {
+			untrack()
+		}
+		h.exit(f.NIC)
 	}
 	start := time.Now()
 	tc, err := h.dialer.Dial(ctx, dialer.Target{SrcID: t.Src.ID, Src: f.Src, Dst: t.Dst, DstID: t.DstID, DstNode: t.DstNode})
 	if err != nil {
 		abort(conn)
 		h.dialFailed(f, t, err)
+		finish()
 		return
 	}
 	h.metrics.Opened.WithLabelValues("outbound").Inc()
 	h.metrics.Active.WithLabelValues("outbound").Inc()
-	track, conn := h.track(f, t, conn, tc)
-	stats, err := tunnel.Splice(ctx, conn, tc, tunnel.SpliceOptions{IdleTimeout: time.Hour})
-	h.metrics.Active.WithLabelValues("outbound").Dec()
-	h.metrics.Closed.WithLabelValues("outbound").Inc()
-	end := tunnel.EndOf(err)
-	var refused *tunnel.RefusedError
-	if errors.As(err, &refused) {
-		// A stream's refusal arrives as its first read.
-		end = "refused"
-		h.dialFailed(f, t, err)
+	track, podConn := h.track(f, t, conn, tc)
+	closed := func(stats tunnel.SpliceStats, err error) {
+		defer finish()
+		h.metrics.Active.WithLabelValues("outbound").Dec()
+		h.metrics.Closed.WithLabelValues("outbound").Inc()
+		end := tunnel.EndOf(err)
+		var refused *tunnel.RefusedError
+		if errors.As(err, &refused) {
+			// A stream's refusal arrives as its first read.
+			end = "refused"
+			h.dialFailed(f, t, err)
+		}
+		h.metrics.Ends.WithLabelValues("outbound", end).Inc()
+		h.metrics.Bytes.WithLabelValues("outbound", "sent").Add(float64(stats.AToB))
+		h.metrics.Bytes.WithLabelValues("outbound", "received").Add(float64(stats.BToA))
+		if track != nil {
+			track.Close(stats.AToB, stats.BToA, end)
+		}
+		// Debug: tap and edges show every connection (docs/observability.md).
+		h.log.Debug("connection closed", "direction", "outbound", "src_pod", t.Src.FullName(),
+			"client_id", t.Src.ID.String(), "server_id", t.DstID.String(), "dst", t.Dst.String(), "tls", true,
+			"bytes_sent", stats.AToB, "bytes_received", stats.BToA, "duration", time.Since(start), "end", end, "err", err)
 	}
-	h.metrics.Ends.WithLabelValues("outbound", end).Inc()
-	h.metrics.Bytes.WithLabelValues("outbound", "sent").Add(float64(stats.AToB))
-	h.metrics.Bytes.WithLabelValues("outbound", "received").Add(float64(stats.BToA))
-	if track != nil {
-		track.Close(stats.AToB, stats.BToA, end)
+	opts := tunnel.SpliceOptions{IdleTimeout: time.Hour}
+	if hc, ok := conn.(holder); ok {
+		if release, ok := hc.Hold(); ok {
+			tunnel.SpliceAsync(ctx, podConn, tc, opts, func(stats tunnel.SpliceStats, err error) {
+				defer release()
+				closed(stats, err)
+			})
+			return
+		}
 	}
-	// Debug: tap and edges show every connection (docs/observability.md).
-	h.log.Debug("connection closed", "direction", "outbound", "src_pod", t.Src.FullName(),
-		"client_id", t.Src.ID.String(), "server_id", t.DstID.String(), "dst", t.Dst.String(), "tls", true,
-		"bytes_sent", stats.AToB, "bytes_received", stats.BToA, "duration", time.Since(start), "end", end, "err", err)
+	closed(tunnel.Splice(ctx, podConn, tc, opts))
+}
+
+// holder is a pod connection that can outlive ServeConn (netstack.Conn).
+type holder interface {
+	Hold() (release func(), ok bool)
 }
 
 // seen records a flow the mesh did not carry, and why (edges' MSG).

@@ -131,6 +131,10 @@ type splice struct {
 	firstErr  error      // why it ended; nil for a clean end
 	finished  bool       // run is returning: the idle timer must not re-arm
 	idleTimer *time.Timer
+
+	// ready are SpliceAsync's on-demand copies, woken by end so that they
+	// see it (written before either direction starts, then only read).
+	ready []*readyCopy
 }
 
 // copyResult is how a copy reports the end of its direction.
@@ -152,17 +156,18 @@ func (s *splice) run(ctx context.Context) (SpliceStats, error) {
 		return SpliceStats{}, err
 	}
 	done := make(chan copyResult, 1) // buffered: the routine never blocks on it
+	report := func(res copyResult) { done <- res }
 	// A side that drains itself (a mux stream) needs no goroutine here:
 	// this one copies the other direction, and the drained direction
 	// reports its end on done.
 	dir, dst, src, n := "a->b", s.b, s.a, &s.aToB // this goroutine's direction
 	if d, ok := s.b.(AsyncDrainer); ok {
-		s.startAsync("b->a", s.a, d, &s.bToA, done)
+		s.startAsync("b->a", s.a, d, &s.bToA, report)
 	} else if d, ok := s.a.(AsyncDrainer); ok {
-		s.startAsync("a->b", s.b, d, &s.aToB, done)
+		s.startAsync("a->b", s.b, d, &s.aToB, report)
 		dir, dst, src, n = "b->a", s.a, s.b, &s.bToA
 	} else {
-		go s.routineCopy("b->a", s.a, s.b, &s.bToA, done)
+		go s.routineCopy("b->a", s.a, s.b, &s.bToA, report)
 	}
 	stopCtx := context.AfterFunc(ctx, func() { s.end(ctx.Err()) })
 	if s.idle > 0 {
@@ -220,6 +225,10 @@ func (s *splice) end(err error) {
 		s.a.Close()
 		s.b.Close()
 	}
+	// An idle on-demand copy has no goroutine to notice the close.
+	for _, r := range s.ready {
+		r.wake()
+	}
 }
 
 // checkIdle runs on the idle timer: it ends the splice once nothing has
@@ -237,12 +246,12 @@ func (s *splice) checkIdle() {
 	}
 }
 
-// routineCopy copies one direction, settles its end and reports it on
-// done. It is started and waited for by run.
-func (s *splice) routineCopy(dir string, dst, src net.Conn, n *atomic.Int64, done chan<- copyResult) {
+// routineCopy copies one direction, settles its end and reports it. It
+// is started by run (or start) and waited for through report.
+func (s *splice) routineCopy(dir string, dst, src net.Conn, n *atomic.Int64, report func(copyResult)) {
 	res := s.copyDir(dir, dst, src, n)
 	s.settle(res) // now: the caller may be blocked in the other direction
-	done <- res
+	report(res)
 }
 
 // copyDir copies one direction until it ends.
@@ -277,7 +286,7 @@ type AsyncDrainer interface {
 // startAsync drains src into dst through src's own DrainAsync; its end
 // is passed on (a half-close, or settled) and reported on done, as
 // routineCopy does.
-func (s *splice) startAsync(dir string, dst net.Conn, src AsyncDrainer, n *atomic.Int64, done chan<- copyResult) {
+func (s *splice) startAsync(dir string, dst net.Conn, src AsyncDrainer, n *atomic.Int64, report func(copyResult)) {
 	src.DrainAsync(dst, func(k int) { n.Add(int64(k)); s.touch() }, func(err error) {
 		var res copyResult
 		if err == nil {
@@ -289,7 +298,7 @@ func (s *splice) startAsync(dir string, dst net.Conn, src AsyncDrainer, n *atomi
 			res.err = fmt.Errorf("splice %s: %w", dir, res.err)
 		}
 		s.settle(res)
-		done <- res
+		report(res)
 	})
 }
 

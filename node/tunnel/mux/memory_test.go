@@ -18,20 +18,35 @@ import (
 // agent: pod <-> stream; server agent: stream <-> pod), moves a message
 // each way on each, leaves them idle and reports the heap and goroutines
 // they hold, per stream, both agents' share together. The "pods" are
-// in-memory pipes, so the pods' own sockets are not counted.
-func idleStreams(tb testing.TB, n int) (heapPerStream, stackPerStream, goroutinesPerStream float64) {
+// in-memory pipes, so the pods' own sockets are not counted. With async,
+// the pods are read on demand (tunneltest.ReadyPipe, as a netstack
+// connection is) and both agents use tunnel.SpliceAsync, the server's
+// handler holding its stream (Stream.Hold) and returning, as the agents
+// do; otherwise both block in tunnel.Splice on plain pipes.
+func idleStreams(tb testing.TB, n int, async bool) (heapPerStream, stackPerStream, goroutinesPerStream float64) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var splices sync.WaitGroup
-	serverPods := make(chan net.Conn, n)
+	serverPods := make(chan io.ReadWriter, n)
 	c, s := tunneltest.TLSPair(tb)
 	client := mux.Client(c, mux.Config{})
 	server := mux.Server(s, mux.Config{MaxStreams: n + 1}, func(st *mux.Stream) {
 		st.Accept()
+		if async {
+			agentSide, pod := tunneltest.ReadyPipe()
+			serverPods <- pod
+			release := st.Hold()
+			splices.Add(1)
+			tunnel.SpliceAsync(ctx, st, agentSide, tunnel.SpliceOptions{}, func(tunnel.SpliceStats, error) {
+				release()
+				splices.Done()
+			})
+			return
+		}
 		agentSide, pod := tunneltest.Pipe()
 		serverPods <- pod
 		tunnel.Splice(ctx, st, agentSide, tunnel.SpliceOptions{})
 	})
-	var clientPods []net.Conn
+	var clientPods []io.ReadWriter
 	defer func() {
 		cancel()
 		splices.Wait()
@@ -51,13 +66,21 @@ func idleStreams(tb testing.TB, n int) (heapPerStream, stackPerStream, goroutine
 	heap0, stack0, g0 := measure()
 	msg := make([]byte, 1024)
 	for range n {
-		agentSide, pod := tunneltest.Pipe()
 		st, err := client.OpenStream(hdr, false)
 		if err != nil {
 			tb.Fatal(err)
 		}
+		var pod io.ReadWriter
 		splices.Add(1)
-		go func() { defer splices.Done(); tunnel.Splice(ctx, agentSide, st, tunnel.SpliceOptions{}) }()
+		if async {
+			agentSide, p := tunneltest.ReadyPipe()
+			pod = p
+			tunnel.SpliceAsync(ctx, agentSide, st, tunnel.SpliceOptions{}, func(tunnel.SpliceStats, error) { splices.Done() })
+		} else {
+			agentSide, p := tunneltest.Pipe()
+			pod = p
+			go func() { defer splices.Done(); tunnel.Splice(ctx, agentSide, st, tunnel.SpliceOptions{}) }()
+		}
 		clientPods = append(clientPods, pod)
 		// A request and its answer, then silence.
 		if _, err := pod.Write(msg); err != nil {
@@ -77,38 +100,61 @@ func idleStreams(tb testing.TB, n int) (heapPerStream, stackPerStream, goroutine
 	time.Sleep(100 * time.Millisecond) // splices settle into their idle reads
 	heap1, stack1, g1 := measure()
 	runtime.KeepAlive(clientPods)
-	return float64(heap1-heap0) / float64(n), float64(stack1-stack0) / float64(n), float64(g1-g0) / float64(n)
+	return float64(int64(heap1)-int64(heap0)) / float64(n), float64(int64(stack1)-int64(stack0)) / float64(n), float64(g1-g0) / float64(n)
 }
 
 // TestIdleStreamCost keeps the cost of an idle meshed connection in the
 // tunnel small: no 64 KiB copy buffers held while idle (version 2 held
 // 2 x 64 KiB per agent, 256 KiB per connection across both agents, plus a
-// TLS connection each).
+// TLS connection each), and, as the agents splice (SpliceAsync over
+// connections read on demand), no goroutine at all.
 func TestIdleStreamCost(t *testing.T) {
 	if testing.Short() {
 		t.Skip("opens 1000 streams")
 	}
-	heap, stack, gr := idleStreams(t, 1000)
-	t.Logf("per idle stream, both agents: %.0f bytes of heap, %.0f bytes of goroutine stacks, %.1f goroutines", heap, stack, gr)
-	if heap > 32<<10 {
-		t.Errorf("an idle stream holds %.0f bytes of heap, want at most 32 KiB", heap)
-	}
-	// The stream drains itself on demand (Stream.DrainAsync): no
-	// goroutine waits for the tunnel's bytes, only the splice's own copy
-	// of the pod's (it was 4: a DrainTo routine per agent as well).
-	if gr > 2.5 {
-		t.Errorf("an idle stream holds %.1f goroutines, want at most 2 (1 per agent: the splice copying pod -> tunnel)", gr)
-	}
+	t.Run("async", func(t *testing.T) {
+		heap, stack, gr := idleStreams(t, 1000, true)
+		t.Logf("per idle stream, both agents: %.0f bytes of heap, %.0f bytes of goroutine stacks, %.2f goroutines", heap, stack, gr)
+		if heap > 32<<10 {
+			t.Errorf("an idle stream holds %.0f bytes of heap, want at most 32 KiB", heap)
+		}
+		// Neither direction parks a goroutine: the stream drains itself
+		// (Stream.DrainAsync), the pod's side is copied on demand, and
+		// neither agent's owner of the connection waits for its end.
+		if gr > 0.01 {
+			t.Errorf("an idle stream holds %.2f goroutines, want 0", gr)
+		}
+	})
+	t.Run("splice", func(t *testing.T) {
+		heap, stack, gr := idleStreams(t, 1000, false)
+		t.Logf("per idle stream, both agents: %.0f bytes of heap, %.0f bytes of goroutine stacks, %.1f goroutines", heap, stack, gr)
+		if heap > 32<<10 {
+			t.Errorf("an idle stream holds %.0f bytes of heap, want at most 32 KiB", heap)
+		}
+		// The blocking Splice: the stream drains itself, only the
+		// splice's own copy of the pod's bytes waits (1 per agent).
+		if gr > 2.5 {
+			t.Errorf("an idle stream holds %.1f goroutines, want at most 2 (1 per agent: the splice copying pod -> tunnel)", gr)
+		}
+	})
 }
 
 // BenchmarkIdleStreamCost reports the same as metrics:
 // go test -run '^$' -bench IdleStreamCost -benchtime 1x ./node/tunnel/mux/
 func BenchmarkIdleStreamCost(b *testing.B) {
-	for range b.N {
-		heap, stack, gr := idleStreams(b, 1000)
-		b.ReportMetric(heap, "heap-B/stream")
-		b.ReportMetric(stack, "stack-B/stream")
-		b.ReportMetric(gr, "goroutines/stream")
+	for _, async := range []bool{true, false} {
+		name := "splice"
+		if async {
+			name = "async"
+		}
+		b.Run(name, func(b *testing.B) {
+			for range b.N {
+				heap, stack, gr := idleStreams(b, 1000, async)
+				b.ReportMetric(heap, "heap-B/stream")
+				b.ReportMetric(stack, "stack-B/stream")
+				b.ReportMetric(gr, "goroutines/stream")
+			}
+		})
 	}
 }
 

@@ -66,8 +66,8 @@ var ErrSessionClosed = errors.New("mux: session closed")
 type Config struct {
 	// MaxStreams caps the streams the peer may have open at once on a
 	// server session (default DefaultMaxStreams): a stream counts until
-	// its handler has returned, even if the peer reset it before. Unused
-	// by clients.
+	// its handler has returned (and its Holds are released), even if the
+	// peer reset it before. Unused by clients.
 	MaxStreams int
 	// Context, if set, is the parent of every server stream's Context
 	// (default context.Background()).
@@ -697,13 +697,47 @@ func (s *Session) onOpenLocked(f Frame, p []byte) ([]byte, error) {
 	st.ctx, st.cancel = context.WithCancel(parent)
 	s.streams[f.Stream] = st
 	s.handling++
+	st.holds = 1 // the handler's
 	s.handlers.Add(1)
 	go func() { // RoutineStream: one per accepted stream, owned by the session
-		defer s.handlers.Done()
-		defer s.handlerDone(st)
+		defer s.unhold(st)
 		s.handle(st)
 	}()
 	return nil, nil
+}
+
+// Hold keeps a server stream's handling going after its handler returns,
+// until release is called: the stream still counts against
+// Config.MaxStreams, its Context is not done because of the return, and
+// Session.Wait waits for the release as for a handler. A handler that
+// hands the stream to work that reports its own end (tunnel.SpliceAsync)
+// thus returns without parking a goroutine per stream. Call it from the
+// handler (before it returns) or under another hold; release is
+// idempotent.
+func (st *Stream) Hold() (release func()) {
+	s := st.s
+	if s.client {
+		return func() {} // only a server stream has a handler to outlive
+	}
+	s.mu.Lock()
+	st.holds++
+	s.mu.Unlock()
+	s.handlers.Add(1) // the handler's own count is still up: no race with Wait
+	var once sync.Once
+	return func() { once.Do(func() { s.unhold(st) }) }
+}
+
+// unhold drops one hold of st (its handler's or a Hold's); the last one
+// uncounts the stream's handling (see Config.MaxStreams).
+func (s *Session) unhold(st *Stream) {
+	defer s.handlers.Done()
+	s.mu.Lock()
+	st.holds--
+	last := st.holds == 0
+	s.mu.Unlock()
+	if last {
+		s.handlerDone(st)
+	}
 }
 
 // handlerDone uncounts st's handler (see Config.MaxStreams).

@@ -51,6 +51,7 @@ type Stream struct {
 	sendWin     int64
 	winCh       chan struct{} // made by a writer waiting for window; closed on growth
 	replyTimer  *time.Timer   // client: cuts the stream if no reply comes
+	holds       int           // server: its handler and its Holds not released yet
 
 	// The on-demand drain (DrainAsync), guarded by s.mu.
 	sink      io.Writer
@@ -94,7 +95,7 @@ func (st *Stream) Opened() time.Time { return st.opened }
 
 // Context (server streams) is done once the stream is cut (the peer
 // reset it, it was refused or aborted, the session ended) or its handler
-// returned: what the handler does for it (checks, the dial into the pod)
+// returned (and released its Holds): what the handler does for it (checks, the dial into the pod)
 // stops with it. A client stream's is context.Background().
 func (st *Stream) Context() context.Context {
 	if st.ctx == nil {
