@@ -91,7 +91,9 @@ func (t *TUN) toOverlayStack(g *overlayGRO, p []byte) {
 		t.dropped.Add(1)
 		return
 	}
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(append([]byte(nil), p...))})
+	// MakeWithData copies p (wireguard-go reuses its buffers) into
+	// gVisor's pooled chunks.
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(p)})
 	pkt.NetworkProtocolNumber = header.IPv6ProtocolNumber
 	pkt.RXChecksumValidated = validated
 	g.enqueued++

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 
 	wgtun "golang.zx2c4.com/wireguard/tun"
+	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
@@ -50,6 +51,7 @@ type TUN struct {
 	// pend is the overlay stack's packet Read is cutting into segments
 	// (only Read touches it: wireguard-go reads from one goroutine).
 	pend    superPacket
+	pendBuf outPacket // holds pend's bytes
 	pending bool
 
 	// host receives decrypted packets that are not for the overlay
@@ -66,6 +68,9 @@ type TUN struct {
 // outPacket is a packet for wireguard-go to encrypt.
 type outPacket struct {
 	b []byte
+	// v, if set, holds b (a packet of the overlay stack, in gVisor's
+	// pooled buffers): released once Read has taken b.
+	v *buffer.View
 	// gso: a packet of the overlay stack's TCP (partial checksum, maybe
 	// larger than the MTU), cut by Read into segments of at most mss
 	// payload bytes (0: what the MTU leaves).
@@ -240,8 +245,7 @@ func (t *TUN) WriteNotify() {
 			return
 		}
 		v := pkt.ToView()
-		p := outPacket{b: append([]byte(nil), v.AsSlice()...)}
-		v.Release()
+		p := outPacket{b: v.AsSlice(), v: v}
 		if g := pkt.GSOOptions; g.Type == stack.GSOTCPv4 || g.Type == stack.GSOTCPv6 {
 			p.gso, p.mss = true, int(g.MSS)
 		}
@@ -249,6 +253,7 @@ func (t *TUN) WriteNotify() {
 		select {
 		case t.out <- p:
 		case <-t.closed:
+			v.Release()
 			return
 		}
 	}
@@ -295,24 +300,26 @@ func (t *TUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 			if !p.gso {
 				if len(p.b) > len(bufs[n])-offset {
 					t.dropped.Add(1) // larger than wireguard-go's buffers: cannot be carried
-					continue
+				} else {
+					sizes[n] = copy(bufs[n][offset:], p.b)
+					n++
 				}
-				sizes[n] = copy(bufs[n][offset:], p.b)
-				n++
+				p.release()
 				continue
 			}
 			sp, ok := newSuperPacket(p.b, p.mss, t.mtu)
 			if !ok {
 				t.dropped.Add(1) // its checksum is partial: never sent as it is
+				p.release()
 				continue
 			}
-			t.pend, t.pending = sp, true
+			t.pend, t.pendBuf, t.pending = sp, p, true
 		}
 		cut := t.pend.cut
 		size := t.pend.next(bufs[n][offset:])
 		if size == 0 {
 			t.dropped.Add(1) // wireguard-go's buffers are smaller than the MTU
-			t.pend, t.pending = superPacket{}, false
+			t.endPending()
 			continue
 		}
 		if cut {
@@ -321,10 +328,21 @@ func (t *TUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 		sizes[n] = size
 		n++
 		if t.pend.done() {
-			t.pend, t.pending = superPacket{}, false
+			t.endPending()
 		}
 	}
 	return n, nil
+}
+
+func (t *TUN) endPending() {
+	t.pendBuf.release()
+	t.pend, t.pendBuf, t.pending = superPacket{}, outPacket{}, false
+}
+
+func (p outPacket) release() {
+	if p.v != nil {
+		p.v.Release()
+	}
 }
 
 // Write takes decrypted packets. Every packet is consumed (delivered or
