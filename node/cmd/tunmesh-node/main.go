@@ -39,6 +39,7 @@ type config struct {
 	tokenFile   string
 	logLevel    string
 	release     string
+	procs       string
 }
 
 func main() {
@@ -79,6 +80,7 @@ func main() {
 	fs.StringVar(&cfg.agent.Observe.KeyFile, "observe-key-file", "", "key of --observe-cert-file")
 	fs.BoolVar(&httpMetrics, "http-metrics", true, "parse HTTP/1 in meshed connections for the HTTP metrics (off: only while someone taps)")
 	fs.StringVar(&tun.SysctlDir, "proc-sys-dir", tun.SysctlDir, "sysctl tree for net.* writes (a container's /proc/sys is read-only: the DaemonSet mounts the host's /proc/sys/net elsewhere)")
+	fs.StringVar(&cfg.procs, "procs", "auto", "Ps of the Go scheduler (GOMAXPROCS): auto (one while one is enough, all of them once it is saturated; see docs/performance.md), or a number; an explicit GOMAXPROCS in the environment wins over auto")
 	_ = fs.Parse(os.Args[1:])
 	cfg.agent.Observe.NoHTTPMetrics = !httpMetrics
 
@@ -151,6 +153,13 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	defer idClient.Close()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	procsCtx, stopProcs := context.WithCancel(ctx)
+	defer stopProcs()
+	waitProcs, err := startProcs(procsCtx, cfg.procs, reg, log)
+	if err != nil {
+		return err
+	}
+	defer func() { stopProcs(); waitProcs() }()
 	certs, err := workload.NewManager(workload.ManagerConfig{}, idClient, anchors.Pool(), reg, log.With("component", "certificates"))
 	if err != nil {
 		return err
