@@ -72,6 +72,9 @@ type Config struct {
 	// DebugAddr, if set, serves net/http/pprof there; it must be a
 	// loopback address (default: off).
 	DebugAddr string
+	// DebugHandlers are more handlers for the DebugAddr server, by path
+	// (the scheduler knob of cmd/tunmesh-node: /debug/procs).
+	DebugHandlers map[string]http.Handler
 	// CNIConfDir holds the node's CNI configuration, checked (read only)
 	// for tunmesh's plugin in the admin status (default /etc/cni/net.d).
 	CNIConfDir string
@@ -377,7 +380,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return serveHTTP(gctx, adminSrv, ln)
 	})
 	if a.cfg.DebugAddr != "" {
-		debugSrv := &http.Server{Handler: debugHandler(), ReadHeaderTimeout: 10 * time.Second}
+		debugSrv := &http.Server{Handler: debugHandler(a.cfg.DebugHandlers), ReadHeaderTimeout: 10 * time.Second}
 		g.Go(func() error {
 			ln, err := net.Listen("tcp", a.cfg.DebugAddr)
 			if err != nil {

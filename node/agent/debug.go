@@ -27,9 +27,12 @@ func checkDebugAddr(addr string) error {
 }
 
 // debugHandler serves net/http/pprof under /debug/pprof/ (a CPU profile:
-// /debug/pprof/profile?seconds=30).
-func debugHandler() http.Handler {
+// /debug/pprof/profile?seconds=30), and the extra handlers by path.
+func debugHandler(extra map[string]http.Handler) http.Handler {
 	mux := http.NewServeMux()
+	for path, h := range extra {
+		mux.Handle(path, h)
+	}
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

@@ -26,7 +26,7 @@ func TestCheckDebugAddr(t *testing.T) {
 }
 
 func TestDebugHandlerServesProfiles(t *testing.T) {
-	srv := httptest.NewServer(debugHandler())
+	srv := httptest.NewServer(debugHandler(nil))
 	defer srv.Close()
 	resp, err := http.Get(srv.URL + "/debug/pprof/goroutine?debug=1")
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"runtime"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -91,6 +92,8 @@ type Governor struct {
 	// OnChange, if set, is called with the new number of Ps (metrics).
 	OnChange func(procs int)
 
+	pinned atomic.Int64 // > 0: Pin's fixed number of Ps, applied from the next interval
+
 	// Seams for tests: the process's CPU time, the clock, and setting
 	// GOMAXPROCS.
 	cpu func() (time.Duration, error)
@@ -139,6 +142,16 @@ func (g *Governor) Run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("procs: %w", err)
 		}
+		if pin := int(g.pinned.Load()); pin > 0 {
+			// An operator's experiment (Pin): hold it, and start the
+			// policy afresh from it when released.
+			if s.procs != pin {
+				g.apply(set, pin)
+			}
+			s = state{procs: pin}
+			lastCPU, lastAt = c, now()
+			continue
+		}
 		at := now()
 		wall := at.Sub(lastAt)
 		if wall <= 0 {
@@ -155,6 +168,16 @@ func (g *Governor) Run(ctx context.Context) error {
 		}
 	}
 }
+
+// Pin holds n Ps (n >= 1) from the next interval on, whatever the load,
+// until Pin(0) gives the decision back to the policy. It is for
+// experiments on a running agent (the debug endpoint), not configuration.
+func (g *Governor) Pin(n int) {
+	g.pinned.Store(int64(max(n, 0)))
+}
+
+// Pinned is what Pin set (0: the policy decides).
+func (g *Governor) Pinned() int { return int(g.pinned.Load()) }
 
 func (g *Governor) apply(set func(int), n int) {
 	set(n)

@@ -161,3 +161,47 @@ func TestParseMode(t *testing.T) {
 		}
 	}
 }
+
+// TestGovernorPin: a pin overrides the policy from the next interval and,
+// released, hands back to it (starting from the pinned Ps).
+func TestGovernorPin(t *testing.T) {
+	const step = 100 * time.Millisecond
+	var (
+		mu    sync.Mutex
+		calls int
+		cpu   time.Duration
+		sets  []int
+	)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	g := &Governor{Policy: DefaultPolicy(4), Interval: time.Millisecond}
+	// Interval k: idle throughout. Pin 2 before interval 2, release before
+	// interval 5; the policy then starts from 2 Ps and goes down after
+	// DownAfter idle intervals.
+	g.cpu = func() (time.Duration, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch calls {
+		case 2:
+			g.Pin(2)
+		case 5:
+			g.Pin(0)
+		case 5 + DefaultPolicy(4).DownAfter + 1:
+			cancel()
+		}
+		calls++
+		return cpu, nil
+	}
+	g.now = func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return time.Unix(0, 0).Add(time.Duration(calls) * step)
+	}
+	g.set = func(n int) { mu.Lock(); sets = append(sets, n); mu.Unlock() }
+	if err := g.Run(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run: %v", err)
+	}
+	if want := []int{1, 2, 1, 4}; !slices.Equal(sets, want) {
+		t.Errorf("GOMAXPROCS set to %v, want %v", sets, want)
+	}
+}

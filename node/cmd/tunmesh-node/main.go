@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -155,10 +156,11 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	procsCtx, stopProcs := context.WithCancel(ctx)
 	defer stopProcs()
-	waitProcs, err := startProcs(procsCtx, cfg.procs, reg, log)
+	waitProcs, procsDebug, err := startProcs(procsCtx, cfg.procs, reg, log)
 	if err != nil {
 		return err
 	}
+	cfg.agent.DebugHandlers = map[string]http.Handler{"/debug/procs": procsDebug}
 	defer func() { stopProcs(); waitProcs() }()
 	certs, err := workload.NewManager(workload.ManagerConfig{}, idClient, anchors.Pool(), reg, log.With("component", "certificates"))
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"runtime"
 	"sync"
@@ -18,18 +19,18 @@ import (
 // Ps, or (auto) a procs.Governor that keeps one P while it is enough. An
 // explicit GOMAXPROCS in the environment wins over auto. The returned wait
 // blocks until the governor has stopped (ctx done) and restored the
-// default.
-func startProcs(ctx context.Context, mode string, reg prometheus.Registerer, log *slog.Logger) (wait func(), err error) {
+// default; debug is the /debug/procs endpoint.
+func startProcs(ctx context.Context, mode string, reg prometheus.Registerer, log *slog.Logger) (wait func(), debug http.Handler, err error) {
 	fixed, auto, err := procs.ParseMode(mode)
 	if err != nil {
-		return nil, fmt.Errorf("--procs: %w", err)
+		return nil, nil, fmt.Errorf("--procs: %w", err)
 	}
 	gauge := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "tunmesh_agent_procs",
 		Help: "Ps of the agent's Go scheduler (GOMAXPROCS): --procs, or what the auto governor chose.",
 	})
 	if err := reg.Register(gauge); err != nil {
-		return nil, fmt.Errorf("register procs gauge: %w", err)
+		return nil, nil, fmt.Errorf("register procs gauge: %w", err)
 	}
 	if env := os.Getenv("GOMAXPROCS"); auto && env != "" {
 		log.Info("--procs auto off: GOMAXPROCS is set in the environment", "gomaxprocs", env)
@@ -38,7 +39,7 @@ func startProcs(ctx context.Context, mode string, reg prometheus.Registerer, log
 	if !auto {
 		runtime.GOMAXPROCS(fixed)
 		gauge.Set(float64(fixed))
-		return func() {}, nil
+		return func() {}, procs.Handler(nil), nil
 	}
 	g := &procs.Governor{
 		Policy:   procs.DefaultPolicy(runtime.GOMAXPROCS(0)),
@@ -52,5 +53,5 @@ func startProcs(ctx context.Context, mode string, reg prometheus.Registerer, log
 			log.Warn("procs governor stopped; running with the default GOMAXPROCS", "err", err)
 		}
 	})
-	return wg.Wait, nil
+	return wg.Wait, procs.Handler(g), nil
 }
