@@ -3,7 +3,6 @@ package wireguard
 import (
 	"encoding/binary"
 
-	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -37,11 +36,16 @@ func tcp6Header(p []byte) (int, bool) {
 	return thl, true
 }
 
-// tcp6Pseudo is the checksum of the IPv6 pseudo-header of p (addresses,
-// TCP, the given upper-layer length).
+// tcp6Pseudo is the checksum of the IPv6 pseudo-header of p (RFC 8200
+// 8.1: addresses, the given upper-layer length, TCP). The addresses are
+// adjacent in the header: one sum.
 func tcp6Pseudo(p []byte, length int) uint16 {
-	return header.PseudoHeaderChecksum(header.TCPProtocolNumber,
-		tcpip.AddrFrom16([16]byte(p[8:24])), tcpip.AddrFrom16([16]byte(p[24:40])), uint16(length))
+	return tcp6PseudoLen(checksum.Checksum(p[8:40], 0), length)
+}
+
+// tcp6PseudoLen adds the length and next header to the addresses' sum.
+func tcp6PseudoLen(addrs uint16, length int) uint16 {
+	return checksum.Combine(checksum.Combine(addrs, uint16(length)), uint16(header.TCPProtocolNumber))
 }
 
 // tcp6ChecksumValid reports whether p (tcp6Header ok) carries a correct
@@ -53,11 +57,12 @@ func tcp6ChecksumValid(p []byte) bool {
 // superPacket is a packet of the overlay stack's TCP being cut into
 // segments by Read.
 type superPacket struct {
-	p   []byte // IPv6 + TCP (tcp6Header ok), checksum partial or full
-	thl int    // TCP header length
-	mss int    // payload bytes per segment, > 0
-	off int    // payload bytes already cut
-	cut bool   // at least one segment cut
+	p     []byte // IPv6 + TCP (tcp6Header ok), checksum partial or full
+	thl   int    // TCP header length
+	addrs uint16 // checksum of the addresses (for each segment's pseudo-header)
+	mss   int    // payload bytes per segment, > 0
+	off   int    // payload bytes already cut
+	cut   bool   // at least one segment cut
 }
 
 // newSuperPacket prepares p for cutting into segments of at most mtu
@@ -76,7 +81,7 @@ func newSuperPacket(p []byte, mss, mtu int) (superPacket, bool) {
 	if mss <= 0 {
 		return superPacket{}, false
 	}
-	return superPacket{p: p, thl: thl, mss: mss}, true
+	return superPacket{p: p, thl: thl, mss: mss, addrs: checksum.Checksum(p[8:40], 0)}, true
 }
 
 // done reports whether every segment has been cut.
@@ -111,7 +116,7 @@ func (s *superPacket) next(dst []byte) int {
 	}
 	tcp.SetFlags(uint8(flags))
 	tcp.SetChecksum(0)
-	tcp.SetChecksum(^checksum.Checksum(seg[header.IPv6MinimumSize:], tcp6Pseudo(seg, s.thl+n)))
+	tcp.SetChecksum(^checksum.Checksum(seg[header.IPv6MinimumSize:], tcp6PseudoLen(s.addrs, s.thl+n)))
 	s.off += n
 	s.cut = true
 	return hdr + n
