@@ -48,7 +48,7 @@ func TestHoldOutlivesTheHandler(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("handler did not run")
 	}
-	defer h.release() // runs before the deferred Wait, also after a failure
+	defer h.release()                 // runs before the deferred Wait, also after a failure
 	time.Sleep(50 * time.Millisecond) // the handler has returned
 	if err := h.st.Context().Err(); err != nil {
 		t.Fatalf("held stream's context done after its handler returned: %v", err)
@@ -99,7 +99,7 @@ func TestHoldCountsAgainstMaxStreams(t *testing.T) {
 	}
 	release := <-held
 	defer release() // before pair's cleanup waits, also after a failure
-	st.Abort() // the client resets it: the server forgets the stream, the hold remains
+	st.Abort()      // the client resets it: the server forgets the stream, the hold remains
 	time.Sleep(50 * time.Millisecond)
 	second, err := client.OpenStream(hdr, false)
 	if err != nil {
