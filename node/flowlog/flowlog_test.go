@@ -356,3 +356,68 @@ func TestWorkload(t *testing.T) {
 		}
 	}
 }
+
+// readyConn is a pod connection read on demand (as netstack.Conn): its
+// bytes come from TryRead, and NotifyReadable says when.
+type readyConn struct {
+	tryConn
+	data     []byte
+	notified int
+}
+
+func (c *readyConn) NotifyReadable(f func()) func() { c.notified++; f(); return func() {} }
+func (c *readyConn) TryRead(b []byte) (int, error) {
+	if len(c.data) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(b, c.data)
+	c.data = c.data[n:]
+	return n, nil
+}
+
+// TestObserveKeepsReadiness: a connection read on demand stays so when
+// wrapped (a splice then parks no goroutine in Read), and what TryRead
+// returns is parsed as Read's bytes are.
+func TestObserveKeepsReadiness(t *testing.T) {
+	l, _, _ := newLog(t, Options{HTTP: true})
+	sub := l.Subscribe(Filter{}, 16)
+	defer sub.Close()
+	tr := l.Open(Conn{Proxy: Out, Src: clientAddr, Dst: serverAddr, TLS: TLSTrue})
+	a, _ := net.Pipe()
+	req := "GET /ready HTTP/1.1\r\nHost: web.shop\r\n\r\n"
+	rc := &readyConn{tryConn: tryConn{Conn: a}, data: []byte(req)}
+	w := tr.Observe(rc, true)
+	rd, ok := w.(readable)
+	if !ok {
+		t.Fatal("NotifyReadable/TryRead lost by the wrapper")
+	}
+	if _, ok := w.(tryWriter); !ok {
+		t.Fatal("TryWrite lost by the wrapper")
+	}
+	called := false
+	rd.NotifyReadable(func() { called = true })()
+	if !called || rc.notified != 1 {
+		t.Fatal("NotifyReadable not passed through")
+	}
+	var got []byte
+	buf := make([]byte, 7)
+	for {
+		n, err := rd.TryRead(buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			break
+		}
+	}
+	if string(got) != req {
+		t.Fatalf("TryRead gave %q", got)
+	}
+	for len(sub.C()) > 0 {
+		if e := <-sub.C(); e.Type == "req" {
+			if e.Path != "/ready" {
+				t.Fatalf("req %+v", e)
+			}
+			return
+		}
+	}
+	t.Fatal("the request read with TryRead was not parsed")
+}

@@ -25,6 +25,11 @@
 // the read until the caller's deadline on conn, which the caller must set
 // (and clear before Splice).
 //
+// SpliceAsync is Splice without a waiting caller, for the agents: over a
+// mux stream (an AsyncDrainer) and a pod's netstack connection (a
+// Readable), an idle connection then holds no goroutine at all, and the
+// end is reported through a callback.
+//
 // # Wire format
 //
 // Header, client -> server, once, the first bytes after the TLS handshake.
