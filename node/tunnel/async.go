@@ -136,7 +136,7 @@ func (s *splice) startAll(ctx context.Context, done func(SpliceStats, error)) {
 		case AsyncDrainer:
 			starts[i] = func() { s.startAsync(d.name, d.dst, src, d.n, report) }
 		case Readable:
-			r := &readyCopy{s: s, dir: d.name, dst: d.dst, src: src, n: d.n, report: report}
+			r := &readyCopy{s: s, dir: d.name, dst: d.dst, src: src, n: d.n, report: report, kick: make(chan struct{}, 1)}
 			s.ready = append(s.ready, r)
 			starts[i] = r.start
 		default:
@@ -157,16 +157,27 @@ func (s *splice) startAll(ctx context.Context, done func(SpliceStats, error)) {
 
 // readyCopy copies one direction from a Readable source on demand: a
 // goroutine runs only while the source has bytes buffered (or an end to
-// pass on), and exits when a TryRead would block.
+// pass on), lingers for copyLinger after a TryRead would block, and then
+// exits.
 //
 // States: idle (no goroutine; the next readable callback starts one) ->
 // running (a goroutine is reading) -> pending (running, and a callback
-// came meanwhile: read again before going idle) -> running ... -> ended.
-// Only the callback moves idle -> running, and only the running goroutine
-// moves running -> idle, so there is never more than one goroutine (the
+// came meanwhile: read again before going further) -> lingering (the
+// goroutine waits for a kick or its timer) -> running (kicked) or idle
+// (timer) ... -> ended. Only the callback moves idle -> running and
+// lingering -> running, and only the goroutine moves running -> lingering
+// and lingering -> idle, so there is never more than one goroutine (the
 // order of bytes is kept) and a callback that races with "would block" is
-// never lost: it finds the state running and leaves pending behind, which
-// the goroutine sees when it tries to go idle.
+// never lost: it finds the state running and leaves pending behind, or
+// lingering and kicks, and the goroutine sees either when it tries to
+// move on.
+//
+// Why linger: a request/response connection's next message comes within a
+// round trip. A fresh goroutine for each one pays its start and the growth
+// of its stack to what a TLS write needs (copied 2 -> 4 -> 8 -> 16 KiB);
+// a goroutine that waits a little is woken like the parked reader it
+// replaces (BenchmarkRoundTrip in node/tunnel/mux). An idle connection
+// still holds none once the linger has passed.
 type readyCopy struct {
 	s      *splice
 	dir    string
@@ -178,14 +189,26 @@ type readyCopy struct {
 	state  atomic.Int32
 	cancel func() // unregisters wake; set before the first goroutine starts
 	fixed  []byte // the copy buffer when SpliceOptions.BufferSize is not the default
+
+	// kick wakes the lingering goroutine (buffered: wake never blocks; a
+	// stale kick only costs a pass). Made with the splice.
+	kick chan struct{}
+	// timer ends a linger; made by the first one, used only by the
+	// goroutine.
+	timer *time.Timer
 }
 
 const (
 	copyIdle int32 = iota
 	copyRunning
 	copyPending
+	copyLingering
 	copyEnded
 )
+
+// copyLinger is how long an on-demand copy waits for more bytes before
+// its goroutine exits (see readyCopy). Tests change it.
+var copyLinger = time.Millisecond
 
 // start registers the callback and runs a first pass for bytes already
 // buffered. The state is running from the start, so a callback that comes
@@ -208,6 +231,14 @@ func (r *readyCopy) wake() {
 			}
 		case copyRunning:
 			if r.state.CompareAndSwap(copyRunning, copyPending) {
+				return
+			}
+		case copyLingering:
+			if r.state.CompareAndSwap(copyLingering, copyRunning) {
+				select {
+				case r.kick <- struct{}{}:
+				default: // a kick is already waiting
+				}
 				return
 			}
 		default: // pending already, or ended
@@ -233,11 +264,44 @@ func (r *readyCopy) routineCopy() {
 		if testBeforeIdle != nil {
 			testBeforeIdle() // widens the race below in tests
 		}
-		if r.state.CompareAndSwap(copyRunning, copyIdle) {
+		linger := copyLinger
+		next := copyIdle
+		if linger > 0 {
+			next = copyLingering
+		}
+		if !r.state.CompareAndSwap(copyRunning, next) {
+			// pending: a callback came after the last TryRead began.
+			r.state.Store(copyRunning)
+			continue
+		}
+		if next == copyIdle || !r.linger(linger) {
 			return
 		}
-		// pending: a callback came after the last TryRead began.
-		r.state.Store(copyRunning)
+	}
+}
+
+// linger waits, in state lingering, for a kick (then the state is
+// running again: it reports true) or for d to pass (then it goes idle
+// and reports false, unless a callback came just then).
+func (r *readyCopy) linger(d time.Duration) bool {
+	if r.timer == nil {
+		r.timer = time.NewTimer(d)
+	} else {
+		r.timer.Reset(d)
+	}
+	select {
+	case <-r.kick:
+		r.timer.Stop()
+		// Normally wake set running before kicking; a stale kick (from
+		// a linger that had already timed out) finds lingering: claim
+		// it, a pass costs little.
+		r.state.CompareAndSwap(copyLingering, copyRunning)
+		return true
+	case <-r.timer.C:
+		if r.state.CompareAndSwap(copyLingering, copyIdle) {
+			return false
+		}
+		return true // woken just as the timer fired: running again
 	}
 }
 

@@ -73,7 +73,8 @@ func (w *oneWriter) CloseWrite() error {
 // ways) must end the splice cleanly.
 func TestSpliceAsyncNoLostWakeup(t *testing.T) {
 	leakCheck(t)
-	t.Cleanup(func() { tunnel.SetBeforeIdle(nil) })
+	linger := tunnel.SetLinger(0)
+	t.Cleanup(func() { tunnel.SetBeforeIdle(nil); tunnel.SetLinger(linger) })
 	for round := range 20 {
 		if round%2 == 1 {
 			// Half the rounds widen the window between "nothing to
@@ -81,6 +82,14 @@ func TestSpliceAsyncNoLostWakeup(t *testing.T) {
 			tunnel.SetBeforeIdle(func() { time.Sleep(20 * time.Microsecond) })
 		} else {
 			tunnel.SetBeforeIdle(nil)
+		}
+		// Rounds 0-1 and 4-5 and so on let the copy exit at once;
+		// the others linger (a shorter linger than the default, so
+		// that lingers also time out between writes).
+		if round%4 < 2 {
+			tunnel.SetLinger(0)
+		} else {
+			tunnel.SetLinger(30 * time.Microsecond)
 		}
 		agent, pod := tunneltest.ReadyPipe()
 		b, far := tunneltest.Pipe()

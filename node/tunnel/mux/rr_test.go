@@ -1,0 +1,85 @@
+package mux_test
+
+import (
+	"context"
+	"io"
+	"net"
+	"testing"
+
+	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/tunnel/mux"
+	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
+)
+
+// BenchmarkRoundTrip is a 1 KiB ping-pong through both agents' splices
+// over one stream (pods read on demand, as netstack connections are),
+// with the blocking Splice or SpliceAsync, to compare the wake-up paths:
+// go test -run '^$' -bench RoundTrip ./node/tunnel/mux/
+func BenchmarkRoundTrip(b *testing.B) {
+	for _, async := range []bool{false, true} {
+		name := "splice"
+		if async {
+			name = "async"
+		}
+		b.Run(name, func(b *testing.B) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			splice := func(a, c net.Conn, done func()) {
+				if async {
+					tunnel.SpliceAsync(ctx, a, c, tunnel.SpliceOptions{}, func(tunnel.SpliceStats, error) { done() })
+					return
+				}
+				go func() { tunnel.Splice(ctx, a, c, tunnel.SpliceOptions{}); done() }()
+			}
+			serverPod := make(chan *tunneltest.ReadyPod, 1)
+			ended := make(chan struct{}, 2)
+			c, s := tunneltest.TLSPair(b)
+			client := mux.Client(c, mux.Config{})
+			server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
+				st.Accept()
+				agentSide, pod := tunneltest.ReadyPipe()
+				serverPod <- pod
+				release := st.Hold()
+				splice(st, agentSide, func() { release(); ended <- struct{}{} })
+			})
+			defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
+			st, err := client.OpenStream(hdr, false)
+			if err != nil {
+				b.Fatal(err)
+			}
+			agentSide, pod := tunneltest.ReadyPipe()
+			splice(agentSide, st, func() { ended <- struct{}{} })
+			msg := make([]byte, 1024)
+			pod.Write(msg)
+			sp := <-serverPod
+			// The server pod echoes.
+			go func() {
+				buf := make([]byte, 1024)
+				for {
+					if _, err := io.ReadFull(sp, buf); err != nil {
+						return
+					}
+					if _, err := sp.Write(buf); err != nil {
+						return
+					}
+				}
+			}()
+			if _, err := io.ReadFull(pod, msg); err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for range b.N {
+				pod.Write(msg)
+				if _, err := io.ReadFull(pod, msg); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			cancel()
+			<-ended
+			<-ended
+			pod.Close()
+			sp.Close()
+		})
+	}
+}
