@@ -45,10 +45,15 @@ type collector struct{ t *Transport }
 
 var (
 	descPeers   = prometheus.NewDesc("tunmesh_wireguard_peers", "Other nodes by state: configured (reached over WireGuard), refused (unusable annotations: not reached), underlay (no key published: reached on the node address).", []string{"state"}, nil)
+	descOffload = prometheus.NewDesc("tunmesh_wireguard_tun_offload_segments_total", "TCP segments of the overlay stack's mesh tunnels handled by the TUN's offloads: gso_split (cut from the stack's large packets, beyond the first of each), gro_merged (decrypted, merged into a previous segment before the stack).", []string{"kind"}, nil)
 	descPackets = prometheus.NewDesc("tunmesh_wireguard_tun_packets_total", "Packets through the in-process TUN: to_overlay, to_host (decrypted pod traffic handed to the node's kernel), from_host (pod traffic to encrypt), dropped (decrypted, for no one), queue_full (to encrypt, dropped), too_big (from the host, over the inner MTU with DF: answered with ICMP fragmentation needed).", []string{"path"}, nil)
 )
 
-func (c collector) Describe(ch chan<- *prometheus.Desc) { ch <- descPeers; ch <- descPackets }
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descPeers
+	ch <- descPackets
+	ch <- descOffload
+}
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	conf, refused, under := c.t.peers.Counts()
@@ -62,4 +67,6 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}{{"to_overlay", s.ToOverlay}, {"to_host", s.ToHost}, {"from_host", s.FromHost}, {"dropped", s.Dropped}, {"queue_full", s.QueueFull}, {"too_big", s.TooBig}} {
 		ch <- prometheus.MustNewConstMetric(descPackets, prometheus.CounterValue, float64(v.n), v.path)
 	}
+	ch <- prometheus.MustNewConstMetric(descOffload, prometheus.CounterValue, float64(s.Split), "gso_split")
+	ch <- prometheus.MustNewConstMetric(descOffload, prometheus.CounterValue, float64(s.Coalesced), "gro_merged")
 }

@@ -180,6 +180,9 @@ func TestTwoNodesOverWireGuard(t *testing.T) {
 	if sa, sb := a.tun.Stats(), b.tun.Stats(); sa.Split == 0 || sa.Coalesced+sb.Coalesced == 0 {
 		t.Fatalf("offloads unused: a %+v b %+v", sa, sb)
 	}
+	if v := gathered(t, a.reg, "tunmesh_wireguard_tun_offload_segments_total", "gso_split"); v == 0 || v > float64(a.tun.Stats().Split) {
+		t.Fatalf("gso_split series %v, want the TUN's count %d", v, a.tun.Stats().Split)
+	}
 
 	// Garbage to b's port: dropped and counted.
 	u, err := net.Dial("udp", net.JoinHostPort("127.0.0.2", itoa(portB)))
@@ -390,4 +393,25 @@ func TestReadyNeedsLocalPodCIDR(t *testing.T) {
 	if err := tr.Ready(); err != nil {
 		t.Fatalf("with a pod CIDR: %v", err)
 	}
+}
+
+// gathered is the value of the series name{<its one label>=label} in reg.
+func gathered(t *testing.T, reg *prometheus.Registry, name, label string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if len(m.GetLabel()) == 1 && m.GetLabel()[0].GetValue() == label {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	t.Fatalf("no series %s{%s}", name, label)
+	return 0
 }
