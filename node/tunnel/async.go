@@ -83,6 +83,7 @@ func SpliceAsync(ctx context.Context, a, b net.Conn, opts SpliceOptions, done fu
 		return
 	}
 	s := &splice{
+		endDone: make(chan struct{}),
 		a:       a,
 		b:       b,
 		bufSize: opts.BufferSize,
@@ -115,7 +116,8 @@ func (s *splice) startAll(ctx context.Context, done func(SpliceStats, error)) {
 			s.idleTimer.Stop()
 		}
 		s.mu.Unlock()
-		s.end(nil) // both ended with EOF, passed on as half-closes (or end ran)
+		s.end(nil)  // both ended with EOF, passed on as half-closes (or end ran)
+		<-s.endDone // whoever ran end has closed both connections
 		s.mu.Lock()
 		stats, err := SpliceStats{AToB: s.aToB.Load(), BToA: s.bToA.Load()}, s.firstErr
 		s.mu.Unlock()
@@ -137,6 +139,7 @@ func (s *splice) startAll(ctx context.Context, done func(SpliceStats, error)) {
 			starts[i] = func() { s.startAsync(d.name, d.dst, src, d.n, report) }
 		case Readable:
 			r := &readyCopy{s: s, dir: d.name, dst: d.dst, src: src, n: d.n, report: report, kick: make(chan struct{}, 1)}
+			r.state.Store(copyRunning) // an end before start only leaves pending behind
 			s.ready = append(s.ready, r)
 			starts[i] = r.start
 		default:
@@ -214,7 +217,6 @@ var copyLinger = time.Millisecond
 // buffered. The state is running from the start, so a callback that comes
 // before cancel is set only leaves pending behind.
 func (r *readyCopy) start() {
-	r.state.Store(copyRunning)
 	r.cancel = r.src.NotifyReadable(r.wake)
 	go r.routineCopy()
 }

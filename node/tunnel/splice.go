@@ -135,6 +135,8 @@ type splice struct {
 	// ready are SpliceAsync's on-demand copies, woken by end so that they
 	// see it (written before either direction starts, then only read).
 	ready []*readyCopy
+	// endDone (SpliceAsync) is closed once end has closed both connections.
+	endDone chan struct{}
 }
 
 // copyResult is how a copy reports the end of its direction.
@@ -228,6 +230,9 @@ func (s *splice) end(err error) {
 	// An idle on-demand copy has no goroutine to notice the close.
 	for _, r := range s.ready {
 		r.wake()
+	}
+	if s.endDone != nil {
+		close(s.endDone)
 	}
 }
 
