@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -96,9 +97,35 @@ func (c *Conn) TryRead(b []byte) (int, error) {
 	case *tcpip.ErrWouldBlock:
 		return 0, ErrWouldBlock
 	case *tcpip.ErrClosedForReceive:
+		if c.failed() {
+			return 0, c.resetError()
+		}
 		return 0, io.EOF
 	}
 	return 0, &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: errors.New(tcpipErr.String())}
+}
+
+// Read is gonet's Read, except that a connection that failed (the pod's
+// RST, a timeout) never reads as a clean end of stream. gVisor reports a
+// reset once: when a write to the pod took it first, the next read only
+// sees "closed for receive", which gonet turns into io.EOF, and the tunnel
+// would pass a FIN on where the pod had reset.
+func (c *Conn) Read(b []byte) (int, error) {
+	n, err := c.TCPConn.Read(b)
+	if err == io.EOF && c.failed() {
+		return n, c.resetError()
+	}
+	return n, err
+}
+
+// failed reports whether the endpoint ended in error (reset or timed out)
+// rather than with the pod's FIN.
+func (c *Conn) failed() bool {
+	return tcp.EndpointState(c.ep.State()) == tcp.StateError
+}
+
+func (c *Conn) resetError() error {
+	return &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: syscall.ECONNRESET}
 }
 
 // TryWrite writes what the connection's send buffer takes now, without

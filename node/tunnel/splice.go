@@ -394,6 +394,12 @@ func (s *splice) write(dst net.Conn, b []byte, n *atomic.Int64) error {
 // passEOF passes a direction's end on to dst: a half-close, or, when dst
 // cannot half-close, the signal to close everything.
 func (s *splice) passEOF(dst net.Conn) (closeAll bool, err error) {
+	if s.isEnded() {
+		// The EOF is end's own doing (it closed the source): the splice
+		// was cut, and a cut must never reach the other side as a clean
+		// end. end is already aborting dst.
+		return false, nil
+	}
 	cw, ok := dst.(closeWriter)
 	if !ok {
 		return true, nil
