@@ -83,3 +83,63 @@ func BenchmarkRoundTrip(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkConnection is one short connection per iteration through both
+// agents' splices over a pooled session (pods read on demand): the client
+// pod sends a request and ends its side, the server pod answers and ends
+// its side. It compares the per-connection cost of the blocking Splice
+// and SpliceAsync:
+// go test -run '^$' -bench Connection ./node/tunnel/mux/
+func BenchmarkConnection(b *testing.B) {
+	for _, async := range []bool{false, true} {
+		name := "splice"
+		if async {
+			name = "async"
+		}
+		b.Run(name, func(b *testing.B) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			splice := func(a, c net.Conn, done func()) {
+				if async {
+					tunnel.SpliceAsync(ctx, a, c, tunnel.SpliceOptions{}, func(tunnel.SpliceStats, error) { done() })
+					return
+				}
+				go func() { tunnel.Splice(ctx, a, c, tunnel.SpliceOptions{}); done() }()
+			}
+			c, s := tunneltest.TLSPair(b)
+			client := mux.Client(c, mux.Config{})
+			server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
+				st.Accept()
+				agentSide, pod := tunneltest.ReadyPipe()
+				release := st.Hold()
+				splice(st, agentSide, release)
+				// The server pod: read the request, answer, end.
+				go func() {
+					buf := make([]byte, 64)
+					io.ReadFull(pod, buf)
+					pod.Write(buf)
+					pod.CloseWrite()
+					io.Copy(io.Discard, pod)
+				}()
+			})
+			defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
+			req := make([]byte, 64)
+			b.ResetTimer()
+			for range b.N {
+				st, err := client.OpenStream(hdr, false)
+				if err != nil {
+					b.Fatal(err)
+				}
+				agentSide, pod := tunneltest.ReadyPipe()
+				ended := make(chan struct{})
+				splice(agentSide, st, func() { close(ended) })
+				pod.Write(req)
+				pod.CloseWrite()
+				if _, err := io.ReadAll(pod); err != nil {
+					b.Fatal(err)
+				}
+				<-ended
+			}
+		})
+	}
+}
