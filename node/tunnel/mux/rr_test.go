@@ -4,7 +4,9 @@ import (
 	"context"
 	"io"
 	"net"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/tunmesh/tunmesh/node/tunnel"
 	"github.com/tunmesh/tunmesh/node/tunnel/mux"
@@ -124,8 +126,10 @@ func BenchmarkConnection(b *testing.B) {
 			})
 			defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
 			req := make([]byte, 64)
+			lat := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
 			for range b.N {
+				start := time.Now()
 				st, err := client.OpenStream(hdr, false)
 				if err != nil {
 					b.Fatal(err)
@@ -139,7 +143,12 @@ func BenchmarkConnection(b *testing.B) {
 					b.Fatal(err)
 				}
 				<-ended
+				lat = append(lat, time.Since(start))
 			}
+			b.StopTimer()
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-us")
+			b.ReportMetric(float64(lat[len(lat)-1].Microseconds()), "max-us")
 		})
 	}
 }
