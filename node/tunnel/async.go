@@ -83,6 +83,7 @@ func SpliceAsync(ctx context.Context, a, b net.Conn, opts SpliceOptions, done fu
 		return
 	}
 	s := &splice{
+		ctx:     ctx,
 		endDone: make(chan struct{}),
 		a:       a,
 		b:       b,

@@ -94,6 +94,7 @@ func Splice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (SpliceStats
 		return SpliceStats{}, fmt.Errorf("splice: negative buffer size %d or idle timeout %v", opts.BufferSize, opts.IdleTimeout)
 	}
 	s := &splice{
+		ctx:     ctx,
 		a:       a,
 		b:       b,
 		bufSize: opts.BufferSize,
@@ -116,6 +117,9 @@ func Splice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (SpliceStats
 // context, the idle timer) ends the splice through end, the only place
 // that closes the connections.
 type splice struct {
+	// ctx is the caller's: when it is done, it is why the splice ended,
+	// whatever error the closing connections reported first.
+	ctx     context.Context
 	a, b    net.Conn
 	bufSize int
 	idle    time.Duration
@@ -216,6 +220,12 @@ func (s *splice) end(err error) {
 		return
 	}
 	s.ended = true
+	if err != nil && s.ctx != nil && s.ctx.Err() != nil {
+		// The context's end aborts connections elsewhere too (a stack
+		// closing resets its endpoints): a read or write that failed
+		// because of it reports the context, as Splice promises.
+		err = s.ctx.Err()
+	}
 	s.firstErr = err
 	// Closing happens outside the lock: an abort may write (a mux
 	// stream's Reset), and the other direction must not wait for it.
