@@ -14,7 +14,9 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/utils/ptr"
 )
 
@@ -52,6 +54,18 @@ func slice(ready map[string]bool) *discoveryv1.EndpointSlice {
 func run(t *testing.T, objs ...any) (*Resolver, *fake.Clientset) {
 	t.Helper()
 	client := fake.NewClientset()
+	// The fake clientset's watches start "now" and replay nothing: an
+	// object changed between an informer's List and its Watch is never
+	// seen. Wait until both informers watch before changing anything.
+	watching := make(chan string, 8)
+	client.PrependWatchReactor("*", func(action k8stesting.Action) (bool, watch.Interface, error) {
+		w, err := client.Tracker().Watch(action.GetResource(), action.GetNamespace())
+		if err != nil {
+			return false, nil, err
+		}
+		watching <- action.GetResource().Resource
+		return true, w, nil
+	})
 	r, err := New(client, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -60,6 +74,15 @@ func run(t *testing.T, objs ...any) (*Resolver, *fake.Clientset) {
 	done := make(chan struct{})
 	go func() { _ = r.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
+	seen := map[string]bool{}
+	for !seen["services"] || !seen["endpointslices"] {
+		select {
+		case res := <-watching:
+			seen[res] = true
+		case <-time.After(10 * time.Second):
+			t.Fatalf("informers not watching (seen %v)", seen)
+		}
+	}
 	for _, o := range objs {
 		switch o := o.(type) {
 		case *corev1.Service:
