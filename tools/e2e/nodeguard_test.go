@@ -23,6 +23,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/observeapi"
 	"github.com/tunmesh/tunmesh/node/wireguard"
 	"github.com/tunmesh/tunmesh/tools/internal/devcluster"
+	"github.com/tunmesh/tunmesh/tools/internal/installcli"
 )
 
 // TestNodeGuard runs deploy/node-guard.yaml on the real API server. The
@@ -41,6 +42,11 @@ func TestNodeGuard(t *testing.T) {
 	t.Cleanup(func() {
 		_, _ = c.KubectlErr("delete", "--ignore-not-found", "-f", filepath.Join("..", "..", "deploy", "node-guard.yaml"))
 	})
+	// tunmeshctl check's verdict on the objects as a real API server
+	// stores them (defaulted): in force, no false alarm.
+	if chk := installcli.NodeGuard(ctx, c.Client); !chk.OK {
+		t.Fatalf("tunmeshctl check on the applied node guard: %s", chk.Hint)
+	}
 	// nodes/status is not in the agents' RBAC; grant it here so that the
 	// policy's own refusal of subresource writes is what is tested.
 	statusRole := "e2e-nodeguard-status-" + randomSuffix()

@@ -55,7 +55,8 @@ const (
 // CheckDataPlane checks an installation's data plane: an agent pod of the
 // node DaemonSet ready on every node, each node's conflist chaining
 // tunmesh-cni (from the agents' /status), and one version across the
-// agents (reported and image tag) and tunmesh-identity (image tag). It
+// agents (reported and image tag) and tunmesh-identity (image tag), and
+// the node guard in force (NodeGuard). It
 // returns no checks, and a note, when the DaemonSet does not exist (a
 // mesh run by other means, such as the local cluster's processes).
 func CheckDataPlane(ctx context.Context, client kubernetes.Interface, ns string, fetch StatusFetcher) (checks []identitycli.Check, note string, err error) {
@@ -146,6 +147,7 @@ func CheckDataPlane(ctx context.Context, client kubernetes.Interface, ns string,
 	checks = append(checks, chained)
 
 	checks = append(checks, versionCheck(ctx, client, ns, versions, pods.Items))
+	checks = append(checks, NodeGuard(ctx, client))
 	return checks, "", nil
 }
 

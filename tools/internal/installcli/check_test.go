@@ -69,6 +69,7 @@ func TestCheckDataPlane(t *testing.T) {
 		return []runtime.Object{
 			nodeObj("node-1"), nodeObj("node-2"), daemonSet(2, 2), identityDeployment(),
 			agentPod("node-1", "v1", true), agentPod("node-2", "v1", true), identityPod("v1"),
+			shippedGuardPolicy(t), shippedGuardBinding(t),
 		}
 	}
 	statuses := func(m map[string]admin.Status, errs map[string]error) StatusFetcher {
@@ -93,7 +94,7 @@ func TestCheckDataPlane(t *testing.T) {
 		{name: "healthy", objs: healthy()},
 		{name: "agent missing on a node", objs: append(healthy(), nodeObj("node-3")),
 			failed: map[string]string{CheckAgentsReady: "no ready agent on node-3"}},
-		{name: "agent not ready", objs: []runtime.Object{nodeObj("node-1"), nodeObj("node-2"), daemonSet(2, 2), identityDeployment(), agentPod("node-1", "v1", true), agentPod("node-2", "v1", false), identityPod("v1")},
+		{name: "agent not ready", objs: []runtime.Object{nodeObj("node-1"), nodeObj("node-2"), daemonSet(2, 2), identityDeployment(), agentPod("node-1", "v1", true), agentPod("node-2", "v1", false), identityPod("v1"), shippedGuardPolicy(t), shippedGuardBinding(t)},
 			failed: map[string]string{CheckAgentsReady: "node-2"}},
 		{name: "rollout in progress", objs: replace(healthy(), 2, daemonSet(2, 1)),
 			failed: map[string]string{CheckAgentsReady: "rollout in progress: 1 of 2"}},
@@ -112,7 +113,7 @@ func TestCheckDataPlane(t *testing.T) {
 			if err != nil || note != "" {
 				t.Fatalf("err %v, note %q", err, note)
 			}
-			if len(checks) != 3 {
+			if len(checks) != 4 {
 				t.Fatalf("%d checks: %+v", len(checks), checks)
 			}
 			for _, c := range checks {
