@@ -59,14 +59,14 @@ type env struct {
 	log  *flowlog.Log
 	mu   sync.Mutex
 	emit func([]byte, bool)
-	logs *bytes.Buffer
+	logs *syncBuffer // the server logs from its handlers' goroutines while the test reads
 }
 
 func newEnv(t *testing.T) *env { return newEnvWith(t, nil) }
 
 // newEnvWith lets a test change the Config before the handler is made.
 func newEnvWith(t *testing.T, change func(*Config)) *env {
-	e := &env{logs: &bytes.Buffer{}}
+	e := &env{logs: &syncBuffer{}}
 	e.log = flowlog.New(func(a netip.Addr) flowlog.PodRef {
 		if a == netip.MustParseAddr("10.1.0.5") {
 			return flowlog.PodRef{Namespace: "shop", Name: "web-1", Workload: "web"}
@@ -152,7 +152,7 @@ func TestAccess(t *testing.T) {
 		}
 	}
 	if !strings.Contains(e.logs.String(), "observability call refused") || !strings.Contains(e.logs.String(), "user=bob") {
-		t.Fatalf("refusals not logged:\n%s", e.logs)
+		t.Fatalf("refusals not logged:\n%s", e.logs.String())
 	}
 }
 
@@ -272,4 +272,23 @@ func TestEdgesOfOneNamespace(t *testing.T) {
 	if len(edges) != 1 || edges[0].Src.Namespace != "shop" {
 		t.Fatalf("shop's edges %+v, want web-1's connection only", edges)
 	}
+}
+
+// syncBuffer is a log sink safe for the handlers' goroutines and the test
+// at once (a handler's deferred log line may land after its response).
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
