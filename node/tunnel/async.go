@@ -61,19 +61,9 @@ func SpliceAsync(ctx context.Context, a, b net.Conn, opts SpliceOptions, done fu
 	if done == nil {
 		done = func(SpliceStats, error) {}
 	}
-	if a == nil || b == nil {
-		for _, c := range []net.Conn{a, b} {
-			if c != nil {
-				c.Close()
-			}
-		}
-		done(SpliceStats{}, errors.New("splice: nil conn"))
-		return
-	}
-	if opts.BufferSize < 0 || opts.IdleTimeout < 0 {
-		abort(a)
-		abort(b)
-		done(SpliceStats{}, fmt.Errorf("splice: negative buffer size %d or idle timeout %v", opts.BufferSize, opts.IdleTimeout))
+	s, err := newSplice(ctx, a, b, opts)
+	if err != nil {
+		done(SpliceStats{}, err)
 		return
 	}
 	if err := ctx.Err(); err != nil {
@@ -82,18 +72,7 @@ func SpliceAsync(ctx context.Context, a, b net.Conn, opts SpliceOptions, done fu
 		done(SpliceStats{}, err)
 		return
 	}
-	s := &splice{
-		ctx:     ctx,
-		endDone: make(chan struct{}),
-		a:       a,
-		b:       b,
-		bufSize: opts.BufferSize,
-		idle:    opts.IdleTimeout,
-		start:   time.Now(),
-	}
-	if s.bufSize == 0 {
-		s.bufSize = DefaultBufferSize
-	}
+	s.endDone = make(chan struct{})
 	s.startAll(ctx, done)
 }
 

@@ -80,18 +80,29 @@ var bufPool = sync.Pool{New: func() any {
 // returned. Both connections are closed when Splice returns, and none of its
 // goroutines outlives the call.
 func Splice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (SpliceStats, error) {
+	s, err := newSplice(ctx, a, b, opts)
+	if err != nil {
+		return SpliceStats{}, err
+	}
+	return s.run(ctx)
+}
+
+// newSplice checks Splice's and SpliceAsync's arguments and makes the
+// splice. On an error both connections are already closed (aborted when
+// they exist but the options are bad).
+func newSplice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (*splice, error) {
 	if a == nil || b == nil {
 		for _, c := range []net.Conn{a, b} {
 			if c != nil {
 				c.Close()
 			}
 		}
-		return SpliceStats{}, errors.New("splice: nil conn")
+		return nil, errors.New("splice: nil conn")
 	}
 	if opts.BufferSize < 0 || opts.IdleTimeout < 0 {
 		abort(a)
 		abort(b)
-		return SpliceStats{}, fmt.Errorf("splice: negative buffer size %d or idle timeout %v", opts.BufferSize, opts.IdleTimeout)
+		return nil, fmt.Errorf("splice: negative buffer size %d or idle timeout %v", opts.BufferSize, opts.IdleTimeout)
 	}
 	s := &splice{
 		ctx:     ctx,
@@ -104,7 +115,7 @@ func Splice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (SpliceStats
 	if s.bufSize == 0 {
 		s.bufSize = DefaultBufferSize
 	}
-	return s.run(ctx)
+	return s, nil
 }
 
 // splice is one call of Splice. The calling goroutine owns it: it copies
