@@ -295,30 +295,25 @@ func (r *readyCopy) linger(d time.Duration) bool {
 // DefaultBufferSize once one fills it).
 func (r *readyCopy) pass() (res copyResult, ended bool) {
 	s := r.s
-	if s.bufSize != DefaultBufferSize {
+	var b adaptiveBuf
+	if s.bufSize == DefaultBufferSize {
+		small := smallPool.Get().(*[]byte)
+		defer smallPool.Put(small)
+		b = adaptiveBuf{small: *small, adaptive: true}
+	} else {
 		if r.fixed == nil {
 			r.fixed = make([]byte, s.bufSize)
 		}
-		return r.passFixed()
+		b = adaptiveBuf{small: r.fixed}
 	}
-	small := smallPool.Get().(*[]byte)
-	defer smallPool.Put(small)
-	var big *[]byte
-	defer func() {
-		if big != nil {
-			bufPool.Put(big)
-		}
-	}()
+	defer b.release()
 	for {
 		if s.isEnded() {
 			// end closed the connections (and woke us): the direction is
 			// over, and why is end's business.
 			return copyResult{}, true
 		}
-		buf := *small
-		if big != nil {
-			buf = *big
-		}
+		buf := b.buf()
 		nr, rerr := r.src.TryRead(buf)
 		if nr > 0 {
 			if err := s.write(r.dst, buf[:nr], r.n); err != nil {
@@ -328,32 +323,7 @@ func (r *readyCopy) pass() (res copyResult, ended bool) {
 		if res, ended, more := r.readEnd(nr, rerr); !more {
 			return res, ended
 		}
-		switch {
-		case big == nil && nr == len(*small):
-			big = bufPool.Get().(*[]byte)
-		case big != nil && nr < len(*big):
-			bufPool.Put(big)
-			big = nil
-		}
-	}
-}
-
-// passFixed is pass with the one buffer of a non-default size.
-func (r *readyCopy) passFixed() (res copyResult, ended bool) {
-	s := r.s
-	for {
-		if s.isEnded() {
-			return copyResult{}, true
-		}
-		nr, rerr := r.src.TryRead(r.fixed)
-		if nr > 0 {
-			if err := s.write(r.dst, r.fixed[:nr], r.n); err != nil {
-				return copyResult{err: err}, true
-			}
-		}
-		if res, ended, more := r.readEnd(nr, rerr); !more {
-			return res, ended
-		}
+		b.read(nr)
 	}
 }
 

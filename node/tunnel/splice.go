@@ -282,16 +282,11 @@ func (s *splice) routineCopy(dir string, dst, src net.Conn, n *atomic.Int64, rep
 
 // copyDir copies one direction until it ends.
 func (s *splice) copyDir(dir string, dst, src net.Conn, n *atomic.Int64) copyResult {
-	var (
-		closeAll bool
-		err      error
-	)
-	switch {
-	case s.bufSize == DefaultBufferSize:
-		closeAll, err = s.copyAdaptive(dst, src, n)
-	default:
-		closeAll, err = s.copy(dst, src, make([]byte, s.bufSize), n)
+	b := adaptiveBuf{small: make([]byte, IdleBufferSize), adaptive: true}
+	if s.bufSize != DefaultBufferSize {
+		b = adaptiveBuf{small: make([]byte, s.bufSize)}
 	}
+	closeAll, err := s.copy(dst, src, &b, n)
 	if err != nil {
 		err = fmt.Errorf("splice %s: %w", dir, err)
 	}
@@ -336,49 +331,50 @@ func (s *splice) startAsync(dir string, dst net.Conn, src AsyncDrainer, n *atomi
 // 2 x DefaultBufferSize, and a busy one still moves large chunks.
 const IdleBufferSize = 2 << 10
 
-// copyAdaptive is copy with the idle/busy buffer switch described at
-// IdleBufferSize.
-func (s *splice) copyAdaptive(dst, src net.Conn, n *atomic.Int64) (closeAll bool, err error) {
-	small := make([]byte, IdleBufferSize)
-	var big *[]byte
-	defer func() {
-		if big != nil {
-			bufPool.Put(big)
-		}
-	}()
-	for {
-		buf := small
-		if big != nil {
-			buf = *big
-		}
-		nr, rerr := src.Read(buf)
-		if nr > 0 {
-			if err := s.write(dst, buf[:nr], n); err != nil {
-				return false, err
-			}
-		}
-		switch {
-		case rerr == nil:
-		case errors.Is(rerr, io.EOF):
-			return s.passEOF(dst)
-		default:
-			return false, fmt.Errorf("read: %w", rerr)
-		}
-		switch {
-		case big == nil && nr == len(small):
-			big = bufPool.Get().(*[]byte)
-		case big != nil && nr < len(*big):
-			bufPool.Put(big)
-			big = nil
-		}
+// adaptiveBuf is a direction's copy buffer. An adaptive one is the
+// idle/busy switch described at IdleBufferSize: small while reads are
+// short, a pooled DefaultBufferSize buffer from the read that fills small
+// until the first short read. Otherwise it is small, always.
+type adaptiveBuf struct {
+	small    []byte
+	big      *[]byte
+	adaptive bool
+}
+
+// buf is the buffer for the next read.
+func (b *adaptiveBuf) buf() []byte {
+	if b.big != nil {
+		return *b.big
+	}
+	return b.small
+}
+
+// read adapts to a read of n bytes into buf().
+func (b *adaptiveBuf) read(n int) {
+	switch {
+	case !b.adaptive:
+	case b.big == nil && n == len(b.small):
+		b.big = bufPool.Get().(*[]byte)
+	case b.big != nil && n < len(*b.big):
+		b.release()
+	}
+}
+
+// release gives the big buffer back to the pool.
+func (b *adaptiveBuf) release() {
+	if b.big != nil {
+		bufPool.Put(b.big)
+		b.big = nil
 	}
 }
 
 // copy moves bytes from src to dst until src ends. Unlike io.CopyBuffer it
 // never hands the work to ReadFrom/WriteTo, which would bypass the byte
 // counts and the idle clock.
-func (s *splice) copy(dst, src net.Conn, buf []byte, n *atomic.Int64) (closeAll bool, err error) {
+func (s *splice) copy(dst, src net.Conn, b *adaptiveBuf, n *atomic.Int64) (closeAll bool, err error) {
+	defer b.release()
 	for {
+		buf := b.buf()
 		nr, rerr := src.Read(buf)
 		if nr > 0 {
 			if err := s.write(dst, buf[:nr], n); err != nil {
@@ -392,6 +388,7 @@ func (s *splice) copy(dst, src net.Conn, buf []byte, n *atomic.Int64) (closeAll 
 		default:
 			return false, fmt.Errorf("read: %w", rerr)
 		}
+		b.read(nr)
 	}
 }
 
