@@ -18,72 +18,57 @@ import (
 // with the blocking Splice or SpliceAsync, to compare the wake-up paths:
 // go test -run '^$' -bench RoundTrip ./node/tunnel/mux/
 func BenchmarkRoundTrip(b *testing.B) {
-	for _, async := range []bool{false, true} {
-		name := "splice"
-		if async {
-			name = "async"
+	spliceModes(b, func(b *testing.B, cancel context.CancelFunc, splice func(a, c net.Conn, done func())) {
+		serverPod := make(chan *tunneltest.ReadyPod, 1)
+		ended := make(chan struct{}, 2)
+		c, s := tunneltest.TLSPair(b)
+		client := mux.Client(c, mux.Config{})
+		server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
+			st.Accept()
+			agentSide, pod := tunneltest.ReadyPipe()
+			serverPod <- pod
+			release := st.Hold()
+			splice(st, agentSide, func() { release(); ended <- struct{}{} })
+		})
+		defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
+		st, err := client.OpenStream(hdr, false)
+		if err != nil {
+			b.Fatal(err)
 		}
-		b.Run(name, func(b *testing.B) {
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			splice := func(a, c net.Conn, done func()) {
-				if async {
-					tunnel.SpliceAsync(ctx, a, c, tunnel.SpliceOptions{}, func(tunnel.SpliceStats, error) { done() })
+		agentSide, pod := tunneltest.ReadyPipe()
+		splice(agentSide, st, func() { ended <- struct{}{} })
+		msg := make([]byte, 1024)
+		pod.Write(msg)
+		sp := <-serverPod
+		// The server pod echoes.
+		go func() {
+			buf := make([]byte, 1024)
+			for {
+				if _, err := io.ReadFull(sp, buf); err != nil {
 					return
 				}
-				go func() { tunnel.Splice(ctx, a, c, tunnel.SpliceOptions{}); done() }()
-			}
-			serverPod := make(chan *tunneltest.ReadyPod, 1)
-			ended := make(chan struct{}, 2)
-			c, s := tunneltest.TLSPair(b)
-			client := mux.Client(c, mux.Config{})
-			server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
-				st.Accept()
-				agentSide, pod := tunneltest.ReadyPipe()
-				serverPod <- pod
-				release := st.Hold()
-				splice(st, agentSide, func() { release(); ended <- struct{}{} })
-			})
-			defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
-			st, err := client.OpenStream(hdr, false)
-			if err != nil {
-				b.Fatal(err)
-			}
-			agentSide, pod := tunneltest.ReadyPipe()
-			splice(agentSide, st, func() { ended <- struct{}{} })
-			msg := make([]byte, 1024)
-			pod.Write(msg)
-			sp := <-serverPod
-			// The server pod echoes.
-			go func() {
-				buf := make([]byte, 1024)
-				for {
-					if _, err := io.ReadFull(sp, buf); err != nil {
-						return
-					}
-					if _, err := sp.Write(buf); err != nil {
-						return
-					}
+				if _, err := sp.Write(buf); err != nil {
+					return
 				}
-			}()
+			}
+		}()
+		if _, err := io.ReadFull(pod, msg); err != nil {
+			b.Fatal(err)
+		}
+		b.ResetTimer()
+		for range b.N {
+			pod.Write(msg)
 			if _, err := io.ReadFull(pod, msg); err != nil {
 				b.Fatal(err)
 			}
-			b.ResetTimer()
-			for range b.N {
-				pod.Write(msg)
-				if _, err := io.ReadFull(pod, msg); err != nil {
-					b.Fatal(err)
-				}
-			}
-			b.StopTimer()
-			cancel()
-			<-ended
-			<-ended
-			pod.Close()
-			sp.Close()
-		})
-	}
+		}
+		b.StopTimer()
+		cancel()
+		<-ended
+		<-ended
+		pod.Close()
+		sp.Close()
+	})
 }
 
 // BenchmarkConnection is one short connection per iteration through both
@@ -93,6 +78,55 @@ func BenchmarkRoundTrip(b *testing.B) {
 // and SpliceAsync:
 // go test -run '^$' -bench Connection ./node/tunnel/mux/
 func BenchmarkConnection(b *testing.B) {
+	spliceModes(b, func(b *testing.B, cancel context.CancelFunc, splice func(a, c net.Conn, done func())) {
+		c, s := tunneltest.TLSPair(b)
+		client := mux.Client(c, mux.Config{})
+		server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
+			st.Accept()
+			agentSide, pod := tunneltest.ReadyPipe()
+			release := st.Hold()
+			splice(st, agentSide, release)
+			// The server pod: read the request, answer, end.
+			go func() {
+				buf := make([]byte, 64)
+				io.ReadFull(pod, buf)
+				pod.Write(buf)
+				pod.CloseWrite()
+				io.Copy(io.Discard, pod)
+			}()
+		})
+		defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
+		req := make([]byte, 64)
+		lat := make([]time.Duration, 0, b.N)
+		b.ResetTimer()
+		for range b.N {
+			start := time.Now()
+			st, err := client.OpenStream(hdr, false)
+			if err != nil {
+				b.Fatal(err)
+			}
+			agentSide, pod := tunneltest.ReadyPipe()
+			ended := make(chan struct{})
+			splice(agentSide, st, func() { close(ended) })
+			pod.Write(req)
+			pod.CloseWrite()
+			if _, err := io.ReadAll(pod); err != nil {
+				b.Fatal(err)
+			}
+			<-ended
+			lat = append(lat, time.Since(start))
+		}
+		b.StopTimer()
+		slices.Sort(lat)
+		b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-us")
+		b.ReportMetric(float64(lat[len(lat)-1].Microseconds()), "max-us")
+	})
+}
+
+// spliceModes runs bench once with the blocking Splice ("splice") and once
+// with SpliceAsync ("async"): splice(a, c, done) splices a and c and calls
+// done at the end, either way; cancel ends every splice of the run.
+func spliceModes(b *testing.B, bench func(b *testing.B, cancel context.CancelFunc, splice func(a, c net.Conn, done func()))) {
 	for _, async := range []bool{false, true} {
 		name := "splice"
 		if async {
@@ -101,54 +135,13 @@ func BenchmarkConnection(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			splice := func(a, c net.Conn, done func()) {
+			bench(b, cancel, func(a, c net.Conn, done func()) {
 				if async {
 					tunnel.SpliceAsync(ctx, a, c, tunnel.SpliceOptions{}, func(tunnel.SpliceStats, error) { done() })
 					return
 				}
 				go func() { tunnel.Splice(ctx, a, c, tunnel.SpliceOptions{}); done() }()
-			}
-			c, s := tunneltest.TLSPair(b)
-			client := mux.Client(c, mux.Config{})
-			server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
-				st.Accept()
-				agentSide, pod := tunneltest.ReadyPipe()
-				release := st.Hold()
-				splice(st, agentSide, release)
-				// The server pod: read the request, answer, end.
-				go func() {
-					buf := make([]byte, 64)
-					io.ReadFull(pod, buf)
-					pod.Write(buf)
-					pod.CloseWrite()
-					io.Copy(io.Discard, pod)
-				}()
 			})
-			defer func() { client.Close(); server.Close(); client.Wait(); server.Wait() }()
-			req := make([]byte, 64)
-			lat := make([]time.Duration, 0, b.N)
-			b.ResetTimer()
-			for range b.N {
-				start := time.Now()
-				st, err := client.OpenStream(hdr, false)
-				if err != nil {
-					b.Fatal(err)
-				}
-				agentSide, pod := tunneltest.ReadyPipe()
-				ended := make(chan struct{})
-				splice(agentSide, st, func() { close(ended) })
-				pod.Write(req)
-				pod.CloseWrite()
-				if _, err := io.ReadAll(pod); err != nil {
-					b.Fatal(err)
-				}
-				<-ended
-				lat = append(lat, time.Since(start))
-			}
-			b.StopTimer()
-			slices.Sort(lat)
-			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-us")
-			b.ReportMetric(float64(lat[len(lat)-1].Microseconds()), "max-us")
 		})
 	}
 }
