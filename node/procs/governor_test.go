@@ -67,11 +67,13 @@ func TestPolicyValidate(t *testing.T) {
 	}
 }
 
-// TestGovernorRun drives Run with a scripted CPU clock: it starts at one
-// P, goes to Max under load, back to one when idle, and restores Max when
-// it stops.
-func TestGovernorRun(t *testing.T) {
-	use := []float64{0.2, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1}
+// runScripted runs g with a scripted CPU clock until len(use) intervals
+// have passed and returns every value GOMAXPROCS was set to. cpu and now
+// are called once at start and once per interval, in that order: interval
+// k (from 1) has used use[k-1] CPU seconds per second; at, if set, runs
+// just before interval k is measured (at(k)).
+func runScripted(t *testing.T, g *Governor, use []float64, at func(k int)) []int {
+	t.Helper()
 	const step = 100 * time.Millisecond
 	var (
 		mu    sync.Mutex
@@ -81,15 +83,14 @@ func TestGovernorRun(t *testing.T) {
 	)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	g := &Governor{Policy: DefaultPolicy(3), Interval: time.Millisecond}
-	start := time.Unix(0, 0)
-	// cpu and now are called once at start and once per interval, in
-	// that order: interval k has used use[k-1] CPU seconds per second.
 	g.cpu = func() (time.Duration, error) {
 		mu.Lock()
 		defer mu.Unlock()
 		if calls > 0 && calls <= len(use) {
 			cpu += time.Duration(use[calls-1] * float64(step))
+		}
+		if at != nil {
+			at(calls)
 		}
 		if calls == len(use) {
 			cancel()
@@ -100,13 +101,20 @@ func TestGovernorRun(t *testing.T) {
 	g.now = func() time.Time {
 		mu.Lock()
 		defer mu.Unlock()
-		return start.Add(time.Duration(calls-1) * step)
+		return time.Unix(0, 0).Add(time.Duration(calls-1) * step)
 	}
 	g.set = func(n int) { mu.Lock(); sets = append(sets, n); mu.Unlock() }
-	err := g.Run(ctx)
-	if !errors.Is(err, context.Canceled) {
+	if err := g.Run(ctx); !errors.Is(err, context.Canceled) {
 		t.Fatalf("Run: %v", err)
 	}
+	return sets
+}
+
+// TestGovernorRun: it starts at one P, goes to Max under load, back to
+// one when idle, and restores Max when it stops.
+func TestGovernorRun(t *testing.T) {
+	g := &Governor{Policy: DefaultPolicy(3), Interval: time.Millisecond}
+	sets := runScripted(t, g, []float64{0.2, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1}, nil)
 	// start at 1; 0.9 twice -> 3; eight intervals under 0.5 -> 1; stop -> 3.
 	if want := []int{1, 3, 1, 3}; !slices.Equal(sets, want) {
 		t.Errorf("GOMAXPROCS set to %v, want %v", sets, want)
@@ -165,42 +173,18 @@ func TestParseMode(t *testing.T) {
 // TestGovernorPin: a pin overrides the policy from the next interval and,
 // released, hands back to it (starting from the pinned Ps).
 func TestGovernorPin(t *testing.T) {
-	const step = 100 * time.Millisecond
-	var (
-		mu    sync.Mutex
-		calls int
-		cpu   time.Duration
-		sets  []int
-	)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	g := &Governor{Policy: DefaultPolicy(4), Interval: time.Millisecond}
-	// Interval k: idle throughout. Pin 2 before interval 2, release before
-	// interval 5; the policy then starts from 2 Ps and goes down after
-	// DownAfter idle intervals.
-	g.cpu = func() (time.Duration, error) {
-		mu.Lock()
-		defer mu.Unlock()
-		switch calls {
+	// Idle throughout. Pin 2 before interval 2, release before interval 5;
+	// the policy then starts from 2 Ps and goes down after DownAfter idle
+	// intervals.
+	sets := runScripted(t, g, make([]float64, 5+DefaultPolicy(4).DownAfter+1), func(k int) {
+		switch k {
 		case 2:
 			g.Pin(2)
 		case 5:
 			g.Pin(0)
-		case 5 + DefaultPolicy(4).DownAfter + 1:
-			cancel()
 		}
-		calls++
-		return cpu, nil
-	}
-	g.now = func() time.Time {
-		mu.Lock()
-		defer mu.Unlock()
-		return time.Unix(0, 0).Add(time.Duration(calls) * step)
-	}
-	g.set = func(n int) { mu.Lock(); sets = append(sets, n); mu.Unlock() }
-	if err := g.Run(ctx); !errors.Is(err, context.Canceled) {
-		t.Fatalf("Run: %v", err)
-	}
+	})
 	if want := []int{1, 2, 1, 4}; !slices.Equal(sets, want) {
 		t.Errorf("GOMAXPROCS set to %v, want %v", sets, want)
 	}
