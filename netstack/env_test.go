@@ -54,6 +54,25 @@ type testHandler struct {
 	flows []Flow
 }
 
+// drivenConns is a handler that terminates every flow and hands each
+// connection (a *Conn) to the test, which drives it; it stays served
+// until the stack closes.
+func drivenConns(t *testing.T, buffer int) (*testHandler, <-chan *Conn) {
+	got := make(chan *Conn, buffer)
+	return &testHandler{
+		decide: func(Flow) Decision { return Terminate },
+		serve: func(ctx context.Context, conn net.Conn, _ Flow) {
+			c, ok := conn.(*Conn)
+			if !ok {
+				t.Errorf("ServeConn got %T, want *Conn", conn)
+				return
+			}
+			got <- c
+			<-ctx.Done() // the test drives the connection
+		},
+	}, got
+}
+
 func (h *testHandler) HandleFlow(f Flow) Decision {
 	h.mu.Lock()
 	h.flows = append(h.flows, f)

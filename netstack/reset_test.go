@@ -1,7 +1,6 @@
 package netstack
 
 import (
-	"context"
 	"errors"
 	"io"
 	"net"
@@ -20,14 +19,7 @@ import (
 // far pod as one. Both TryRead and the blocking Read.
 func TestConnResetSeenByWriteIsNotEOF(t *testing.T) {
 	nstest.SkipUnlessRoot(t)
-	got := make(chan *Conn, 2)
-	h := &testHandler{
-		decide: func(Flow) Decision { return Terminate },
-		serve: func(ctx context.Context, conn net.Conn, _ Flow) {
-			got <- conn.(*Conn)
-			<-ctx.Done()
-		},
-	}
+	h, got := drivenConns(t, 2)
 	s := newStack(t, Options{Handler: h, Passthrough: &recorder{}})
 	p := newPod(t, s, 41, 65520)
 	dst := netip.AddrPortFrom(netip.MustParseAddr("10.201.0.6"), 9000)

@@ -2,10 +2,8 @@ package netstack
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
-	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -19,19 +17,7 @@ import (
 // order.
 func TestConnTryWrite(t *testing.T) {
 	nstest.SkipUnlessRoot(t)
-	got := make(chan *Conn, 1)
-	h := &testHandler{
-		decide: func(Flow) Decision { return Terminate },
-		serve: func(ctx context.Context, conn net.Conn, _ Flow) {
-			c, ok := conn.(*Conn)
-			if !ok {
-				t.Errorf("ServeConn got %T, want *Conn", conn)
-				return
-			}
-			got <- c
-			<-ctx.Done() // the test drives the connection
-		},
-	}
+	h, got := drivenConns(t, 1)
 	s := newStack(t, Options{Handler: h, Passthrough: &recorder{}})
 	p := newPod(t, s, 41, 65520)
 	dst := netip.AddrPortFrom(netip.MustParseAddr("10.201.0.5"), 9001)
