@@ -66,9 +66,7 @@ func NodeGuard(ctx context.Context, client kubernetes.Interface) identitycli.Che
 	if !slices.Contains(b.Spec.ValidationActions, admissionv1.Deny) {
 		problems = append(problems, fmt.Sprintf("the binding's validationActions are %v, without Deny: violations are not refused", b.Spec.ValidationActions))
 	}
-	if b.Spec.MatchResources != nil && (b.Spec.MatchResources.NamespaceSelector != nil && len(b.Spec.MatchResources.NamespaceSelector.MatchLabels)+len(b.Spec.MatchResources.NamespaceSelector.MatchExpressions) > 0 ||
-		b.Spec.MatchResources.ObjectSelector != nil && len(b.Spec.MatchResources.ObjectSelector.MatchLabels)+len(b.Spec.MatchResources.ObjectSelector.MatchExpressions) > 0 ||
-		len(b.Spec.MatchResources.ResourceRules) > 0 || len(b.Spec.MatchResources.ExcludeResourceRules) > 0) {
+	if narrows(b.Spec.MatchResources) {
 		problems = append(problems, "the binding narrows what it matches (matchResources): some Nodes may be unguarded")
 	}
 	if b.Spec.ParamRef != nil {
@@ -80,6 +78,20 @@ func NodeGuard(ctx context.Context, client kubernetes.Interface) identitycli.Che
 	}
 	c.OK = true
 	return c
+}
+
+// narrows reports whether a binding's matchResources selects less than
+// everything the policy matches (the API server defaults both selectors
+// to the empty one, which selects everything).
+func narrows(m *admissionv1.MatchResources) bool {
+	if m == nil {
+		return false
+	}
+	selects := func(ls *metav1.LabelSelector) bool {
+		return ls != nil && len(ls.MatchLabels)+len(ls.MatchExpressions) > 0
+	}
+	return selects(m.NamespaceSelector) || selects(m.ObjectSelector) ||
+		len(m.ResourceRules) > 0 || len(m.ExcludeResourceRules) > 0
 }
 
 // shippedNodeGuard is the policy of deploy/node-guard.yaml.
