@@ -3,6 +3,7 @@ package installcli
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -69,8 +70,13 @@ func TestCheckDataPlane(t *testing.T) {
 		return []runtime.Object{
 			nodeObj("node-1"), nodeObj("node-2"), daemonSet(2, 2), identityDeployment(),
 			agentPod("node-1", "v1", true), agentPod("node-2", "v1", true), identityPod("v1"),
-			shippedGuardPolicy(t), shippedGuardBinding(t),
 		}
+	}
+	// Every case has the node guard in force (TestCheckNodeGuard tests
+	// it); each breaks something else.
+	guard := func(objs []runtime.Object) []runtime.Object {
+		p, b := shippedGuard(t)
+		return append(slices.Clip(objs), p, b)
 	}
 	statuses := func(m map[string]admin.Status, errs map[string]error) StatusFetcher {
 		return func(_ context.Context, p *corev1.Pod) (admin.Status, error) {
@@ -94,7 +100,7 @@ func TestCheckDataPlane(t *testing.T) {
 		{name: "healthy", objs: healthy()},
 		{name: "agent missing on a node", objs: append(healthy(), nodeObj("node-3")),
 			failed: map[string]string{CheckAgentsReady: "no ready agent on node-3"}},
-		{name: "agent not ready", objs: []runtime.Object{nodeObj("node-1"), nodeObj("node-2"), daemonSet(2, 2), identityDeployment(), agentPod("node-1", "v1", true), agentPod("node-2", "v1", false), identityPod("v1"), shippedGuardPolicy(t), shippedGuardBinding(t)},
+		{name: "agent not ready", objs: []runtime.Object{nodeObj("node-1"), nodeObj("node-2"), daemonSet(2, 2), identityDeployment(), agentPod("node-1", "v1", true), agentPod("node-2", "v1", false), identityPod("v1")},
 			failed: map[string]string{CheckAgentsReady: "node-2"}},
 		{name: "rollout in progress", objs: replace(healthy(), 2, daemonSet(2, 1)),
 			failed: map[string]string{CheckAgentsReady: "rollout in progress: 1 of 2"}},
@@ -108,7 +114,7 @@ func TestCheckDataPlane(t *testing.T) {
 			failed: map[string]string{CheckSameVersion: `images with different tags: "v0" (tunmesh-identity-x/identity)`}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			client := fake.NewClientset(tc.objs...)
+			client := fake.NewClientset(guard(tc.objs)...)
 			checks, note, err := CheckDataPlane(context.Background(), client, ns, statuses(tc.status, tc.errs))
 			if err != nil || note != "" {
 				t.Fatalf("err %v, note %q", err, note)

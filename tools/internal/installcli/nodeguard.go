@@ -28,7 +28,7 @@ const CheckNodeGuard = "the node guard confines each agent to its own Node's tun
 // its binding denies, with no narrowing of what it matches.
 func NodeGuard(ctx context.Context, client kubernetes.Interface) identitycli.Check {
 	c := identitycli.Check{Name: CheckNodeGuard}
-	want, err := shippedNodeGuard()
+	want, _, err := shippedNodeGuard()
 	if err != nil {
 		c.Hint = err.Error()
 		return c
@@ -94,27 +94,40 @@ func narrows(m *admissionv1.MatchResources) bool {
 		len(m.ResourceRules) > 0 || len(m.ExcludeResourceRules) > 0
 }
 
-// shippedNodeGuard is the policy of deploy/node-guard.yaml.
-func shippedNodeGuard() (*admissionv1.ValidatingAdmissionPolicy, error) {
+// shippedNodeGuard is the policy and binding of deploy/node-guard.yaml.
+func shippedNodeGuard() (*admissionv1.ValidatingAdmissionPolicy, *admissionv1.ValidatingAdmissionPolicyBinding, error) {
 	data, err := deploy.Manifests.ReadFile("node-guard.yaml")
 	if err != nil {
-		return nil, fmt.Errorf("read the shipped node guard: %w", err)
+		return nil, nil, fmt.Errorf("read the shipped node guard: %w", err)
 	}
 	objs, err := deploy.Decode(data)
 	if err != nil {
-		return nil, fmt.Errorf("shipped node guard: %w", err)
+		return nil, nil, fmt.Errorf("shipped node guard: %w", err)
 	}
+	var (
+		p admissionv1.ValidatingAdmissionPolicy
+		b admissionv1.ValidatingAdmissionPolicyBinding
+	)
+	found := map[string]bool{}
 	for _, o := range objs {
-		if o.GetKind() != "ValidatingAdmissionPolicy" {
+		var into any
+		switch o.GetKind() {
+		case "ValidatingAdmissionPolicy":
+			into = &p
+		case "ValidatingAdmissionPolicyBinding":
+			into = &b
+		default:
 			continue
 		}
-		var p admissionv1.ValidatingAdmissionPolicy
-		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Object, &p); err != nil {
-			return nil, fmt.Errorf("shipped node guard: %w", err)
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Object, into); err != nil {
+			return nil, nil, fmt.Errorf("shipped node guard: %s: %w", o.GetKind(), err)
 		}
-		return &p, nil
+		found[o.GetKind()] = true
 	}
-	return nil, fmt.Errorf("the shipped node-guard.yaml has no ValidatingAdmissionPolicy")
+	if !found["ValidatingAdmissionPolicy"] || !found["ValidatingAdmissionPolicyBinding"] {
+		return nil, nil, fmt.Errorf("the shipped node-guard.yaml lacks its policy or binding")
+	}
+	return &p, &b, nil
 }
 
 func expressions(s admissionv1.ValidatingAdmissionPolicySpec) []string {

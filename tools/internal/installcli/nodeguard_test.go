@@ -10,40 +10,15 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/utils/ptr"
-
-	"github.com/tunmesh/tunmesh/deploy"
 )
 
-func shippedGuardPolicy(t *testing.T) *admissionv1.ValidatingAdmissionPolicy {
+func shippedGuard(t *testing.T) (*admissionv1.ValidatingAdmissionPolicy, *admissionv1.ValidatingAdmissionPolicyBinding) {
 	t.Helper()
-	p, err := shippedNodeGuard()
+	p, b, err := shippedNodeGuard()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return p
-}
-
-func shippedGuardBinding(t *testing.T) *admissionv1.ValidatingAdmissionPolicyBinding {
-	t.Helper()
-	data, err := deploy.Manifests.ReadFile("node-guard.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs, err := deploy.Decode(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, o := range objs {
-		if o.GetKind() == "ValidatingAdmissionPolicyBinding" {
-			var b admissionv1.ValidatingAdmissionPolicyBinding
-			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Object, &b); err != nil {
-				t.Fatal(err)
-			}
-			return &b
-		}
-	}
-	t.Fatal("node-guard.yaml has no binding")
-	return nil
+	return p, b
 }
 
 // TestCheckNodeGuard: the shipped policy and binding pass; a missing or
@@ -91,7 +66,7 @@ func TestCheckNodeGuard(t *testing.T) {
 		}, "narrows what it matches"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p, b := shippedGuardPolicy(t), shippedGuardBinding(t)
+			p, b := shippedGuard(t)
 			keepP, keepB := true, true
 			if tc.edit != nil {
 				keepP, keepB = tc.edit(p, b)
