@@ -21,6 +21,7 @@ import (
 
 	"github.com/tunmesh/tunmesh/netstack/internal/nstest"
 	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/workers"
 )
 
 // holdHandler terminates every flow and hands each connection to serve,
@@ -106,8 +107,26 @@ func (s *sinkConn) SetWriteDeadline(time.Time) error { return nil }
 // goroutine; the pod's bytes still reach the tunnel side; Stack.Close
 // waits for the held connections, whose splices end (the context) and
 // release them; a Hold after Close is refused.
+//
+// With a worker pool (Options.Go), the pool's idle workers are counted
+// apart: they are bounded, not per connection.
 func TestConnHoldSpliceAsync(t *testing.T) {
 	nstest.SkipUnlessRoot(t)
+	t.Run("go", func(t *testing.T) { testConnHoldSpliceAsync(t, nil) })
+	t.Run("workers", func(t *testing.T) {
+		pool := workers.New(workers.Options{})
+		t.Cleanup(pool.Close)
+		testConnHoldSpliceAsync(t, pool)
+	})
+}
+
+func testConnHoldSpliceAsync(t *testing.T, pool *workers.Pool) {
+	var goHook func(func())
+	poolGoroutines := func() int { return 0 }
+	if pool != nil {
+		goHook = pool.Go
+		poolGoroutines = func() int { st := pool.Stats(); return st.Idle + st.Busy }
+	}
 	type served struct {
 		sink *sinkConn
 		c    *Conn
@@ -124,14 +143,14 @@ func TestConnHoldSpliceAsync(t *testing.T) {
 		}
 		sink := newSink()
 		ended.Add(1)
-		tunnel.SpliceAsync(ctx, c, sink, tunnel.SpliceOptions{}, func(_ tunnel.SpliceStats, err error) {
+		tunnel.SpliceAsync(ctx, c, sink, tunnel.SpliceOptions{Go: goHook}, func(_ tunnel.SpliceStats, err error) {
 			endErrs.Store(f.Src, err)
 			ended.Done()
 			release()
 		})
 		got <- served{sink: sink, c: c}
 	}}
-	s, err := New(Options{Handler: h, Passthrough: &recorder{}}, testLogger(t))
+	s, err := New(Options{Handler: h, Passthrough: &recorder{}, Go: goHook}, testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,7 +166,7 @@ func TestConnHoldSpliceAsync(t *testing.T) {
 	settle := func() int {
 		time.Sleep(100 * time.Millisecond)
 		runtime.GC()
-		return runtime.NumGoroutine()
+		return runtime.NumGoroutine() - poolGoroutines()
 	}
 	const n = 50
 	g0 := settle()
@@ -183,6 +202,14 @@ func TestConnHoldSpliceAsync(t *testing.T) {
 	t.Logf("%d idle spliced connections: %d goroutines before, %d after (%.2f per connection)", n, g0, g1, perConn)
 	if perConn > 0.1 {
 		t.Errorf("an idle spliced connection holds %.2f goroutines, want 0", perConn)
+	}
+	if pool != nil {
+		// Each SYN's work and each first copy pass ran on the pool.
+		st := pool.Stats()
+		t.Logf("pool: %+v", st)
+		if st.Tasks < 2*n {
+			t.Errorf("pool ran %d tasks for %d connections, want at least %d", st.Tasks, n, 2*n)
+		}
 	}
 
 	// A stalled tunnel side does not stall gVisor: the callback only

@@ -193,6 +193,12 @@ type Options struct {
 	// through to the host (connection accounting of plaintext inbound
 	// connections; see observe.go). nil: nothing is reported.
 	OnPassthroughSYNACK PassthroughSYN
+	// Go, if set, runs the work of each new SYN (the decision, the
+	// handshake and ServeConn): gVisor's forwarder starts a goroutine per
+	// SYN, which hands the work to Go at once and exits, so the work runs
+	// on a goroutine whose stack has grown already (a worker pool). nil:
+	// the work runs on the forwarder's goroutine.
+	Go func(func())
 }
 
 // Errors returned by Stack methods.
@@ -303,7 +309,11 @@ func New(opts Options, logger *slog.Logger) (*Stack, error) {
 	}
 	// The forwarder must be installed before any NIC exists (a NIC's
 	// reader may deliver a SYN as soon as the NIC is enabled).
-	fwd := tcp.NewForwarder(gs, opts.ReceiveWindow, opts.MaxInFlight, s.forward)
+	handle := s.forward
+	if opts.Go != nil {
+		handle = func(r *tcp.ForwarderRequest) { opts.Go(func() { s.forward(r) }) }
+	}
+	fwd := tcp.NewForwarder(gs, opts.ReceiveWindow, opts.MaxInFlight, handle)
 	gs.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
 
 	go s.routineExpireFlows()

@@ -199,7 +199,16 @@ var copyLinger = time.Millisecond
 // before cancel is set only leaves pending behind.
 func (r *readyCopy) start() {
 	r.cancel = r.src.NotifyReadable(r.wake)
-	go r.routineCopy()
+	r.s.spawn(r.routineCopy)
+}
+
+// spawn runs f on SpliceOptions.Go, or in a goroutine of its own.
+func (s *splice) spawn(f func()) {
+	if s.goFn != nil {
+		s.goFn(f)
+		return
+	}
+	go f()
 }
 
 // wake is the readable callback (and end's nudge). It never blocks: at
@@ -209,7 +218,7 @@ func (r *readyCopy) wake() {
 		switch r.state.Load() {
 		case copyIdle:
 			if r.state.CompareAndSwap(copyIdle, copyRunning) {
-				go r.routineCopy() // owned by the splice: exits at would-block or at the direction's end
+				r.s.spawn(r.routineCopy) // owned by the splice: exits at would-block or at the direction's end
 				return
 			}
 		case copyRunning:

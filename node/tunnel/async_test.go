@@ -14,6 +14,7 @@ import (
 
 	"github.com/tunmesh/tunmesh/node/tunnel"
 	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
+	"github.com/tunmesh/tunmesh/node/workers"
 )
 
 // asyncSplice runs SpliceAsync and delivers its end on a channel.
@@ -71,11 +72,20 @@ func (w *oneWriter) CloseWrite() error {
 // Every byte must arrive, in order, with exact stats, and then the pod's
 // clean end and the far end's reply and clean end (a half-close both
 // ways) must end the splice cleanly.
+//
+// The second half of the rounds runs the copies on a worker pool
+// (SpliceOptions.Go), as the agent does.
 func TestSpliceAsyncNoLostWakeup(t *testing.T) {
 	leakCheck(t)
 	linger := tunnel.SetLinger(0)
 	t.Cleanup(func() { tunnel.SetBeforeIdle(nil); tunnel.SetLinger(linger) })
+	pool := workers.New(workers.Options{})
+	t.Cleanup(pool.Close)
 	for round := range 20 {
+		opts := tunnel.SpliceOptions{}
+		if round >= 10 {
+			opts.Go = pool.Go
+		}
 		if round%2 == 1 {
 			// Half the rounds widen the window between "nothing to
 			// read" and "idle", so that writes land in it.
@@ -93,7 +103,7 @@ func TestSpliceAsyncNoLostWakeup(t *testing.T) {
 		}
 		agent, pod := tunneltest.ReadyPipe()
 		b, far := tunneltest.Pipe()
-		sp := startAsync(t.Context(), agent, &oneWriter{Conn: b, t: t}, tunnel.SpliceOptions{})
+		sp := startAsync(t.Context(), agent, &oneWriter{Conn: b, t: t}, opts)
 
 		rng := rand.New(rand.NewPCG(uint64(round), 7))
 		var want bytes.Buffer
@@ -181,6 +191,9 @@ func TestSpliceAsyncNoLostWakeup(t *testing.T) {
 			t.Errorf("round %d: %d readable callbacks still registered after the end", round, n)
 		}
 		far.Close()
+	}
+	if st := pool.Stats(); st.Tasks < 10 {
+		t.Errorf("the pool ran %d copies in 10 rounds, want at least one per round", st.Tasks)
 	}
 }
 

@@ -30,6 +30,10 @@ type SpliceOptions struct {
 	// IdleTimeout ends the splice with ErrIdleTimeout once no byte has been
 	// read or written in either direction for this long. Zero means none.
 	IdleTimeout time.Duration
+	// Go, if set, starts SpliceAsync's on-demand copies of a Readable
+	// source (a worker pool, whose goroutines have grown their stacks
+	// already). nil: a goroutine of their own.
+	Go func(func())
 }
 
 // SpliceStats counts the bytes Splice moved. They are bytes written to the
@@ -111,6 +115,7 @@ func newSplice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (*splice,
 		bufSize: opts.BufferSize,
 		idle:    opts.IdleTimeout,
 		start:   time.Now(),
+		goFn:    opts.Go,
 	}
 	if s.bufSize == 0 {
 		s.bufSize = DefaultBufferSize
@@ -135,6 +140,7 @@ type splice struct {
 	bufSize int
 	idle    time.Duration
 	start   time.Time
+	goFn    func(func()) // SpliceOptions.Go
 
 	// last is when bytes last moved, as nanoseconds since start (monotonic).
 	// Only kept when idle > 0.

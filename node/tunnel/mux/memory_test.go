@@ -12,6 +12,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/tunnel"
 	"github.com/tunmesh/tunmesh/node/tunnel/mux"
 	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
+	"github.com/tunmesh/tunmesh/node/workers"
 )
 
 // idleStreams opens n streams spliced as the agents splice them (client
@@ -22,21 +23,30 @@ import (
 // the pods are read on demand (tunneltest.ReadyPipe, as a netstack
 // connection is) and both agents use tunnel.SpliceAsync, the server's
 // handler holding its stream (Stream.Hold) and returning, as the agents
-// do; otherwise both block in tunnel.Splice on plain pipes.
-func idleStreams(tb testing.TB, n int, async bool) (heapPerStream, stackPerStream, goroutinesPerStream float64) {
+// do; otherwise both block in tunnel.Splice on plain pipes. With a pool,
+// both agents start their per-stream goroutines on it (as the agent
+// does), and its workers are counted apart: they are bounded, not per
+// stream.
+func idleStreams(tb testing.TB, n int, async bool, pool *workers.Pool) (heapPerStream, stackPerStream, goroutinesPerStream float64) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var splices sync.WaitGroup
 	serverPods := make(chan io.ReadWriter, n)
 	c, s := tunneltest.TLSPair(tb)
-	client := mux.Client(c, mux.Config{})
-	server := mux.Server(s, mux.Config{MaxStreams: n + 1}, func(st *mux.Stream) {
+	var goHook func(func())
+	poolGoroutines := func() int { return 0 }
+	if pool != nil {
+		goHook = pool.Go
+		poolGoroutines = func() int { st := pool.Stats(); return st.Idle + st.Busy }
+	}
+	client := mux.Client(c, mux.Config{Go: goHook})
+	server := mux.Server(s, mux.Config{MaxStreams: n + 1, Go: goHook}, func(st *mux.Stream) {
 		st.Accept()
 		if async {
 			agentSide, pod := tunneltest.ReadyPipe()
 			serverPods <- pod
 			release := st.Hold()
 			splices.Add(1)
-			tunnel.SpliceAsync(ctx, st, agentSide, tunnel.SpliceOptions{}, func(tunnel.SpliceStats, error) {
+			tunnel.SpliceAsync(ctx, st, agentSide, tunnel.SpliceOptions{Go: goHook}, func(tunnel.SpliceStats, error) {
 				release()
 				splices.Done()
 			})
@@ -61,7 +71,7 @@ func idleStreams(tb testing.TB, n int, async bool) (heapPerStream, stackPerStrea
 		runtime.GC()
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
-		return ms.HeapInuse, ms.StackInuse, runtime.NumGoroutine()
+		return ms.HeapInuse, ms.StackInuse, runtime.NumGoroutine() - poolGoroutines()
 	}
 	heap0, stack0, g0 := measure()
 	msg := make([]byte, 1024)
@@ -75,7 +85,7 @@ func idleStreams(tb testing.TB, n int, async bool) (heapPerStream, stackPerStrea
 		if async {
 			agentSide, p := tunneltest.ReadyPipe()
 			pod = p
-			tunnel.SpliceAsync(ctx, agentSide, st, tunnel.SpliceOptions{}, func(tunnel.SpliceStats, error) { splices.Done() })
+			tunnel.SpliceAsync(ctx, agentSide, st, tunnel.SpliceOptions{Go: goHook}, func(tunnel.SpliceStats, error) { splices.Done() })
 		} else {
 			agentSide, p := tunneltest.Pipe()
 			pod = p
@@ -113,7 +123,7 @@ func TestIdleStreamCost(t *testing.T) {
 		t.Skip("opens 1000 streams")
 	}
 	t.Run("async", func(t *testing.T) {
-		heap, stack, gr := idleStreams(t, 1000, true)
+		heap, stack, gr := idleStreams(t, 1000, true, nil)
 		t.Logf("per idle stream, both agents: %.0f bytes of heap, %.0f bytes of goroutine stacks, %.2f goroutines", heap, stack, gr)
 		if heap > 32<<10 {
 			t.Errorf("an idle stream holds %.0f bytes of heap, want at most 32 KiB", heap)
@@ -125,8 +135,29 @@ func TestIdleStreamCost(t *testing.T) {
 			t.Errorf("an idle stream holds %.2f goroutines, want 0", gr)
 		}
 	})
+	t.Run("async-workers", func(t *testing.T) {
+		pool := workers.New(workers.Options{})
+		t.Cleanup(pool.Close)
+		heap, stack, gr := idleStreams(t, 1000, true, pool)
+		st := pool.Stats()
+		t.Logf("per idle stream, both agents: %.0f bytes of heap, %.0f bytes of goroutine stacks, %.2f goroutines besides the pool's %d workers (%d tasks)", heap, stack, gr, st.Idle+st.Busy, st.Tasks)
+		if heap > 32<<10 {
+			t.Errorf("an idle stream holds %.0f bytes of heap, want at most 32 KiB", heap)
+		}
+		if gr > 0.01 {
+			t.Errorf("an idle stream holds %.2f goroutines, want 0", gr)
+		}
+		// Each stream's server handler ran on the pool, and idle
+		// workers stay bounded.
+		if st.Tasks < 1000 {
+			t.Errorf("the pool ran %d tasks for 1000 streams, want at least 1000", st.Tasks)
+		}
+		if st.Idle > workers.DefaultMaxIdle {
+			t.Errorf("%d idle workers, want at most %d", st.Idle, workers.DefaultMaxIdle)
+		}
+	})
 	t.Run("splice", func(t *testing.T) {
-		heap, stack, gr := idleStreams(t, 1000, false)
+		heap, stack, gr := idleStreams(t, 1000, false, nil)
 		t.Logf("per idle stream, both agents: %.0f bytes of heap, %.0f bytes of goroutine stacks, %.1f goroutines", heap, stack, gr)
 		if heap > 32<<10 {
 			t.Errorf("an idle stream holds %.0f bytes of heap, want at most 32 KiB", heap)
@@ -149,7 +180,7 @@ func BenchmarkIdleStreamCost(b *testing.B) {
 		}
 		b.Run(name, func(b *testing.B) {
 			for range b.N {
-				heap, stack, gr := idleStreams(b, 1000, async)
+				heap, stack, gr := idleStreams(b, 1000, async, nil)
 				b.ReportMetric(heap, "heap-B/stream")
 				b.ReportMetric(stack, "stack-B/stream")
 				b.ReportMetric(gr, "goroutines/stream")

@@ -105,6 +105,12 @@ type Config struct {
 	// when a stream's reply arrives (err nil: accepted), for set-up
 	// latency metrics. It must not block.
 	OnReply func(st *Stream, err error)
+	// Go, if set, starts the per-stream goroutines: a server stream's
+	// handler and a stream's drainer (DrainAsync). A worker pool, whose
+	// goroutines have grown their stacks already, saves the stack copies
+	// a fresh goroutine makes per new stream. nil: goroutines of their
+	// own.
+	Go func(func())
 }
 
 // Session is one multiplexed tunnel connection (protocol version 3). A
@@ -218,6 +224,15 @@ func (s *Session) start() {
 	s.loops.Add(2)
 	go s.routineRead()
 	go s.routineWrite()
+}
+
+// spawn runs f on Config.Go, or in a goroutine of its own.
+func (s *Session) spawn(f func()) {
+	if s.cfg.Go != nil {
+		s.cfg.Go(f)
+		return
+	}
+	go f()
 }
 
 // Done is closed when the session has ended.
@@ -699,10 +714,10 @@ func (s *Session) onOpenLocked(f Frame, p []byte) ([]byte, error) {
 	s.handling++
 	st.holds = 1 // the handler's
 	s.handlers.Add(1)
-	go func() { // RoutineStream: one per accepted stream, owned by the session
+	s.spawn(func() { // RoutineStream: one per accepted stream, owned by the session
 		defer s.unhold(st)
 		s.handle(st)
-	}()
+	})
 	return nil, nil
 }
 

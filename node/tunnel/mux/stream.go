@@ -317,7 +317,7 @@ func (st *Stream) kickLocked() {
 	}
 	st.sinkBusy = true
 	drainersStarted.Add(1)
-	go st.routineDrain() // owned by the stream: exits once the queue is empty or the end is passed on
+	st.s.spawn(st.routineDrain) // owned by the stream: exits once the queue is empty or the end is passed on
 }
 
 // routineDrain writes the queue to the sink until it is empty (then it
