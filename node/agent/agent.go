@@ -49,6 +49,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/release"
 	"github.com/tunmesh/tunmesh/node/resolve"
 	"github.com/tunmesh/tunmesh/node/wireguard"
+	"github.com/tunmesh/tunmesh/node/workers"
 )
 
 // Config configures the agent.
@@ -183,6 +184,10 @@ type Agent struct {
 	wg          *wireguard.Transport // nil with transport tcp
 	enforcer    *enforcer            // NetworkPolicy and authorization (authz.go)
 	obs         *observability       // connection accounting, capture/tap/edges API (observe.go)
+	// workers run the per-connection goroutines (each SYN's decision and
+	// handshake, tunnel streams' handlers, drainers and copies) on
+	// goroutines whose stacks have grown already; closed by Run.
+	workers *workers.Pool
 }
 
 // Version is the agent's version, set at build time with
@@ -213,6 +218,7 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 		gate:        clusterview.Gate{Parts: []func() bool{view.Synced, res.Synced}},
 		broadcaster: record.NewBroadcaster(),
 		stackRef:    &stackRef{},
+		workers:     workers.New(workers.Options{}),
 	}
 	if err := a.newWireGuard(); err != nil {
 		return nil, err
@@ -234,13 +240,13 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 	}
 	decider := &outbound.Decider{Local: a.registry, Cluster: view, Services: res, Synced: a.gate.Synced, Policy: pol, TrustDomain: cfg.TrustDomain, Access: a.enforcer}
 	dl := &dialer.Dialer{Certs: certs, MeshPort: cfg.MeshPort, ControlNamespace: cfg.ControlNamespace, LocalAddr: cfg.NodeIP,
-		DisableV3: cfg.TunnelV2Only, DialTCP: a.wgDialTCP(), RouteOf: a.wgRouteOf(), Metrics: m, Log: log.With("component", "dialer")}
+		DisableV3: cfg.TunnelV2Only, DialTCP: a.wgDialTCP(), RouteOf: a.wgRouteOf(), Go: a.workers.Go, Metrics: m, Log: log.With("component", "dialer")}
 	a.dialer = dl
-	a.outbound, err = outbound.NewHandler(decider, dl, res, certs, outbound.Options{Flows: a.obs.flows}, m, log.With("component", "outbound"))
+	a.outbound, err = outbound.NewHandler(decider, dl, res, certs, outbound.Options{Flows: a.obs.flows, Go: a.workers.Go}, m, log.With("component", "outbound"))
 	if err != nil {
 		return nil, err
 	}
-	a.inbound, err = inbound.New(inbound.Config{TrustDomain: cfg.TrustDomain, ControlNamespace: cfg.ControlNamespace, Authorizer: a.enforcer, Flows: a.obs.flows},
+	a.inbound, err = inbound.New(inbound.Config{TrustDomain: cfg.TrustDomain, ControlNamespace: cfg.ControlNamespace, Authorizer: a.enforcer, Flows: a.obs.flows, Go: a.workers.Go},
 		a.registry, view, certs, a.stackRef, m, log.With("component", "inbound"))
 	if err != nil {
 		return nil, err
@@ -283,6 +289,9 @@ func (r *stackRef) DialTCP(ctx context.Context, id netstack.NICID, src, dst neti
 
 // Run starts everything and blocks until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
+	// Deferred first, so it runs last: once the stack, the sessions and
+	// the splices have stopped, their tasks have returned.
+	defer a.closeWorkers()
 	if err := rbac.Check(ctx, a.client, RequiredPermissions(a.cfg.ReleaseOnExit, a.cfg.PodNamespace)); err != nil {
 		return fmt.Errorf("agent start-up: %w", err)
 	}
@@ -322,6 +331,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		UnderlayMTU: a.cfg.UnderlayMTU,
 		// Plaintext connections into pods, for edges and tap (observe.go).
 		OnPassthroughSYNACK: a.passthroughSYNACK,
+		Go:                  a.workers.Go,
 	}, a.log.With("component", "netstack"))
 	if err != nil {
 		return fmt.Errorf("start netstack: %w", err)
@@ -393,6 +403,23 @@ func (a *Agent) Run(ctx context.Context) error {
 	err = g.Wait()
 	a.exit()
 	return err
+}
+
+// closeWorkers stops the worker pool. Its busy workers run tasks of parts
+// that Run has stopped already; one still running after a few seconds is
+// a task that did not stop, which is logged rather than hanging the exit
+// (the process ends after Run).
+func (a *Agent) closeWorkers() {
+	done := make(chan struct{})
+	go func() { // RoutineCloseWorkers: ends when the pool's workers have
+		defer close(done)
+		a.workers.Close()
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		a.log.Warn("worker pool: tasks still running at exit", "busy", a.workers.Stats().Busy)
+	}
 }
 
 // exit leaves the node's pods for the next agent (restart, rollout), or,

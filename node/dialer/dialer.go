@@ -112,6 +112,9 @@ type Dialer struct {
 	// version 2 only (no ALPN offered): for tests of mixed versions and
 	// as an escape hatch.
 	DisableV3 bool
+	// Go, if set, starts the sessions' per-stream goroutines
+	// (mux.Config.Go: a worker pool). nil: goroutines of their own.
+	Go func(func())
 	// Metrics, if set, counts handshakes, pooled connections and stream
 	// set-up latency.
 	Metrics *nodemetrics.Metrics
@@ -434,7 +437,7 @@ func (kp *keyPool) addLocked(s *mux.Session, leaf []byte, route string) {
 
 // newSession starts a client session on tc with one stream reserved.
 func (d *Dialer) newSession(tc *tls.Conn, t Target) *mux.Session {
-	cfg := mux.Config{ReplyTimeout: d.replyTimeout()}
+	cfg := mux.Config{ReplyTimeout: d.replyTimeout(), Go: d.Go}
 	if m := d.Metrics; m != nil {
 		cfg.OnReply = func(st *mux.Stream, err error) {
 			m.Handshake.Observe(time.Since(st.Opened()).Seconds())

@@ -79,6 +79,11 @@ type Config struct {
 	// Flows is the connection accounting (edges, tap, per-workload
 	// metrics: flows.go); nil records nothing.
 	Flows *flowlog.Log
+	// Go, if set, starts the per-stream goroutines (the stream handler,
+	// its drainer, the on-demand copy of the pod's bytes: mux.Config.Go,
+	// tunnel.SpliceOptions.Go; a worker pool). nil: goroutines of their
+	// own.
+	Go func(func())
 	// MaxConns caps open tunnel connections node-wide (default 16384);
 	// MaxConnsPerPeer those from one peer address (default 4096).
 	MaxConns, MaxConnsPerPeer int
@@ -538,7 +543,7 @@ func (a *Acceptor) ServeSession(ctx context.Context, conn net.Conn, clientID spi
 	// and a Reset of the stream stops its checks and its dial (its
 	// Context), so an Open-then-Reset flood neither passes the cap nor
 	// makes us dial pods for nobody.
-	scfg := mux.Config{MaxStreams: a.cfg.MaxStreamsPerConn, Context: ctx, IdleTimeout: a.cfg.SessionIdle, FirstOpenTimeout: a.cfg.FirstOpen}
+	scfg := mux.Config{MaxStreams: a.cfg.MaxStreamsPerConn, Context: ctx, IdleTimeout: a.cfg.SessionIdle, FirstOpenTimeout: a.cfg.FirstOpen, Go: a.cfg.Go}
 	if tc, ok := conn.(*tls.Conn); ok {
 		// No stream may start after the client's certificate expires, and
 		// the connection does not outlive it by more than a minute.
@@ -712,7 +717,7 @@ func (a *Acceptor) deliver(ctx context.Context, req Request, t answerer, end fun
 	a.metrics.Active.WithLabelValues("inbound").Inc()
 	start := time.Now()
 	flow, podConn := a.trackInbound(req, dst, podConn)
-	opts := tunnel.SpliceOptions{IdleTimeout: time.Hour}
+	opts := tunnel.SpliceOptions{IdleTimeout: time.Hour, Go: a.cfg.Go}
 	if release, ok := t.hold(); ok {
 		async = true
 		tunnel.SpliceAsync(ctx, tun, podConn, opts, func(stats tunnel.SpliceStats, err error) {

@@ -54,6 +54,10 @@ type Options struct {
 	// Flows is the connection accounting (edges, tap, per-workload
 	// metrics); nil records nothing.
 	Flows *flowlog.Log
+	// Go, if set, starts the splice's on-demand copy of the pod's bytes
+	// (tunnel.SpliceOptions.Go: a worker pool). nil: a goroutine of its
+	// own.
+	Go func(func())
 }
 
 // Handler is the netstack.FlowHandler (and SegmentDecider) for flows from
@@ -243,7 +247,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, f netstack.Flow)
 			"client_id", t.Src.ID.String(), "server_id", t.DstID.String(), "dst", t.Dst.String(), "tls", true,
 			"bytes_sent", stats.AToB, "bytes_received", stats.BToA, "duration", time.Since(start), "end", end, "err", err)
 	}
-	opts := tunnel.SpliceOptions{IdleTimeout: time.Hour}
+	opts := tunnel.SpliceOptions{IdleTimeout: time.Hour, Go: h.opts.Go}
 	if hc, ok := conn.(holder); ok {
 		if release, ok := hc.Hold(); ok {
 			tunnel.SpliceAsync(ctx, podConn, tc, opts, func(stats tunnel.SpliceStats, err error) {
