@@ -11,6 +11,7 @@ import (
 	"github.com/tunmesh/tunmesh/node/tunnel"
 	"github.com/tunmesh/tunmesh/node/tunnel/mux"
 	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
+	"github.com/tunmesh/tunmesh/node/workers"
 )
 
 // BenchmarkRoundTrip is a 1 KiB ping-pong through both agents' splices
@@ -18,12 +19,12 @@ import (
 // with the blocking Splice or SpliceAsync, to compare the wake-up paths:
 // go test -run '^$' -bench RoundTrip ./node/tunnel/mux/
 func BenchmarkRoundTrip(b *testing.B) {
-	spliceModes(b, func(b *testing.B, cancel context.CancelFunc, splice func(a, c net.Conn, done func())) {
+	spliceModes(b, func(b *testing.B, cancel context.CancelFunc, goHook func(func()), splice func(a, c net.Conn, done func())) {
 		serverPod := make(chan *tunneltest.ReadyPod, 1)
 		ended := make(chan struct{}, 2)
 		c, s := tunneltest.TLSPair(b)
-		client := mux.Client(c, mux.Config{})
-		server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
+		client := mux.Client(c, mux.Config{Go: goHook})
+		server := mux.Server(s, mux.Config{Go: goHook}, func(st *mux.Stream) {
 			st.Accept()
 			agentSide, pod := tunneltest.ReadyPipe()
 			serverPod <- pod
@@ -78,10 +79,10 @@ func BenchmarkRoundTrip(b *testing.B) {
 // and SpliceAsync:
 // go test -run '^$' -bench Connection ./node/tunnel/mux/
 func BenchmarkConnection(b *testing.B) {
-	spliceModes(b, func(b *testing.B, cancel context.CancelFunc, splice func(a, c net.Conn, done func())) {
+	spliceModes(b, func(b *testing.B, cancel context.CancelFunc, goHook func(func()), splice func(a, c net.Conn, done func())) {
 		c, s := tunneltest.TLSPair(b)
-		client := mux.Client(c, mux.Config{})
-		server := mux.Server(s, mux.Config{}, func(st *mux.Stream) {
+		client := mux.Client(c, mux.Config{Go: goHook})
+		server := mux.Server(s, mux.Config{Go: goHook}, func(st *mux.Stream) {
 			st.Accept()
 			agentSide, pod := tunneltest.ReadyPipe()
 			release := st.Hold()
@@ -123,21 +124,26 @@ func BenchmarkConnection(b *testing.B) {
 	})
 }
 
-// spliceModes runs bench once with the blocking Splice ("splice") and once
-// with SpliceAsync ("async"): splice(a, c, done) splices a and c and calls
-// done at the end, either way; cancel ends every splice of the run.
-func spliceModes(b *testing.B, bench func(b *testing.B, cancel context.CancelFunc, splice func(a, c net.Conn, done func()))) {
-	for _, async := range []bool{false, true} {
-		name := "splice"
-		if async {
-			name = "async"
-		}
-		b.Run(name, func(b *testing.B) {
+// spliceModes runs bench once with the blocking Splice ("splice"), once
+// with SpliceAsync ("async") and once with SpliceAsync and the
+// per-connection goroutines on a worker pool ("async-workers", as the
+// agent runs them: goHook is the pool's Go, nil otherwise): splice(a, c,
+// done) splices a and c and calls done at the end, either way; cancel
+// ends every splice of the run.
+func spliceModes(b *testing.B, bench func(b *testing.B, cancel context.CancelFunc, goHook func(func()), splice func(a, c net.Conn, done func()))) {
+	for _, mode := range []string{"splice", "async", "async-workers"} {
+		b.Run(mode, func(b *testing.B) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			bench(b, cancel, func(a, c net.Conn, done func()) {
-				if async {
-					tunnel.SpliceAsync(ctx, a, c, tunnel.SpliceOptions{}, func(tunnel.SpliceStats, error) { done() })
+			var goHook func(func())
+			if mode == "async-workers" {
+				pool := workers.New(workers.Options{})
+				defer pool.Close()
+				goHook = pool.Go
+			}
+			bench(b, cancel, goHook, func(a, c net.Conn, done func()) {
+				if mode != "splice" {
+					tunnel.SpliceAsync(ctx, a, c, tunnel.SpliceOptions{Go: goHook}, func(tunnel.SpliceStats, error) { done() })
 					return
 				}
 				go func() { tunnel.Splice(ctx, a, c, tunnel.SpliceOptions{}); done() }()
