@@ -15,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/tunmesh/tunmesh/netstack/rawio"
 	"github.com/tunmesh/tunmesh/netstack/tun"
 )
 
@@ -301,12 +302,9 @@ func (r *tunReader) readFD(fd uintptr) bool {
 	if r.bp == nil {
 		r.bp = readBufs.Get().(*[]byte)
 	}
-	for {
-		r.n, r.err = unix.Read(int(fd), *r.bp)
-		if r.err != unix.EINTR {
-			break
-		}
-	}
+	// A raw read: no runtime.entersyscall, so a message arriving at an
+	// idle agent does not wake the runtime's sysmon (see package rawio).
+	r.n, r.err = rawio.Read(fd, *r.bp)
 	if r.err == unix.EAGAIN {
 		readBufs.Put(r.bp)
 		r.bp = nil
@@ -377,6 +375,7 @@ type tunWriter struct {
 	mu    sync.Mutex
 	hdr   [tun.VnetHdrLen]byte
 	iovs  [][]byte
+	iov   []unix.Iovec // writev's scratch, reused
 	err   error
 	write func(fd uintptr) bool // w.writev, bound once
 }
@@ -384,12 +383,7 @@ type tunWriter struct {
 // writev is the raw write of w.iovs, called by the fd's RawConn with its
 // write lock held; it reports false (wait for writability) on EAGAIN.
 func (w *tunWriter) writev(fd uintptr) bool {
-	for {
-		_, w.err = unix.Writev(int(fd), w.iovs)
-		if w.err != unix.EINTR {
-			break
-		}
-	}
+	_, w.iov, w.err = rawio.Writev(fd, w.iovs, w.iov) // raw, as reads (see package rawio)
 	return w.err != unix.EAGAIN
 }
 

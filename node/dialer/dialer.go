@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/tunmesh/tunmesh/identity/spiffe"
+	"github.com/tunmesh/tunmesh/netstack/rawio"
 	"github.com/tunmesh/tunmesh/node/nodemetrics"
 	"github.com/tunmesh/tunmesh/node/tunnel"
 	"github.com/tunmesh/tunmesh/node/tunnel/mux"
@@ -503,6 +504,11 @@ func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (tc *tls.Conn
 		if err := tunnel.DetectDeadPeer(tcp); err != nil {
 			raw.Close()
 			return nil, nil, err
+		}
+		// Raw reads and writes: an idle agent's first message does not
+		// wake the runtime's sysmon (see package rawio).
+		if rc, err := rawio.NewConn(tcp); err == nil {
+			raw = rc
 		}
 	}
 	cfg := d.Certs.ClientConfig(t.SrcID, t.DstID)

@@ -22,6 +22,7 @@ import (
 
 	"github.com/tunmesh/tunmesh/identity/spiffe"
 	"github.com/tunmesh/tunmesh/netstack"
+	"github.com/tunmesh/tunmesh/netstack/rawio"
 	"github.com/tunmesh/tunmesh/node/clusterview"
 	"github.com/tunmesh/tunmesh/node/flowlog"
 	"github.com/tunmesh/tunmesh/node/nodemetrics"
@@ -479,6 +480,14 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 		}
 	}()
 	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
+	tcp, _ := raw.(*net.TCPConn)
+	if tcp != nil {
+		// Raw reads and writes: an idle agent's first message does not
+		// wake the runtime's sysmon (see package rawio).
+		if rc, err := rawio.NewConn(tcp); err == nil {
+			raw = rc
+		}
+	}
 	tc := tls.Server(raw, a.serverConfig())
 	if err := tc.HandshakeContext(ctx); err != nil {
 		a.metrics.Errors.WithLabelValues("handshake").Inc()
@@ -492,7 +501,7 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 		return
 	}
 	if cs.NegotiatedProtocol == mux.ALPN {
-		if tcp, ok := raw.(*net.TCPConn); ok {
+		if tcp != nil {
 			// A pooled connection must notice a client agent that vanished.
 			if err := tunnel.DetectDeadPeer(tcp); err != nil {
 				a.log.Warn("tunnel connection: dead-peer detection not set", "peer", peer.String(), "err", err)
