@@ -80,8 +80,10 @@ var bufPool = sync.Pool{New: func() any {
 // 0 before Close, as for TCP) or NetConn() net.Conn (aborted underneath);
 // a wrapper that hides both is simply closed.
 //
-// io.EOF and net.ErrClosed are how directions end normally; they are never
-// returned. Both connections are closed when Splice returns, and none of its
+// io.EOF is how a direction ends normally; it is never returned, nor is the
+// net.ErrClosed of a copy whose connection the splice's own end closed. A
+// connection closed by someone else under a running splice is an early
+// end like a failed read: both sides are aborted and the error returned. Both connections are closed when Splice returns, and none of its
 // goroutines outlives the call.
 func Splice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (SpliceStats, error) {
 	s, err := newSplice(ctx, a, b, opts)
@@ -218,10 +220,12 @@ func (s *splice) run(ctx context.Context) (SpliceStats, error) {
 // settle ends the splice if a direction's end calls for it.
 func (s *splice) settle(res copyResult) {
 	switch {
-	case res.err != nil && errors.Is(res.err, net.ErrClosed):
-		// Someone on our side closed a connection: a deliberate end.
-		s.end(nil)
 	case res.err != nil:
+		// A failed read or write ends the splice as an abort, even
+		// net.ErrClosed: after the splice's own end it changes nothing
+		// (end runs once), and before it someone else closed a
+		// connection under the running splice, which may have cut the
+		// stream short: the peers must see an abort, never a clean end.
 		s.end(res.err)
 	case res.closeAll:
 		s.end(nil)

@@ -534,17 +534,6 @@ func TestSpliceResetPropagates(t *testing.T) {
 	}
 }
 
-// TestSpliceClosedByOwner: closing a connection under a running Splice is a
-// deliberate end, not an error.
-func TestSpliceClosedByOwner(t *testing.T) {
-	leakCheck(t)
-	ch := newChain(t, t.Context(), "tcp", tunnel.SpliceOptions{})
-	ch.inner[0].Close()
-	if r := ch.wait(t, 5*time.Second)[0]; r.err != nil {
-		t.Errorf("Splice = %v, want nil", r.err)
-	}
-}
-
 func TestSpliceBadArguments(t *testing.T) {
 	leakCheck(t)
 	a, b := tunneltest.Pipe()

@@ -1,0 +1,55 @@
+package tunnel_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tunmesh/tunmesh/node/tunnel"
+	"github.com/tunmesh/tunmesh/node/tunnel/tunneltest"
+)
+
+// TestConnClosedUnderSpliceIsAnAbort: a connection closed by someone else
+// (even its owner, deliberately)
+// while the splice runs (its reads then fail with net.ErrClosed) may have
+// cut the stream short, so the other side must be aborted (the peer reads
+// a reset), never closed cleanly (a FIN, which the peer would take for
+// the complete stream), and the splice reports an error.
+func TestConnClosedUnderSpliceIsAnAbort(t *testing.T) {
+	for _, async := range []bool{false, true} {
+		aPeer, a := tunneltest.TCPPair(t)
+		b, bPeer := tunneltest.TCPPair(t)
+		done := make(chan error, 1)
+		if async {
+			tunnel.SpliceAsync(context.Background(), a, b, tunnel.SpliceOptions{}, func(_ tunnel.SpliceStats, err error) { done <- err })
+		} else {
+			go func() { _, err := tunnel.Splice(context.Background(), a, b, tunnel.SpliceOptions{}); done <- err }()
+		}
+		// Some bytes cross, then a's agent end is closed under the splice.
+		if _, err := aPeer.Write([]byte("part of a stream")); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 64)
+		bPeer.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(bPeer, buf[:16]); err != nil {
+			t.Fatalf("async=%v: bytes did not cross: %v", async, err)
+		}
+		a.Close()
+		select {
+		case err := <-done:
+			if err == nil || !errors.Is(err, net.ErrClosed) {
+				t.Errorf("async=%v: splice returned %v, want the net.ErrClosed of the closed connection", async, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("async=%v: splice did not end", async)
+		}
+		_, err := bPeer.Read(buf)
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("async=%v: the other side's peer read %v, want a reset (never a clean end)", async, err)
+		}
+	}
+}
