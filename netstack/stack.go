@@ -19,6 +19,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
+	"github.com/tunmesh/tunmesh/netstack/rawio"
 	"github.com/tunmesh/tunmesh/netstack/tun"
 )
 
@@ -125,12 +126,14 @@ type OffloadWriter interface {
 	WriteOffload(b []byte, h tun.VnetHdr) error
 }
 
-// FDWriter returns a PacketWriter that writes each packet to fd, typically a
+// FDWriter returns a PacketWriter that writes each packet to fd, a
 // host-side TUN device made with tun.CreateInNetns in the node's namespace
 // (with rp_filter off on it and forwarding on in that namespace). For a fd
 // in tun.ModeOffload it writes the virtio header too and is an
-// OffloadWriter. The caller keeps ownership of fd and closes it after the
-// Stack.
+// OffloadWriter. The writes are raw system calls (package rawio), which
+// keep the calling goroutine's P: fd must be one whose writes never wait,
+// as a TUN's do not (a full queue drops). The caller keeps ownership of fd
+// and closes it after the Stack.
 func FDWriter(fd int) PacketWriter {
 	if mode, err := tun.FDMode(fd); err == nil && mode == tun.ModeOffload {
 		return vnetFDWriter(fd)
@@ -141,7 +144,7 @@ func FDWriter(fd int) PacketWriter {
 type fdWriter int
 
 func (w fdWriter) WritePacket(b []byte) error {
-	_, err := unix.Write(int(w), b)
+	_, err := rawio.Write(uintptr(w), b)
 	return err
 }
 
@@ -151,14 +154,16 @@ type vnetFDWriter int
 var plainVnetHdr [tun.VnetHdrLen]byte
 
 func (w vnetFDWriter) WritePacket(b []byte) error {
-	_, err := unix.Writev(int(w), [][]byte{plainVnetHdr[:], b})
+	var iov [2]unix.Iovec
+	_, _, err := rawio.Writev(uintptr(w), [][]byte{plainVnetHdr[:], b}, iov[:0])
 	return err
 }
 
 func (w vnetFDWriter) WriteOffload(b []byte, h tun.VnetHdr) error {
 	var hdr [tun.VnetHdrLen]byte
 	h.Encode(hdr[:])
-	_, err := unix.Writev(int(w), [][]byte{hdr[:], b})
+	var iov [2]unix.Iovec
+	_, _, err := rawio.Writev(uintptr(w), [][]byte{hdr[:], b}, iov[:0])
 	return err
 }
 
