@@ -220,6 +220,9 @@ func New(cfg Config, client kubernetes.Interface, res *resolve.Resolver, certs *
 		stackRef:    &stackRef{},
 		workers:     workers.New(workers.Options{}),
 	}
+	if err := registerWorkerMetrics(reg, a.workers); err != nil {
+		return nil, err
+	}
 	if err := a.newWireGuard(); err != nil {
 		return nil, err
 	}
