@@ -131,9 +131,10 @@ type OffloadWriter interface {
 // (with rp_filter off on it and forwarding on in that namespace). For a fd
 // in tun.ModeOffload it writes the virtio header too and is an
 // OffloadWriter. The writes are raw system calls (package rawio), which
-// keep the calling goroutine's P: fd must be one whose writes never wait,
-// as a TUN's do not (a full queue drops). The caller keeps ownership of fd
-// and closes it after the Stack.
+// keep the calling goroutine's P: fd must be one whose writes never wait.
+// A TUN's do not, even in blocking mode: its send buffer is unlimited
+// unless TUNSETSNDBUF lowers it (tunmesh never does), and a full queue
+// drops. The caller keeps ownership of fd and closes it after the Stack.
 func FDWriter(fd int) PacketWriter {
 	if mode, err := tun.FDMode(fd); err == nil && mode == tun.ModeOffload {
 		return vnetFDWriter(fd)

@@ -1,6 +1,7 @@
 package rawio
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -32,12 +33,29 @@ type Conn struct {
 	wcall func(fd uintptr) bool
 }
 
+// ErrBlocking: the descriptor is in blocking mode, where a raw read would
+// hold its P (and stop the world's garbage collection) until data came.
+var ErrBlocking = errors.New("rawio: descriptor is blocking")
+
 // NewConn wraps c. The callbacks are bound once, so Read and Write
-// allocate nothing.
+// allocate nothing. Only Read and Write are raw: the embedded ReadFrom and
+// WriteTo (used by io.Copy) are shadowed by loops over them, so that every
+// write goes through Write's lock.
 func NewConn(c *net.TCPConn) (*Conn, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return nil, fmt.Errorf("raw connection: %w", err)
+	}
+	var flags int
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { flags, ferr = unix.FcntlInt(fd, unix.F_GETFL, 0) }); err != nil {
+		return nil, fmt.Errorf("raw connection: %w", err)
+	}
+	if ferr != nil {
+		return nil, fmt.Errorf("raw connection: flags: %w", ferr)
+	}
+	if flags&unix.O_NONBLOCK == 0 {
+		return nil, ErrBlocking
 	}
 	rw := &Conn{TCPConn: c, rc: rc}
 	rw.rcall = rw.readFD
@@ -90,6 +108,10 @@ func (c *Conn) Write(p []byte) (int, error) {
 			return n, c.opError("write", err)
 		case c.werr != nil:
 			return n, c.opError("write", os.NewSyscallError("write", c.werr))
+		case c.wn == 0:
+			// A write of nothing without an error: never loop on it
+			// (internal/poll's answer too).
+			return n, c.opError("write", io.ErrUnexpectedEOF)
 		}
 	}
 	return n, nil
@@ -114,4 +136,21 @@ func (c *Conn) opError(op string, err error) error {
 		return &e
 	}
 	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
+}
+
+// onlyReader and onlyWriter hide everything but Read or Write, so that
+// io.Copy cannot come back to ReadFrom or WriteTo.
+type (
+	onlyReader struct{ io.Reader }
+	onlyWriter struct{ io.Writer }
+)
+
+// ReadFrom copies r into the connection through Write.
+func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
+	return io.Copy(onlyWriter{c}, r)
+}
+
+// WriteTo copies the connection into w through Read.
+func (c *Conn) WriteTo(w io.Writer) (int64, error) {
+	return io.Copy(w, onlyReader{c})
 }

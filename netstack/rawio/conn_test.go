@@ -157,3 +157,51 @@ func TestConnAllocatesNothing(t *testing.T) {
 		t.Fatalf("%v allocations per round trip, want 0", allocs)
 	}
 }
+
+// TestNewConnRefusesBlocking: a raw read on a blocking descriptor would hold
+// its P until data came; NewConn refuses one.
+func TestNewConnRefusesBlocking(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	rc.Control(func(fd uintptr) { serr = syscall.SetNonblock(int(fd), false) })
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	if _, err := NewConn(c.(*net.TCPConn)); !errors.Is(err, ErrBlocking) {
+		t.Fatalf("NewConn on a blocking fd = %v, want ErrBlocking", err)
+	}
+}
+
+// TestConnCopy: io.Copy to and from the connection (ReadFrom, WriteTo)
+// goes through Read and Write.
+func TestConnCopy(t *testing.T) {
+	c, s := pair(t)
+	msg := bytes.Repeat([]byte("x"), 3<<20)
+	got := make(chan []byte, 1)
+	go func() { b, _ := io.ReadAll(s); got <- b }()
+	if n, err := io.Copy(c, bytes.NewReader(msg)); err != nil || n != int64(len(msg)) {
+		t.Fatalf("io.Copy into the conn = %d, %v", n, err)
+	}
+	c.CloseWrite()
+	if b := <-got; !bytes.Equal(b, msg) {
+		t.Fatalf("peer got %d bytes, want %d", len(b), len(msg))
+	}
+	go func() { s.Write(msg); s.CloseWrite() }()
+	var out bytes.Buffer
+	if n, err := io.Copy(&out, c); err != nil || n != int64(len(msg)) {
+		t.Fatalf("io.Copy from the conn = %d, %v", n, err)
+	}
+}

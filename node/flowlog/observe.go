@@ -1,6 +1,8 @@
 package flowlog
 
 import (
+	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -132,11 +134,16 @@ func (o *observed) Write(b []byte) (int, error) {
 	return o.Conn.Write(b)
 }
 
+// CloseWrite half-closes the wrapped connection. One that cannot
+// half-close reports errors.ErrUnsupported, as if the wrapper had no
+// CloseWrite (the splice then ends both directions cleanly), never a full
+// Close: that would fail the other direction's reads with net.ErrClosed,
+// which the splice takes for a cut.
 func (o *observed) CloseWrite() error {
 	if cw, ok := o.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}
-	return o.Conn.Close()
+	return fmt.Errorf("flowlog: half-close: %w", errors.ErrUnsupported)
 }
 
 func (o *observed) Abort() {

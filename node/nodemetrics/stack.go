@@ -56,7 +56,7 @@ var stackMetrics = []stackMetric{
 		func(s *netstack.NICStats) uint64 { return s.PassthroughFlows }),
 	counter("tunmesh_node_terminated_flows_total", "Flows from a pod terminated in the netstack (meshed).",
 		func(s *netstack.NICStats) uint64 { return s.TerminatedFlows }),
-	counter("tunmesh_node_handshake_failures_total", "Flows from a pod to be meshed whose TCP handshake with the netstack did not complete.",
+	counter("tunmesh_node_pod_handshake_failures_total", "Flows from a pod to be meshed whose TCP handshake with the netstack did not complete.",
 		func(s *netstack.NICStats) uint64 { return s.HandshakeFailures }),
 	counter("tunmesh_node_dialed_flows_total", "Inbound meshed flows dialled into a pod.",
 		func(s *netstack.NICStats) uint64 { return s.DialedFlows }),
@@ -90,12 +90,28 @@ func (c StackCollector) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 
+// Collect sends one series per pod and field. Two NICs with one name (a
+// stale NIC beside its pod's new one) are added up: duplicate series would
+// fail the whole scrape.
 func (c StackCollector) Collect(ch chan<- prometheus.Metric) {
 	stats := c.Stats()
+	sums := make(map[string][]float64, len(stats))
+	var names []string
 	for i := range stats {
 		s := &stats[i]
-		for _, m := range stackMetrics {
-			ch <- prometheus.MustNewConstMetric(m.desc, m.typ, m.value(s), s.Name)
+		v, seen := sums[s.Name]
+		if !seen {
+			v = make([]float64, len(stackMetrics))
+			names = append(names, s.Name)
+		}
+		for j, m := range stackMetrics {
+			v[j] += m.value(s)
+		}
+		sums[s.Name] = v
+	}
+	for _, name := range names {
+		for j, m := range stackMetrics {
+			ch <- prometheus.MustNewConstMetric(m.desc, m.typ, sums[name][j], name)
 		}
 	}
 }

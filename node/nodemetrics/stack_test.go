@@ -94,3 +94,37 @@ func TestStackCollectorBesideNodeMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestStackCollectorSameNameTwice: two NICs of one name (a stale NIC beside
+// its pod's new one) give one series per field, their sum, and the scrape
+// does not fail.
+func TestStackCollectorSameNameTwice(t *testing.T) {
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(StackCollector{Stats: func() []netstack.NICStats {
+		return []netstack.NICStats{{ID: 1, Name: "ns/pod", SpoofedDrops: 2, TrackedFlows: 1}, {ID: 2, Name: "ns/pod", SpoofedDrops: 3, TrackedFlows: 4}, {ID: 3, Name: "ns/other", SpoofedDrops: 7}}
+	}})
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("scrape failed: %v", err)
+	}
+	got := map[string]float64{}
+	for _, mf := range families {
+		for _, m := range mf.Metric {
+			key := mf.GetName() + "/" + m.Label[0].GetValue()
+			if m.Counter != nil {
+				got[key] = m.Counter.GetValue()
+			} else {
+				got[key] = m.Gauge.GetValue()
+			}
+		}
+	}
+	for key, want := range map[string]float64{
+		"tunmesh_node_spoofed_packets_total/ns/pod":   5,
+		"tunmesh_node_spoofed_packets_total/ns/other": 7,
+		"tunmesh_node_tracked_flows/ns/pod":           5,
+	} {
+		if got[key] != want {
+			t.Errorf("%s = %v, want %v", key, got[key], want)
+		}
+	}
+}

@@ -20,6 +20,7 @@ import (
 // a reset), never closed cleanly (a FIN, which the peer would take for
 // the complete stream), and the splice reports an error.
 func TestConnClosedUnderSpliceIsAnAbort(t *testing.T) {
+	leakCheck(t)
 	for _, async := range []bool{false, true} {
 		aPeer, a := tunneltest.TCPPair(t)
 		b, bPeer := tunneltest.TCPPair(t)
@@ -50,6 +51,47 @@ func TestConnClosedUnderSpliceIsAnAbort(t *testing.T) {
 		_, err := bPeer.Read(buf)
 		if !errors.Is(err, syscall.ECONNRESET) {
 			t.Errorf("async=%v: the other side's peer read %v, want a reset (never a clean end)", async, err)
+		}
+	}
+}
+
+// noHalfClose is a connection whose CloseWrite reports that it cannot
+// half-close (as flowlog's observer does over such a connection).
+type noHalfClose struct {
+	net.Conn
+}
+
+func (noHalfClose) CloseWrite() error { return errors.ErrUnsupported }
+
+// TestSpliceUnsupportedHalfCloseEndsCleanly: a destination that cannot
+// half-close (errors.ErrUnsupported) is treated as one without CloseWrite:
+// the EOF ends the splice cleanly (both closed with a FIN), not as an abort.
+func TestSpliceUnsupportedHalfCloseEndsCleanly(t *testing.T) {
+	leakCheck(t)
+	for _, async := range []bool{false, true} {
+		aPeer, a := tunneltest.TCPPair(t)
+		b, bPeer := tunneltest.TCPPair(t)
+		done := make(chan error, 1)
+		if async {
+			tunnel.SpliceAsync(context.Background(), a, noHalfClose{b}, tunnel.SpliceOptions{}, func(_ tunnel.SpliceStats, err error) { done <- err })
+		} else {
+			go func() { _, err := tunnel.Splice(context.Background(), a, noHalfClose{b}, tunnel.SpliceOptions{}); done <- err }()
+		}
+		if _, err := aPeer.Write([]byte("whole")); err != nil {
+			t.Fatal(err)
+		}
+		aPeer.CloseWrite()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("async=%v: splice = %v, want a clean end", async, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("async=%v: splice did not end", async)
+		}
+		bPeer.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if b, err := io.ReadAll(bPeer); err != nil || string(b) != "whole" {
+			t.Errorf("async=%v: peer read %q, %v; want the whole stream and a clean end", async, b, err)
 		}
 	}
 }

@@ -432,7 +432,10 @@ func (s *splice) passEOF(dst net.Conn) (closeAll bool, err error) {
 	if !ok {
 		return true, nil
 	}
-	if err := cw.CloseWrite(); err != nil {
+	switch err := cw.CloseWrite(); {
+	case errors.Is(err, errors.ErrUnsupported):
+		return true, nil // a wrapper whose connection cannot half-close
+	case err != nil:
 		return false, fmt.Errorf("close write: %w", err)
 	}
 	return false, nil
