@@ -75,7 +75,10 @@ func TestSpliceUnsupportedHalfCloseEndsCleanly(t *testing.T) {
 		if async {
 			tunnel.SpliceAsync(context.Background(), a, noHalfClose{b}, tunnel.SpliceOptions{}, func(_ tunnel.SpliceStats, err error) { done <- err })
 		} else {
-			go func() { _, err := tunnel.Splice(context.Background(), a, noHalfClose{b}, tunnel.SpliceOptions{}); done <- err }()
+			go func() {
+				_, err := tunnel.Splice(context.Background(), a, noHalfClose{b}, tunnel.SpliceOptions{})
+				done <- err
+			}()
 		}
 		if _, err := aPeer.Write([]byte("whole")); err != nil {
 			t.Fatal(err)
