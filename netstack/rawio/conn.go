@@ -26,12 +26,22 @@ type Conn struct {
 	rerr  error
 	rcall func(fd uintptr) bool
 
-	wmu   sync.Mutex // one Write at a time
+	wmu   sync.Mutex // one Write at a time; guards the cork state too
 	wbuf  []byte
 	wn    int
 	werr  error
 	wcall func(fd uintptr) bool
+
+	corked bool
+	cork   *[]byte // bytes written while corked, from corkBufs
+	sticky error   // a failed flush: every later Write and Uncork fail
 }
+
+// CorkLimit is how many bytes a corked Conn holds before it writes them
+// out anyway.
+const CorkLimit = 256 << 10
+
+var corkBufs = sync.Pool{New: func() any { b := make([]byte, 0, CorkLimit); return &b }}
 
 // ErrBlocking: the descriptor is in blocking mode, where a raw read would
 // hold its P (and stop the world's garbage collection) until data came.
@@ -93,10 +103,76 @@ func (c *Conn) readFD(fd uintptr) bool {
 	return true
 }
 
+// Cork holds what Write is given until Uncork (or until CorkLimit bytes
+// are held), so that many small writes reach the kernel as one: crypto/tls
+// writes each record of at most 16 KiB with its own Write, and a bulk
+// transfer then pays a system call and the kernel's per-call and
+// per-packet work for each (measured in process: a TLS bulk sender and
+// receiver over loopback spent 0.80 CPU-seconds per GB with one write per
+// record, 0.62-0.67 corked). The bytes are copied once more, which costs
+// less than the calls saved. Cork is for bulk: a Write while corked
+// reports success before the bytes are sent; a failure shows at the next
+// Write or at Uncork, and the connection is then unusable.
+func (c *Conn) Cork() {
+	c.wmu.Lock()
+	c.corked = true
+	c.wmu.Unlock()
+}
+
+// Uncork writes out what Cork held and stops holding.
+func (c *Conn) Uncork() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.corked = false
+	return c.flushLocked()
+}
+
+// flushLocked writes the held bytes and returns the buffer to its pool.
+func (c *Conn) flushLocked() error {
+	if c.sticky != nil {
+		return c.sticky
+	}
+	if c.cork == nil {
+		return nil
+	}
+	b := *c.cork
+	_, err := c.writeLocked(b)
+	*c.cork = b[:0]
+	corkBufs.Put(c.cork)
+	c.cork = nil
+	if err != nil {
+		c.sticky = err
+	}
+	return err
+}
+
 // Write implements net.Conn: all of p, or an error.
 func (c *Conn) Write(p []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if c.sticky != nil {
+		return 0, c.sticky
+	}
+	if !c.corked {
+		return c.writeLocked(p)
+	}
+	if c.cork != nil && len(*c.cork)+len(p) > CorkLimit {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
+	}
+	if len(p) >= CorkLimit {
+		return c.writeLocked(p)
+	}
+	if c.cork == nil {
+		c.cork = corkBufs.Get().(*[]byte)
+	}
+	*c.cork = append(*c.cork, p...)
+	return len(p), nil
+}
+
+// writeLocked writes all of p now.
+func (c *Conn) writeLocked(p []byte) (int, error) {
 	n := 0
 	for n < len(p) {
 		c.wbuf, c.wn, c.werr = p[n:], 0, nil

@@ -205,3 +205,92 @@ func TestConnCopy(t *testing.T) {
 		t.Fatalf("io.Copy from the conn = %d, %v", n, err)
 	}
 }
+
+// readWithin reads what arrives at c within d.
+func readWithin(c net.Conn, d time.Duration) []byte {
+	c.SetReadDeadline(time.Now().Add(d))
+	var got []byte
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := c.Read(buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			return got
+		}
+	}
+}
+
+// TestCork: corked writes are held until Uncork (or until CorkLimit bytes
+// are held, or a write alone is that large), then arrive whole and in
+// order; an uncorked connection writes at once.
+func TestCork(t *testing.T) {
+	chunk := func(b byte, n int) []byte { return bytes.Repeat([]byte{b}, n) }
+	tests := []struct {
+		name       string
+		writes     [][]byte
+		beforeSeen int // bytes the peer sees before Uncork
+	}{
+		{"small writes held", [][]byte{chunk(1, 100), chunk(2, 16<<10), chunk(3, 5)}, 0},
+		{"past the limit flushes what was held", [][]byte{chunk(1, CorkLimit - 10), chunk(2, 20)}, CorkLimit - 10},
+		{"a write as large as the limit goes out at once", [][]byte{chunk(1, 10), chunk(2, CorkLimit)}, 10 + CorkLimit},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, s := pair(t)
+			var want []byte
+			c.Cork()
+			for _, w := range tt.writes {
+				if n, err := c.Write(w); err != nil || n != len(w) {
+					t.Fatalf("corked Write = %d, %v", n, err)
+				}
+				want = append(want, w...)
+			}
+			before := readWithin(s, 100*time.Millisecond)
+			if len(before) != tt.beforeSeen || !bytes.Equal(before, want[:len(before)]) {
+				t.Fatalf("before Uncork the peer got %d bytes, want the first %d", len(before), tt.beforeSeen)
+			}
+			if err := c.Uncork(); err != nil {
+				t.Fatal(err)
+			}
+			s.SetReadDeadline(time.Now().Add(5 * time.Second))
+			after := make([]byte, len(want)-len(before))
+			if _, err := io.ReadFull(s, after); err != nil || !bytes.Equal(append(before, after...), want) {
+				t.Fatalf("after Uncork: %v; the peer did not get the %d bytes in order", err, len(want))
+			}
+			// Uncorked again: a write goes out at once.
+			c.Write([]byte("now"))
+			if got := readWithin(s, 100*time.Millisecond); string(got) != "now" {
+				t.Fatalf("after Uncork the peer got %q, want the write at once", got)
+			}
+		})
+	}
+}
+
+// TestCorkFailedFlushSticks: a flush that fails (the peer reset the
+// connection) is Uncork's error, and every later Write fails too: the
+// bytes reported written while corked were lost.
+func TestCorkFailedFlushSticks(t *testing.T) {
+	c, s := pair(t)
+	s.SetLinger(0)
+	s.Close()
+	time.Sleep(20 * time.Millisecond)
+	c.Cork()
+	if _, err := c.Write([]byte("held")); err != nil {
+		t.Fatalf("corked Write = %v, want it held", err)
+	}
+	var err error
+	for range 100 { // the first write after a reset may still succeed
+		if err = c.Uncork(); err != nil {
+			break
+		}
+		c.Cork()
+		c.Write([]byte("more"))
+		time.Sleep(time.Millisecond)
+	}
+	if err == nil {
+		t.Fatal("Uncork never reported the reset connection")
+	}
+	if _, werr := c.Write([]byte("x")); werr == nil {
+		t.Fatal("Write after a failed flush succeeded")
+	}
+}

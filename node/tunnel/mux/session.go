@@ -123,6 +123,7 @@ type Config struct {
 // otherwise flush inline, so a small write costs no goroutine hand-off.
 type Session struct {
 	conn   net.Conn
+	cork   corker // under conn, or nil: bulk writes held and sent as one
 	client bool
 	cfg    Config
 	br     *bufio.Reader
@@ -207,7 +208,7 @@ func newSession(conn net.Conn, client bool, cfg Config, handle func(*Stream)) *S
 		cfg.WriteTimeout = 30 * time.Second
 	}
 	return &Session{
-		conn: conn, client: client, cfg: cfg, handle: handle,
+		conn: conn, client: client, cfg: cfg, handle: handle, cork: corkerUnder(conn),
 		// Small: header reads go through it, and the rest of a large
 		// payload is read straight into the stream's chunk (bufio skips its
 		// buffer for reads larger than it).
@@ -1047,10 +1048,22 @@ func (s *Session) writeOnceLocked() error {
 	if refresh {
 		_ = s.conn.SetWriteDeadline(now.Add(s.cfg.WriteTimeout))
 	}
+	// Bulk: the TLS records of all the segments reach the kernel in a
+	// few large writes instead of one per record (see rawio.Conn.Cork).
+	// One small segment is one record anyway.
+	cork := s.cork != nil && (len(segs) > 1 || len(segs[0]) > corkMin)
+	if cork {
+		s.cork.Cork()
+	}
 	var err error
 	for _, b := range segs {
 		if _, err = s.conn.Write(b); err != nil {
 			break
+		}
+	}
+	if cork {
+		if uerr := s.cork.Uncork(); err == nil {
+			err = uerr
 		}
 	}
 	s.wmu.Lock()
@@ -1060,6 +1073,28 @@ func (s *Session) writeOnceLocked() error {
 	if err != nil {
 		s.werr = fmt.Errorf("write tunnel connection: %w", err)
 		return s.werr
+	}
+	return nil
+}
+
+// corker is a connection that can hold writes and send them as one
+// (rawio.Conn).
+type corker interface {
+	Cork()
+	Uncork() error
+}
+
+// corkMin: a write batch of one segment at most this long is one TLS
+// record; holding it gains nothing.
+const corkMin = 16 << 10
+
+// corkerUnder returns the corker under conn (a *tls.Conn over a
+// rawio.Conn), or nil.
+func corkerUnder(conn net.Conn) corker {
+	if u, ok := conn.(interface{ NetConn() net.Conn }); ok {
+		if c, ok := u.NetConn().(corker); ok {
+			return c
+		}
 	}
 	return nil
 }

@@ -11,6 +11,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/tunmesh/tunmesh/netstack/rawio"
 )
 
 // TCPPair returns both ends of a fresh loopback TCP connection on 127.0.0.1.
@@ -101,7 +103,18 @@ func TLSPair(tb testing.TB) (client, server *tls.Conn) {
 	tb.Helper()
 	ccfg, scfg := TLSConfigs(tb)
 	c, s := TCPPair(tb)
-	client, server = tls.Client(c, ccfg), tls.Server(s, scfg)
+	// Over raw-I/O connections, as the agents' tunnels are (node/dialer,
+	// node/inbound): their reads and writes, and the corked bulk writes
+	// of mux sessions, are what the tests exercise.
+	rc, err := rawio.NewConn(c)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	rs, err := rawio.NewConn(s)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	client, server = tls.Client(rc, ccfg), tls.Server(rs, scfg)
 	errc := make(chan error, 1)
 	go func() { errc <- server.Handshake() }()
 	cerr := client.Handshake()
