@@ -231,7 +231,7 @@ func TestCork(t *testing.T) {
 		beforeSeen int // bytes the peer sees before Uncork
 	}{
 		{"small writes held", [][]byte{chunk(1, 100), chunk(2, 16<<10), chunk(3, 5)}, 0},
-		{"past the limit flushes what was held", [][]byte{chunk(1, CorkLimit - 10), chunk(2, 20)}, CorkLimit - 10},
+		{"past the limit flushes what was held", [][]byte{chunk(1, CorkLimit-10), chunk(2, 20)}, CorkLimit - 10},
 		{"a write as large as the limit goes out at once", [][]byte{chunk(1, 10), chunk(2, CorkLimit)}, 10 + CorkLimit},
 	}
 	for _, tt := range tests {
