@@ -1048,8 +1048,9 @@ func (s *Session) writeOnceLocked() error {
 	if refresh {
 		_ = s.conn.SetWriteDeadline(now.Add(s.cfg.WriteTimeout))
 	}
-	// Bulk: the TLS records of all the segments reach the kernel in a
-	// few large writes instead of one per record (see rawio.Conn.Cork).
+	// Bulk: the TLS records of all the segments reach the kernel in
+	// writes of up to 64 KiB instead of one per record (see
+	// rawio.Conn.Cork).
 	// One small segment is one record anyway.
 	cork := s.cork != nil && (len(segs) > 1 || len(segs[0]) > corkMin)
 	if cork {
