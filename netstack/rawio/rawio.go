@@ -24,33 +24,20 @@ import (
 )
 
 // Read reads into p from the non-blocking fd, retrying on EINTR.
-func Read(fd uintptr, p []byte) (int, error) {
-	var ptr unsafe.Pointer
-	if len(p) > 0 {
-		ptr = unsafe.Pointer(&p[0])
-	}
-	for {
-		n, _, e := unix.RawSyscall(unix.SYS_READ, fd, uintptr(ptr), uintptr(len(p)))
-		switch e {
-		case 0:
-			return int(n), nil
-		case unix.EINTR:
-			continue
-		default:
-			return 0, e
-		}
-	}
-}
+func Read(fd uintptr, p []byte) (int, error) { return call(unix.SYS_READ, fd, p) }
 
 // Write writes p to the non-blocking fd once (it may write less than p),
 // retrying on EINTR.
-func Write(fd uintptr, p []byte) (int, error) {
+func Write(fd uintptr, p []byte) (int, error) { return call(unix.SYS_WRITE, fd, p) }
+
+// call makes the raw read or write system call trap on fd with p.
+func call(trap, fd uintptr, p []byte) (int, error) {
 	var ptr unsafe.Pointer
 	if len(p) > 0 {
 		ptr = unsafe.Pointer(&p[0])
 	}
 	for {
-		n, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(ptr), uintptr(len(p)))
+		n, _, e := unix.RawSyscall(trap, fd, uintptr(ptr), uintptr(len(p)))
 		switch e {
 		case 0:
 			return int(n), nil

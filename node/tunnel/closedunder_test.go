@@ -24,12 +24,7 @@ func TestConnClosedUnderSpliceIsAnAbort(t *testing.T) {
 	for _, async := range []bool{false, true} {
 		aPeer, a := tunneltest.TCPPair(t)
 		b, bPeer := tunneltest.TCPPair(t)
-		done := make(chan error, 1)
-		if async {
-			tunnel.SpliceAsync(context.Background(), a, b, tunnel.SpliceOptions{}, func(_ tunnel.SpliceStats, err error) { done <- err })
-		} else {
-			go func() { _, err := tunnel.Splice(context.Background(), a, b, tunnel.SpliceOptions{}); done <- err }()
-		}
+		done := startSplice(async, a, b)
 		// Some bytes cross, then a's agent end is closed under the splice.
 		if _, err := aPeer.Write([]byte("part of a stream")); err != nil {
 			t.Fatal(err)
@@ -71,15 +66,7 @@ func TestSpliceUnsupportedHalfCloseEndsCleanly(t *testing.T) {
 	for _, async := range []bool{false, true} {
 		aPeer, a := tunneltest.TCPPair(t)
 		b, bPeer := tunneltest.TCPPair(t)
-		done := make(chan error, 1)
-		if async {
-			tunnel.SpliceAsync(context.Background(), a, noHalfClose{b}, tunnel.SpliceOptions{}, func(_ tunnel.SpliceStats, err error) { done <- err })
-		} else {
-			go func() {
-				_, err := tunnel.Splice(context.Background(), a, noHalfClose{b}, tunnel.SpliceOptions{})
-				done <- err
-			}()
-		}
+		done := startSplice(async, a, noHalfClose{b})
 		if _, err := aPeer.Write([]byte("whole")); err != nil {
 			t.Fatal(err)
 		}
@@ -97,4 +84,16 @@ func TestSpliceUnsupportedHalfCloseEndsCleanly(t *testing.T) {
 			t.Errorf("async=%v: peer read %q, %v; want the whole stream and a clean end", async, b, err)
 		}
 	}
+}
+
+// startSplice runs Splice (in a goroutine) or SpliceAsync between a and b
+// and reports its error.
+func startSplice(async bool, a, b net.Conn) <-chan error {
+	done := make(chan error, 1)
+	if async {
+		tunnel.SpliceAsync(context.Background(), a, b, tunnel.SpliceOptions{}, func(_ tunnel.SpliceStats, err error) { done <- err })
+	} else {
+		go func() { _, err := tunnel.Splice(context.Background(), a, b, tunnel.SpliceOptions{}); done <- err }()
+	}
+	return done
 }
