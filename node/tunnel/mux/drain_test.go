@@ -213,6 +213,80 @@ func TestDrainAsyncInline(t *testing.T) {
 	st.Close()
 }
 
+// TestDrainAsyncFirstBytesByCaller: bytes that arrived before DrainAsync
+// (a stream's first data, sent with its Open) are written by DrainAsync's
+// caller as far as the sink takes them without waiting, so the request
+// reaches the pod without a drainer to schedule; what the sink does not
+// take is left to the drainer, in order.
+func TestDrainAsyncFirstBytesByCaller(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		limit       int
+		wantInline  int
+		wantDrainer bool
+	}{
+		{"sink with room", 1 << 20, 3000, false},
+		{"sink takes part", 1000, 1000, true},
+		{"sink full", 0, 0, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			leakCheck(t)
+			first := make([]byte, 3000)
+			for i := range first {
+				first[i] = byte(i % 251)
+			}
+			type result struct {
+				inline   int
+				drainers int64
+			}
+			results := make(chan result, 1)
+			d := &drained{sink: newTrySink(t, tc.limit), done: make(chan error, 1)}
+			client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+				if err := st.Accept(); err != nil {
+					t.Error(err)
+					return
+				}
+				waitFor(t, func() bool { return st.Queued() == len(first) })
+				before := mux.DrainersStarted()
+				st.DrainAsync(d.sink, func(n int) { d.moved.Add(int64(n)) }, func(err error) { d.done <- err })
+				results <- result{d.sink.len(), mux.DrainersStarted() - before}
+				err := <-d.done
+				d.done <- err
+				d.sink.close()
+				st.Close()
+			})
+			st, err := client.OpenStream(hdr, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := st.Write(first); err != nil {
+				t.Fatal(err)
+			}
+			r := <-results
+			if r.inline != tc.wantInline {
+				t.Errorf("sink held %d bytes when DrainAsync returned, want %d", r.inline, tc.wantInline)
+			}
+			if (r.drainers > 0) != tc.wantDrainer {
+				t.Errorf("DrainAsync started %d drainers, want a drainer: %v", r.drainers, tc.wantDrainer)
+			}
+			d.sink.setLimit(1 << 20)
+			waitFor(t, func() bool { return d.sink.len() == len(first) })
+			if got := d.sink.bytes(); !bytes.Equal(got, first) {
+				t.Error("the sink got other bytes, or another order, than were sent")
+			}
+			if got := d.moved.Load(); got != int64(len(first)) {
+				t.Errorf("moved reported %d bytes, want %d", got, len(first))
+			}
+			st.CloseWrite()
+			if err := waitDone(t, d); err != nil {
+				t.Errorf("done after End: %v, want nil", err)
+			}
+			io.Copy(io.Discard, st)
+			st.Close()
+		})
+	}
+}
+
 // TestDrainAsyncBulkGoesToTheDrainer: full-size Data frames (bulk
 // transfer) are never written by the session's reader: the drainer is the
 // pipeline stage that overlaps the pod side with the next record's

@@ -295,18 +295,70 @@ func (st *Stream) Read(p []byte) (int, error) {
 // End, the error otherwise (a reset, a cut, a failed write); it may block
 // (it passes the end on). DrainAsync is called at most once, and not
 // together with Read or DrainTo.
+//
+// Bytes already queued (a new stream's first data, sent with its Open)
+// are written by the caller itself as far as w takes them without
+// waiting: on the accepting agent that is the request on its way to the
+// pod, and a drainer started for it would first wait to be scheduled.
 func (st *Stream) DrainAsync(w io.Writer, moved func(int), done func(error)) {
 	s := st.s
 	tw, _ := w.(tryWriter)
 	s.mu.Lock()
 	st.sink, st.sinkTry, st.sinkMoved, st.sinkDone = w, tw, moved, done
 	corked := st.corked
+	if tw != nil {
+		st.tryDrainLocked()
+	}
 	st.kickLocked()
 	s.mu.Unlock()
 	if corked {
 		// As Read does: a server that speaks first must get the Open.
 		st.uncork()
 	}
+}
+
+// tryDrainLocked writes the queue to the sink as far as it takes bytes
+// without waiting (TryWrite), on the caller's goroutine; what is left
+// stays queued for the drainer. Called with s.mu held and the sink
+// attached; it unlocks s.mu while it writes (the sink is marked busy
+// meanwhile, so routineRead queues behind it and starts no drainer). It
+// may write Window frames (credit): never call it from routineRead.
+func (st *Stream) tryDrainLocked() {
+	s := st.s
+	if st.sinkBusy || st.sinkEnded {
+		return
+	}
+	st.sinkBusy = true
+	for st.queued > 0 {
+		// Off the queue before it is written out, as in routineDrain:
+		// routineRead may append to the queue's tail meanwhile.
+		c, off := st.queue[0], st.off
+		st.queue[0] = nil
+		st.queue = st.queue[1:]
+		if len(st.queue) == 0 {
+			st.queue = nil
+		}
+		st.off = 0
+		b := c.b[off:]
+		st.queued -= len(b)
+		try, moved := st.sinkTry, st.sinkMoved
+		s.mu.Unlock()
+		k, _ := try.TryWrite(b) // an error: the drainer's Write reports it
+		if k > 0 {
+			moved(k)
+			s.credit(st, k)
+		}
+		s.mu.Lock()
+		if k < len(b) {
+			// The sink is full (or failed): the rest goes back first.
+			st.queue = append([]*chunk{c}, st.queue...)
+			st.off = off + k
+			st.queued += len(b) - k
+			break
+		}
+		putChunk(c)
+	}
+	st.sinkBusy = false
 }
 
 // kickLocked starts the drainer if the sink is attached and free and
