@@ -78,6 +78,14 @@ func (c *Conn) NotifyReadable(f func()) (cancel func()) {
 	return func() { once.Do(func() { c.wq.EventUnregister(&e) }) }
 }
 
+// ReadReady reports whether TryRead would now return something other than
+// ErrWouldBlock: bytes, the pod's FIN, a reset or another error. A splice
+// starting on a new connection asks it, so that nothing runs for the
+// pod's direction until its first bytes come (tunnel's readyCopy).
+func (c *Conn) ReadReady() bool {
+	return c.ep.Readiness(waiter.ReadableEvents)&waiter.ReadableEvents != 0
+}
+
 // TryRead reads what the connection has buffered, without waiting:
 // ErrWouldBlock when there is nothing yet, io.EOF after the pod's FIN.
 // It must not run concurrently with Read.

@@ -15,7 +15,8 @@ import (
 // TestConnNotifyReadable: a terminated connection is served with no
 // goroutine parked in Read. NotifyReadable fires for the pod's bytes and
 // for its FIN, TryRead reads what is buffered and says ErrWouldBlock, then
-// io.EOF; a pod's RST is an error, not an end of stream.
+// io.EOF; a pod's RST is an error, not an end of stream. ReadReady tells
+// each of those apart from "nothing yet" without reading.
 func TestConnNotifyReadable(t *testing.T) {
 	nstest.SkipUnlessRoot(t)
 	type served struct {
@@ -79,6 +80,9 @@ func TestConnNotifyReadable(t *testing.T) {
 	if n, err := sv.conn.TryRead(make([]byte, 8)); n != 0 || !errors.Is(err, ErrWouldBlock) {
 		t.Fatalf("TryRead on an idle connection = %d, %v; want ErrWouldBlock", n, err)
 	}
+	if sv.conn.ReadReady() {
+		t.Fatal("ReadReady on an idle connection = true, want false")
+	}
 	if _, err := pc.Write([]byte("hello, mesh")); err != nil {
 		t.Fatal(err)
 	}
@@ -94,12 +98,18 @@ func TestConnNotifyReadable(t *testing.T) {
 	if string(data) != "hello, mesh" {
 		t.Fatalf("read %q", data)
 	}
+	if sv.conn.ReadReady() {
+		t.Fatal("ReadReady once everything was read (no FIN yet) = true, want false")
+	}
 	if err := pc.(*net.TCPConn).CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
 	for {
 		wait(sv, "FIN")
 		if _, err := readAll(sv); errors.Is(err, io.EOF) {
+			if !sv.conn.ReadReady() {
+				t.Fatal("ReadReady after the pod's FIN = false, want true (TryRead has io.EOF)")
+			}
 			break
 		} else if !errors.Is(err, ErrWouldBlock) {
 			t.Fatalf("after the pod's FIN: %v, want io.EOF", err)
@@ -131,6 +141,9 @@ func TestConnNotifyReadable(t *testing.T) {
 		}
 		if err == nil || errors.Is(err, io.EOF) {
 			t.Fatalf("after the pod's RST: %v, want a reset error", err)
+		}
+		if !sv2.conn.ReadReady() {
+			t.Fatal("ReadReady after the pod's RST = false, want true (TryRead has the error)")
 		}
 		break
 	}

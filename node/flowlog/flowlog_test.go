@@ -375,6 +375,40 @@ func (c *readyConn) TryRead(b []byte) (int, error) {
 	return n, nil
 }
 
+// probedConn is a readyConn that tells whether TryRead has something.
+type probedConn struct {
+	readyConn
+	ready bool
+}
+
+func (c *probedConn) ReadReady() bool { return c.ready }
+
+// TestObserveForwardsReadReady: the wrapper answers ReadReady with the
+// connection's answer (a splice then starts no copy for a direction with
+// nothing to read), and with true for a connection that cannot tell (the
+// splice then looks, as it always did).
+func TestObserveForwardsReadReady(t *testing.T) {
+	l, _, _ := newLog(t, Options{HTTP: true})
+	type prober interface{ ReadReady() bool }
+	for _, ready := range []bool{false, true} {
+		a, _ := net.Pipe()
+		pc := &probedConn{readyConn: readyConn{tryConn: tryConn{Conn: a}}, ready: ready}
+		w := l.Open(Conn{Proxy: Out, Src: clientAddr, Dst: serverAddr, TLS: TLSTrue}).Observe(pc, true)
+		p, ok := w.(prober)
+		if !ok {
+			t.Fatal("ReadReady lost by the wrapper")
+		}
+		if got := p.ReadReady(); got != ready {
+			t.Errorf("ReadReady through the wrapper = %v, want the connection's %v", got, ready)
+		}
+	}
+	a, _ := net.Pipe()
+	w := l.Open(Conn{Proxy: Out, Src: clientAddr, Dst: serverAddr, TLS: TLSTrue}).Observe(&readyConn{tryConn: tryConn{Conn: a}}, true)
+	if p, ok := w.(prober); !ok || !p.ReadReady() {
+		t.Error("a connection without ReadReady must read as ready through the wrapper (the splice looks)")
+	}
+}
+
 // TestObserveKeepsReadiness: a connection read on demand stays so when
 // wrapped (a splice then parks no goroutine in Read), and what TryRead
 // returns is parsed as Read's bytes are.

@@ -65,6 +65,16 @@ type observedReady struct {
 
 func (o *observedReady) NotifyReadable(f func()) (cancel func()) { return o.rd.NotifyReadable(f) }
 
+// ReadReady forwards the connection's (netstack.Conn.ReadReady): a splice
+// starts no copy for a direction that has nothing yet. A connection that
+// cannot tell says true, and the splice looks.
+func (o *observedReady) ReadReady() bool {
+	if p, ok := o.rd.(interface{ ReadReady() bool }); ok {
+		return p.ReadReady()
+	}
+	return true
+}
+
 // TryRead shows what it read to the parser, as Read does.
 func (o *observedReady) TryRead(b []byte) (int, error) {
 	n, err := o.rd.TryRead(b)

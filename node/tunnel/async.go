@@ -194,11 +194,23 @@ const (
 // its goroutine exits (see readyCopy). Tests change it.
 var copyLinger = time.Millisecond
 
+// readyProber is a Readable that tells, without reading, whether TryRead
+// has something (netstack.Conn.ReadReady).
+type readyProber interface{ ReadReady() bool }
+
 // start registers the callback and runs a first pass for bytes already
 // buffered. The state is running from the start, so a callback that comes
-// before cancel is set only leaves pending behind.
+// before cancel is set only leaves pending behind. A source that can tell
+// it has nothing yet (a new connection whose first bytes are still to
+// come) gets no goroutine at all: the state goes idle, and the first
+// callback starts the copy.
 func (r *readyCopy) start() {
 	r.cancel = r.src.NotifyReadable(r.wake)
+	if p, ok := r.src.(readyProber); ok && !p.ReadReady() && r.state.CompareAndSwap(copyRunning, copyIdle) {
+		// A callback after ReadReady finds idle and starts the copy;
+		// one before it left pending behind, and the CAS failed.
+		return
+	}
 	r.s.spawn(r.routineCopy)
 }
 

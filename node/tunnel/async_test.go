@@ -430,3 +430,64 @@ func TestSpliceAsyncBufferSize(t *testing.T) {
 	}
 	pod.Close()
 }
+
+// TestSpliceAsyncNoCopyBeforeFirstBytes: a pod connection that can tell it
+// has nothing yet (ReadReady) gets no copy goroutine when the splice
+// starts, only when its first bytes come; one that already has bytes gets
+// its copy at once. Both deliver everything and end cleanly.
+func TestSpliceAsyncNoCopyBeforeFirstBytes(t *testing.T) {
+	for _, early := range []bool{false, true} {
+		name := "nothing yet"
+		if early {
+			name = "bytes already buffered"
+		}
+		t.Run(name, func(t *testing.T) {
+			leakCheck(t)
+			agent, pod := tunneltest.ReadyPipe()
+			b, far := tunneltest.Pipe()
+			var spawned atomic.Int32
+			opts := tunnel.SpliceOptions{Go: func(f func()) { spawned.Add(1); go f() }}
+			if early {
+				if _, err := pod.Write([]byte("early")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			sp := startAsync(t.Context(), agent, b, opts)
+			want := int32(0)
+			if early {
+				want = 1
+			}
+			if got := spawned.Load(); got != want {
+				t.Fatalf("%d copies started with the splice, want %d", got, want)
+			}
+			msg := "early"
+			if !early {
+				msg = "first bytes"
+				if _, err := pod.Write([]byte(msg)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(far, buf); err != nil || string(buf) != msg {
+				t.Fatalf("far end read %q, %v; want %q", buf, err, msg)
+			}
+			if got := spawned.Load(); got < 1 {
+				t.Fatal("bytes moved, but no copy was started")
+			}
+			pod.CloseWrite()
+			if _, err := far.Read(make([]byte, 1)); err != io.EOF {
+				t.Fatalf("far end after the pod's FIN: %v, want io.EOF", err)
+			}
+			far.CloseWrite()
+			sp.wait(t, 5*time.Second)
+			if sp.err != nil {
+				t.Errorf("splice ended with %v, want a clean end", sp.err)
+			}
+			if sp.stats.AToB != int64(len(msg)) {
+				t.Errorf("stats %+v, want %d bytes from the pod", sp.stats, len(msg))
+			}
+			pod.Close()
+			far.Close()
+		})
+	}
+}

@@ -128,6 +128,14 @@ func (c *ReadyConn) tryReadLocked(b []byte) (int, error) {
 	return 0, ErrWouldBlock
 }
 
+// ReadReady reports whether TryRead would return something other than
+// ErrWouldBlock (as netstack.Conn.ReadReady).
+func (c *ReadyConn) ReadReady() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed || len(c.buf) > 0 || c.rerr != nil || c.eof
+}
+
 // Read waits for the pod's bytes (the path of a splice that does not use
 // readiness).
 func (c *ReadyConn) Read(b []byte) (int, error) {
