@@ -287,6 +287,72 @@ func TestDrainAsyncFirstBytesByCaller(t *testing.T) {
 	}
 }
 
+// hookSink is a trySink whose first TryWrite runs hook before it takes
+// anything.
+type hookSink struct {
+	*trySink
+	once sync.Once
+	hook func()
+}
+
+func (h *hookSink) TryWrite(p []byte) (int, error) {
+	h.once.Do(h.hook)
+	return h.trySink.TryWrite(p)
+}
+
+// TestDrainAsyncFirstBytesCutMeanwhile: a stream reset while DrainAsync's
+// caller writes its first bytes (and the pod takes only part of them)
+// drops the rest, as a reset drops everything queued: no drainer is left
+// writing them into a pod that does not read, and the end is reported at
+// once.
+func TestDrainAsyncFirstBytesCutMeanwhile(t *testing.T) {
+	leakCheck(t)
+	first := bytes.Repeat([]byte("r"), 3000)
+	clientSt := make(chan *mux.Stream, 1)
+	ended := make(chan error, 1)
+	var sink *hookSink
+	client, _ := pair(t, mux.Config{}, func(st *mux.Stream) {
+		if err := st.Accept(); err != nil {
+			t.Error(err)
+			return
+		}
+		waitFor(t, func() bool { return st.Queued() == len(first) })
+		sink = &hookSink{trySink: newTrySink(t, 1000), hook: func() {
+			(<-clientSt).Abort() // the client resets the stream now
+			select {
+			case <-st.Context().Done():
+			case <-time.After(5 * time.Second):
+				t.Error("the reset did not reach the server's stream")
+			}
+		}}
+		st.DrainAsync(sink, func(int) {}, func(err error) { ended <- err })
+		select {
+		case err := <-ended:
+			if err == nil {
+				t.Error("done after a reset: nil, want an error")
+			}
+		case <-time.After(5 * time.Second):
+			t.Error("done not called within 5s of the reset (a drainer is stuck writing dropped bytes)")
+		}
+		sink.mu.Lock()
+		if sink.writes != 0 || len(sink.got) != 1000 {
+			t.Errorf("after the reset the sink saw %d blocking writes and holds %d bytes, want 0 and the 1000 taken before it", sink.writes, len(sink.got))
+		}
+		sink.mu.Unlock()
+		sink.close()
+		st.Close()
+	})
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Write(first); err != nil {
+		t.Fatal(err)
+	}
+	clientSt <- st
+	io.Copy(io.Discard, st)
+}
+
 // TestDrainAsyncBulkGoesToTheDrainer: full-size Data frames (bulk
 // transfer) are never written by the session's reader: the drainer is the
 // pipeline stage that overlaps the pod side with the next record's

@@ -350,6 +350,15 @@ func (st *Stream) tryDrainLocked() {
 		}
 		s.mu.Lock()
 		if k < len(b) {
+			if st.readErr != nil && st.readErr != io.EOF {
+				// Cut while we wrote: the queue was dropped
+				// (failLocked), and the rest goes with it. (An End
+				// that came meanwhile is different: what came before
+				// it must still be written.)
+				s.recvUnacked += int64(len(b) - k)
+				putChunk(c)
+				break
+			}
 			// The sink is full (or failed): the rest goes back first.
 			st.queue = append([]*chunk{c}, st.queue...)
 			st.off = off + k

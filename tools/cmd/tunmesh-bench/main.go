@@ -77,7 +77,7 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.IntVar(&c.Clients, "clients", 8, "hey concurrent clients (-c), each request a new connection")
 	fs.IntVar(&c.MsgSize, "msg-size", 1024, "sockperf ping-pong message size, bytes")
 	fs.BoolVar(&c.Profile, "profile", true, "perf mode: also profile the proxies (both agents, both HAProxys) during one more throughput run (needs perf); memory mode: list where the agents' goroutines and heap are at the last point (their /debug/pprof)")
-	fs.StringVar(&c.Transport, "transport", "tcp", "agents' transport: tcp, or wireguard (adds the wireguard-go kernel-TUN pair path; needs bin/wireguard-go from make deps)")
+	fs.StringVar(&c.Transport, "transport", "tcp", "agents' transport: tcp, or wireguard (adds two paths between opted-out pods: a wireguard-go pair with kernel TUN devices, and the HAProxy mTLS sidecar pair through it; needs bin/wireguard-go from make deps)")
 	fs.BoolVar(&c.EncryptAll, "encrypt-all", false, "with --transport wireguard: dev up --encrypt-all")
 	fs.IntVar(&c.WireGuardMTU, "wireguard-mtu", 0, "with --transport wireguard: the agents' overlay MTU (dev up --wireguard-mtu; 0: default)")
 	fs.IntVar(&c.Pods, "pods", 100, "memory mode: meshed pods, spread over the two nodes")

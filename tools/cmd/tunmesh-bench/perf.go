@@ -74,8 +74,15 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 		{name: "tunmesh-server", node: "node-2", sa: "bench-server", meshed: true, containers: serverApps("")},
 		{name: "tunmesh-client", node: "node-1", sa: "bench-client", meshed: true, containers: [][]string{sleeper}},
 	}
+	wgServerCfg, wgClientCfg := filepath.Join(dir, "wg-server.cfg"), filepath.Join(dir, "wg-client.cfg")
 	if cfg.Transport == "wireguard" {
-		specs = append(specs, wireguardGoSpecs()...)
+		if err := os.WriteFile(wgServerCfg, []byte(serverSidecarConfig(dir)), 0o644); err != nil {
+			return err
+		}
+		if err := os.WriteFile(wgClientCfg, []byte(clientSidecarConfig(dir, wgServerIP)), 0o644); err != nil {
+			return err
+		}
+		specs = append(specs, wireguardGoSpecs(wgServerCfg, wgClientCfg)...)
 	}
 	for _, s := range specs {
 		if err := c.createPod(ctx, s); err != nil {
@@ -129,7 +136,17 @@ func runPerf(ctx context.Context, c *cluster, cfg Config, report io.Writer, log 
 			}},
 	}
 	if cfg.Transport == "wireguard" {
-		paths = append(paths, benchPath{name: bench.WireGuardGo, client: pods["wg-client"], target: wgServerIP, procs: wireguardGoPids})
+		paths = append(paths,
+			benchPath{name: bench.WireGuardGo, client: pods["wg-client"], target: wgServerIP, procs: wireguardGoPids},
+			benchPath{name: bench.HAProxyWireGuardGo, client: pods["wg-client"], target: "127.0.0.1",
+				procs: func() ([]int, error) {
+					hp, err := haproxyPids(wgServerCfg, wgClientCfg)
+					if err != nil {
+						return nil, err
+					}
+					wp, err := wireguardGoPids()
+					return append(hp, wp...), err
+				}})
 	}
 	for _, p := range paths {
 		log.Info("warming up", "path", p.name)

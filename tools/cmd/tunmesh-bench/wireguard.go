@@ -22,6 +22,11 @@ import (
 // pods, each running wireguard-go (built from the module tunmesh uses,
 // bin/wireguard-go) with a kernel TUN device in the pod, configured
 // through its UAPI socket; the tools dial the server's inner address.
+//
+// The same pods also carry an HAProxy mTLS sidecar pair whose connections
+// run through the wireguard-go pair (the client sidecar dials the server's
+// inner address): the sidecar model over WireGuard, the path that does
+// the same work as tunmesh over WireGuard.
 const (
 	wgPort      = 51821
 	wgMTU       = 1420
@@ -32,10 +37,15 @@ const (
 	wgUAPIDir   = "/var/run/wireguard" // wireguard-go's socket directory
 )
 
-func wireguardGoSpecs() []podSpec {
+// wireguardGoSpecs are the two pods, each with its wireguard-go and an
+// HAProxy sidecar (configs serverCfg and clientCfg: files of their own,
+// so that haproxyPids tells this pair from the plain one).
+func wireguardGoSpecs(serverCfg, clientCfg string) []podSpec {
 	return []podSpec{
-		{name: "wg-server", node: "node-2", sa: "bench-server", containers: append(serverApps(""), []string{"wireguard-go", "-f", wgServerDev})},
-		{name: "wg-client", node: "node-1", sa: "bench-client", containers: [][]string{sleeper, {"wireguard-go", "-f", wgClientDev}}},
+		{name: "wg-server", node: "node-2", sa: "bench-server", containers: append(serverApps(""),
+			[]string{"wireguard-go", "-f", wgServerDev}, []string{"haproxy", "-db", "-f", serverCfg})},
+		{name: "wg-client", node: "node-1", sa: "bench-client", containers: [][]string{sleeper,
+			{"wireguard-go", "-f", wgClientDev}, {"haproxy", "-db", "-f", clientCfg}}},
 	}
 }
 

@@ -90,6 +90,42 @@ func TestEvaluate(t *testing.T) {
 	}
 }
 
+// TestEvaluateWireGuardPeers: the WireGuard references are judged only
+// when they were measured, tunmesh against each.
+func TestEvaluateWireGuardPeers(t *testing.T) {
+	sums := issueTable()
+	if got, want := len(Evaluate(sums)), 6; got != want {
+		t.Fatalf("%d verdicts without the WireGuard paths, want %d", got, want)
+	}
+	sums = append(sums,
+		Summary{Path: WireGuardGo, Runs: 1, Sample: Sample{MBps: 400, ProxyCPUPerGB: 3.5}},
+		Summary{Path: HAProxyWireGuardGo, Runs: 1, Sample: Sample{MBps: 250, ProxyCPUPerGB: 6}})
+	sums[2].MBps, sums[2].ProxyCPUPerGB = 300, 5 // tunmesh over WireGuard
+	got := Evaluate(sums)
+	want := map[string]struct {
+		ratio  float64
+		status string
+	}{
+		"throughput >= 1x wireguard-go":         {300.0 / 400, "MISS"},
+		"throughput >= 1x haproxy+wireguard-go": {300.0 / 250, "PASS"},
+		"CPU per GB <= 1x haproxy+wireguard-go": {5.0 / 6, "PASS"},
+	}
+	seen := 0
+	for _, v := range got {
+		w, ok := want[v.Target]
+		if !ok {
+			continue
+		}
+		seen++
+		if !near(v.Ratio, w.ratio, 1e-9) || v.Status() != w.status {
+			t.Errorf("%s: ratio %v (%s), want %v (%s)", v.Target, v.Ratio, v.Status(), w.ratio, w.status)
+		}
+	}
+	if seen != len(want) {
+		t.Errorf("%d of the %d WireGuard verdicts present:\n%+v", seen, len(want), got)
+	}
+}
+
 func TestEvaluateMissingIsNotAPass(t *testing.T) {
 	sums := issueTable()
 	sums[2].ProxyCPUPerGB = math.NaN()
