@@ -213,6 +213,20 @@ func TestDrainAsyncInline(t *testing.T) {
 	st.Close()
 }
 
+// openWithFirst opens a stream and writes first, which leaves with the
+// Open: the server has it queued before its handler attaches a sink.
+func openWithFirst(t *testing.T, client *mux.Session, first []byte) *mux.Stream {
+	t.Helper()
+	st, err := client.OpenStream(hdr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Write(first); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
 // TestDrainAsyncFirstBytesByCaller: bytes that arrived before DrainAsync
 // (a stream's first data, sent with its Open) are written by DrainAsync's
 // caller as far as the sink takes them without waiting, so the request
@@ -255,13 +269,7 @@ func TestDrainAsyncFirstBytesByCaller(t *testing.T) {
 				d.sink.close()
 				st.Close()
 			})
-			st, err := client.OpenStream(hdr, false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := st.Write(first); err != nil {
-				t.Fatal(err)
-			}
+			st := openWithFirst(t, client, first)
 			r := <-results
 			if r.inline != tc.wantInline {
 				t.Errorf("sink held %d bytes when DrainAsync returned, want %d", r.inline, tc.wantInline)
@@ -342,13 +350,7 @@ func TestDrainAsyncFirstBytesCutMeanwhile(t *testing.T) {
 		sink.close()
 		st.Close()
 	})
-	st, err := client.OpenStream(hdr, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := st.Write(first); err != nil {
-		t.Fatal(err)
-	}
+	st := openWithFirst(t, client, first)
 	clientSt <- st
 	io.Copy(io.Discard, st)
 }
