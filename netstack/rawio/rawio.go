@@ -36,8 +36,14 @@ func call(trap, fd uintptr, p []byte) (int, error) {
 	if len(p) > 0 {
 		ptr = unsafe.Pointer(&p[0])
 	}
+	return retry(trap, fd, uintptr(ptr), uintptr(len(p)))
+}
+
+// retry makes the raw system call trap, again while it is interrupted
+// (EINTR), and returns its count or its error.
+func retry(trap, a1, a2, a3 uintptr) (int, error) {
 	for {
-		n, _, e := unix.RawSyscall(trap, fd, uintptr(ptr), uintptr(len(p)))
+		n, _, e := unix.RawSyscall(trap, a1, a2, a3)
 		switch e {
 		case 0:
 			return int(n), nil
@@ -67,15 +73,6 @@ func Writev(fd uintptr, bufs [][]byte, iov []unix.Iovec) (int, []unix.Iovec, err
 	if len(iov) == 0 {
 		return 0, iov, nil
 	}
-	for {
-		n, _, e := unix.RawSyscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
-		switch e {
-		case 0:
-			return int(n), iov, nil
-		case unix.EINTR:
-			continue
-		default:
-			return 0, iov, e
-		}
-	}
+	n, err := retry(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+	return n, iov, err
 }
