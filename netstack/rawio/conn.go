@@ -78,6 +78,19 @@ func NewConn(c *net.TCPConn) (*Conn, error) {
 	return rw, nil
 }
 
+// Wrap returns c as a Conn when it is a TCP connection that NewConn takes,
+// and c itself otherwise (another kind of connection, or a blocking
+// descriptor): raw calls save wake-ups, and a connection without them
+// still works.
+func Wrap(c net.Conn) net.Conn {
+	if tcp, ok := c.(*net.TCPConn); ok {
+		if rc, err := NewConn(tcp); err == nil {
+			return rc
+		}
+	}
+	return c
+}
+
 // Read implements net.Conn; io.EOF once the peer ended its direction.
 func (c *Conn) Read(p []byte) (int, error) {
 	if len(p) == 0 {

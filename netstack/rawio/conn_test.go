@@ -183,6 +183,27 @@ func TestNewConnRefusesBlocking(t *testing.T) {
 	if _, err := NewConn(c.(*net.TCPConn)); !errors.Is(err, ErrBlocking) {
 		t.Fatalf("NewConn on a blocking fd = %v, want ErrBlocking", err)
 	}
+	// Wrap keeps such a connection as it is: it works, without raw calls.
+	if got := Wrap(c); got != c {
+		t.Fatalf("Wrap of a blocking TCP connection = %T, want the connection itself", got)
+	}
+}
+
+// TestWrap: a TCP connection comes back as a Conn (TestConnRoundTrip has it
+// carry bytes);
+// another kind of connection comes back unchanged.
+func TestWrap(t *testing.T) {
+	_, s := pair(t)
+	got := Wrap(s)
+	if _, ok := got.(*Conn); !ok {
+		t.Fatalf("Wrap of a TCP connection = %T, want *Conn", got)
+	}
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	if got := Wrap(a); got != a {
+		t.Fatalf("Wrap of a pipe = %T, want the pipe itself", got)
+	}
 }
 
 // TestConnCopy: io.Copy to and from the connection (ReadFrom, WriteTo)

@@ -507,9 +507,7 @@ func (d *Dialer) handshake(ctx context.Context, t Target, v3 bool) (tc *tls.Conn
 		}
 		// Raw reads and writes: an idle agent's first message does not
 		// wake the runtime's sysmon (see package rawio).
-		if rc, err := rawio.NewConn(tcp); err == nil {
-			raw = rc
-		}
+		raw = rawio.Wrap(tcp)
 	}
 	cfg := d.Certs.ClientConfig(t.SrcID, t.DstID)
 	cfg.ServerName = t.DstID.DNSName(d.ControlNamespace)

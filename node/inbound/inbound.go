@@ -481,13 +481,9 @@ func (a *Acceptor) serveTunnel(ctx context.Context, raw net.Conn) {
 	}()
 	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
 	tcp, _ := raw.(*net.TCPConn)
-	if tcp != nil {
-		// Raw reads and writes: an idle agent's first message does not
-		// wake the runtime's sysmon (see package rawio).
-		if rc, err := rawio.NewConn(tcp); err == nil {
-			raw = rc
-		}
-	}
+	// Raw reads and writes: an idle agent's first message does not wake
+	// the runtime's sysmon (see package rawio).
+	raw = rawio.Wrap(raw)
 	tc := tls.Server(raw, a.serverConfig())
 	if err := tc.HandshakeContext(ctx); err != nil {
 		a.metrics.Errors.WithLabelValues("handshake").Inc()
