@@ -189,9 +189,8 @@ func TestNewConnRefusesBlocking(t *testing.T) {
 	}
 }
 
-// TestWrap: a TCP connection comes back as a Conn (TestConnRoundTrip has it
-// carry bytes);
-// another kind of connection comes back unchanged.
+// TestWrap: a TCP connection comes back as a Conn (TestConnRoundTrip has
+// one carry bytes); another kind of connection comes back unchanged.
 func TestWrap(t *testing.T) {
 	_, s := pair(t)
 	got := Wrap(s)

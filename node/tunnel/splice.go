@@ -83,7 +83,8 @@ var bufPool = sync.Pool{New: func() any {
 // io.EOF is how a direction ends normally; it is never returned, nor is the
 // net.ErrClosed of a copy whose connection the splice's own end closed. A
 // connection closed by someone else under a running splice is an early
-// end like a failed read: both sides are aborted and the error returned. Both connections are closed when Splice returns, and none of its
+// end like a failed read: both sides are aborted and the error returned.
+// Both connections are closed when Splice returns, and none of its
 // goroutines outlives the call.
 func Splice(ctx context.Context, a, b net.Conn, opts SpliceOptions) (SpliceStats, error) {
 	s, err := newSplice(ctx, a, b, opts)
